@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# The local test environment: a real Kubernetes control plane (etcd, kube-apiserver,
+# kube-controller-manager), moto (AWS IoT) and Mosquitto (with its dynamic-security plugin),
+# each on a free loopback port, each with its own data dir under one state dir.
+#
+#   scripts/testenv.sh up   [DIR]   install what is missing, start everything, write DIR/env
+#   scripts/testenv.sh down [DIR]   stop everything started in DIR, by PID
+#   scripts/testenv.sh restart-apiserver [DIR]
+#   scripts/testenv.sh status [DIR]
+#
+# DIR defaults to .testenv in the repository. `source DIR/env` gives KUBECONFIG (admin),
+# OPERATOR_KUBECONFIG (the operator's service account), MOTO_URL, MQTT_URL, ...
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CMD="${1:-up}"
+DIR="${2:-$ROOT/.testenv}"
+CACHE_DIR="${THING_OPERATOR_CACHE:-$HOME/.cache/thing-operator}"
+K8S_BIN="$CACHE_DIR/k8s-1.20.2/bin"
+OPERATOR_NS="thing-operator-system"
+OPERATOR_SA="thing-operator"
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+
+log() { echo "[testenv] $*" >&2; }
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# wait_for DESCRIPTION SECONDS COMMAND...: polls until COMMAND succeeds, bounded.
+wait_for() {
+  local what="$1" secs="$2"; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then
+      log "timed out after ${secs}s waiting for $what"
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+install_deps() {
+  local missing=()
+  command -v etcd >/dev/null || missing+=(etcd-server)
+  command -v mosquitto >/dev/null || missing+=(mosquitto)
+  command -v mosquitto_ctrl >/dev/null || missing+=(mosquitto-clients)
+  command -v openssl >/dev/null || missing+=(openssl)
+  command -v curl >/dev/null || missing+=(curl)
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if ! python3 -c 'import moto.server' >/dev/null 2>&1 || ! command -v moto_server >/dev/null; then
+    log "installing moto[server]"
+    python3 -m pip install -q 'moto[server]>=5,<6'
+  fi
+  "$ROOT/scripts/build-control-plane.sh"
+}
+
+start_bg() { # start_bg NAME LOGFILE CMD... ; records NAME.pid
+  local name="$1" logf="$2"; shift 2
+  setsid "$@" >"$logf" 2>&1 < /dev/null &
+  echo $! >"$DIR/$name.pid"
+}
+
+stop_pid() {
+  local f="$DIR/$1.pid"
+  [[ -f "$f" ]] || return 0
+  local pid; pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$f"
+}
+
+start_apiserver() {
+  # shellcheck disable=SC1091
+  source "$DIR/env"
+  start_bg kube-apiserver "$DIR/logs/kube-apiserver.log" "$K8S_BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --cert-dir "$DIR/apiserver-certs" \
+    --secure-port "$APISERVER_PORT" --bind-address 127.0.0.1 --advertise-address 127.0.0.1 \
+    --insecure-port 0 \
+    --service-account-issuer https://kubernetes.default.svc \
+    --service-account-key-file "$DIR/sa.key" --service-account-signing-key-file "$DIR/sa.key" \
+    --api-audiences https://kubernetes.default.svc \
+    --token-auth-file "$DIR/tokens.csv" \
+    --authorization-mode RBAC \
+    --service-cluster-ip-range 10.0.0.0/24 \
+    --enable-priority-and-fairness=false
+  wait_for "kube-apiserver /readyz" 60 curl -fsk -H "Authorization: Bearer $ADMIN_TOKEN" "https://127.0.0.1:$APISERVER_PORT/readyz"
+}
+
+write_kubeconfig() { # write_kubeconfig FILE TOKEN
+  cat >"$1" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: https://127.0.0.1:$APISERVER_PORT
+    insecure-skip-tls-verify: true
+users:
+- name: user
+  user:
+    token: $2
+contexts:
+- name: local
+  context: {cluster: local, user: user, namespace: default}
+current-context: local
+KC
+}
+
+up() {
+  if [[ -f "$DIR/env" ]] && [[ -f "$DIR/kube-apiserver.pid" ]] && kill -0 "$(cat "$DIR/kube-apiserver.pid")" 2>/dev/null; then
+    log "already running in $DIR"
+    return 0
+  fi
+  install_deps
+  rm -rf "$DIR"
+  mkdir -p "$DIR/logs" "$DIR/etcd" "$DIR/mosquitto"
+  local admin_token operator_token mqtt_password
+  admin_token=$(openssl rand -hex 24)
+  operator_token=$(openssl rand -hex 24)
+  mqtt_password=$(openssl rand -hex 16)
+  cat >"$DIR/tokens.csv" <<T
+$admin_token,admin,admin-uid,"system:masters"
+$operator_token,system:serviceaccount:$OPERATOR_NS:$OPERATOR_SA,operator-uid,"system:serviceaccounts,system:serviceaccounts:$OPERATOR_NS,system:authenticated"
+T
+  openssl genrsa -out "$DIR/sa.key" 2048 2>/dev/null
+  cat >"$DIR/env" <<E
+export TESTENV_DIR=$DIR
+export ETCD_PORT=$(free_port)
+export ETCD_PEER_PORT=$(free_port)
+export APISERVER_PORT=$(free_port)
+export MOTO_PORT=$(free_port)
+export MQTT_PORT=$(free_port)
+export ADMIN_TOKEN=$admin_token
+export OPERATOR_TOKEN=$operator_token
+export KUBECONFIG=$DIR/admin.kubeconfig
+export OPERATOR_KUBECONFIG=$DIR/operator.kubeconfig
+export KUBECTL=$K8S_BIN/kubectl
+export MQTT_ADMIN_USER=thing-operator
+export MQTT_ADMIN_PASSWORD_FILE=$DIR/mosquitto/admin-password
+export OPERATOR_NAMESPACE=$OPERATOR_NS
+E
+  # shellcheck disable=SC1091
+  source "$DIR/env"
+  {
+    echo "export MOTO_URL=http://127.0.0.1:$MOTO_PORT"
+    echo "export MQTT_URL=mqtt://127.0.0.1:$MQTT_PORT"
+  } >>"$DIR/env"
+  write_kubeconfig "$DIR/admin.kubeconfig" "$admin_token"
+  write_kubeconfig "$DIR/operator.kubeconfig" "$operator_token"
+
+  log "starting etcd on $ETCD_PORT"
+  start_bg etcd "$DIR/logs/etcd.log" etcd --data-dir "$DIR/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "default=http://127.0.0.1:$ETCD_PEER_PORT"
+  wait_for etcd 30 curl -fs "http://127.0.0.1:$ETCD_PORT/health"
+
+  log "starting kube-apiserver on $APISERVER_PORT"
+  start_apiserver
+  log "starting kube-controller-manager"
+  start_bg kube-controller-manager "$DIR/logs/kube-controller-manager.log" "$K8S_BIN/kube-controller-manager" \
+    --kubeconfig "$DIR/admin.kubeconfig" --controllers=garbagecollector,namespace \
+    --leader-elect=false --secure-port=0 --port=0
+  wait_for "namespace default" 60 "$KUBECTL" get namespace default
+
+  log "starting moto on $MOTO_PORT"
+  start_bg moto "$DIR/logs/moto.log" moto_server -H 127.0.0.1 -p "$MOTO_PORT"
+  wait_for moto 60 curl -fs "http://127.0.0.1:$MOTO_PORT/moto-api/data.json"
+
+  log "starting mosquitto on $MQTT_PORT"
+  printf '%s' "$mqtt_password" >"$DIR/mosquitto/admin-password"
+  mosquitto_ctrl dynsec init "$DIR/mosquitto/dynsec.json" "$MQTT_ADMIN_USER" "$mqtt_password" >/dev/null
+  cat >"$DIR/mosquitto/mosquitto.conf" <<M
+per_listener_settings false
+allow_anonymous false
+listener $MQTT_PORT 127.0.0.1
+plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so
+plugin_opt_config_file $DIR/mosquitto/dynsec.json
+persistence false
+log_dest stdout
+max_packet_size 1048576
+M
+  if [[ $(id -u) -eq 0 ]]; then chown -R mosquitto "$DIR/mosquitto" 2>/dev/null || true; fi
+  start_bg mosquitto "$DIR/logs/mosquitto.log" mosquitto -c "$DIR/mosquitto/mosquitto.conf"
+  wait_for mosquitto 30 python3 -c "import socket; socket.create_connection(('127.0.0.1', $MQTT_PORT), 1)"
+
+  log "installing CRDs and the operator's RBAC"
+  "$KUBECTL" apply --server-side -f "$ROOT/crds/" >/dev/null
+  "$KUBECTL" apply --server-side -f "$ROOT/deploy/rbac.yaml" >/dev/null
+  wait_for "CRDs established" 60 "$KUBECTL" get things.iot.thing-operator.dev
+  log "ready: source $DIR/env"
+}
+
+down() {
+  for p in mosquitto moto kube-controller-manager kube-apiserver etcd; do stop_pid "$p"; done
+  log "stopped everything in $DIR"
+}
+
+case "$CMD" in
+  up) up ;;
+  down) down ;;
+  restart-apiserver)
+    stop_pid kube-apiserver
+    start_apiserver
+    ;;
+  stop-apiserver) stop_pid kube-apiserver ;;
+  start-apiserver) start_apiserver ;;
+  restart-mosquitto)
+    # shellcheck disable=SC1091
+    source "$DIR/env"
+    stop_pid mosquitto
+    start_bg mosquitto "$DIR/logs/mosquitto.log" mosquitto -c "$DIR/mosquitto/mosquitto.conf"
+    wait_for mosquitto 30 python3 -c "import socket; socket.create_connection(('127.0.0.1', $MQTT_PORT), 1)"
+    ;;
+  status)
+    for p in etcd kube-apiserver kube-controller-manager moto mosquitto; do
+      if [[ -f "$DIR/$p.pid" ]] && kill -0 "$(cat "$DIR/$p.pid")" 2>/dev/null; then echo "$p running"; else echo "$p stopped"; fi
+    done
+    ;;
+  *) echo "usage: $0 up|down|restart-apiserver|status [DIR]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,139 @@
+//! The `Observer` kind: forwards filtered Thing updates to a destination.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::conditions::Conditions;
+
+/// Which Things to watch: one by name, or all matching labels (in the Observer's namespace).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.thingName) != has(self.matchLabels)").message("set exactly one of thingName or matchLabels"))]
+pub struct ThingSelector {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub thing_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_labels: Option<BTreeMap<String, String>>,
+}
+
+/// Which part of the Thing's state an update is read from.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+pub enum StateSection {
+    #[default]
+    Reported,
+    Desired,
+    Delta,
+}
+
+/// Which updates pass. Without a filter, every change of the watched section passes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!has(self.changedBy) || (has(self.fields) && size(self.fields) > 0)").message("changedBy needs at least one field"))]
+pub struct FilterSpec {
+    #[serde(default)]
+    pub section: StateSection,
+    /// JSON pointers (e.g. `/temp`) into the section; only changes of these fields pass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub fields: Vec<String>,
+    /// Numeric fields pass only when they moved by more than this since the last forwarded value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub changed_by: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MqttSink {
+    /// Topic to publish to (no wildcards).
+    #[schemars(length(min = 1, max = 1024))]
+    pub topic: String,
+    #[serde(default = "default_qos")]
+    #[schemars(range(min = 0, max = 2))]
+    pub qos: u8,
+    #[serde(default)]
+    pub retain: bool,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSink {
+    /// URL the update is POSTed to, as a CloudEvent in structured JSON mode.
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://"))]
+    pub url: String,
+    /// A Secret in the Observer's namespace whose keys become request headers (e.g. Authorization).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_secret: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ThingSink {
+    /// The Thing whose desired state receives the update.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// JSON pointer in the target's desired state where the value is written. Default: merged at the root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("(has(self.mqtt) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.thing) ? 1 : 0) == 1").message("set exactly one of mqtt, http or thing"))]
+pub struct SinkSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<MqttSink>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSink>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thing: Option<ThingSink>,
+}
+
+/// Watches Things and forwards the updates that pass its filter.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[kube(
+    group = "iot.thing-operator.dev",
+    version = "v1alpha1",
+    kind = "Observer",
+    namespaced,
+    status = "ObserverStatus",
+    shortname = "obs",
+    category = "iot",
+    cel,
+    derive = "PartialEq",
+    printcolumn(name = "Thing", type_ = "string", json_path = ".spec.source.thingName"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(name = "Forwarded", type_ = "integer", json_path = ".status.forwarded"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ObserverSpec {
+    pub source: ThingSelector,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<FilterSpec>,
+    pub sink: SinkSpec,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObserverStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub conditions: Conditions,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched_things: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_forwarded_time: Option<DateTime<Utc>>,
+}

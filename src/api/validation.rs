@@ -1,0 +1,358 @@
+//! The operator's own enforcement of every spec rule.
+//!
+//! Kubernetes 1.25+ enforces the CEL rules in the CRDs at admission; older API servers drop them
+//! silently. So the operator evaluates the same CEL rules client-side (kube's `cel` feature, the
+//! rules compiled from the CRD schema itself, so the two can never disagree) and adds the rules
+//! no schema can express (encoded sizes, JSON depth, template syntax, topic grammar).
+
+use std::str::FromStr;
+
+use serde_json::Value;
+
+use super::{
+    JsonObject, Observer, Subscriber, Thing,
+    thing::{Broker, MAX_DESIRED_BYTES},
+};
+
+/// Deepest nesting accepted in a desired document. AWS IoT counts 8 levels for the whole
+/// shadow document, two of which are `state` and `desired`.
+pub const MAX_DOCUMENT_DEPTH: usize = 6;
+
+/// Every problem found in a spec, in a message a user can act on.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", .problems.join("; "))]
+pub struct InvalidSpec {
+    pub problems: Vec<String>,
+}
+
+impl InvalidSpec {
+    fn from_problems(problems: Vec<String>) -> Result<(), InvalidSpec> {
+        if problems.is_empty() { Ok(()) } else { Err(InvalidSpec { problems }) }
+    }
+}
+
+fn cel_problems(result: Result<(), kube::core::cel::ValidationErrors>, problems: &mut Vec<String>) {
+    if let Err(errors) = result {
+        for e in errors.iter() {
+            problems.push(e.to_string());
+        }
+    }
+}
+
+/// Parses a Go-style duration (`720h`, `1h30m`, `90s`).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = kube::core::Duration::from_str(s).map_err(|e| format!("{s:?} is not a duration like 720h or 90s: {e}"))?;
+    if d.is_negative() {
+        return Err(format!("{s:?} is negative"));
+    }
+    std::time::Duration::try_from(d).map_err(|e| format!("{s:?} is out of range: {e}"))
+}
+
+/// Nesting depth of a JSON value: a scalar is 0, `{"a":1}` is 1.
+pub fn json_depth(v: &Value) -> usize {
+    match v {
+        Value::Object(m) => 1 + m.values().map(json_depth).max().unwrap_or(0),
+        Value::Array(a) => 1 + a.iter().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Checks a state document against the size and depth limits shared by every backend.
+pub fn check_document(what: &str, doc: &JsonObject, max_bytes: usize) -> Vec<String> {
+    let mut problems = Vec::new();
+    let len = doc.encoded_len();
+    if len > max_bytes {
+        problems.push(format!("{what} is {len} bytes encoded, over the limit of {max_bytes}"));
+    }
+    let depth = doc.0.values().map(json_depth).max().unwrap_or(0) + 1;
+    if depth > MAX_DOCUMENT_DEPTH {
+        problems.push(format!("{what} nests {depth} levels deep, over the limit of {MAX_DOCUMENT_DEPTH}"));
+    }
+    problems
+}
+
+fn is_attr_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "_.,@/:#-".contains(c)
+}
+
+fn is_attr_value_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "_.,@/:#=[]-".contains(c)
+}
+
+/// Fills a policy template's placeholders with the given values.
+pub fn render_policy_template(template: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = template.to_string();
+    for (key, value) in vars {
+        out = out.replace(&format!("${{{key}}}"), value);
+    }
+    out
+}
+
+/// Checks that a policy template renders to an IAM-style policy document.
+pub fn check_policy_template(template: &str) -> Result<(), String> {
+    let rendered = render_policy_template(
+        template,
+        &[
+            ("thingName", "t"),
+            ("clientId", "c"),
+            ("topicPrefix", "p"),
+            ("region", "r"),
+            ("account", "0"),
+        ],
+    );
+    if let Some(pos) = rendered.find("${") {
+        let rest: String = rendered[pos..].chars().take(24).collect();
+        return Err(format!("policy.template has an unknown placeholder at {rest:?}"));
+    }
+    let doc: Value = serde_json::from_str(&rendered)
+        .map_err(|e| format!("policy.template is not valid JSON: {e}"))?;
+    let statements = doc
+        .get("Statement")
+        .and_then(Value::as_array)
+        .ok_or_else(|| "policy.template needs a \"Statement\" array".to_string())?;
+    if statements.is_empty() {
+        return Err("policy.template has an empty \"Statement\" array".into());
+    }
+    for (i, s) in statements.iter().enumerate() {
+        let effect = s.get("Effect").and_then(Value::as_str);
+        if !matches!(effect, Some("Allow") | Some("Deny")) {
+            return Err(format!("policy.template Statement[{i}] needs Effect Allow or Deny"));
+        }
+        if s.get("Action").is_none() || s.get("Resource").is_none() {
+            return Err(format!("policy.template Statement[{i}] needs Action and Resource"));
+        }
+    }
+    Ok(())
+}
+
+/// All of a Thing's rules. `Ok` means the operator may call its backend.
+pub fn validate_thing(thing: &Thing) -> Result<(), InvalidSpec> {
+    let mut problems = Vec::new();
+    cel_problems(thing.validate_cel(), &mut problems);
+    let spec = &thing.spec;
+
+    if let Some(name) = &spec.thing_name
+        && (name.is_empty()
+            || name.len() > 128
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || ":_-".contains(c)))
+    {
+        problems.push(format!(
+            "thingName {name:?} must be 1-128 characters of letters, digits, ':', '_' or '-'"
+        ));
+    }
+    if spec.attributes.len() > 50 {
+        problems.push(format!("attributes has {} entries, over the limit of 50", spec.attributes.len()));
+    }
+    for (key, value) in &spec.attributes {
+        if key.is_empty() || key.len() > 128 || !key.chars().all(is_attr_name_char) {
+            problems.push(format!(
+                "attribute name {key:?} must be 1-128 characters of letters, digits or _.,@/:#-"
+            ));
+        }
+        if value.len() > 800 || !value.chars().all(is_attr_value_char) {
+            problems.push(format!(
+                "attribute {key:?}: value must be at most 800 characters of letters, digits or _.,@/:#=[]-"
+            ));
+        }
+    }
+    if let Some(desired) = &spec.desired {
+        problems.extend(check_document("desired", desired, MAX_DESIRED_BYTES));
+    }
+    for (field, value) in [
+        ("credentials.rotateAfter", &spec.credentials.rotate_after),
+        ("credentials.rotationOverlap", &spec.credentials.rotation_overlap),
+        ("shadow.pollInterval", &spec.shadow.as_ref().and_then(|s| s.poll_interval.clone())),
+    ] {
+        if let Some(v) = value
+            && let Err(e) = parse_duration(v)
+        {
+            problems.push(format!("{field}: {e}"));
+        }
+    }
+    if let Some(policy) = &spec.policy {
+        if spec.broker == Broker::Aws {
+            if let Err(e) = check_policy_template(&policy.template) {
+                problems.push(e);
+            }
+        } else {
+            problems.push(format!("policy applies to broker AWS only, not {}", spec.broker));
+        }
+    }
+    if spec.credentials.source == super::thing::CredentialSource::CloudIssued && spec.broker != Broker::Aws {
+        problems.push(format!("credentials.source CloudIssued needs broker AWS, not {}", spec.broker));
+    }
+    InvalidSpec::from_problems(problems)
+}
+
+/// Checks a JSON pointer (RFC 6901) used to address a field.
+pub fn check_json_pointer(field: &str, pointer: &str) -> Option<String> {
+    if pointer.is_empty() || !pointer.starts_with('/') {
+        return Some(format!("{field} {pointer:?} must be a JSON pointer starting with '/'"));
+    }
+    let bad_escape = pointer
+        .split('/')
+        .any(|seg| seg.match_indices('~').any(|(i, _)| !matches!(seg.as_bytes().get(i + 1), Some(b'0' | b'1'))));
+    if bad_escape {
+        return Some(format!("{field} {pointer:?} has a '~' not followed by 0 or 1"));
+    }
+    None
+}
+
+/// Checks an MQTT topic a message is published to (no wildcards).
+pub fn check_publish_topic(field: &str, topic: &str) -> Option<String> {
+    if topic.is_empty() || topic.len() > 65535 {
+        return Some(format!("{field} must be 1-65535 bytes"));
+    }
+    if topic.contains(['+', '#', '\0']) {
+        return Some(format!("{field} {topic:?} must not contain '+', '#' or NUL"));
+    }
+    None
+}
+
+/// Checks an MQTT topic filter: `#` only as the whole last level, `+` only as a whole level.
+pub fn check_topic_filter(field: &str, filter: &str) -> Option<String> {
+    if filter.is_empty() || filter.len() > 65535 || filter.contains('\0') {
+        return Some(format!("{field} must be 1-65535 bytes without NUL"));
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i != levels.len() - 1) {
+            return Some(format!("{field} {filter:?}: '#' must be the whole last level"));
+        }
+        if level.contains('+') && *level != "+" {
+            return Some(format!("{field} {filter:?}: '+' must be a whole level"));
+        }
+    }
+    None
+}
+
+pub fn validate_observer(observer: &Observer) -> Result<(), InvalidSpec> {
+    let mut problems = Vec::new();
+    cel_problems(observer.validate_cel(), &mut problems);
+    let spec = &observer.spec;
+    if let Some(filter) = &spec.filter {
+        for f in &filter.fields {
+            problems.extend(check_json_pointer("filter.fields", f));
+        }
+        if filter.changed_by.is_some_and(|d| !d.is_finite() || d < 0.0) {
+            problems.push("filter.changedBy must be a finite number >= 0".into());
+        }
+    }
+    if let Some(m) = &spec.sink.mqtt {
+        problems.extend(check_publish_topic("sink.mqtt.topic", &m.topic));
+        if m.qos > 2 {
+            problems.push("sink.mqtt.qos must be 0, 1 or 2".into());
+        }
+    }
+    if let Some(h) = &spec.sink.http {
+        match url::Url::parse(&h.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            Ok(u) => problems.push(format!("sink.http.url scheme {:?} must be http or https", u.scheme())),
+            Err(e) => problems.push(format!("sink.http.url is not a URL: {e}")),
+        }
+    }
+    if let Some(t) = &spec.sink.thing
+        && let Some(p) = &t.path
+    {
+        problems.extend(check_json_pointer("sink.thing.path", p));
+    }
+    InvalidSpec::from_problems(problems)
+}
+
+pub fn validate_subscriber(subscriber: &Subscriber) -> Result<(), InvalidSpec> {
+    let mut problems = Vec::new();
+    cel_problems(subscriber.validate_cel(), &mut problems);
+    let spec = &subscriber.spec;
+    if let Some(m) = &spec.source.mqtt {
+        problems.extend(check_topic_filter("source.mqtt.topicFilter", &m.topic_filter));
+        if m.qos > 2 {
+            problems.push("source.mqtt.qos must be 0, 1 or 2".into());
+        }
+    }
+    if let Some(p) = &spec.target.path {
+        problems.extend(check_json_pointer("target.path", p));
+    }
+    InvalidSpec::from_problems(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ObserverSpec, SubscriberSpec, ThingSpec};
+    use serde_json::json;
+
+    fn thing(spec: Value) -> Thing {
+        Thing::new("t1", serde_json::from_value::<ThingSpec>(spec).expect("spec parses"))
+    }
+
+    #[test]
+    fn minimal_thing_is_valid() {
+        assert_eq!(validate_thing(&thing(json!({}))), Ok(()));
+        assert_eq!(thing(json!({})).spec.broker, Broker::Mosquitto);
+    }
+
+    #[test]
+    fn oversized_and_deep_desired_is_rejected() {
+        let big = "x".repeat(MAX_DESIRED_BYTES);
+        let err = validate_thing(&thing(json!({"desired": {"blob": big}}))).unwrap_err();
+        assert!(err.to_string().contains("over the limit of 8192"), "{err}");
+        let deep = json!({"desired": {"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}});
+        let err = validate_thing(&thing(deep)).unwrap_err();
+        assert!(err.to_string().contains("nests 7 levels"), "{err}");
+    }
+
+    #[test]
+    fn bad_attributes_and_durations_are_reported_together() {
+        let err = validate_thing(&thing(json!({
+            "attributes": {"bad key!": "v", "ok": "spaces not allowed"},
+            "credentials": {"rotateAfter": "forever"}
+        })))
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 3, "{err}");
+    }
+
+    #[test]
+    fn policy_template_rules() {
+        assert!(check_policy_template(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:${region}:${account}:client/${clientId}"}]}"#).is_ok());
+        assert!(check_policy_template("{not json").unwrap_err().contains("not valid JSON"));
+        assert!(check_policy_template(r#"{"Statement":[]}"#).is_err());
+        assert!(check_policy_template(r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"${nope}"}]}"#).unwrap_err().contains("unknown placeholder"));
+        let t = thing(json!({"broker": "Mosquitto", "policy": {"template": "{}"}}));
+        assert!(validate_thing(&t).unwrap_err().to_string().contains("AWS only"));
+    }
+
+    #[test]
+    fn cel_rules_are_enforced_by_the_operator() {
+        let spec: ObserverSpec = serde_json::from_value(json!({
+            "source": {"thingName": "a", "matchLabels": {"x": "y"}},
+            "sink": {"mqtt": {"topic": "t"}, "http": {"url": "http://x"}}
+        }))
+        .unwrap();
+        let err = validate_observer(&Observer::new("o", spec)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("exactly one of thingName or matchLabels"), "{msg}");
+        assert!(msg.contains("exactly one of mqtt, http or thing"), "{msg}");
+    }
+
+    #[test]
+    fn topic_rules() {
+        assert!(check_topic_filter("f", "a/+/b/#").is_none());
+        assert!(check_topic_filter("f", "a/#/b").is_some());
+        assert!(check_topic_filter("f", "a/b+").is_some());
+        assert!(check_publish_topic("t", "a/+").is_some());
+        let spec: SubscriberSpec = serde_json::from_value(json!({
+            "source": {"mqtt": {"topicFilter": "x/#/y"}},
+            "target": {"thingName": "t", "path": "nope"}
+        }))
+        .unwrap();
+        let err = validate_subscriber(&Subscriber::new("s", spec)).unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn json_pointer_rules() {
+        assert!(check_json_pointer("p", "/a/b~1c").is_none());
+        assert!(check_json_pointer("p", "/a~2").is_some());
+        assert!(check_json_pointer("p", "a").is_some());
+    }
+}

@@ -1,0 +1,112 @@
+//! Command line and environment configuration (every flag has an env twin).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::telemetry::LogFormat;
+
+#[derive(Parser, Debug)]
+#[command(name = "thing-operator", version, about = "IoT devices as Kubernetes resources")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print every CustomResourceDefinition as YAML (what crds/ holds).
+    Crds,
+    /// Run the controllers.
+    Run(Box<RunArgs>),
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::api::validation::parse_duration(s)
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "THING_OPERATOR_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    #[arg(long, env = "THING_OPERATOR_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter in RUST_LOG syntax.
+    #[arg(long, env = "RUST_LOG", default_value = "info,kube_runtime=warn")]
+    pub log_filter: String,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "THING_OPERATOR_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Name reported as the source of Events.
+    #[arg(long, env = "THING_OPERATOR_CONTROLLER_NAME", default_value = "thing-operator")]
+    pub controller_name: String,
+    /// Pod name, for Events and the leader lease (set from the downward API).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Take a Lease before reconciling, so only one replica acts at a time.
+    #[arg(long, env = "THING_OPERATOR_LEADER_ELECT", default_value_t = false)]
+    pub leader_elect: bool,
+    /// Namespace of the leader Lease (default: the pod's namespace, else `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Objects reconciled at once per kind.
+    #[arg(long, env = "THING_OPERATOR_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
+    /// How often a Ready Thing is reconciled again to detect drift in its backend.
+    #[arg(long, env = "THING_OPERATOR_RESYNC_INTERVAL", value_parser = parse_duration, default_value = "5m")]
+    pub resync_interval: Duration,
+    /// Default interval between shadow reads when no push channel delivers reported state.
+    #[arg(long, env = "THING_OPERATOR_POLL_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    pub poll_interval: Duration,
+    /// Reported state from devices is written to status at most once per this interval per Thing.
+    #[arg(long, env = "THING_OPERATOR_STATUS_INTERVAL", value_parser = parse_duration, default_value = "2s")]
+    pub status_write_interval: Duration,
+
+    #[command(flatten)]
+    pub aws: AwsArgs,
+    #[command(flatten)]
+    pub mqtt: MqttArgs,
+}
+
+/// AWS IoT Core backend. Enabled when a region is known (flag, AWS_REGION or profile).
+#[derive(Args, Debug, Clone, Default)]
+pub struct AwsArgs {
+    /// Enable the AWS backend.
+    #[arg(long = "aws", env = "THING_OPERATOR_AWS", default_value_t = false)]
+    pub enabled: bool,
+    #[arg(long = "aws-region", env = "AWS_REGION")]
+    pub region: Option<String>,
+    /// Control plane endpoint override (moto, VPC endpoint).
+    #[arg(long = "aws-iot-endpoint", env = "AWS_ENDPOINT_URL_IOT")]
+    pub iot_endpoint: Option<String>,
+    /// Data plane (shadow) endpoint override.
+    #[arg(long = "aws-data-endpoint", env = "AWS_ENDPOINT_URL_IOT_DATA_PLANE")]
+    pub data_endpoint: Option<String>,
+    /// Device-facing MQTT endpoint written into Secrets (default: DescribeEndpoint iot:Data-ATS).
+    #[arg(long = "aws-device-endpoint", env = "THING_OPERATOR_AWS_DEVICE_ENDPOINT")]
+    pub device_endpoint: Option<String>,
+}
+
+/// The operator's MQTT broker: Mosquitto Things, the REST message broker, MQTT sinks and sources.
+#[derive(Args, Debug, Clone, Default)]
+pub struct MqttArgs {
+    /// Broker URL, e.g. `mqtt://127.0.0.1:1883` or `mqtts://broker:8883`. Unset: MQTT features off.
+    #[arg(long = "mqtt-url", env = "THING_OPERATOR_MQTT_URL")]
+    pub url: Option<String>,
+    /// Username with rights on `$CONTROL/dynamic-security/#` and the topic tree.
+    #[arg(long = "mqtt-username", env = "THING_OPERATOR_MQTT_USERNAME")]
+    pub username: Option<String>,
+    /// File holding the admin password (never pass passwords on the command line).
+    #[arg(long = "mqtt-password-file", env = "THING_OPERATOR_MQTT_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// CA bundle to verify the broker's TLS certificate.
+    #[arg(long = "mqtt-ca-file", env = "THING_OPERATOR_MQTT_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Address devices use to reach the broker, written into their Secrets.
+    #[arg(long = "mqtt-device-endpoint", env = "THING_OPERATOR_MQTT_DEVICE_ENDPOINT")]
+    pub device_endpoint: Option<String>,
+    /// Root of the topic tree of the REST message broker.
+    #[arg(long = "mqtt-topic-prefix", env = "THING_OPERATOR_MQTT_TOPIC_PREFIX", default_value = "things")]
+    pub topic_prefix: String,
+}

@@ -1,0 +1,6 @@
+//! Device credentials: the Secret a device mounts, and (in submodules) key and certificate work.
+
+mod secret;
+
+pub use secret::{DeviceSecret, keys};
+pub mod pki;

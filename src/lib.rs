@@ -1,0 +1,17 @@
+//! thing-operator: IoT devices as Kubernetes resources.
+//!
+//! `api` holds the CRD types and their validation (no I/O); `controller` holds one reconciler per
+//! kind; `provider` is the only code that talks to an IoT backend.
+
+pub mod api;
+pub mod config;
+pub mod controller;
+pub mod credentials;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod provider;
+pub mod runner;
+pub mod telemetry;
+
+pub use error::{Error, Result};

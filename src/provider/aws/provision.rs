@@ -1,0 +1,237 @@
+//! The thing, its policy and the attachments: create what is missing, repair what drifted,
+//! apply spec changes in place. Every function is idempotent.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aws_sdk_iot::types::AttributePayload;
+use serde_json::Value;
+
+use super::{
+    client::{AwsClients, CallError, Family},
+    failpoints::step,
+};
+use crate::provider::{Notice, ProviderError};
+
+/// Makes the thing exist with exactly the spec's attributes. Returns its ARN.
+pub async fn ensure_thing(
+    c: &AwsClients,
+    thing_name: &str,
+    attributes: &BTreeMap<String, String>,
+    was_provisioned: bool,
+    notices: &mut Vec<Notice>,
+) -> Result<String, ProviderError> {
+    let want: HashMap<String, String> = attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let described = c
+        .call(Family::ThingRead, "DescribeThing", || c.iot.describe_thing().thing_name(thing_name).send())
+        .await;
+    match described {
+        Ok(out) => {
+            let arn = out.thing_arn().unwrap_or_default().to_string();
+            let have = out.attributes().cloned().unwrap_or_default();
+            if have != want {
+                update_attributes(c, thing_name, &want).await?;
+                notices.push(Notice::normal("AttributesUpdated", format!("thing {thing_name}: attributes set from the spec")));
+            }
+            Ok(arn)
+        }
+        Err(CallError::NotFound) => {
+            step!("aws-before-create-thing");
+            let payload = AttributePayload::builder().set_attributes(Some(want.clone())).build();
+            let created = c
+                .call(Family::ThingWrite, "CreateThing", || {
+                    c.iot.create_thing().thing_name(thing_name).attribute_payload(payload.clone()).send()
+                })
+                .await;
+            step!("aws-after-create-thing");
+            match created {
+                Ok(out) => {
+                    if was_provisioned {
+                        notices.push(Notice::warning(
+                            "DriftRepaired",
+                            format!("thing {thing_name} was deleted outside the operator; recreated"),
+                        ));
+                    }
+                    Ok(out.thing_arn().unwrap_or_default().to_string())
+                }
+                // AWS answers 409 when the thing exists with other attributes (created
+                // concurrently, or by someone else): converge it in place.
+                Err(CallError::AlreadyExists { .. }) => {
+                    update_attributes(c, thing_name, &want).await?;
+                    let out = c
+                        .call(Family::ThingRead, "DescribeThing", || c.iot.describe_thing().thing_name(thing_name).send())
+                        .await
+                        .map_err(|e| e.into_provider("DescribeThing"))?;
+                    Ok(out.thing_arn().unwrap_or_default().to_string())
+                }
+                Err(e) => Err(e.into_provider("CreateThing")),
+            }
+        }
+        Err(e) => Err(e.into_provider("DescribeThing")),
+    }
+}
+
+async fn update_attributes(c: &AwsClients, thing_name: &str, want: &HashMap<String, String>) -> Result<(), ProviderError> {
+    // merge=false replaces the whole set, so attributes removed from the spec go too.
+    let payload = AttributePayload::builder().set_attributes(Some(want.clone())).merge(false).build();
+    c.call(Family::ThingWrite, "UpdateThing", || {
+        c.iot.update_thing().thing_name(thing_name).attribute_payload(payload.clone()).send()
+    })
+    .await
+    .map(|_| ())
+    .map_err(|e| e.into_provider("UpdateThing"))
+}
+
+/// Makes the policy exist with `document` as its default version.
+pub async fn ensure_policy(
+    c: &AwsClients,
+    policy_name: &str,
+    document: &Value,
+    was_provisioned: bool,
+    notices: &mut Vec<Notice>,
+) -> Result<(), ProviderError> {
+    let text = document.to_string();
+    let got = c.call(Family::Policy, "GetPolicy", || c.iot.get_policy().policy_name(policy_name).send()).await;
+    match got {
+        Ok(out) => {
+            let current: Option<Value> = out.policy_document().and_then(|d| serde_json::from_str(d).ok());
+            if current.as_ref() != Some(document) {
+                replace_policy_version(c, policy_name, &text).await?;
+                notices.push(Notice::normal("PolicyUpdated", format!("policy {policy_name}: new default version")));
+            }
+            Ok(())
+        }
+        Err(CallError::NotFound) => {
+            step!("aws-before-create-policy");
+            let created = c
+                .call(Family::Policy, "CreatePolicy", || {
+                    c.iot.create_policy().policy_name(policy_name).policy_document(&text).send()
+                })
+                .await;
+            step!("aws-after-create-policy");
+            match created {
+                Ok(_) => {
+                    if was_provisioned {
+                        notices.push(Notice::warning(
+                            "DriftRepaired",
+                            format!("policy {policy_name} was deleted outside the operator; recreated"),
+                        ));
+                    }
+                    Ok(())
+                }
+                // Created between our read and write: the next reconcile compares documents.
+                Err(CallError::AlreadyExists { .. }) => Ok(()),
+                Err(e) => Err(e.into_provider("CreatePolicy")),
+            }
+        }
+        Err(e) => Err(e.into_provider("GetPolicy")),
+    }
+}
+
+/// AWS keeps at most five versions of a policy: drop the oldest non-default ones first.
+async fn replace_policy_version(c: &AwsClients, policy_name: &str, text: &str) -> Result<(), ProviderError> {
+    let versions = c
+        .call(Family::Policy, "ListPolicyVersions", || c.iot.list_policy_versions().policy_name(policy_name).send())
+        .await
+        .map_err(|e| e.into_provider("ListPolicyVersions"))?;
+    let mut old: Vec<String> = versions
+        .policy_versions()
+        .iter()
+        .filter(|v| !v.is_default_version())
+        .filter_map(|v| v.version_id().map(str::to_string))
+        .collect();
+    old.sort_by_key(|id| id.parse::<u64>().unwrap_or(0));
+    let total = versions.policy_versions().len();
+    let excess = (total + 1).saturating_sub(5);
+    for id in old.iter().take(excess) {
+        match c
+            .call(Family::Policy, "DeletePolicyVersion", || {
+                c.iot.delete_policy_version().policy_name(policy_name).policy_version_id(id).send()
+            })
+            .await
+        {
+            Ok(_) | Err(CallError::NotFound) => {}
+            Err(e) => return Err(e.into_provider("DeletePolicyVersion")),
+        }
+    }
+    c.call(Family::Policy, "CreatePolicyVersion", || {
+        c.iot
+            .create_policy_version()
+            .policy_name(policy_name)
+            .policy_document(text)
+            .set_as_default(true)
+            .send()
+    })
+    .await
+    .map(|_| ())
+    .map_err(|e| e.into_provider("CreatePolicyVersion"))
+}
+
+/// Attaches the policy to the certificate and the certificate to the thing, when missing.
+pub async fn ensure_attachments(
+    c: &AwsClients,
+    thing_name: &str,
+    policy_name: &str,
+    cert_arn: &str,
+    was_provisioned: bool,
+    notices: &mut Vec<Notice>,
+) -> Result<(), ProviderError> {
+    let attached = c
+        .call(Family::Policy, "ListAttachedPolicies", || c.iot.list_attached_policies().target(cert_arn).send())
+        .await
+        .map_err(|e| e.into_provider("ListAttachedPolicies"))?;
+    if !attached.policies().iter().any(|p| p.policy_name() == Some(policy_name)) {
+        step!("aws-before-attach-policy");
+        c.call(Family::Policy, "AttachPolicy", || {
+            c.iot.attach_policy().policy_name(policy_name).target(cert_arn).send()
+        })
+        .await
+        .map_err(|e| e.into_provider("AttachPolicy"))?;
+        if was_provisioned {
+            notices.push(Notice::warning(
+                "DriftRepaired",
+                format!("policy {policy_name} was not attached to the certificate; attached"),
+            ));
+        }
+    }
+    let principals = list_thing_principals(c, thing_name).await?;
+    if !principals.iter().any(|p| p == cert_arn) {
+        step!("aws-before-attach-principal");
+        c.call(Family::ThingWrite, "AttachThingPrincipal", || {
+            c.iot.attach_thing_principal().thing_name(thing_name).principal(cert_arn).send()
+        })
+        .await
+        .map_err(|e| e.into_provider("AttachThingPrincipal"))?;
+        if was_provisioned {
+            notices.push(Notice::warning(
+                "DriftRepaired",
+                format!("certificate was not attached to thing {thing_name}; attached"),
+            ));
+        }
+    }
+    step!("aws-after-attachments");
+    Ok(())
+}
+
+/// Every principal attached to the thing (all pages). A thing that is gone has none.
+pub async fn list_thing_principals(c: &AwsClients, thing_name: &str) -> Result<Vec<String>, ProviderError> {
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = c
+            .call(Family::ThingRead, "ListThingPrincipals", || {
+                c.iot.list_thing_principals().thing_name(thing_name).set_next_token(token.clone()).send()
+            })
+            .await;
+        match page {
+            Ok(p) => {
+                out.extend(p.principals().iter().cloned());
+                match p.next_token() {
+                    Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                    _ => return Ok(out),
+                }
+            }
+            Err(CallError::NotFound) => return Ok(out),
+            Err(e) => return Err(e.into_provider("ListThingPrincipals")),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! IoT backends behind one trait. Each backend is a module of its own; the controller picks one
+//! by `spec.broker` from the [`ProviderRegistry`]. Nothing outside this module talks to a backend.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+
+use crate::{
+    api::{Thing, ThingStatus, thing::Broker},
+    credentials::DeviceSecret,
+};
+
+/// Why a backend call failed. Messages carry status and error codes, never request or
+/// response bodies (which may hold keys).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    /// The backend asked us to slow down (HTTP 429, ThrottlingException).
+    #[error("{backend} {operation}: throttled")]
+    Throttled { backend: &'static str, operation: &'static str },
+    /// The backend answered with an error.
+    #[error("{backend} {operation}: {code}: {message}")]
+    Service {
+        backend: &'static str,
+        operation: &'static str,
+        code: String,
+        message: String,
+        retryable: bool,
+    },
+    /// The backend could not be reached.
+    #[error("{backend} {operation}: unreachable: {message}")]
+    Transport { backend: &'static str, operation: &'static str, message: String },
+    /// The spec asks for something the backend refuses; retrying will not help until it changes.
+    #[error("{0}")]
+    Rejected(String),
+    /// Reading or writing the device Secret failed.
+    #[error("device secret: {0}")]
+    Secret(String),
+    /// The backend is not set up in the operator's configuration.
+    #[error("broker {0} is not configured in this operator")]
+    NotConfigured(Broker),
+}
+
+impl ProviderError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ProviderError::Throttled { .. } | ProviderError::Transport { .. } | ProviderError::Secret(_) => true,
+            ProviderError::Service { retryable, .. } => *retryable,
+            ProviderError::Rejected(_) | ProviderError::NotConfigured(_) => false,
+        }
+    }
+
+    /// The condition reason this error shows as.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProviderError::Throttled { .. } => "Throttled",
+            ProviderError::Service { .. } => "BackendError",
+            ProviderError::Transport { .. } => "BackendUnreachable",
+            ProviderError::Rejected(_) => "BackendRejected",
+            ProviderError::Secret(_) => "SecretError",
+            ProviderError::NotConfigured(_) => "BackendNotConfigured",
+        }
+    }
+}
+
+/// Something worth an Event: drift repaired, certificate rotated, ...
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub warning: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+impl Notice {
+    pub fn normal(reason: &str, message: impl Into<String>) -> Self {
+        Self { warning: false, reason: reason.into(), message: message.into() }
+    }
+
+    pub fn warning(reason: &str, message: impl Into<String>) -> Self {
+        Self { warning: true, reason: reason.into(), message: message.into() }
+    }
+}
+
+/// Everything a backend needs to know about one Thing.
+pub struct DeviceRequest<'a> {
+    pub thing: &'a Thing,
+    pub namespace: &'a str,
+    pub name: &'a str,
+    /// The device's name in the backend (`spec.thingName` or derived).
+    pub backend_name: String,
+    /// The Secret that holds (or will hold) the device credentials.
+    pub secret: DeviceSecret,
+}
+
+/// What a backend did during one reconcile.
+#[derive(Debug, Default)]
+pub struct DeviceOutcome {
+    /// Events to publish.
+    pub notices: Vec<Notice>,
+    /// When to look again (shadow polling, pending rotation); `None`: the resync default.
+    pub requeue_after: Option<Duration>,
+}
+
+#[async_trait]
+pub trait IotProvider: Send + Sync {
+    fn broker(&self) -> Broker;
+
+    /// Makes the backend match the spec: creates or repairs the device, its credentials and
+    /// policy, pushes desired state and reads reported state back. Idempotent and crash-safe:
+    /// it records identifiers in `status` as soon as they exist, and the caller writes `status`
+    /// even when an error is returned. Sets the `Provisioned`, `CredentialsReady` and `InSync`
+    /// conditions.
+    async fn reconcile(
+        &self,
+        req: &DeviceRequest<'_>,
+        status: &mut ThingStatus,
+        outcome: &mut DeviceOutcome,
+    ) -> Result<(), ProviderError>;
+
+    /// Removes every backend resource of the device, in the order the backend demands,
+    /// tolerating what is already gone. `Ok` means nothing is left.
+    async fn cleanup(
+        &self,
+        req: &DeviceRequest<'_>,
+        status: &ThingStatus,
+        outcome: &mut DeviceOutcome,
+    ) -> Result<(), ProviderError>;
+}
+
+/// The configured backends, by broker.
+#[derive(Default, Clone)]
+pub struct ProviderRegistry {
+    providers: HashMap<Broker, Arc<dyn IotProvider>>,
+}
+
+impl ProviderRegistry {
+    pub fn register(&mut self, provider: Arc<dyn IotProvider>) {
+        self.providers.insert(provider.broker(), provider);
+    }
+
+    pub fn get(&self, broker: Broker) -> Result<Arc<dyn IotProvider>, ProviderError> {
+        self.providers.get(&broker).cloned().ok_or(ProviderError::NotConfigured(broker))
+    }
+
+    pub fn brokers(&self) -> Vec<Broker> {
+        self.providers.keys().copied().collect()
+    }
+}

@@ -1,0 +1,184 @@
+//! The operator's one MQTT connection to the broker (admin credentials): dynamic-security
+//! commands, the shadow service and the retained state publisher all share it.
+//!
+//! rumqttc reconnects when its event loop is polled again after an error; this module keeps
+//! polling with a capped backoff and tells the handler on every (re)connect, so subscriptions
+//! are renewed even when the broker lost its sessions (a restart without persistence).
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use rumqttc::{AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, QoS, Transport};
+use tokio_util::sync::CancellationToken;
+
+/// Why the MQTT settings are unusable. Never carries the password.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--mqtt-url {0:?}: {1}")]
+    Url(String, String),
+    #[error("reading {0}: {1}")]
+    File(String, String),
+    #[error("--mqtt-{0} is required with --mqtt-url")]
+    Missing(&'static str),
+    #[error("TLS settings: {0}")]
+    Tls(String),
+}
+
+/// Where the broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerAddress {
+    /// `mqtt://host[:1883]`, `tcp://…`, `mqtts://host[:8883]`, `ssl://…`.
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        // A URL with user info may hold a password: never echo it.
+        let shown = if url.contains('@') { "<redacted>".to_string() } else { url.to_string() };
+        let bad = |why: &str| ConfigError::Url(shown.clone(), why.to_string());
+        let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+        let tls = match parsed.scheme() {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
+            other => return Err(bad(&format!("unsupported scheme {other}"))),
+        };
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            // Credentials in a URL end up in process listings and logs.
+            return Err(bad("credentials do not belong in the URL; use --mqtt-username/--mqtt-password-file"));
+        }
+        let host = parsed.host_str().ok_or_else(|| bad("no host"))?.to_string();
+        let port = parsed.port().unwrap_or(if tls { 8883 } else { 1883 });
+        Ok(Self { host, port, tls })
+    }
+
+    /// `host:port`, what devices get as their endpoint.
+    pub fn endpoint(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Reads a password file, trimming one trailing newline (editors add it).
+pub fn read_password(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::File(path.display().to_string(), e.kind().to_string()))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+}
+
+/// TLS client config trusting the given CA bundle (PEM), or the Mozilla roots without one.
+pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ConfigError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| ConfigError::File(path.display().to_string(), e.kind().to_string()))?;
+            for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
+                let cert: rustls::pki_types::CertificateDer<'static> =
+                    cert.map_err(|e| ConfigError::Tls(format!("{}: {e}", path.display())))?;
+                roots.add(cert).map_err(|e| ConfigError::Tls(e.to_string()))?;
+            }
+        }
+        None => {
+            for cert in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+                let _ = roots.add(cert.clone());
+            }
+        }
+    }
+    Ok(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+}
+
+/// What the connection calls back into.
+pub trait Handler: Send + Sync + 'static {
+    /// After every CONNACK: subscribe, announce.
+    fn on_connected(&self, client: &AsyncClient);
+    /// Every incoming PUBLISH. Must not block: it runs on the event loop.
+    fn on_message(&self, client: &AsyncClient, topic: &str, payload: &[u8]);
+}
+
+pub struct ConnectionSettings {
+    pub address: BrokerAddress,
+    pub tls: Option<rustls::ClientConfig>,
+    pub username: String,
+    pub password: String,
+    pub client_id: String,
+    /// Published (retained) by the broker if the operator vanishes.
+    pub last_will: Option<(String, Vec<u8>)>,
+}
+
+/// Largest packet in either direction: Mosquitto's `max_packet_size` in the test environment.
+/// Big enough that an oversized device payload reaches the shadow service and gets a
+/// rejection, instead of breaking the operator's connection.
+const MAX_PACKET: usize = 1024 * 1024;
+
+/// Connects (lazily, on the first poll) and drives the event loop until `shutdown`.
+pub fn spawn(settings: ConnectionSettings, handler: Arc<dyn Handler>, shutdown: CancellationToken) -> AsyncClient {
+    let mut options = MqttOptions::new(settings.client_id, settings.address.host.clone(), settings.address.port);
+    options
+        .set_credentials(settings.username, settings.password)
+        .set_keep_alive(Duration::from_secs(15))
+        .set_clean_session(true)
+        .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    if let Some(tls) = settings.tls {
+        options.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(tls))));
+    }
+    if let Some((topic, payload)) = settings.last_will {
+        options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
+    }
+    // A deep request queue: handlers use try_publish and must not stall under a storm.
+    let (client, eventloop) = AsyncClient::new(options, 16 * 1024);
+    tokio::spawn(drive(eventloop, client.clone(), handler, shutdown));
+    client
+}
+
+async fn drive(mut eventloop: EventLoop, client: AsyncClient, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let event = tokio::select! {
+            e = eventloop.poll() => e,
+            _ = shutdown.cancelled() => {
+                let _ = client.try_disconnect();
+                return;
+            }
+        };
+        match event {
+            Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                tracing::info!(code = ?ack.code, "connected to the MQTT broker");
+                backoff = Duration::from_millis(100);
+                handler.on_connected(&client);
+            }
+            Ok(Event::Incoming(Incoming::Publish(p))) => handler.on_message(&client, &p.topic, &p.payload),
+            Ok(_) => {}
+            Err(e) => {
+                // The error names the connection problem, never credentials.
+                tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection lost");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_default_ports() {
+        assert_eq!(
+            BrokerAddress::parse("mqtt://127.0.0.1:1884").unwrap(),
+            BrokerAddress { host: "127.0.0.1".into(), port: 1884, tls: false }
+        );
+        assert_eq!(BrokerAddress::parse("mqtt://broker").unwrap().port, 1883);
+        let tls = BrokerAddress::parse("mqtts://broker.example").unwrap();
+        assert!(tls.tls);
+        assert_eq!(tls.endpoint(), "broker.example:8883");
+        assert!(BrokerAddress::parse("http://x").is_err());
+        assert!(BrokerAddress::parse("not a url").is_err());
+        let err = BrokerAddress::parse("mqtt://admin:hunter2@broker").unwrap_err().to_string();
+        assert!(err.contains("credentials"));
+        assert!(!err.contains("hunter2"));
+    }
+}

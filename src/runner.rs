@@ -1,0 +1,152 @@
+//! `thing-operator run`: wires configuration, Kubernetes client, backends, HTTP server, leader
+//! election and controllers together, and shuts all of it down on SIGTERM/SIGINT.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use kube::{Client, runtime::events::Reporter};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::RunArgs,
+    controller::{self, Context, ControllerConfig, ThingTrigger},
+    http::{self, Readiness},
+    metrics::Metrics,
+    provider::ProviderRegistry,
+    telemetry,
+};
+
+/// Cancels `token` on the first SIGTERM or SIGINT.
+fn spawn_signal_handler(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => tracing::info!("SIGINT received, shutting down"),
+                _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+        token.cancel();
+    });
+}
+
+/// Builds the backends the configuration enables.
+async fn build_providers(
+    _args: &RunArgs,
+    _client: &Client,
+    _metrics: &Arc<Metrics>,
+    _trigger: &ThingTrigger,
+) -> anyhow::Result<ProviderRegistry> {
+    let registry = ProviderRegistry::default();
+    Ok(registry)
+}
+
+/// Blocks until this replica holds the leader Lease. Returns the watch channel, which turns
+/// false if the lease is lost.
+async fn acquire_leadership(
+    client: Client,
+    args: &RunArgs,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<tokio::sync::watch::Receiver<bool>>> {
+    let identity = args.pod_name.clone().unwrap_or_else(|| format!("thing-operator-{}", std::process::id()));
+    let namespace = args.lease_namespace.clone().unwrap_or_else(|| "default".into());
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client, "thing-operator-leader")
+        .with_namespace(namespace)
+        .with_identity(identity)
+        .build()
+        .await
+        .context("creating the leader lease manager")?;
+    let (mut channel, _task) = manager.watch().await;
+    tracing::info!("waiting for the leader lease");
+    loop {
+        if *channel.borrow_and_update() {
+            tracing::info!("leader lease acquired");
+            return Ok(Some(channel));
+        }
+        tokio::select! {
+            changed = channel.changed() => changed.context("leader lease manager stopped")?,
+            _ = shutdown.cancelled() => return Ok(None),
+        }
+    }
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Several TLS stacks are linked in (kube, AWS SDK, MQTT); all use this one provider.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    telemetry::init(args.log_format, &args.log_filter);
+
+    let client = Client::try_default().await.context("connecting to Kubernetes")?;
+    let metrics = Arc::new(Metrics::default());
+    let readiness = Arc::new(Readiness::default());
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+
+    let server = tokio::spawn(http::serve(
+        args.http_addr,
+        http::router(metrics.clone(), readiness.clone()),
+        shutdown.clone(),
+    ));
+
+    let (trigger, trigger_rx) = ThingTrigger::channel();
+    let providers = build_providers(&args, &client, &metrics, &trigger).await?;
+    let reporter = Reporter { controller: args.controller_name.clone(), instance: args.pod_name.clone() };
+    let config = ControllerConfig {
+        resync_interval: args.resync_interval,
+        poll_interval: args.poll_interval,
+        concurrency: args.concurrency,
+        watch_namespace: args.watch_namespace.clone(),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        reporter,
+        metrics.clone(),
+        providers,
+        config,
+        (trigger, trigger_rx),
+    ));
+
+    if args.leader_elect {
+        match acquire_leadership(client.clone(), &args, &shutdown).await? {
+            None => return Ok(()),
+            Some(mut leader) => {
+                metrics.leader.set(1);
+                let lost = shutdown.clone();
+                tokio::spawn(async move {
+                    // Losing the lease means another replica may act: stop at once.
+                    while leader.changed().await.is_ok() {
+                        if !*leader.borrow_and_update() {
+                            tracing::error!("leader lease lost, shutting down");
+                            lost.cancel();
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    tracing::info!(brokers = ?ctx.providers.brokers(), "starting controllers");
+    controller::run(ctx, shutdown.clone(), readiness).await;
+    shutdown.cancel();
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e).context("http server"),
+        Err(e) => return Err(e).context("http server task"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
