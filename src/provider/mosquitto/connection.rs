@@ -110,8 +110,9 @@ pub struct ConnectionSettings {
 /// rejection, instead of breaking the operator's connection.
 const MAX_PACKET: usize = 1024 * 1024;
 
-/// Connects (lazily, on the first poll) and drives the event loop until `shutdown`.
-pub fn spawn(settings: ConnectionSettings, handler: Arc<dyn Handler>, shutdown: CancellationToken) -> AsyncClient {
+/// The client handle and its (not yet polled) event loop; nothing connects before
+/// [`spawn_driver`] polls it.
+pub fn build(settings: ConnectionSettings) -> (AsyncClient, EventLoop) {
     let mut options = MqttOptions::new(settings.client_id, settings.address.host.clone(), settings.address.port);
     options
         .set_credentials(settings.username, settings.password)
@@ -125,9 +126,12 @@ pub fn spawn(settings: ConnectionSettings, handler: Arc<dyn Handler>, shutdown: 
         options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
     }
     // A deep request queue: handlers use try_publish and must not stall under a storm.
-    let (client, eventloop) = AsyncClient::new(options, 16 * 1024);
-    tokio::spawn(drive(eventloop, client.clone(), handler, shutdown));
-    client
+    AsyncClient::new(options, 16 * 1024)
+}
+
+/// Drives the event loop until `shutdown`, calling `handler`.
+pub fn spawn_driver(eventloop: EventLoop, client: AsyncClient, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
+    tokio::spawn(drive(eventloop, client, handler, shutdown));
 }
 
 async fn drive(mut eventloop: EventLoop, client: AsyncClient, handler: Arc<dyn Handler>, shutdown: CancellationToken) {

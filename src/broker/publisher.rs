@@ -1,0 +1,98 @@
+//! Publishes every Thing's state, retained, on `{thing topic}/state`, whatever its backend: an
+//! MQTT client that subscribes there gets the current state at once and every change after.
+//!
+//! Installed once per process (when an MQTT broker is configured) and called by the Thing
+//! controller after each status write. Publishing never blocks a reconcile: it queues on the
+//! MQTT client, and drops (with a log line) when the queue is full; the next change or
+//! resync publishes the latest state again, which is all a retained state topic needs.
+
+use std::{
+    collections::HashMap,
+    sync::{Mutex, OnceLock},
+};
+
+use kube::ResourceExt;
+use rumqttc::{AsyncClient, QoS};
+use serde_json::{Value, json};
+
+use super::topic::TopicLayout;
+use crate::api::{Thing, ThingStatus, conditions::types};
+
+pub struct StatePublisher {
+    client: AsyncClient,
+    layout: TopicLayout,
+    /// Last document published per Thing topic, so an unchanged state is not sent again.
+    last: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+static PUBLISHER: OnceLock<StatePublisher> = OnceLock::new();
+
+/// The state document of a Thing (no secrets: spec.desired and status fields only).
+pub fn state_document(thing: &Thing, status: &ThingStatus) -> Value {
+    let ns = thing.namespace().unwrap_or_default();
+    let name = thing.name_any();
+    json!({
+        "apiVersion": format!("{}/{}", crate::api::GROUP, crate::api::VERSION),
+        "kind": "Thing",
+        "namespace": ns,
+        "name": name,
+        "url": format!("/apis/{}/{}/namespaces/{ns}/things/{name}", crate::api::GROUP, crate::api::VERSION),
+        "broker": thing.spec.broker,
+        "ready": status.conditions.is_true(types::READY),
+        "desired": thing.spec.desired,
+        "reported": status.reported,
+        "delta": status.delta,
+        "version": status.version,
+        "lastReportedTime": status.last_reported_time,
+    })
+}
+
+impl StatePublisher {
+    pub fn new(client: AsyncClient, layout: TopicLayout) -> Self {
+        Self { client, layout, last: Mutex::new(HashMap::new()) }
+    }
+
+    /// Makes this the process-wide publisher; a second call is ignored.
+    pub fn install(self) {
+        let _ = PUBLISHER.set(self);
+    }
+
+    fn publish(&self, thing: &Thing, status: &ThingStatus) {
+        let ns = thing.namespace().unwrap_or_default();
+        let Ok(topic) = self.layout.thing(&ns, &thing.name_any()) else { return };
+        let topic = topic.state();
+        let Ok(payload) = serde_json::to_vec(&state_document(thing, status)) else { return };
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.get(&topic) == Some(&payload) {
+            return;
+        }
+        match self.client.try_publish(topic.clone(), QoS::AtLeastOnce, true, payload.clone()) {
+            Ok(()) => {
+                last.insert(topic, payload);
+            }
+            Err(e) => tracing::debug!(%topic, error = %e, "state not published (queue full); the next change retries"),
+        }
+    }
+
+    fn clear(&self, namespace: &str, name: &str) {
+        let Ok(topic) = self.layout.thing(namespace, name) else { return };
+        let topic = topic.state();
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).remove(&topic);
+        // An empty retained message deletes the retained state.
+        let _ = self.client.try_publish(topic, QoS::AtLeastOnce, true, Vec::new());
+    }
+}
+
+/// Publishes a Thing's state if a publisher is installed (called by the Thing controller).
+pub fn publish_thing_state(thing: &Thing, status: &ThingStatus) {
+    if let Some(p) = PUBLISHER.get() {
+        p.publish(thing, status);
+    }
+}
+
+/// Removes a deleted Thing's retained state.
+pub fn clear_thing_state(namespace: &str, name: &str) {
+    if let Some(p) = PUBLISHER.get() {
+        p.clear(namespace, name);
+    }
+}

@@ -1,0 +1,262 @@
+//! Admin client of Mosquitto's dynamic-security plugin: JSON commands on
+//! `$CONTROL/dynamic-security/v1`, answers on `…/v1/response`, matched by `correlationData`.
+//!
+//! Errors carry the command name and the plugin's error text ("Client not found"), never the
+//! command itself, which may hold a password.
+
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use rumqttc::{AsyncClient, QoS};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+pub const CONTROL_TOPIC: &str = "$CONTROL/dynamic-security/v1";
+pub const RESPONSE_TOPIC: &str = "$CONTROL/dynamic-security/v1/response";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DynsecError {
+    #[error("dynsec {command}: no answer within {timeout:?}")]
+    Timeout { command: &'static str, timeout: Duration },
+    #[error("dynsec {command}: not sent: {message}")]
+    Send { command: &'static str, message: String },
+    #[error("dynsec {command}: {error}")]
+    Command { command: &'static str, error: String },
+    /// A broker client of that name exists and was not made for this Thing.
+    #[error("broker client {0} exists and is not managed by this Thing")]
+    Foreign(String),
+}
+
+impl DynsecError {
+    fn is(&self, text: &str) -> bool {
+        matches!(self, DynsecError::Command { error, .. } if error.contains(text))
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.is("not found")
+    }
+
+    pub fn is_already_exists(&self) -> bool {
+        self.is("already exists")
+    }
+}
+
+/// One ACL entry of a role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acl {
+    pub acltype: &'static str,
+    pub topic: String,
+    pub allow: bool,
+}
+
+impl Acl {
+    pub fn allow(acltype: &'static str, topic: impl Into<String>) -> Self {
+        Self { acltype, topic: topic.into(), allow: true }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({"acltype": self.acltype, "topic": self.topic, "allow": self.allow, "priority": 0})
+    }
+}
+
+/// A broker client as the operator wants it.
+pub struct ClientSpec<'a> {
+    pub username: &'a str,
+    pub password: &'a str,
+    pub client_id: &'a str,
+    pub role: &'a str,
+    /// Marks the client as ours (`textname`): an existing client with another mark is never
+    /// touched, so a Thing cannot take over someone else's broker account.
+    pub owner_mark: &'a str,
+}
+
+pub struct Dynsec {
+    client: AsyncClient,
+    pending: Mutex<HashMap<String, oneshot::Sender<Result<Value, String>>>>,
+    timeout: Duration,
+}
+
+impl Dynsec {
+    pub fn new(client: AsyncClient, timeout: Duration) -> Self {
+        Self { client, pending: Mutex::new(HashMap::new()), timeout }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Result<Value, String>>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Routes one message from [`RESPONSE_TOPIC`] to the waiting command. Answers to other
+    /// admin clients' commands (same topic, other correlation ids) are ignored.
+    pub fn handle_response(&self, payload: &[u8]) {
+        let Ok(value) = serde_json::from_slice::<Value>(payload) else {
+            tracing::debug!("ignoring an unparsable dynsec response");
+            return;
+        };
+        let Some(responses) = value.get("responses").and_then(Value::as_array) else { return };
+        for r in responses {
+            let Some(id) = r.get("correlationData").and_then(Value::as_str) else { continue };
+            let Some(tx) = self.pending().remove(id) else { continue };
+            let answer = match r.get("error").and_then(Value::as_str) {
+                Some(e) => Err(e.to_string()),
+                None => Ok(r.get("data").cloned().unwrap_or(Value::Null)),
+            };
+            let _ = tx.send(answer);
+        }
+    }
+
+    /// Sends one command (`body` without `command`/`correlationData`) and waits for its answer.
+    pub async fn command(&self, command: &'static str, mut body: Value) -> Result<Value, DynsecError> {
+        let id = format!("{:032x}", rand::random::<u128>());
+        body["command"] = Value::String(command.into());
+        body["correlationData"] = Value::String(id.clone());
+        let payload = json!({ "commands": [body] });
+        let (tx, rx) = oneshot::channel();
+        self.pending().insert(id.clone(), tx);
+        let sent = self
+            .client
+            .publish(CONTROL_TOPIC, QoS::AtLeastOnce, false, payload.to_string().into_bytes())
+            .await;
+        if let Err(e) = sent {
+            self.pending().remove(&id);
+            return Err(DynsecError::Send { command, message: e.to_string() });
+        }
+        let answer = tokio::time::timeout(self.timeout, rx).await;
+        self.pending().remove(&id);
+        match answer {
+            Ok(Ok(Ok(data))) => Ok(data),
+            Ok(Ok(Err(error))) => Err(DynsecError::Command { command, error }),
+            Ok(Err(_)) | Err(_) => Err(DynsecError::Timeout { command, timeout: self.timeout }),
+        }
+    }
+
+    /// Creates the role with exactly `acls`, or repairs an existing one whose ACLs drifted.
+    pub async fn ensure_role(&self, rolename: &str, acls: &[Acl]) -> Result<(), DynsecError> {
+        let acl_json: Vec<Value> = acls.iter().map(Acl::to_json).collect();
+        match self.command("createRole", json!({"rolename": rolename, "acls": acl_json})).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_already_exists() => {}
+            Err(e) => return Err(e),
+        }
+        let data = self.command("getRole", json!({"rolename": rolename})).await?;
+        let existing: Vec<(String, String, bool)> = data
+            .pointer("/role/acls")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|acl| {
+                        (
+                            acl.get("acltype").and_then(Value::as_str).unwrap_or_default().to_string(),
+                            acl.get("topic").and_then(Value::as_str).unwrap_or_default().to_string(),
+                            acl.get("allow").and_then(Value::as_bool).unwrap_or(false),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (acltype, topic, allow) in &existing {
+            let wanted = acls.iter().any(|a| a.acltype == acltype && &a.topic == topic && a.allow == *allow);
+            if !wanted {
+                tracing::info!(role = rolename, acltype, topic, "removing an ACL the role should not have");
+                self.command("removeRoleACL", json!({"rolename": rolename, "acltype": acltype, "topic": topic}))
+                    .await?;
+            }
+        }
+        for acl in acls {
+            if !existing.iter().any(|(t, topic, allow)| t == acl.acltype && topic == &acl.topic && *allow == acl.allow) {
+                let mut body = acl.to_json();
+                body["rolename"] = Value::String(rolename.into());
+                match self.command("addRoleACL", body).await {
+                    Ok(_) => {}
+                    Err(e) if e.is_already_exists() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The client's data, `None` when it does not exist.
+    pub async fn get_client(&self, username: &str) -> Result<Option<Value>, DynsecError> {
+        match self.command("getClient", json!({"username": username})).await {
+            Ok(data) => Ok(data.get("client").cloned()),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates the client, or brings an existing one of ours back to the spec (password,
+    /// client id, role). Returns whether it was created.
+    pub async fn ensure_client(&self, spec: &ClientSpec<'_>) -> Result<bool, DynsecError> {
+        let create = json!({
+            "username": spec.username,
+            "password": spec.password,
+            "clientid": spec.client_id,
+            "textname": spec.owner_mark,
+            "roles": [{"rolename": spec.role, "priority": 0}],
+        });
+        match self.command("createClient", create).await {
+            Ok(_) => return Ok(true),
+            Err(e) if e.is_already_exists() => {}
+            Err(e) => return Err(e),
+        }
+        let Some(existing) = self.get_client(spec.username).await? else {
+            // Deleted between the two calls: the next reconcile creates it.
+            return Err(DynsecError::Command { command: "getClient", error: "Client not found".into() });
+        };
+        if existing.get("textname").and_then(Value::as_str) != Some(spec.owner_mark) {
+            return Err(DynsecError::Foreign(spec.username.to_string()));
+        }
+        // The Secret holds the truth; the broker follows it (covers a crash between writing a
+        // new password into the Secret and telling the broker).
+        self.command("setClientPassword", json!({"username": spec.username, "password": spec.password}))
+            .await?;
+        if existing.get("clientid").and_then(Value::as_str) != Some(spec.client_id) {
+            self.command("setClientId", json!({"username": spec.username, "clientid": spec.client_id})).await?;
+        }
+        let has_role = existing
+            .get("roles")
+            .and_then(Value::as_array)
+            .is_some_and(|r| r.iter().any(|r| r.get("rolename").and_then(Value::as_str) == Some(spec.role)));
+        if !has_role {
+            self.command("addClientRole", json!({"username": spec.username, "rolename": spec.role, "priority": 0}))
+                .await?;
+        }
+        Ok(false)
+    }
+
+    /// Adds a role to a client unless it has it (the plugin answers a duplicate with an error).
+    pub async fn ensure_client_role(&self, username: &str, rolename: &str) -> Result<(), DynsecError> {
+        let Some(client) = self.get_client(username).await? else {
+            return Err(DynsecError::Command { command: "getClient", error: "Client not found".into() });
+        };
+        let has = client
+            .get("roles")
+            .and_then(Value::as_array)
+            .is_some_and(|r| r.iter().any(|r| r.get("rolename").and_then(Value::as_str) == Some(rolename)));
+        if !has {
+            self.command("addClientRole", json!({"username": username, "rolename": rolename, "priority": 0}))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a client of ours; gone already is fine; someone else's is left alone.
+    pub async fn delete_client(&self, username: &str, owner_mark: &str) -> Result<(), DynsecError> {
+        let Some(existing) = self.get_client(username).await? else { return Ok(()) };
+        if existing.get("textname").and_then(Value::as_str) != Some(owner_mark) {
+            return Err(DynsecError::Foreign(username.to_string()));
+        }
+        match self.command("deleteClient", json!({"username": username})).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn delete_role(&self, rolename: &str) -> Result<(), DynsecError> {
+        match self.command("deleteRole", json!({"rolename": rolename})).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
