@@ -46,12 +46,26 @@ fn spawn_signal_handler(token: CancellationToken) {
 
 /// Builds the backends the configuration enables.
 async fn build_providers(
-    _args: &RunArgs,
-    _client: &Client,
-    _metrics: &Arc<Metrics>,
-    _trigger: &ThingTrigger,
+    args: &RunArgs,
+    client: &Client,
+    metrics: &Arc<Metrics>,
+    trigger: &ThingTrigger,
 ) -> anyhow::Result<ProviderRegistry> {
-    let registry = ProviderRegistry::default();
+    let mut registry = ProviderRegistry::default();
+    // Mosquitto: on when --mqtt-url is set. Its connection also carries the REST message
+    // broker's retained state topics, for every backend.
+    if let Some(config) = crate::provider::mosquitto::MosquittoConfig::from_args(args)
+        .context("MQTT configuration")?
+    {
+        let provider = crate::provider::mosquitto::MosquittoProvider::start(config, trigger.clone(), metrics.clone())
+            .context("starting the Mosquitto backend")?;
+        let things: kube::Api<crate::api::Thing> = match &args.watch_namespace {
+            Some(ns) => kube::Api::namespaced(client.clone(), ns),
+            None => kube::Api::all(client.clone()),
+        };
+        provider.seed_from(things).await;
+        registry.register(Arc::new(provider));
+    }
     Ok(registry)
 }
 

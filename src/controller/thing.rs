@@ -182,6 +182,9 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
     stamp_generation(&mut status, generation);
     // The status is written even after an error: identifiers recorded so far must survive.
     write_and_announce(&thing, ctx, api, &old, &status, &outcome.notices).await?;
+    // REST message broker: publish the Thing's state, retained, on its MQTT topic (any backend).
+    // Non-blocking, de-duplicated, and a no-op when no MQTT broker is configured.
+    crate::broker::publisher::publish_thing_state(&thing, &status);
 
     match result {
         Ok(()) => Ok(Action::requeue(jittered(outcome.requeue_after.unwrap_or(ctx.config.resync_interval)))),
