@@ -84,8 +84,13 @@ pub struct AwsArgs {
     #[arg(long = "aws-data-endpoint", env = "AWS_ENDPOINT_URL_IOT_DATA_PLANE")]
     pub data_endpoint: Option<String>,
     /// Device-facing MQTT endpoint written into Secrets (default: DescribeEndpoint iot:Data-ATS).
-    #[arg(long = "aws-device-endpoint", env = "THING_OPERATOR_AWS_DEVICE_ENDPOINT")]
+    // An explicit id: MqttArgs has a field of the same name, and clap ids must be unique.
+    #[arg(id = "aws_device_endpoint", long = "aws-device-endpoint", env = "THING_OPERATOR_AWS_DEVICE_ENDPOINT")]
     pub device_endpoint: Option<String>,
+    /// How long the window of an interrupted CreateKeysAndCertificate must age before unattached
+    /// certificates created in it are deleted as orphans.
+    #[arg(long = "aws-orphan-grace", env = "THING_OPERATOR_AWS_ORPHAN_GRACE", value_parser = parse_duration, default_value = "60s")]
+    pub orphan_grace: Duration,
 }
 
 /// The operator's MQTT broker: Mosquitto Things, the REST message broker, MQTT sinks and sources.

@@ -66,6 +66,24 @@ async fn build_providers(
         provider.seed_from(things).await;
         registry.register(Arc::new(provider));
     }
+    if args.aws.enabled {
+        use crate::provider::aws::{AwsProvider, AwsSettings, client::ClientSettings};
+        let settings = AwsSettings {
+            client: ClientSettings {
+                region: args.aws.region.clone(),
+                iot_endpoint: args.aws.iot_endpoint.clone(),
+                data_endpoint: args.aws.data_endpoint.clone(),
+                ..ClientSettings::default()
+            },
+            device_endpoint: args.aws.device_endpoint.clone(),
+            poll_interval: args.poll_interval,
+            resync_interval: args.resync_interval,
+            orphan_grace: args.aws.orphan_grace,
+            ..AwsSettings::default()
+        };
+        let provider = AwsProvider::new(settings, Vec::new(), Some(metrics.clone())).await;
+        registry.register(Arc::new(provider));
+    }
     Ok(registry)
 }
 

@@ -35,9 +35,13 @@ impl std::fmt::Debug for GeneratedCredentials {
 
 /// Generates an ECDSA P-256 key (small, fast, accepted by AWS IoT and Mosquitto) and a
 /// self-signed certificate for `common_name`, valid from yesterday (clock skew) for `validity_days`.
-pub fn generate_self_signed(common_name: &str, validity_days: i64) -> Result<GeneratedCredentials, KeyError> {
+pub fn generate_self_signed(
+    common_name: &str,
+    validity_days: i64,
+) -> Result<GeneratedCredentials, KeyError> {
     let key = KeyPair::generate().map_err(|e| KeyError::Generate(e.to_string()))?;
-    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| KeyError::Certificate(e.to_string()))?;
+    let mut params = CertificateParams::new(Vec::<String>::new())
+        .map_err(|e| KeyError::Certificate(e.to_string()))?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
@@ -47,13 +51,19 @@ pub fn generate_self_signed(common_name: &str, validity_days: i64) -> Result<Gen
     // Whole days: rcgen takes calendar dates; month and day of a real date are in range.
     params.not_before = rcgen::date_time_ymd(start.year(), start.month() as u8, start.day() as u8);
     params.not_after = rcgen::date_time_ymd(end.year(), end.month() as u8, end.day() as u8);
-    let cert = params.self_signed(&key).map_err(|e| KeyError::Certificate(e.to_string()))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| KeyError::Certificate(e.to_string()))?;
     let not_after = end
         .date_naive()
         .and_hms_opt(0, 0, 0)
         .map(|d| d.and_utc())
         .unwrap_or(end);
-    Ok(GeneratedCredentials { certificate_pem: cert.pem(), private_key_pem: key.serialize_pem(), not_after })
+    Ok(GeneratedCredentials {
+        certificate_pem: cert.pem(),
+        private_key_pem: key.serialize_pem(),
+        not_after,
+    })
 }
 
 /// Facts read from a PEM certificate.
@@ -66,7 +76,8 @@ pub struct CertificateInfo {
 }
 
 pub fn inspect_certificate(pem: &str) -> Result<CertificateInfo, KeyError> {
-    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|_| KeyError::Parse)?;
+    let (_, parsed) =
+        x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|_| KeyError::Parse)?;
     let cert = parsed.parse_x509().map_err(|_| KeyError::Parse)?;
     let validity = cert.validity();
     Ok(CertificateInfo {

@@ -1,6 +1,7 @@
 //! IoT backends behind one trait. Each backend is a module of its own; the controller picks one
 //! by `spec.broker` from the [`ProviderRegistry`]. Nothing outside this module talks to a backend.
 
+pub mod aws;
 pub mod mosquitto;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};

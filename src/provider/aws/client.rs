@@ -57,7 +57,14 @@ pub struct RateLimits {
 
 impl Default for RateLimits {
     fn default() -> Self {
-        Self { thing_read: 300, thing_write: 15, policy: 10, certificate: 10, shadow: 400, endpoint: 10 }
+        Self {
+            thing_read: 300,
+            thing_write: 15,
+            policy: 10,
+            certificate: 10,
+            shadow: 400,
+            endpoint: 10,
+        }
     }
 }
 
@@ -111,7 +118,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { max_attempts: 4, base: Duration::from_millis(100), cap: Duration::from_secs(5) }
+        Self {
+            max_attempts: 4,
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(5),
+        }
     }
 }
 
@@ -119,7 +130,10 @@ impl RetryPolicy {
     /// "Full jitter" (AWS Architecture Blog): uniformly random in [0, min(cap, base * 2^n)],
     /// which spreads a throttled fleet out best.
     fn delay(&self, attempt: u32) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << attempt.min(16)).min(self.cap);
+        let exp = self
+            .base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.cap);
         rand::rng().random_range(Duration::ZERO..=exp)
     }
 }
@@ -129,7 +143,10 @@ impl RetryPolicy {
 pub enum CallError {
     NotFound,
     /// ResourceAlreadyExistsException (409); AWS names the existing resource.
-    AlreadyExists { resource_id: Option<String>, resource_arn: Option<String> },
+    AlreadyExists {
+        resource_id: Option<String>,
+        resource_arn: Option<String>,
+    },
     Failed(ProviderError),
 }
 
@@ -147,13 +164,22 @@ impl CallError {
     pub fn into_provider(self, operation: &'static str) -> ProviderError {
         match self {
             CallError::Failed(e) => e,
-            CallError::NotFound => service_error(operation, "ResourceNotFoundException", 404, false),
-            CallError::AlreadyExists { .. } => service_error(operation, "ResourceAlreadyExistsException", 409, false),
+            CallError::NotFound => {
+                service_error(operation, "ResourceNotFoundException", 404, false)
+            }
+            CallError::AlreadyExists { .. } => {
+                service_error(operation, "ResourceAlreadyExistsException", 409, false)
+            }
         }
     }
 }
 
-fn service_error(operation: &'static str, code: &str, status: u16, retryable: bool) -> ProviderError {
+fn service_error(
+    operation: &'static str,
+    code: &str,
+    status: u16,
+    retryable: bool,
+) -> ProviderError {
     ProviderError::Service {
         backend: BACKEND,
         operation,
@@ -189,23 +215,44 @@ where
                 return Classified::Final(CallError::NotFound);
             }
             if code == "ResourceAlreadyExistsException" {
-                return Classified::Final(CallError::AlreadyExists { resource_id: None, resource_arn: None });
+                return Classified::Final(CallError::AlreadyExists {
+                    resource_id: None,
+                    resource_arn: None,
+                });
             }
             if status == 429 || THROTTLING_CODES.contains(&code.as_str()) {
-                return Classified::Retry(ProviderError::Throttled { backend: BACKEND, operation });
+                return Classified::Retry(ProviderError::Throttled {
+                    backend: BACKEND,
+                    operation,
+                });
             }
-            let retryable = status >= 500 || matches!(code.as_str(), "InternalFailureException" | "ServiceUnavailableException");
+            let retryable = status >= 500
+                || matches!(
+                    code.as_str(),
+                    "InternalFailureException" | "ServiceUnavailableException"
+                );
             let e = service_error(operation, &code, status, retryable);
-            if retryable { Classified::Retry(e) } else { Classified::Final(CallError::Failed(e)) }
+            if retryable {
+                Classified::Retry(e)
+            } else {
+                Classified::Final(CallError::Failed(e))
+            }
         }
         SdkError::ResponseError(re) => {
             // An answer the SDK could not parse (moto answers unimplemented calls with HTML 500).
             let status = re.raw().status().as_u16();
             if status == 429 {
-                return Classified::Retry(ProviderError::Throttled { backend: BACKEND, operation });
+                return Classified::Retry(ProviderError::Throttled {
+                    backend: BACKEND,
+                    operation,
+                });
             }
             let e = service_error(operation, "UnparseableResponse", status, status >= 500);
-            if status >= 500 { Classified::Retry(e) } else { Classified::Final(CallError::Failed(e)) }
+            if status >= 500 {
+                Classified::Retry(e)
+            } else {
+                Classified::Final(CallError::Failed(e))
+            }
         }
         SdkError::TimeoutError(_) => Classified::Retry(ProviderError::Transport {
             backend: BACKEND,
@@ -220,9 +267,18 @@ where
             } else {
                 "request could not be sent"
             };
-            Classified::Retry(ProviderError::Transport { backend: BACKEND, operation, message: message.into() })
+            Classified::Retry(ProviderError::Transport {
+                backend: BACKEND,
+                operation,
+                message: message.into(),
+            })
         }
-        _ => Classified::Final(CallError::Failed(service_error(operation, "ClientError", 0, false))),
+        _ => Classified::Final(CallError::Failed(service_error(
+            operation,
+            "ClientError",
+            0,
+            false,
+        ))),
     }
 }
 
@@ -306,7 +362,12 @@ impl AwsClients {
 
     /// One AWS call: waits for the family's rate limiter, retries throttling, 5xx and transport
     /// failures with full-jitter backoff, and classifies the final error.
-    pub async fn call<T, E, F, Fut>(&self, family: Family, operation: &'static str, mut f: F) -> Result<T, CallError>
+    pub async fn call<T, E, F, Fut>(
+        &self,
+        family: Family,
+        operation: &'static str,
+        mut f: F,
+    ) -> Result<T, CallError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
@@ -327,10 +388,20 @@ impl AwsClients {
                             SdkError::ServiceError(se) => se.err().already_exists_ids(),
                             _ => (None, None),
                         };
-                        return Err(CallError::AlreadyExists { resource_id, resource_arn });
+                        return Err(CallError::AlreadyExists {
+                            resource_id,
+                            resource_arn,
+                        });
                     }
                     Classified::Final(e) => {
-                        self.count(operation, if matches!(e, CallError::NotFound) { "not_found" } else { "error" });
+                        self.count(
+                            operation,
+                            if matches!(e, CallError::NotFound) {
+                                "not_found"
+                            } else {
+                                "error"
+                            },
+                        );
                         return Err(e);
                     }
                     Classified::Retry(e) => {
@@ -425,7 +496,11 @@ mod tests {
 
     #[test]
     fn full_jitter_stays_under_the_cap() {
-        let p = RetryPolicy { max_attempts: 5, base: Duration::from_millis(100), cap: Duration::from_millis(800) };
+        let p = RetryPolicy {
+            max_attempts: 5,
+            base: Duration::from_millis(100),
+            cap: Duration::from_millis(800),
+        };
         for attempt in 0..20 {
             assert!(p.delay(attempt) <= Duration::from_millis(800));
         }

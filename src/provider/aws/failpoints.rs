@@ -27,7 +27,11 @@ pub fn configure_from_env() {
         for entry in spec.split(';').filter(|e| !e.trim().is_empty()) {
             if let Some((name, action)) = entry.split_once('=') {
                 match fail::cfg(name.trim(), action.trim()) {
-                    Ok(()) => tracing::warn!(failpoint = name.trim(), action = action.trim(), "failpoint armed"),
+                    Ok(()) => tracing::warn!(
+                        failpoint = name.trim(),
+                        action = action.trim(),
+                        "failpoint armed"
+                    ),
                     Err(e) => tracing::error!(failpoint = name.trim(), error = %e, "bad failpoint"),
                 }
             }

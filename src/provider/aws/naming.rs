@@ -35,8 +35,13 @@ pub struct ArnParts {
 
 pub fn parse_arn(arn: &str) -> Option<ArnParts> {
     let mut it = arn.splitn(6, ':');
-    let (_, partition, _service, region, account) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
-    Some(ArnParts { partition: partition.into(), region: region.into(), account: account.into() })
+    let (_, partition, _service, region, account) =
+        (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
+    Some(ArnParts {
+        partition: partition.into(),
+        region: region.into(),
+        account: account.into(),
+    })
 }
 
 /// What a policy is rendered from.
@@ -50,7 +55,10 @@ pub struct PolicyVars<'a> {
 /// The default policy: connect only as its own client id; publish, receive and subscribe only
 /// on its own topic tree and its own shadow topics.
 pub fn default_policy(v: &PolicyVars<'_>) -> Value {
-    let base = format!("arn:{}:iot:{}:{}", v.arn.partition, v.arn.region, v.arn.account);
+    let base = format!(
+        "arn:{}:iot:{}:{}",
+        v.arn.partition, v.arn.region, v.arn.account
+    );
     let topics = [
         format!("{base}:topic/{}/*", v.topic_prefix),
         format!("{base}:topic/$aws/things/{}/shadow/*", v.thing_name),
@@ -85,7 +93,8 @@ pub fn render_policy(template: Option<&str>, v: &PolicyVars<'_>) -> Result<Value
                     ("account", &v.arn.account),
                 ],
             );
-            serde_json::from_str(&rendered).map_err(|e| format!("policy.template does not render to JSON: {e}"))
+            serde_json::from_str(&rendered)
+                .map_err(|e| format!("policy.template does not render to JSON: {e}"))
         }
     }
 }
@@ -105,14 +114,22 @@ mod tests {
         let long = "x".repeat(128);
         let n = policy_name(&long);
         assert!(n.len() <= 128);
-        assert!(n.chars().all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c)));
+        assert!(
+            n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
+        );
     }
 
     #[test]
     fn default_policy_is_scoped_to_the_thing() {
         let a = arn();
         assert_eq!(a.account, "123456789012");
-        let v = PolicyVars { thing_name: "ns_a", client_id: "ns_a", topic_prefix: "things/ns/a", arn: &a };
+        let v = PolicyVars {
+            thing_name: "ns_a",
+            client_id: "ns_a",
+            topic_prefix: "things/ns/a",
+            arn: &a,
+        };
         let doc = default_policy(&v).to_string();
         assert!(doc.contains("arn:aws:iot:us-east-1:123456789012:client/ns_a"));
         assert!(doc.contains("topic/things/ns/a/*"));
@@ -123,7 +140,12 @@ mod tests {
     #[test]
     fn template_placeholders_are_filled() {
         let a = arn();
-        let v = PolicyVars { thing_name: "t", client_id: "c", topic_prefix: "p", arn: &a };
+        let v = PolicyVars {
+            thing_name: "t",
+            client_id: "c",
+            topic_prefix: "p",
+            arn: &a,
+        };
         let t = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:${region}:${account}:client/${clientId}"}]}"#;
         let doc = render_policy(Some(t), &v).unwrap().to_string();
         assert!(doc.contains("arn:aws:iot:us-east-1:123456789012:client/c"));

@@ -20,9 +20,14 @@ pub async fn ensure_thing(
     was_provisioned: bool,
     notices: &mut Vec<Notice>,
 ) -> Result<String, ProviderError> {
-    let want: HashMap<String, String> = attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let want: HashMap<String, String> = attributes
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let described = c
-        .call(Family::ThingRead, "DescribeThing", || c.iot.describe_thing().thing_name(thing_name).send())
+        .call(Family::ThingRead, "DescribeThing", || {
+            c.iot.describe_thing().thing_name(thing_name).send()
+        })
         .await;
     match described {
         Ok(out) => {
@@ -30,16 +35,25 @@ pub async fn ensure_thing(
             let have = out.attributes().cloned().unwrap_or_default();
             if have != want {
                 update_attributes(c, thing_name, &want).await?;
-                notices.push(Notice::normal("AttributesUpdated", format!("thing {thing_name}: attributes set from the spec")));
+                notices.push(Notice::normal(
+                    "AttributesUpdated",
+                    format!("thing {thing_name}: attributes set from the spec"),
+                ));
             }
             Ok(arn)
         }
         Err(CallError::NotFound) => {
             step!("aws-before-create-thing");
-            let payload = AttributePayload::builder().set_attributes(Some(want.clone())).build();
+            let payload = AttributePayload::builder()
+                .set_attributes(Some(want.clone()))
+                .build();
             let created = c
                 .call(Family::ThingWrite, "CreateThing", || {
-                    c.iot.create_thing().thing_name(thing_name).attribute_payload(payload.clone()).send()
+                    c.iot
+                        .create_thing()
+                        .thing_name(thing_name)
+                        .attribute_payload(payload.clone())
+                        .send()
                 })
                 .await;
             step!("aws-after-create-thing");
@@ -48,7 +62,9 @@ pub async fn ensure_thing(
                     if was_provisioned {
                         notices.push(Notice::warning(
                             "DriftRepaired",
-                            format!("thing {thing_name} was deleted outside the operator; recreated"),
+                            format!(
+                                "thing {thing_name} was deleted outside the operator; recreated"
+                            ),
                         ));
                     }
                     Ok(out.thing_arn().unwrap_or_default().to_string())
@@ -58,7 +74,9 @@ pub async fn ensure_thing(
                 Err(CallError::AlreadyExists { .. }) => {
                     update_attributes(c, thing_name, &want).await?;
                     let out = c
-                        .call(Family::ThingRead, "DescribeThing", || c.iot.describe_thing().thing_name(thing_name).send())
+                        .call(Family::ThingRead, "DescribeThing", || {
+                            c.iot.describe_thing().thing_name(thing_name).send()
+                        })
                         .await
                         .map_err(|e| e.into_provider("DescribeThing"))?;
                     Ok(out.thing_arn().unwrap_or_default().to_string())
@@ -70,11 +88,22 @@ pub async fn ensure_thing(
     }
 }
 
-async fn update_attributes(c: &AwsClients, thing_name: &str, want: &HashMap<String, String>) -> Result<(), ProviderError> {
+async fn update_attributes(
+    c: &AwsClients,
+    thing_name: &str,
+    want: &HashMap<String, String>,
+) -> Result<(), ProviderError> {
     // merge=false replaces the whole set, so attributes removed from the spec go too.
-    let payload = AttributePayload::builder().set_attributes(Some(want.clone())).merge(false).build();
+    let payload = AttributePayload::builder()
+        .set_attributes(Some(want.clone()))
+        .merge(false)
+        .build();
     c.call(Family::ThingWrite, "UpdateThing", || {
-        c.iot.update_thing().thing_name(thing_name).attribute_payload(payload.clone()).send()
+        c.iot
+            .update_thing()
+            .thing_name(thing_name)
+            .attribute_payload(payload.clone())
+            .send()
     })
     .await
     .map(|_| ())
@@ -90,13 +119,22 @@ pub async fn ensure_policy(
     notices: &mut Vec<Notice>,
 ) -> Result<(), ProviderError> {
     let text = document.to_string();
-    let got = c.call(Family::Policy, "GetPolicy", || c.iot.get_policy().policy_name(policy_name).send()).await;
+    let got = c
+        .call(Family::Policy, "GetPolicy", || {
+            c.iot.get_policy().policy_name(policy_name).send()
+        })
+        .await;
     match got {
         Ok(out) => {
-            let current: Option<Value> = out.policy_document().and_then(|d| serde_json::from_str(d).ok());
+            let current: Option<Value> = out
+                .policy_document()
+                .and_then(|d| serde_json::from_str(d).ok());
             if current.as_ref() != Some(document) {
                 replace_policy_version(c, policy_name, &text).await?;
-                notices.push(Notice::normal("PolicyUpdated", format!("policy {policy_name}: new default version")));
+                notices.push(Notice::normal(
+                    "PolicyUpdated",
+                    format!("policy {policy_name}: new default version"),
+                ));
             }
             Ok(())
         }
@@ -104,7 +142,11 @@ pub async fn ensure_policy(
             step!("aws-before-create-policy");
             let created = c
                 .call(Family::Policy, "CreatePolicy", || {
-                    c.iot.create_policy().policy_name(policy_name).policy_document(&text).send()
+                    c.iot
+                        .create_policy()
+                        .policy_name(policy_name)
+                        .policy_document(&text)
+                        .send()
                 })
                 .await;
             step!("aws-after-create-policy");
@@ -113,7 +155,9 @@ pub async fn ensure_policy(
                     if was_provisioned {
                         notices.push(Notice::warning(
                             "DriftRepaired",
-                            format!("policy {policy_name} was deleted outside the operator; recreated"),
+                            format!(
+                                "policy {policy_name} was deleted outside the operator; recreated"
+                            ),
                         ));
                     }
                     Ok(())
@@ -128,9 +172,15 @@ pub async fn ensure_policy(
 }
 
 /// AWS keeps at most five versions of a policy: drop the oldest non-default ones first.
-async fn replace_policy_version(c: &AwsClients, policy_name: &str, text: &str) -> Result<(), ProviderError> {
+async fn replace_policy_version(
+    c: &AwsClients,
+    policy_name: &str,
+    text: &str,
+) -> Result<(), ProviderError> {
     let versions = c
-        .call(Family::Policy, "ListPolicyVersions", || c.iot.list_policy_versions().policy_name(policy_name).send())
+        .call(Family::Policy, "ListPolicyVersions", || {
+            c.iot.list_policy_versions().policy_name(policy_name).send()
+        })
         .await
         .map_err(|e| e.into_provider("ListPolicyVersions"))?;
     let mut old: Vec<String> = versions
@@ -145,7 +195,11 @@ async fn replace_policy_version(c: &AwsClients, policy_name: &str, text: &str) -
     for id in old.iter().take(excess) {
         match c
             .call(Family::Policy, "DeletePolicyVersion", || {
-                c.iot.delete_policy_version().policy_name(policy_name).policy_version_id(id).send()
+                c.iot
+                    .delete_policy_version()
+                    .policy_name(policy_name)
+                    .policy_version_id(id)
+                    .send()
             })
             .await
         {
@@ -176,13 +230,23 @@ pub async fn ensure_attachments(
     notices: &mut Vec<Notice>,
 ) -> Result<(), ProviderError> {
     let attached = c
-        .call(Family::Policy, "ListAttachedPolicies", || c.iot.list_attached_policies().target(cert_arn).send())
+        .call(Family::Policy, "ListAttachedPolicies", || {
+            c.iot.list_attached_policies().target(cert_arn).send()
+        })
         .await
         .map_err(|e| e.into_provider("ListAttachedPolicies"))?;
-    if !attached.policies().iter().any(|p| p.policy_name() == Some(policy_name)) {
+    if !attached
+        .policies()
+        .iter()
+        .any(|p| p.policy_name() == Some(policy_name))
+    {
         step!("aws-before-attach-policy");
         c.call(Family::Policy, "AttachPolicy", || {
-            c.iot.attach_policy().policy_name(policy_name).target(cert_arn).send()
+            c.iot
+                .attach_policy()
+                .policy_name(policy_name)
+                .target(cert_arn)
+                .send()
         })
         .await
         .map_err(|e| e.into_provider("AttachPolicy"))?;
@@ -197,7 +261,11 @@ pub async fn ensure_attachments(
     if !principals.iter().any(|p| p == cert_arn) {
         step!("aws-before-attach-principal");
         c.call(Family::ThingWrite, "AttachThingPrincipal", || {
-            c.iot.attach_thing_principal().thing_name(thing_name).principal(cert_arn).send()
+            c.iot
+                .attach_thing_principal()
+                .thing_name(thing_name)
+                .principal(cert_arn)
+                .send()
         })
         .await
         .map_err(|e| e.into_provider("AttachThingPrincipal"))?;
@@ -213,13 +281,20 @@ pub async fn ensure_attachments(
 }
 
 /// Every principal attached to the thing (all pages). A thing that is gone has none.
-pub async fn list_thing_principals(c: &AwsClients, thing_name: &str) -> Result<Vec<String>, ProviderError> {
+pub async fn list_thing_principals(
+    c: &AwsClients,
+    thing_name: &str,
+) -> Result<Vec<String>, ProviderError> {
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {
         let page = c
             .call(Family::ThingRead, "ListThingPrincipals", || {
-                c.iot.list_thing_principals().thing_name(thing_name).set_next_token(token.clone()).send()
+                c.iot
+                    .list_thing_principals()
+                    .thing_name(thing_name)
+                    .set_next_token(token.clone())
+                    .send()
             })
             .await;
         match page {

@@ -1,0 +1,240 @@
+//! Shadow sync: `spec.desired` to the shadow's desired state when they differ; the shadow's
+//! reported state, delta, version and time into status. Status fields are only assigned when
+//! their value changes, so an idle Thing produces no status write.
+
+use aws_smithy_types::Blob;
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+
+use super::{
+    client::{AwsClients, CallError, Family},
+    failpoints::step,
+};
+use crate::{
+    api::{JsonObject, ThingStatus},
+    provider::ProviderError,
+};
+
+/// What the provider learnt from one sync.
+#[derive(Debug, Default, PartialEq)]
+pub struct SyncResult {
+    /// The desired state was written to the shadow in this sync.
+    pub pushed: bool,
+}
+
+async fn get(
+    c: &AwsClients,
+    thing_name: &str,
+    shadow: Option<&str>,
+) -> Result<Option<Value>, ProviderError> {
+    let res = c
+        .call(Family::Shadow, "GetThingShadow", || {
+            c.data
+                .get_thing_shadow()
+                .thing_name(thing_name)
+                .set_shadow_name(shadow.map(str::to_string))
+                .send()
+        })
+        .await;
+    match res {
+        Ok(out) => {
+            let bytes = out
+                .payload()
+                .map(|b| b.as_ref().to_vec())
+                .unwrap_or_default();
+            let doc = serde_json::from_slice(&bytes).map_err(|_| ProviderError::Service {
+                backend: super::client::BACKEND,
+                operation: "GetThingShadow",
+                code: "InvalidShadowDocument".into(),
+                message: "the shadow document is not JSON".into(),
+                retryable: true,
+            })?;
+            Ok(Some(doc))
+        }
+        Err(CallError::NotFound) => Ok(None),
+        Err(e) => Err(e.into_provider("GetThingShadow")),
+    }
+}
+
+/// The update that turns `have` into `want`: changed keys set, removed keys nulled (AWS merges
+/// desired state key by key, so a removed key must be deleted explicitly).
+pub fn desired_patch(
+    have: Option<&Map<String, Value>>,
+    want: &Map<String, Value>,
+) -> Map<String, Value> {
+    let mut patch = Map::new();
+    if let Some(have) = have {
+        for k in have.keys() {
+            if !want.contains_key(k) {
+                patch.insert(k.clone(), Value::Null);
+            }
+        }
+    }
+    for (k, v) in want {
+        match (have.and_then(|h| h.get(k)), v) {
+            (Some(old), new) if old == new => {}
+            (Some(Value::Object(old)), Value::Object(new)) => {
+                let inner = desired_patch(Some(old), new);
+                if !inner.is_empty() {
+                    patch.insert(k.clone(), Value::Object(inner));
+                }
+            }
+            _ => {
+                patch.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    patch
+}
+
+fn object_at<'a>(doc: &'a Value, path: &[&str]) -> Option<&'a Map<String, Value>> {
+    let mut cur = doc;
+    for p in path {
+        cur = cur.get(*p)?;
+    }
+    cur.as_object()
+}
+
+/// Latest `timestamp` among the metadata leaves of the reported state.
+fn latest_timestamp(v: &Value) -> Option<i64> {
+    match v {
+        Value::Object(m) => {
+            let own = m.get("timestamp").and_then(Value::as_i64);
+            m.iter()
+                .filter(|(k, _)| k.as_str() != "timestamp")
+                .filter_map(|(_, v)| latest_timestamp(v))
+                .chain(own)
+                .max()
+        }
+        Value::Array(a) => a.iter().filter_map(latest_timestamp).max(),
+        _ => None,
+    }
+}
+
+fn set_if_changed<T: PartialEq>(slot: &mut Option<T>, value: Option<T>) {
+    if *slot != value {
+        *slot = value;
+    }
+}
+
+/// Copies reported, delta, version and time from a shadow document into status.
+pub fn apply_to_status(doc: Option<&Value>, status: &mut ThingStatus) {
+    let reported = doc
+        .and_then(|d| object_at(d, &["state", "reported"]))
+        .map(|m| JsonObject(m.clone()));
+    let delta = doc
+        .and_then(|d| object_at(d, &["state", "delta"]))
+        .map(|m| JsonObject(m.clone()));
+    let version = doc.and_then(|d| d.get("version")).and_then(Value::as_i64);
+    let time: Option<DateTime<Utc>> = doc
+        .and_then(|d| d.pointer("/metadata/reported"))
+        .and_then(latest_timestamp)
+        .and_then(|t| DateTime::from_timestamp(t, 0));
+    set_if_changed(&mut status.reported, reported);
+    set_if_changed(&mut status.delta, delta);
+    set_if_changed(&mut status.version, version);
+    set_if_changed(&mut status.last_reported_time, time);
+}
+
+/// One sync. `desired = None` leaves the shadow's desired state alone (not managed).
+pub async fn sync(
+    c: &AwsClients,
+    thing_name: &str,
+    shadow: Option<&str>,
+    desired: Option<&JsonObject>,
+    status: &mut ThingStatus,
+) -> Result<SyncResult, ProviderError> {
+    let mut doc = get(c, thing_name, shadow).await?;
+    let mut result = SyncResult::default();
+    if let Some(want) = desired {
+        let have = doc
+            .as_ref()
+            .and_then(|d| object_at(d, &["state", "desired"]));
+        let patch = desired_patch(have, &want.0);
+        if !patch.is_empty() {
+            let payload = json!({"state": {"desired": Value::Object(patch)}})
+                .to_string()
+                .into_bytes();
+            step!("aws-before-update-shadow");
+            c.call(Family::Shadow, "UpdateThingShadow", || {
+                c.data
+                    .update_thing_shadow()
+                    .thing_name(thing_name)
+                    .set_shadow_name(shadow.map(str::to_string))
+                    .payload(Blob::new(payload.clone()))
+                    .send()
+            })
+            .await
+            .map_err(|e| e.into_provider("UpdateThingShadow"))?;
+            result.pushed = true;
+            // The update's answer lacks reported and delta: read the whole document back.
+            doc = get(c, thing_name, shadow).await?;
+        }
+    }
+    apply_to_status(doc.as_ref(), status);
+    Ok(result)
+}
+
+/// Deletes the shadow (teardown); a missing shadow is fine.
+pub async fn delete(
+    c: &AwsClients,
+    thing_name: &str,
+    shadow: Option<&str>,
+) -> Result<(), ProviderError> {
+    let res = c
+        .call(Family::Shadow, "DeleteThingShadow", || {
+            c.data
+                .delete_thing_shadow()
+                .thing_name(thing_name)
+                .set_shadow_name(shadow.map(str::to_string))
+                .send()
+        })
+        .await;
+    match res {
+        Ok(_) | Err(CallError::NotFound) => Ok(()),
+        Err(e) => Err(e.into_provider("DeleteThingShadow")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn patch_sets_changes_and_nulls_removed_keys() {
+        let have = map(json!({"a": 1, "b": 2, "n": {"x": 1, "y": 2}}));
+        let want = map(json!({"a": 1, "c": 3, "n": {"x": 5}}));
+        let p = desired_patch(Some(&have), &want);
+        assert_eq!(
+            Value::Object(p),
+            json!({"b": null, "c": 3, "n": {"x": 5, "y": null}})
+        );
+        assert!(desired_patch(Some(&want), &want).is_empty());
+        assert_eq!(
+            Value::Object(desired_patch(None, &want)),
+            Value::Object(want.clone())
+        );
+    }
+
+    #[test]
+    fn status_gets_reported_delta_version_time() {
+        let doc = json!({
+            "state": {"desired": {"t": 26}, "reported": {"t": 24}, "delta": {"t": 26}},
+            "metadata": {"reported": {"t": {"timestamp": 1700000100}}, "desired": {"t": {"timestamp": 1700000200}}},
+            "version": 7
+        });
+        let mut s = ThingStatus::default();
+        apply_to_status(Some(&doc), &mut s);
+        assert_eq!(s.version, Some(7));
+        assert_eq!(s.reported.as_ref().unwrap().0["t"], 24);
+        assert_eq!(s.delta.as_ref().unwrap().0["t"], 26);
+        assert_eq!(s.last_reported_time.unwrap().timestamp(), 1700000100);
+        let before = s.clone();
+        apply_to_status(Some(&doc), &mut s);
+        assert_eq!(s, before);
+    }
+}

@@ -1,0 +1,156 @@
+//! Deletion in the order AWS demands: for each of the device's certificates detach its policies
+//! and its thing, deactivate and delete it; then the shadow, the policy (detached from any
+//! remaining target, old versions first) and the thing. Everything already gone is skipped, so a
+//! teardown interrupted at any step completes when run again.
+
+use super::{
+    certs::{self, CredCtx},
+    client::{AwsClients, CallError, Family},
+    failpoints::step,
+    provision::list_thing_principals,
+    shadow,
+};
+use crate::provider::{Notice, ProviderError};
+
+fn tolerate_gone<T>(r: Result<T, CallError>, op: &'static str) -> Result<(), ProviderError> {
+    match r {
+        Ok(_) | Err(CallError::NotFound) => Ok(()),
+        Err(e) => Err(e.into_provider(op)),
+    }
+}
+
+pub async fn teardown(
+    x: &CredCtx<'_>,
+    recorded_cert_ids: &[String],
+    shadow_name: Option<&str>,
+    notices: &mut Vec<Notice>,
+) -> Result<(), ProviderError> {
+    let c = x.c;
+    let thing_name = x.thing_name;
+    let policy_name = x.policy_name;
+    let mut state = x.load().await?;
+
+    // Certificates this Thing issued: the Secret's, the status's, and any interrupted issuance.
+    let mut ids: Vec<String> = recorded_cert_ids.to_vec();
+    ids.extend(state.cert_id.iter().cloned());
+    ids.extend(state.previous_cert_id.iter().cloned());
+    ids.sort();
+    ids.dedup();
+    for id in &ids {
+        certs::remove_certificate(c, id, None).await?;
+    }
+    if state.pending_since.is_some() || state.orphan_window.is_some() {
+        if let Some(since) = state.pending_since.take() {
+            let start = since - chrono::Duration::seconds(10);
+            state.orphan_window = Some((start, chrono::Utc::now()));
+        }
+        // Deleting the Thing must not leave an unrecorded certificate behind: sweep now.
+        certs::sweep_orphans(x, &mut state, true).await?;
+    }
+
+    // Principals someone else attached are detached (the thing cannot be deleted otherwise), not deleted.
+    for principal in list_thing_principals(c, thing_name).await? {
+        step!("aws-before-detach-foreign-principal");
+        let r = c
+            .call(Family::ThingWrite, "DetachThingPrincipal", || {
+                c.iot
+                    .detach_thing_principal()
+                    .thing_name(thing_name)
+                    .principal(&principal)
+                    .send()
+            })
+            .await;
+        tolerate_gone(r, "DetachThingPrincipal")?;
+        notices.push(Notice::normal(
+            "PrincipalDetached",
+            format!("detached {principal} from thing {thing_name}"),
+        ));
+    }
+
+    step!("aws-before-delete-shadow");
+    shadow::delete(c, thing_name, shadow_name).await?;
+    delete_policy(c, policy_name).await?;
+    step!("aws-before-delete-thing");
+    let r = c
+        .call(Family::ThingWrite, "DeleteThing", || {
+            c.iot.delete_thing().thing_name(thing_name).send()
+        })
+        .await;
+    tolerate_gone(r, "DeleteThing")?;
+    step!("aws-after-delete-thing");
+    Ok(())
+}
+
+async fn delete_policy(c: &AwsClients, policy_name: &str) -> Result<(), ProviderError> {
+    let mut marker: Option<String> = None;
+    let mut targets = Vec::new();
+    loop {
+        match c
+            .call(Family::Policy, "ListTargetsForPolicy", || {
+                c.iot
+                    .list_targets_for_policy()
+                    .policy_name(policy_name)
+                    .set_marker(marker.clone())
+                    .send()
+            })
+            .await
+        {
+            Ok(out) => {
+                targets.extend(out.targets().iter().cloned());
+                match out.next_marker() {
+                    Some(m) if !m.is_empty() => marker = Some(m.to_string()),
+                    _ => break,
+                }
+            }
+            Err(CallError::NotFound) => return Ok(()),
+            Err(e) => return Err(e.into_provider("ListTargetsForPolicy")),
+        }
+    }
+    for target in targets {
+        let r = c
+            .call(Family::Policy, "DetachPolicy", || {
+                c.iot
+                    .detach_policy()
+                    .policy_name(policy_name)
+                    .target(&target)
+                    .send()
+            })
+            .await;
+        tolerate_gone(r, "DetachPolicy")?;
+    }
+    match c
+        .call(Family::Policy, "ListPolicyVersions", || {
+            c.iot.list_policy_versions().policy_name(policy_name).send()
+        })
+        .await
+    {
+        Ok(out) => {
+            for v in out
+                .policy_versions()
+                .iter()
+                .filter(|v| !v.is_default_version())
+            {
+                let Some(id) = v.version_id() else { continue };
+                let r = c
+                    .call(Family::Policy, "DeletePolicyVersion", || {
+                        c.iot
+                            .delete_policy_version()
+                            .policy_name(policy_name)
+                            .policy_version_id(id)
+                            .send()
+                    })
+                    .await;
+                tolerate_gone(r, "DeletePolicyVersion")?;
+            }
+        }
+        Err(CallError::NotFound) => return Ok(()),
+        Err(e) => return Err(e.into_provider("ListPolicyVersions")),
+    }
+    step!("aws-before-delete-policy");
+    let r = c
+        .call(Family::Policy, "DeletePolicy", || {
+            c.iot.delete_policy().policy_name(policy_name).send()
+        })
+        .await;
+    tolerate_gone(r, "DeletePolicy")
+}

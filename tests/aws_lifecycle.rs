@@ -1,0 +1,346 @@
+//! The whole AWS lifecycle against a real kube-apiserver and moto: create, Ready, Secret,
+//! desired -> shadow, reported -> status, drift repaired, rotation with overlap, deletion leaves
+//! nothing of this Thing in moto, and no key material in status, Events or logs.
+
+mod aws_support;
+mod common;
+
+use aws_smithy_types::Blob;
+use aws_support::*;
+use common::{TestEnv, create_namespace, delete_namespace, wait_for};
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams},
+};
+use serde_json::json;
+use thing_operator::{api::Thing, credentials::pki};
+
+#[tokio::test]
+async fn aws_thing_full_lifecycle() {
+    let env = TestEnv::load();
+    let client = env.admin_client().await;
+    let ns = create_namespace(&client, "aws-life").await;
+    let mut op = start_operator(&env, &ns, &[], &[]);
+    op.wait_ready().await;
+    let iot = iot(&env);
+    let data = data(&env);
+    let api: Api<Thing> = Api::namespaced(client.clone(), &ns);
+
+    create(
+        &api,
+        "pump",
+        json!({
+            "broker": "AWS",
+            "attributes": {"model": "rpi4"},
+            "desired": {"temp": 26},
+            "credentials": {"rotationOverlap": "3s"},
+            "shadow": {"pollInterval": "1s"}
+        }),
+    )
+    .await;
+    let t = wait_ready(&api, "pump").await;
+    let thing_name = format!("{ns}_pump");
+    let st = t.status.clone().unwrap();
+    let dev = st.device.clone().unwrap();
+    assert_eq!(dev.thing_name.as_deref(), Some(thing_name.as_str()));
+    assert!(
+        dev.thing_arn
+            .as_deref()
+            .unwrap()
+            .ends_with(&format!(":thing/{thing_name}"))
+    );
+    assert_eq!(
+        dev.policy_name.as_deref(),
+        Some(format!("{thing_name}-policy").as_str())
+    );
+    assert_eq!(dev.endpoint.as_deref(), Some("device.example.com:8883"));
+    assert_eq!(dev.secret_name.as_deref(), Some("pump-device"));
+    let cert_id = dev.certificate_id.clone().unwrap();
+    let cert_arn = dev.certificate_arn.clone().unwrap();
+    for c in ["Provisioned", "CredentialsReady", "InSync"] {
+        assert!(st.conditions.is_true(c), "{c}: {:?}", st.conditions);
+    }
+    assert_eq!(st.observed_generation, t.metadata.generation);
+
+    // The cloud side, through the SDK.
+    let described = iot
+        .describe_thing()
+        .thing_name(&thing_name)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        described
+            .attributes()
+            .unwrap()
+            .get("model")
+            .map(String::as_str),
+        Some("rpi4")
+    );
+    let policy = iot
+        .get_policy()
+        .policy_name(dev.policy_name.as_deref().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let doc = policy.policy_document().unwrap();
+    assert!(doc.contains(&format!("client/{thing_name}")), "{doc}");
+    assert!(doc.contains(&format!("topic/things/{ns}/pump/*")), "{doc}");
+    let principals = iot
+        .list_thing_principals()
+        .thing_name(&thing_name)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(principals.principals(), [cert_arn.clone()]);
+    let attached = iot
+        .list_attached_policies()
+        .target(&cert_arn)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(attached.policies().len(), 1);
+    assert_eq!(cert_status(&iot, &cert_id).await.as_deref(), Some("ACTIVE"));
+    let sh = shadow(&data, &thing_name).await.unwrap();
+    assert_eq!(sh["state"]["desired"], json!({"temp": 26}));
+    // moto's own dump agrees.
+    let dump = moto_dump(&env).await.to_string();
+    assert!(dump.contains(&thing_name));
+
+    // The Secret: mountable keys, owned by the Thing, key matches the registered certificate.
+    let secret = secret_data(&client, &ns, "pump-device").await.unwrap();
+    for k in [
+        "tls.crt",
+        "tls.key",
+        "ca.crt",
+        "endpoint",
+        "thingName",
+        "clientId",
+        "certificateId",
+    ] {
+        assert!(secret.contains_key(k), "Secret lacks {k}");
+    }
+    assert_eq!(secret["certificateId"], cert_id);
+    assert_eq!(secret["thingName"], thing_name);
+    assert!(pki::key_matches_certificate(&secret["tls.key"], &secret["tls.crt"]).unwrap());
+    let registered = iot
+        .describe_certificate()
+        .certificate_id(&cert_id)
+        .send()
+        .await
+        .unwrap();
+    let registered_pem = registered
+        .certificate_description()
+        .unwrap()
+        .certificate_pem()
+        .unwrap()
+        .to_string();
+    assert_eq!(registered_pem.trim(), secret["tls.crt"].trim());
+    assert_eq!(secret["ca.crt"].matches("BEGIN CERTIFICATE").count(), 2);
+    let sapi: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let owner = sapi
+        .get("pump-device")
+        .await
+        .unwrap()
+        .metadata
+        .owner_references
+        .unwrap();
+    assert_eq!(owner[0].uid, t.metadata.uid.clone().unwrap());
+
+    // A device reports: reported, delta and version reach status.
+    data.update_thing_shadow()
+        .thing_name(&thing_name)
+        .payload(Blob::new(
+            json!({"state": {"reported": {"temp": 24}}}).to_string(),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let t = wait_for("reported state in status", WAIT, || async {
+        let t = api.get("pump").await.ok()?;
+        let s = t.status.clone()?;
+        (s.reported.as_ref()?.0.get("temp")? == &json!(24)).then_some(t)
+    })
+    .await;
+    let st = t.status.unwrap();
+    assert_eq!(st.delta.unwrap().0.get("temp"), Some(&json!(26)));
+    assert!(st.version.unwrap() >= 2);
+    assert!(st.last_reported_time.is_some());
+    assert_eq!(st.reported_summary.as_deref(), Some(r#"{"temp":24}"#));
+
+    // A spec change reaches the shadow.
+    api.patch(
+        "pump",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"desired": {"temp": 27}, "attributes": {"model": "rpi5"}}})),
+    )
+    .await
+    .unwrap();
+    wait_for("desired 27 in the shadow", WAIT, || async {
+        let sh = shadow(&data, &thing_name).await?;
+        (sh["state"]["desired"] == json!({"temp": 27})).then_some(())
+    })
+    .await;
+    wait_for("attributes updated in place", WAIT, || async {
+        let d = iot
+            .describe_thing()
+            .thing_name(&thing_name)
+            .send()
+            .await
+            .ok()?;
+        (d.attributes()?.get("model").map(String::as_str) == Some("rpi5")).then_some(())
+    })
+    .await;
+
+    // Drift: someone detaches and deletes the policy. It comes back, attached, with an Event.
+    let policy_name = dev.policy_name.clone().unwrap();
+    iot.detach_policy()
+        .policy_name(&policy_name)
+        .target(&cert_arn)
+        .send()
+        .await
+        .unwrap();
+    iot.delete_policy()
+        .policy_name(&policy_name)
+        .send()
+        .await
+        .unwrap();
+    wait_for("policy recreated and attached", WAIT, || async {
+        let a = iot
+            .list_attached_policies()
+            .target(&cert_arn)
+            .send()
+            .await
+            .ok()?;
+        a.policies()
+            .iter()
+            .any(|p| p.policy_name() == Some(policy_name.as_str()))
+            .then_some(())
+    })
+    .await;
+    wait_for("DriftRepaired event", WAIT, || async {
+        events(&client, &ns)
+            .await
+            .iter()
+            .any(|e| e.starts_with("DriftRepaired"))
+            .then_some(())
+    })
+    .await;
+    // Drift: the certificate is deactivated outside the operator.
+    iot.update_certificate()
+        .certificate_id(&cert_id)
+        .new_status(aws_sdk_iot::types::CertificateStatus::Inactive)
+        .send()
+        .await
+        .unwrap();
+    wait_for("certificate reactivated", WAIT, || async {
+        (cert_status(&iot, &cert_id).await.as_deref() == Some("ACTIVE")).then_some(())
+    })
+    .await;
+
+    // Rotation on demand: a new certificate, the Secret follows, the old one is revoked after the overlap.
+    api.patch(
+        "pump",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"iot.thing-operator.dev/rotate": "1"}}})),
+    )
+    .await
+    .unwrap();
+    let new_id = wait_for("rotated certificate in status", WAIT, || async {
+        let t = api.get("pump").await.ok()?;
+        let id = t.status.as_ref()?.device.as_ref()?.certificate_id.clone()?;
+        (id != cert_id && is_ready(&t)).then_some(id)
+    })
+    .await;
+    let secret = secret_data(&client, &ns, "pump-device").await.unwrap();
+    assert_eq!(secret["certificateId"], new_id);
+    assert!(pki::key_matches_certificate(&secret["tls.key"], &secret["tls.crt"]).unwrap());
+    assert_eq!(cert_status(&iot, &new_id).await.as_deref(), Some("ACTIVE"));
+    wait_for(
+        "old certificate revoked and deleted after the overlap",
+        WAIT,
+        || async { cert_status(&iot, &cert_id).await.is_none().then_some(()) },
+    )
+    .await;
+    let t = api.get("pump").await.unwrap();
+    let new_arn = t
+        .status
+        .as_ref()
+        .unwrap()
+        .device
+        .as_ref()
+        .unwrap()
+        .certificate_arn
+        .clone()
+        .unwrap();
+    let principals = iot
+        .list_thing_principals()
+        .thing_name(&thing_name)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(principals.principals(), [new_arn.clone()]);
+    assert!(
+        events(&client, &ns)
+            .await
+            .iter()
+            .any(|e| e.starts_with("CertificateRotated"))
+    );
+
+    // No key material in status, Events or logs.
+    let key_body: String = secret["tls.key"]
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let status_json = serde_json::to_string(&api.get("pump").await.unwrap().status).unwrap();
+    let all_events = events(&client, &ns).await.join("\n");
+    let logs = op.logs();
+    for (what, text) in [
+        ("status", &status_json),
+        ("events", &all_events),
+        ("logs", &logs),
+    ] {
+        assert!(
+            !text.contains("PRIVATE KEY"),
+            "{what} mentions a private key"
+        );
+        assert!(!text.contains(&key_body[..40]), "{what} holds key material");
+    }
+
+    // Deletion: everything of this Thing leaves moto, in an order moto accepts.
+    api.delete("pump", &DeleteParams::default()).await.unwrap();
+    wait_for("Thing deleted", WAIT, || async {
+        api.get_opt("pump").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(!thing_exists(&iot, &thing_name).await);
+    assert!(!policy_exists(&iot, &policy_name).await);
+    assert!(cert_status(&iot, &new_id).await.is_none());
+    assert!(shadow(&data, &thing_name).await.is_none());
+    // moto's data.json keeps every instance ever created (deleted ones too), so "nothing left"
+    // is asserted through the list APIs.
+    let things = iot.list_things().send().await.unwrap();
+    assert!(
+        !things
+            .things()
+            .iter()
+            .any(|t| t.thing_name() == Some(thing_name.as_str())),
+        "thing left in moto"
+    );
+    let policies = iot.list_policies().send().await.unwrap();
+    assert!(
+        !policies
+            .policies()
+            .iter()
+            .any(|p| p.policy_name() == Some(policy_name.as_str())),
+        "policy left in moto"
+    );
+    let certs = all_certificate_ids(&iot).await;
+    assert!(
+        !certs.contains(&new_id) && !certs.contains(&cert_id),
+        "certificate left in moto"
+    );
+
+    op.terminate();
+    delete_namespace(&client, &ns).await;
+}

@@ -1,0 +1,210 @@
+//! Helpers of the AWS integration tests: SDK clients pointed at the test environment's moto,
+//! an operator process with the AWS backend on, Thing manifests and bounded waits.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use aws_sdk_iot::config::{BehaviorVersion, Credentials, Region};
+use k8s_openapi::api::{core::v1::Secret, events::v1::Event};
+use kube::{
+    Api, Client,
+    api::{ListParams, PostParams},
+};
+use serde_json::{Value, json};
+use thing_operator::api::{ConditionStatus, Thing};
+
+use crate::common::{OperatorProcess, TestEnv, wait_for};
+
+pub const WAIT: Duration = Duration::from_secs(90);
+
+pub fn moto_url(env: &TestEnv) -> String {
+    env.var("MOTO_URL")
+}
+
+fn creds() -> Credentials {
+    Credentials::new("testing", "testing", None, None, "tests")
+}
+
+pub fn iot(env: &TestEnv) -> aws_sdk_iot::Client {
+    let conf = aws_sdk_iot::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(creds())
+        .endpoint_url(moto_url(env))
+        .build();
+    aws_sdk_iot::Client::from_conf(conf)
+}
+
+pub fn data(env: &TestEnv) -> aws_sdk_iotdataplane::Client {
+    let conf = aws_sdk_iotdataplane::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_iotdataplane::config::Credentials::new(
+            "testing", "testing", None, None, "tests",
+        ))
+        .endpoint_url(moto_url(env))
+        .build();
+    aws_sdk_iotdataplane::Client::from_conf(conf)
+}
+
+pub fn aws_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", "testing".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+    ]
+}
+
+/// The operator with the AWS backend against moto; fast polls so the tests need not wait long.
+pub fn start_operator(
+    env: &TestEnv,
+    ns: &str,
+    extra_args: &[&str],
+    extra_env: &[(&'static str, String)],
+) -> OperatorProcess {
+    let moto = moto_url(env);
+    let mut args: Vec<&str> = vec![
+        "--aws",
+        "--aws-region",
+        "us-east-1",
+        "--aws-iot-endpoint",
+        &moto,
+        "--aws-data-endpoint",
+        &moto,
+        "--aws-device-endpoint",
+        "device.example.com:8883",
+        "--poll-interval",
+        "1s",
+        "--resync-interval",
+        "2s",
+        "--aws-orphan-grace",
+        "2s",
+    ];
+    args.extend_from_slice(extra_args);
+    let mut envs = aws_env();
+    envs.extend(extra_env.iter().cloned());
+    OperatorProcess::start(env, ns, &args, &envs)
+}
+
+pub fn thing(name: &str, spec: Value) -> Thing {
+    serde_json::from_value(json!({
+        "apiVersion": "iot.thing-operator.dev/v1alpha1",
+        "kind": "Thing",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .expect("valid Thing")
+}
+
+pub async fn create(api: &Api<Thing>, name: &str, spec: Value) {
+    api.create(&PostParams::default(), &thing(name, spec))
+        .await
+        .expect("Thing created");
+}
+
+pub fn condition(t: &Thing, type_: &str) -> Option<(ConditionStatus, String)> {
+    let c = t.status.as_ref()?.conditions.get(type_)?;
+    Some((c.status, c.reason.clone()))
+}
+
+pub fn is_ready(t: &Thing) -> bool {
+    matches!(condition(t, "Ready"), Some((ConditionStatus::True, _)))
+}
+
+pub async fn wait_ready(api: &Api<Thing>, name: &str) -> Thing {
+    wait_for(&format!("Thing {name} Ready"), WAIT, || async {
+        let t = api.get(name).await.ok()?;
+        is_ready(&t).then_some(t)
+    })
+    .await
+}
+
+pub async fn secret_data(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Option<std::collections::BTreeMap<String, String>> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let s = api.get_opt(name).await.ok()??;
+    Some(
+        s.data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+            .collect(),
+    )
+}
+
+/// Every Event of the namespace as `reason: note` lines.
+pub async fn events(client: &Client, ns: &str) -> Vec<String> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    api.list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .map(|e| {
+                    format!(
+                        "{}: {}",
+                        e.reason.unwrap_or_default(),
+                        e.note.unwrap_or_default()
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub async fn thing_exists(iot: &aws_sdk_iot::Client, name: &str) -> bool {
+    iot.describe_thing().thing_name(name).send().await.is_ok()
+}
+
+pub async fn policy_exists(iot: &aws_sdk_iot::Client, name: &str) -> bool {
+    iot.get_policy().policy_name(name).send().await.is_ok()
+}
+
+pub async fn cert_status(iot: &aws_sdk_iot::Client, id: &str) -> Option<String> {
+    let out = iot
+        .describe_certificate()
+        .certificate_id(id)
+        .send()
+        .await
+        .ok()?;
+    out.certificate_description()?
+        .status()
+        .map(|s| s.as_str().to_string())
+}
+
+pub async fn shadow(data: &aws_sdk_iotdataplane::Client, thing: &str) -> Option<Value> {
+    let out = data
+        .get_thing_shadow()
+        .thing_name(thing)
+        .send()
+        .await
+        .ok()?;
+    serde_json::from_slice(out.payload()?.as_ref()).ok()
+}
+
+/// moto's dump of everything it holds (GET /moto-api/data.json).
+pub async fn moto_dump(env: &TestEnv) -> Value {
+    reqwest::get(format!("{}/moto-api/data.json", moto_url(env)))
+        .await
+        .expect("moto answers")
+        .json()
+        .await
+        .expect("moto dump is JSON")
+}
+
+/// Certificates in moto whose PEM is not attached to any thing: ids (scoped by the caller).
+pub async fn all_certificate_ids(iot: &aws_sdk_iot::Client) -> Vec<String> {
+    let out = iot
+        .list_certificates()
+        .page_size(250)
+        .send()
+        .await
+        .expect("list certificates");
+    out.certificates()
+        .iter()
+        .filter_map(|c| c.certificate_id().map(str::to_string))
+        .collect()
+}
