@@ -117,10 +117,11 @@ KC
 }
 
 up() {
-  if [[ -f "$DIR/env" ]] && [[ -f "$DIR/kube-apiserver.pid" ]] && kill -0 "$(cat "$DIR/kube-apiserver.pid")" 2>/dev/null; then
+  if [[ -f "$DIR/ready" ]] && [[ -f "$DIR/kube-apiserver.pid" ]] && kill -0 "$(cat "$DIR/kube-apiserver.pid")" 2>/dev/null; then
     log "already running in $DIR"
     return 0
   fi
+  [[ -d "$DIR" ]] && down
   install_deps
   rm -rf "$DIR"
   mkdir -p "$DIR/logs" "$DIR/etcd" "$DIR/mosquitto"
@@ -195,9 +196,12 @@ M
   wait_for mosquitto 30 python3 -c "import socket; socket.create_connection(('127.0.0.1', $MQTT_PORT), 1)"
 
   log "installing CRDs and the operator's RBAC"
-  "$KUBECTL" apply --server-side -f "$ROOT/crds/" >/dev/null
+  # kubectl 1.20 validates client-side and does not know x-kubernetes-validations (CEL).
+  # Server-side apply refuses the unknown field on 1.20, so plain apply: 1.20 drops CEL silently.
+  "$KUBECTL" apply --validate=false -f "$ROOT/crds/" >/dev/null
   "$KUBECTL" apply --server-side -f "$ROOT/deploy/rbac.yaml" >/dev/null
   wait_for "CRDs established" 60 "$KUBECTL" get things.iot.thing-operator.dev
+  touch "$DIR/ready"
   log "ready: source $DIR/env"
 }
 

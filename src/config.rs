@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::telemetry::LogFormat;
 
 #[derive(Parser, Debug)]
-#[command(name = "thing-operator", version, about = "IoT devices as Kubernetes resources")]
+#[command(
+    name = "thing-operator",
+    version,
+    about = "IoT devices as Kubernetes resources"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -30,7 +34,12 @@ pub struct RunArgs {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "THING_OPERATOR_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
-    #[arg(long, env = "THING_OPERATOR_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "THING_OPERATOR_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
     /// Log filter in RUST_LOG syntax.
     #[arg(long, env = "RUST_LOG", default_value = "info,kube_runtime=warn")]
@@ -39,7 +48,11 @@ pub struct RunArgs {
     #[arg(long, env = "THING_OPERATOR_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
     /// Name reported as the source of Events.
-    #[arg(long, env = "THING_OPERATOR_CONTROLLER_NAME", default_value = "thing-operator")]
+    #[arg(
+        long,
+        env = "THING_OPERATOR_CONTROLLER_NAME",
+        default_value = "thing-operator"
+    )]
     pub controller_name: String,
     /// Pod name, for Events and the leader lease (set from the downward API).
     #[arg(long, env = "POD_NAME")]
@@ -85,7 +98,11 @@ pub struct AwsArgs {
     pub data_endpoint: Option<String>,
     /// Device-facing MQTT endpoint written into Secrets (default: DescribeEndpoint iot:Data-ATS).
     // An explicit id: MqttArgs has a field of the same name, and clap ids must be unique.
-    #[arg(id = "aws_device_endpoint", long = "aws-device-endpoint", env = "THING_OPERATOR_AWS_DEVICE_ENDPOINT")]
+    #[arg(
+        id = "aws_device_endpoint",
+        long = "aws-device-endpoint",
+        env = "THING_OPERATOR_AWS_DEVICE_ENDPOINT"
+    )]
     pub device_endpoint: Option<String>,
     /// How long the window of an interrupted CreateKeysAndCertificate must age before unattached
     /// certificates created in it are deleted as orphans.
@@ -109,9 +126,16 @@ pub struct MqttArgs {
     #[arg(long = "mqtt-ca-file", env = "THING_OPERATOR_MQTT_CA_FILE")]
     pub ca_file: Option<PathBuf>,
     /// Address devices use to reach the broker, written into their Secrets.
-    #[arg(long = "mqtt-device-endpoint", env = "THING_OPERATOR_MQTT_DEVICE_ENDPOINT")]
+    #[arg(
+        long = "mqtt-device-endpoint",
+        env = "THING_OPERATOR_MQTT_DEVICE_ENDPOINT"
+    )]
     pub device_endpoint: Option<String>,
     /// Root of the topic tree of the REST message broker.
-    #[arg(long = "mqtt-topic-prefix", env = "THING_OPERATOR_MQTT_TOPIC_PREFIX", default_value = "things")]
+    #[arg(
+        long = "mqtt-topic-prefix",
+        env = "THING_OPERATOR_MQTT_TOPIC_PREFIX",
+        default_value = "things"
+    )]
     pub topic_prefix: String,
 }

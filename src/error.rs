@@ -38,7 +38,10 @@ pub trait KubeContext<T> {
 
 impl<T> KubeContext<T> for Result<T, kube::Error> {
     fn kube_context(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| Error::Kube { context: context(), source })
+        self.map_err(|source| Error::Kube {
+            context: context(),
+            source,
+        })
     }
 }
 

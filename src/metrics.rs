@@ -44,18 +44,43 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("thing_operator");
         let reconciles = Family::<OutcomeLabels, Counter>::default();
-        registry.register("reconciles", "Reconciles by kind and outcome", reconciles.clone());
-        let reconcile_seconds =
-            Family::<KindLabels, Histogram>::new_with_constructor(reconcile_histogram as fn() -> Histogram);
-        registry.register("reconcile_duration_seconds", "Reconcile duration", reconcile_seconds.clone());
+        registry.register(
+            "reconciles",
+            "Reconciles by kind and outcome",
+            reconciles.clone(),
+        );
+        let reconcile_seconds = Family::<KindLabels, Histogram>::new_with_constructor(
+            reconcile_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            reconcile_seconds.clone(),
+        );
         let status_writes = Family::<KindLabels, Counter>::default();
-        registry.register("status_writes", "Status subresource writes", status_writes.clone());
+        registry.register(
+            "status_writes",
+            "Status subresource writes",
+            status_writes.clone(),
+        );
         let events = Family::<OutcomeLabels, Counter>::default();
-        registry.register("events", "Kubernetes Events published, by reason", events.clone());
+        registry.register(
+            "events",
+            "Kubernetes Events published, by reason",
+            events.clone(),
+        );
         let backend_calls = Family::<BackendCallLabels, Counter>::default();
-        registry.register("backend_calls", "Calls to IoT backends", backend_calls.clone());
+        registry.register(
+            "backend_calls",
+            "Calls to IoT backends",
+            backend_calls.clone(),
+        );
         let leader = Gauge::default();
-        registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            leader.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciles,
@@ -71,7 +96,10 @@ impl Default for Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &registry);
         out
@@ -79,21 +107,31 @@ impl Metrics {
 
     pub fn count_reconcile(&self, kind: &str, outcome: &str) {
         self.reconciles
-            .get_or_create(&OutcomeLabels { kind: kind.into(), outcome: outcome.into() })
+            .get_or_create(&OutcomeLabels {
+                kind: kind.into(),
+                outcome: outcome.into(),
+            })
             .inc();
     }
 
     pub fn observe_reconcile(&self, kind: &str, seconds: f64) {
-        self.reconcile_seconds.get_or_create(&KindLabels { kind: kind.into() }).observe(seconds);
+        self.reconcile_seconds
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .observe(seconds);
     }
 
     pub fn count_status_write(&self, kind: &str) {
-        self.status_writes.get_or_create(&KindLabels { kind: kind.into() }).inc();
+        self.status_writes
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
     }
 
     pub fn count_event(&self, kind: &str, reason: &str) {
         self.events
-            .get_or_create(&OutcomeLabels { kind: kind.into(), outcome: reason.into() })
+            .get_or_create(&OutcomeLabels {
+                kind: kind.into(),
+                outcome: reason.into(),
+            })
             .inc();
     }
 

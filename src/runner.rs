@@ -22,15 +22,16 @@ fn spawn_signal_handler(token: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    token.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => tracing::info!("SIGINT received, shutting down"),
                 _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
@@ -57,8 +58,12 @@ async fn build_providers(
     if let Some(config) = crate::provider::mosquitto::MosquittoConfig::from_args(args)
         .context("MQTT configuration")?
     {
-        let provider = crate::provider::mosquitto::MosquittoProvider::start(config, trigger.clone(), metrics.clone())
-            .context("starting the Mosquitto backend")?;
+        let provider = crate::provider::mosquitto::MosquittoProvider::start(
+            config,
+            trigger.clone(),
+            metrics.clone(),
+        )
+        .context("starting the Mosquitto backend")?;
         let things: kube::Api<crate::api::Thing> = match &args.watch_namespace {
             Some(ns) => kube::Api::namespaced(client.clone(), ns),
             None => kube::Api::all(client.clone()),
@@ -94,8 +99,14 @@ async fn acquire_leadership(
     args: &RunArgs,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::sync::watch::Receiver<bool>>> {
-    let identity = args.pod_name.clone().unwrap_or_else(|| format!("thing-operator-{}", std::process::id()));
-    let namespace = args.lease_namespace.clone().unwrap_or_else(|| "default".into());
+    let identity = args
+        .pod_name
+        .clone()
+        .unwrap_or_else(|| format!("thing-operator-{}", std::process::id()));
+    let namespace = args
+        .lease_namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let manager = kube_lease_manager::LeaseManagerBuilder::new(client, "thing-operator-leader")
         .with_namespace(namespace)
         .with_identity(identity)
@@ -121,7 +132,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     telemetry::init(args.log_format, &args.log_filter);
 
-    let client = Client::try_default().await.context("connecting to Kubernetes")?;
+    let client = Client::try_default()
+        .await
+        .context("connecting to Kubernetes")?;
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
     let shutdown = CancellationToken::new();
@@ -135,7 +148,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (trigger, trigger_rx) = ThingTrigger::channel();
     let providers = build_providers(&args, &client, &metrics, &trigger).await?;
-    let reporter = Reporter { controller: args.controller_name.clone(), instance: args.pod_name.clone() };
+    let reporter = Reporter {
+        controller: args.controller_name.clone(),
+        instance: args.pod_name.clone(),
+    };
     let config = ControllerConfig {
         resync_interval: args.resync_interval,
         poll_interval: args.poll_interval,

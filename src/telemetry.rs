@@ -14,7 +14,9 @@ pub fn init(format: LogFormat, filter: &str) {
     let registry = tracing_subscriber::registry().with(filter);
     // try_init: tests may initialise twice in one process.
     let _ = match format {
-        LogFormat::Json => registry.with(fmt::layer().json().flatten_event(true)).try_init(),
+        LogFormat::Json => registry
+            .with(fmt::layer().json().flatten_event(true))
+            .try_init(),
         LogFormat::Text => registry.with(fmt::layer().with_target(false)).try_init(),
     };
 }

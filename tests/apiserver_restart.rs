@@ -33,9 +33,17 @@ async fn operator_survives_an_apiserver_restart() {
     let mut op = OperatorProcess::start(&env, &ns, &[], &[]);
     op.wait_ready().await;
     let api: Api<Thing> = Api::namespaced(client.clone(), &ns);
-    api.create(&PostParams::default(), &thing("before")).await.unwrap();
+    api.create(&PostParams::default(), &thing("before"))
+        .await
+        .unwrap();
     wait_for("first Thing reconciled", WAIT, || async {
-        api.get("before").await.ok()?.status?.conditions.get("Ready").map(|_| ())
+        api.get("before")
+            .await
+            .ok()?
+            .status?
+            .conditions
+            .get("Ready")
+            .map(|_| ())
     })
     .await;
 
@@ -46,18 +54,36 @@ async fn operator_survives_an_apiserver_restart() {
     })
     .await;
     assert_eq!(op.get("/healthz").await.map(|r| r.0), Some(200));
-    assert!(op.is_running(), "operator died with the API server down:\n{}", op.logs());
+    assert!(
+        op.is_running(),
+        "operator died with the API server down:\n{}",
+        op.logs()
+    );
     env.script("start-apiserver");
 
     // New work after the restart is picked up, and deletion of old work completes.
     let client = env.admin_client().await;
     let api: Api<Thing> = Api::namespaced(client.clone(), &ns);
-    api.create(&PostParams::default(), &thing("after")).await.unwrap();
-    wait_for("Thing created after the restart reconciled", WAIT, || async {
-        api.get("after").await.ok()?.status?.conditions.get("Ready").map(|_| ())
-    })
+    api.create(&PostParams::default(), &thing("after"))
+        .await
+        .unwrap();
+    wait_for(
+        "Thing created after the restart reconciled",
+        WAIT,
+        || async {
+            api.get("after")
+                .await
+                .ok()?
+                .status?
+                .conditions
+                .get("Ready")
+                .map(|_| ())
+        },
+    )
     .await;
-    api.delete("before", &DeleteParams::default()).await.unwrap();
+    api.delete("before", &DeleteParams::default())
+        .await
+        .unwrap();
     wait_for("Thing deleted after the restart", WAIT, || async {
         api.get_opt("before").await.ok()?.is_none().then_some(())
     })

@@ -22,15 +22,32 @@ fn crds_carry_the_api_users_rely_on() {
     for crd in &crds {
         assert_eq!(crd.spec.group, "iot.thing-operator.dev");
         assert_eq!(crd.spec.scope, "Namespaced");
-        assert_eq!(crd.spec.names.categories.as_deref(), Some(&["iot".to_string()][..]));
+        assert_eq!(
+            crd.spec.names.categories.as_deref(),
+            Some(&["iot".to_string()][..])
+        );
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, "v1alpha1");
-        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
         let schema = serde_json::to_value(version.schema.as_ref().unwrap()).unwrap();
-        let conditions = &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
-        assert_eq!(conditions["x-kubernetes-list-type"], "map", "{}", crd.spec.names.kind);
+        let conditions =
+            &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+        assert_eq!(
+            conditions["x-kubernetes-list-type"], "map",
+            "{}",
+            crd.spec.names.kind
+        );
         assert_eq!(conditions["x-kubernetes-list-map-keys"][0], "type");
     }
-    let short: Vec<_> = crds.iter().map(|c| c.spec.names.short_names.clone().unwrap()[0].clone()).collect();
+    let short: Vec<_> = crds
+        .iter()
+        .map(|c| c.spec.names.short_names.clone().unwrap()[0].clone())
+        .collect();
     assert_eq!(short, ["th", "obs", "sub"]);
 }

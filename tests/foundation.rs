@@ -27,7 +27,11 @@ fn thing(name: &str, spec: serde_json::Value) -> Thing {
 }
 
 fn ready_reason(t: &Thing) -> Option<String> {
-    t.status.as_ref()?.conditions.get("Ready").map(|c| c.reason.clone())
+    t.status
+        .as_ref()?
+        .conditions
+        .get("Ready")
+        .map(|c| c.reason.clone())
 }
 
 #[tokio::test]
@@ -39,12 +43,21 @@ async fn thing_gets_finalizer_and_conditions_and_deletion_completes() {
     op.wait_ready().await;
     let api: Api<Thing> = Api::namespaced(client.clone(), &ns);
     // AWS is not configured in this operator: the Thing must say so, not hang silently.
-    api.create(&PostParams::default(), &thing("dev1", json!({"broker": "AWS", "desired": {"temp": 21}})))
-        .await
-        .unwrap();
+    api.create(
+        &PostParams::default(),
+        &thing("dev1", json!({"broker": "AWS", "desired": {"temp": 21}})),
+    )
+    .await
+    .unwrap();
     let t = wait_for("finalizer and Ready condition", WAIT, || async {
         let t = api.get("dev1").await.ok()?;
-        (t.metadata.finalizers.as_ref()?.iter().any(|f| f == FINALIZER) && ready_reason(&t).is_some()).then_some(t)
+        (t.metadata
+            .finalizers
+            .as_ref()?
+            .iter()
+            .any(|f| f == FINALIZER)
+            && ready_reason(&t).is_some())
+        .then_some(t)
     })
     .await;
     let status = t.status.clone().unwrap();
@@ -57,7 +70,10 @@ async fn thing_gets_finalizer_and_conditions_and_deletion_completes() {
     assert!(status.conditions.get("Provisioned").is_some());
 
     api.delete("dev1", &DeleteParams::default()).await.unwrap();
-    wait_for("Thing deleted", WAIT, || async { api.get_opt("dev1").await.ok()?.is_none().then_some(()) }).await;
+    wait_for("Thing deleted", WAIT, || async {
+        api.get_opt("dev1").await.ok()?.is_none().then_some(())
+    })
+    .await;
     delete_namespace(&client, &ns).await;
 }
 
@@ -73,7 +89,10 @@ async fn invalid_thing_gets_invalid_spec_and_an_event_and_no_hot_loop() {
     let big = "x".repeat(9000);
     api.create(
         &PostParams::default(),
-        &thing("bad", json!({"desired": {"blob": big}, "attributes": {"bad key!": "v"}})),
+        &thing(
+            "bad",
+            json!({"desired": {"blob": big}, "attributes": {"bad key!": "v"}}),
+        ),
     )
     .await
     .unwrap();
@@ -82,15 +101,26 @@ async fn invalid_thing_gets_invalid_spec_and_an_event_and_no_hot_loop() {
         (ready_reason(&t)? == "InvalidSpec").then_some(t)
     })
     .await;
-    let msg = &t.status.as_ref().unwrap().conditions.get("Ready").unwrap().message;
-    assert!(msg.contains("desired is") && msg.contains("over the limit of 8192"), "{msg}");
+    let msg = &t
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .get("Ready")
+        .unwrap()
+        .message;
+    assert!(
+        msg.contains("desired is") && msg.contains("over the limit of 8192"),
+        "{msg}"
+    );
     assert!(msg.contains("attribute name \"bad key!\""), "{msg}");
 
     let events: Api<Event> = Api::namespaced(client.clone(), &ns);
     let ev = wait_for("InvalidSpec event", WAIT, || async {
         let list = events.list(&ListParams::default()).await.ok()?;
         list.items.into_iter().find(|e| {
-            e.reason.as_deref() == Some("InvalidSpec") && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("bad")
+            e.reason.as_deref() == Some("InvalidSpec")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("bad")
         })
     })
     .await;
@@ -99,31 +129,63 @@ async fn invalid_thing_gets_invalid_spec_and_an_event_and_no_hot_loop() {
 
     // Make the operator reconcile again without changing the spec (a label change), and wait
     // until it has: the second reconcile must not write status nor publish another Event.
-    let writes_before = op.metric("thing_operator_status_writes_total", &["kind=\"Thing\""]).await;
-    let events_before = op.metric("thing_operator_events_total", &["InvalidSpec"]).await;
-    let reconciles_before = op.metric("thing_operator_reconciles_total", &["kind=\"Thing\""]).await;
+    let writes_before = op
+        .metric("thing_operator_status_writes_total", &["kind=\"Thing\""])
+        .await;
+    let events_before = op
+        .metric("thing_operator_events_total", &["InvalidSpec"])
+        .await;
+    let reconciles_before = op
+        .metric("thing_operator_reconciles_total", &["kind=\"Thing\""])
+        .await;
     assert_eq!(writes_before, 1.0, "one status write for the invalid spec");
-    api.patch("bad", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"poke": "1"}}})))
-        .await
-        .unwrap();
+    api.patch(
+        "bad",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"poke": "1"}}})),
+    )
+    .await
+    .unwrap();
     wait_for("a reconcile after the label change", WAIT, || async {
-        let n = op.metric("thing_operator_reconciles_total", &["kind=\"Thing\""]).await;
+        let n = op
+            .metric("thing_operator_reconciles_total", &["kind=\"Thing\""])
+            .await;
         (n > reconciles_before).then_some(())
     })
     .await;
-    assert_eq!(op.metric("thing_operator_status_writes_total", &["kind=\"Thing\""]).await, writes_before);
-    assert_eq!(op.metric("thing_operator_events_total", &["InvalidSpec"]).await, events_before);
-    let settled = op.metric("thing_operator_reconciles_total", &["kind=\"Thing\""]).await;
+    assert_eq!(
+        op.metric("thing_operator_status_writes_total", &["kind=\"Thing\""])
+            .await,
+        writes_before
+    );
+    assert_eq!(
+        op.metric("thing_operator_events_total", &["InvalidSpec"])
+            .await,
+        events_before
+    );
+    let settled = op
+        .metric("thing_operator_reconciles_total", &["kind=\"Thing\""])
+        .await;
     // The reconcile triggered by the operator's own status write, then the label change: a
     // loop would keep counting. Compare against a second snapshot taken after more work
     // elsewhere in the system (a second Thing reaching its condition).
-    api.create(&PostParams::default(), &thing("good", json!({"broker": "Azure"}))).await.unwrap();
+    api.create(
+        &PostParams::default(),
+        &thing("good", json!({"broker": "Azure"})),
+    )
+    .await
+    .unwrap();
     wait_for("second Thing reconciled", WAIT, || async {
         ready_reason(&api.get("good").await.ok()?).map(|_| ())
     })
     .await;
-    let after = op.metric("thing_operator_reconciles_total", &["kind=\"Thing\""]).await;
-    assert!(after - settled <= 4.0, "reconciles kept running: {settled} -> {after}");
+    let after = op
+        .metric("thing_operator_reconciles_total", &["kind=\"Thing\""])
+        .await;
+    assert!(
+        after - settled <= 4.0,
+        "reconciles kept running: {settled} -> {after}"
+    );
 
     // Fixing the spec clears InvalidSpec.
     api.patch(
@@ -148,7 +210,13 @@ async fn sigterm_shuts_down_cleanly() {
     let mut op = OperatorProcess::start(&env, &ns, &[], &[]);
     op.wait_ready().await;
     assert_eq!(op.get("/healthz").await.map(|r| r.0), Some(200));
-    assert!(op.get("/metrics").await.unwrap().1.contains("thing_operator_reconciles"));
+    assert!(
+        op.get("/metrics")
+            .await
+            .unwrap()
+            .1
+            .contains("thing_operator_leader")
+    );
     assert_eq!(op.terminate(), Some(0), "logs:\n{}", op.logs());
     delete_namespace(&client, &ns).await;
 }

@@ -50,7 +50,6 @@ pub struct Condition {
     /// Machine-readable CamelCase reason.
     pub reason: String,
     /// Human-readable explanation. Never carries secret material.
-    #[serde(default)]
     pub message: String,
     /// When `status` last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,7 +60,12 @@ pub struct Condition {
 }
 
 impl Condition {
-    pub fn new(type_: &str, status: ConditionStatus, reason: &str, message: impl Into<String>) -> Self {
+    pub fn new(
+        type_: &str,
+        status: ConditionStatus,
+        reason: &str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             type_: type_.to_string(),
             status,
@@ -113,7 +117,8 @@ impl Conditions {
     }
 
     pub fn is_true(&self, type_: &str) -> bool {
-        self.get(type_).is_some_and(|c| c.status == ConditionStatus::True)
+        self.get(type_)
+            .is_some_and(|c| c.status == ConditionStatus::True)
     }
 
     /// Sets a condition, keeping its transition time when the status did not change,
@@ -154,8 +159,14 @@ mod tests {
         let t0 = DateTime::from_timestamp(1_000, 0).unwrap();
         let t1 = DateTime::from_timestamp(2_000, 0).unwrap();
         let mut c = Conditions::default();
-        c.set(Condition::new("Ready", ConditionStatus::False, "A", "x"), t0);
-        c.set(Condition::new("Ready", ConditionStatus::False, "B", "y"), t1);
+        c.set(
+            Condition::new("Ready", ConditionStatus::False, "A", "x"),
+            t0,
+        );
+        c.set(
+            Condition::new("Ready", ConditionStatus::False, "B", "y"),
+            t1,
+        );
         assert_eq!(c.get("Ready").unwrap().last_transition_time, Some(t0));
         assert_eq!(c.get("Ready").unwrap().reason, "B");
         c.set(Condition::new("Ready", ConditionStatus::True, "B", "y"), t1);

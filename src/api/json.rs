@@ -23,7 +23,9 @@ impl JsonObject {
 
     /// Size of the compact JSON encoding, which is what cloud document limits count.
     pub fn encoded_len(&self) -> usize {
-        serde_json::to_vec(&self.0).map(|v| v.len()).unwrap_or(usize::MAX)
+        serde_json::to_vec(&self.0)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX)
     }
 
     pub fn into_value(self) -> Value {

@@ -21,7 +21,8 @@ pub const VERSION: &str = "v1alpha1";
 pub const FINALIZER: &str = "iot.thing-operator.dev/cleanup";
 
 /// Every CRD this operator owns, in the order they are printed by `thing-operator crds`.
-pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn all_crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
     vec![Thing::crd(), Observer::crd(), Subscriber::crd()]

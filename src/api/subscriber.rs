@@ -25,7 +25,10 @@ fn default_qos() -> u8 {
 #[serde(rename_all = "camelCase")]
 pub struct HttpSource {
     /// Path segment under `/subscribers/<namespace>/` that the operator serves for this Subscriber.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub path: String,
 }
 
@@ -40,7 +43,9 @@ pub struct SourceSpec {
 }
 
 /// Which part of the target Thing receives the message.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum TargetField {
     #[default]
     Reported,
@@ -73,10 +78,22 @@ pub struct TargetSpec {
     cel,
     derive = "PartialEq",
     printcolumn(name = "Thing", type_ = "string", json_path = ".spec.target.thingName"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
     printcolumn(name = "Received", type_ = "integer", json_path = ".status.received"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SubscriberSpec {

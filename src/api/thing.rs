@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use super::{JsonObject, conditions::Conditions};
 
 /// Where the device lives.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, schemars::JsonSchema,
+)]
 pub enum Broker {
     #[serde(rename = "AWS")]
     Aws,
@@ -36,7 +38,9 @@ impl std::fmt::Display for Broker {
 }
 
 /// Who makes the device's private key.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum CredentialSource {
     /// The operator generates the key; it never leaves the cluster.
     #[default]
@@ -46,7 +50,9 @@ pub enum CredentialSource {
 }
 
 /// What happens to the backend's resources when the Thing is deleted.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum DeletionPolicy {
     #[default]
     Delete,
@@ -59,7 +65,10 @@ pub enum DeletionPolicy {
 pub struct CredentialsSpec {
     /// Name of the Secret that receives the device credentials. Default: `<thing>-device`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub secret_name: Option<String>,
     #[serde(default)]
     pub source: CredentialSource,
@@ -108,12 +117,38 @@ pub struct ShadowSpec {
     cel,
     derive = "PartialEq",
     printcolumn(name = "Broker", type_ = "string", json_path = ".spec.broker"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
-    printcolumn(name = "Reported", type_ = "string", json_path = ".status.reportedSummary"),
-    printcolumn(name = "Version", type_ = "integer", json_path = ".status.version", priority = 1),
-    printcolumn(name = "Device", type_ = "string", json_path = ".status.device.thingName", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Reported",
+        type_ = "string",
+        json_path = ".status.reportedSummary"
+    ),
+    printcolumn(
+        name = "Version",
+        type_ = "integer",
+        json_path = ".status.version",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Device",
+        type_ = "string",
+        json_path = ".status.device.thingName",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ThingSpec {
@@ -263,7 +298,10 @@ mod tests {
     fn backend_name_is_injective_and_bounded() {
         let spec = ThingSpec::default();
         assert_eq!(spec.backend_name("ns", "a.b"), "ns_a:b");
-        assert_ne!(spec.backend_name("ns", "a.b"), spec.backend_name("ns", "a-b"));
+        assert_ne!(
+            spec.backend_name("ns", "a.b"),
+            spec.backend_name("ns", "a-b")
+        );
         let long = "x".repeat(250);
         let n = spec.backend_name("ns", &long);
         assert_eq!(n.len(), 128);
@@ -272,10 +310,14 @@ mod tests {
 
     #[test]
     fn summary_is_cut_with_ellipsis() {
-        let obj: JsonObject = serde_json::from_str(r#"{"temp":24,"humidity":55,"mode":"eco"}"#).unwrap();
+        let obj: JsonObject =
+            serde_json::from_str(r#"{"temp":24,"humidity":55,"mode":"eco"}"#).unwrap();
         let s = summarize(&obj, 16);
         assert_eq!(s.chars().count(), 16);
         assert!(s.ends_with('…'));
-        assert_eq!(summarize(&obj, 100), r#"{"humidity":55,"mode":"eco","temp":24}"#);
+        assert_eq!(
+            summarize(&obj, 100),
+            r#"{"humidity":55,"mode":"eco","temp":24}"#
+        );
     }
 }

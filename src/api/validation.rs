@@ -27,7 +27,11 @@ pub struct InvalidSpec {
 
 impl InvalidSpec {
     fn from_problems(problems: Vec<String>) -> Result<(), InvalidSpec> {
-        if problems.is_empty() { Ok(()) } else { Err(InvalidSpec { problems }) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidSpec { problems })
+        }
     }
 }
 
@@ -41,7 +45,8 @@ fn cel_problems(result: Result<(), kube::core::cel::ValidationErrors>, problems:
 
 /// Parses a Go-style duration (`720h`, `1h30m`, `90s`).
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let d = kube::core::Duration::from_str(s).map_err(|e| format!("{s:?} is not a duration like 720h or 90s: {e}"))?;
+    let d = kube::core::Duration::from_str(s)
+        .map_err(|e| format!("{s:?} is not a duration like 720h or 90s: {e}"))?;
     if d.is_negative() {
         return Err(format!("{s:?} is negative"));
     }
@@ -62,11 +67,15 @@ pub fn check_document(what: &str, doc: &JsonObject, max_bytes: usize) -> Vec<Str
     let mut problems = Vec::new();
     let len = doc.encoded_len();
     if len > max_bytes {
-        problems.push(format!("{what} is {len} bytes encoded, over the limit of {max_bytes}"));
+        problems.push(format!(
+            "{what} is {len} bytes encoded, over the limit of {max_bytes}"
+        ));
     }
     let depth = doc.0.values().map(json_depth).max().unwrap_or(0) + 1;
     if depth > MAX_DOCUMENT_DEPTH {
-        problems.push(format!("{what} nests {depth} levels deep, over the limit of {MAX_DOCUMENT_DEPTH}"));
+        problems.push(format!(
+            "{what} nests {depth} levels deep, over the limit of {MAX_DOCUMENT_DEPTH}"
+        ));
     }
     problems
 }
@@ -102,7 +111,9 @@ pub fn check_policy_template(template: &str) -> Result<(), String> {
     );
     if let Some(pos) = rendered.find("${") {
         let rest: String = rendered[pos..].chars().take(24).collect();
-        return Err(format!("policy.template has an unknown placeholder at {rest:?}"));
+        return Err(format!(
+            "policy.template has an unknown placeholder at {rest:?}"
+        ));
     }
     let doc: Value = serde_json::from_str(&rendered)
         .map_err(|e| format!("policy.template is not valid JSON: {e}"))?;
@@ -116,10 +127,14 @@ pub fn check_policy_template(template: &str) -> Result<(), String> {
     for (i, s) in statements.iter().enumerate() {
         let effect = s.get("Effect").and_then(Value::as_str);
         if !matches!(effect, Some("Allow") | Some("Deny")) {
-            return Err(format!("policy.template Statement[{i}] needs Effect Allow or Deny"));
+            return Err(format!(
+                "policy.template Statement[{i}] needs Effect Allow or Deny"
+            ));
         }
         if s.get("Action").is_none() || s.get("Resource").is_none() {
-            return Err(format!("policy.template Statement[{i}] needs Action and Resource"));
+            return Err(format!(
+                "policy.template Statement[{i}] needs Action and Resource"
+            ));
         }
     }
     Ok(())
@@ -134,14 +149,19 @@ pub fn validate_thing(thing: &Thing) -> Result<(), InvalidSpec> {
     if let Some(name) = &spec.thing_name
         && (name.is_empty()
             || name.len() > 128
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || ":_-".contains(c)))
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ":_-".contains(c)))
     {
         problems.push(format!(
             "thingName {name:?} must be 1-128 characters of letters, digits, ':', '_' or '-'"
         ));
     }
     if spec.attributes.len() > 50 {
-        problems.push(format!("attributes has {} entries, over the limit of 50", spec.attributes.len()));
+        problems.push(format!(
+            "attributes has {} entries, over the limit of 50",
+            spec.attributes.len()
+        ));
     }
     for (key, value) in &spec.attributes {
         if key.is_empty() || key.len() > 128 || !key.chars().all(is_attr_name_char) {
@@ -160,8 +180,14 @@ pub fn validate_thing(thing: &Thing) -> Result<(), InvalidSpec> {
     }
     for (field, value) in [
         ("credentials.rotateAfter", &spec.credentials.rotate_after),
-        ("credentials.rotationOverlap", &spec.credentials.rotation_overlap),
-        ("shadow.pollInterval", &spec.shadow.as_ref().and_then(|s| s.poll_interval.clone())),
+        (
+            "credentials.rotationOverlap",
+            &spec.credentials.rotation_overlap,
+        ),
+        (
+            "shadow.pollInterval",
+            &spec.shadow.as_ref().and_then(|s| s.poll_interval.clone()),
+        ),
     ] {
         if let Some(v) = value
             && let Err(e) = parse_duration(v)
@@ -175,11 +201,19 @@ pub fn validate_thing(thing: &Thing) -> Result<(), InvalidSpec> {
                 problems.push(e);
             }
         } else {
-            problems.push(format!("policy applies to broker AWS only, not {}", spec.broker));
+            problems.push(format!(
+                "policy applies to broker AWS only, not {}",
+                spec.broker
+            ));
         }
     }
-    if spec.credentials.source == super::thing::CredentialSource::CloudIssued && spec.broker != Broker::Aws {
-        problems.push(format!("credentials.source CloudIssued needs broker AWS, not {}", spec.broker));
+    if spec.credentials.source == super::thing::CredentialSource::CloudIssued
+        && spec.broker != Broker::Aws
+    {
+        problems.push(format!(
+            "credentials.source CloudIssued needs broker AWS, not {}",
+            spec.broker
+        ));
     }
     InvalidSpec::from_problems(problems)
 }
@@ -187,13 +221,18 @@ pub fn validate_thing(thing: &Thing) -> Result<(), InvalidSpec> {
 /// Checks a JSON pointer (RFC 6901) used to address a field.
 pub fn check_json_pointer(field: &str, pointer: &str) -> Option<String> {
     if pointer.is_empty() || !pointer.starts_with('/') {
-        return Some(format!("{field} {pointer:?} must be a JSON pointer starting with '/'"));
+        return Some(format!(
+            "{field} {pointer:?} must be a JSON pointer starting with '/'"
+        ));
     }
-    let bad_escape = pointer
-        .split('/')
-        .any(|seg| seg.match_indices('~').any(|(i, _)| !matches!(seg.as_bytes().get(i + 1), Some(b'0' | b'1'))));
+    let bad_escape = pointer.split('/').any(|seg| {
+        seg.match_indices('~')
+            .any(|(i, _)| !matches!(seg.as_bytes().get(i + 1), Some(b'0' | b'1')))
+    });
     if bad_escape {
-        return Some(format!("{field} {pointer:?} has a '~' not followed by 0 or 1"));
+        return Some(format!(
+            "{field} {pointer:?} has a '~' not followed by 0 or 1"
+        ));
     }
     None
 }
@@ -204,7 +243,9 @@ pub fn check_publish_topic(field: &str, topic: &str) -> Option<String> {
         return Some(format!("{field} must be 1-65535 bytes"));
     }
     if topic.contains(['+', '#', '\0']) {
-        return Some(format!("{field} {topic:?} must not contain '+', '#' or NUL"));
+        return Some(format!(
+            "{field} {topic:?} must not contain '+', '#' or NUL"
+        ));
     }
     None
 }
@@ -217,7 +258,9 @@ pub fn check_topic_filter(field: &str, filter: &str) -> Option<String> {
     let levels: Vec<&str> = filter.split('/').collect();
     for (i, level) in levels.iter().enumerate() {
         if level.contains('#') && (*level != "#" || i != levels.len() - 1) {
-            return Some(format!("{field} {filter:?}: '#' must be the whole last level"));
+            return Some(format!(
+                "{field} {filter:?}: '#' must be the whole last level"
+            ));
         }
         if level.contains('+') && *level != "+" {
             return Some(format!("{field} {filter:?}: '+' must be a whole level"));
@@ -247,7 +290,10 @@ pub fn validate_observer(observer: &Observer) -> Result<(), InvalidSpec> {
     if let Some(h) = &spec.sink.http {
         match url::Url::parse(&h.url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            Ok(u) => problems.push(format!("sink.http.url scheme {:?} must be http or https", u.scheme())),
+            Ok(u) => problems.push(format!(
+                "sink.http.url scheme {:?} must be http or https",
+                u.scheme()
+            )),
             Err(e) => problems.push(format!("sink.http.url is not a URL: {e}")),
         }
     }
@@ -264,7 +310,10 @@ pub fn validate_subscriber(subscriber: &Subscriber) -> Result<(), InvalidSpec> {
     cel_problems(subscriber.validate_cel(), &mut problems);
     let spec = &subscriber.spec;
     if let Some(m) = &spec.source.mqtt {
-        problems.extend(check_topic_filter("source.mqtt.topicFilter", &m.topic_filter));
+        problems.extend(check_topic_filter(
+            "source.mqtt.topicFilter",
+            &m.topic_filter,
+        ));
         if m.qos > 2 {
             problems.push("source.mqtt.qos must be 0, 1 or 2".into());
         }
@@ -282,7 +331,10 @@ mod tests {
     use serde_json::json;
 
     fn thing(spec: Value) -> Thing {
-        Thing::new("t1", serde_json::from_value::<ThingSpec>(spec).expect("spec parses"))
+        Thing::new(
+            "t1",
+            serde_json::from_value::<ThingSpec>(spec).expect("spec parses"),
+        )
     }
 
     #[test]
@@ -314,11 +366,26 @@ mod tests {
     #[test]
     fn policy_template_rules() {
         assert!(check_policy_template(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:${region}:${account}:client/${clientId}"}]}"#).is_ok());
-        assert!(check_policy_template("{not json").unwrap_err().contains("not valid JSON"));
+        assert!(
+            check_policy_template("{not json")
+                .unwrap_err()
+                .contains("not valid JSON")
+        );
         assert!(check_policy_template(r#"{"Statement":[]}"#).is_err());
-        assert!(check_policy_template(r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"${nope}"}]}"#).unwrap_err().contains("unknown placeholder"));
+        assert!(
+            check_policy_template(
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"${nope}"}]}"#
+            )
+            .unwrap_err()
+            .contains("unknown placeholder")
+        );
         let t = thing(json!({"broker": "Mosquitto", "policy": {"template": "{}"}}));
-        assert!(validate_thing(&t).unwrap_err().to_string().contains("AWS only"));
+        assert!(
+            validate_thing(&t)
+                .unwrap_err()
+                .to_string()
+                .contains("AWS only")
+        );
     }
 
     #[test]
@@ -330,7 +397,10 @@ mod tests {
         .unwrap();
         let err = validate_observer(&Observer::new("o", spec)).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("exactly one of thingName or matchLabels"), "{msg}");
+        assert!(
+            msg.contains("exactly one of thingName or matchLabels"),
+            "{msg}"
+        );
         assert!(msg.contains("exactly one of mqtt, http or thing"), "{msg}");
     }
 

@@ -45,7 +45,9 @@ pub trait TaskKind:
 }
 
 pub async fn reconcile<K: TaskKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
-    let ns = obj.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = obj
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
     let kind = K::kind(&()).into_owned();
     let key = object_key(obj.as_ref());
@@ -59,7 +61,8 @@ pub async fn reconcile<K: TaskKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Ac
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.metrics.count_reconcile(&kind, if result.is_ok() { "ok" } else { "error" });
+    ctx.metrics
+        .count_reconcile(&kind, if result.is_ok() { "ok" } else { "error" });
     if result.is_ok() {
         ctx.backoff.reset(&key);
     }
@@ -74,7 +77,12 @@ async fn apply<K: TaskKind>(obj: Arc<K>, ctx: &Context, api: &Api<K>) -> Result<
         Ok(()) => obj.ready_condition(),
         Err(invalid) => {
             tracing::info!(object = %object_key(obj.as_ref()), problems = %invalid, "invalid spec");
-            Condition::new(types::READY, ConditionStatus::False, reasons::INVALID_SPEC, invalid.to_string())
+            Condition::new(
+                types::READY,
+                ConditionStatus::False,
+                reasons::INVALID_SPEC,
+                invalid.to_string(),
+            )
         }
     };
     let notice = if ready.status == ConditionStatus::True {

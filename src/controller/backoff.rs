@@ -13,7 +13,11 @@ pub struct RetryBackoff {
 
 impl RetryBackoff {
     pub fn new(base: Duration, max: Duration) -> Self {
-        Self { base, max, failures: Mutex::new(HashMap::new()) }
+        Self {
+            base,
+            max,
+            failures: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Records a failure and returns how long to wait before the next try.
@@ -29,7 +33,10 @@ impl RetryBackoff {
     }
 
     pub fn reset(&self, key: &str) {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
     }
 }
 

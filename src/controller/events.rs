@@ -19,7 +19,11 @@ pub async fn publish(ctx: &Context, kind: &str, reference: &ObjectReference, not
         note.truncate(cut);
     }
     let event = Event {
-        type_: if notice.warning { EventType::Warning } else { EventType::Normal },
+        type_: if notice.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
         reason: notice.reason.clone(),
         note: Some(note),
         action: "Reconcile".into(),
@@ -27,6 +31,8 @@ pub async fn publish(ctx: &Context, kind: &str, reference: &ObjectReference, not
     };
     match ctx.recorder.publish(&event, reference).await {
         Ok(()) => ctx.metrics.count_event(kind, &notice.reason),
-        Err(e) => tracing::warn!(kind, reason = %notice.reason, error = %e, "could not publish event"),
+        Err(e) => {
+            tracing::warn!(kind, reason = %notice.reason, error = %e, "could not publish event")
+        }
     }
 }

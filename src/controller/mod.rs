@@ -14,10 +14,10 @@ use futures::StreamExt;
 use kube::{
     Api, Client, Resource,
     runtime::{
-        reflector::ObjectRef,
         Controller,
         controller::Action,
         events::{Recorder, Reporter},
+        reflector::ObjectRef,
         watcher,
     },
 };
@@ -112,14 +112,17 @@ impl ThingTrigger {
 
 impl Context {
     fn take_thing_triggers(&self) -> Option<tokio::sync::mpsc::Receiver<ObjectRef<Thing>>> {
-        self.thing_trigger_rx.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.thing_trigger_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 }
 
-fn object_key<K: Resource>(obj: &K) -> String {
+fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     format!(
         "{}/{}/{}",
-        K::kind(&Default::default()),
+        K::kind(&()),
         obj.meta().namespace.as_deref().unwrap_or(""),
         obj.meta().name.as_deref().unwrap_or("")
     )
@@ -149,7 +152,12 @@ where
 async fn drain<K, S>(name: &'static str, stream: S)
 where
     K: Resource,
-    S: futures::Stream<Item = Result<(kube::runtime::reflector::ObjectRef<K>, Action), kube::runtime::controller::Error<Error, watcher::Error>>>,
+    S: futures::Stream<
+            Item = Result<
+                (kube::runtime::reflector::ObjectRef<K>, Action),
+                kube::runtime::controller::Error<Error, watcher::Error>,
+            >,
+        >,
 {
     stream
         .for_each(|result| async move {
@@ -166,9 +174,18 @@ fn start<K, F, Fut>(
     shutdown: CancellationToken,
     triggers: Option<tokio::sync::mpsc::Receiver<ObjectRef<K>>>,
     reconcile: F,
-) -> (kube::runtime::reflector::Store<K>, impl std::future::Future<Output = ()>)
+) -> (
+    kube::runtime::reflector::Store<K>,
+    impl std::future::Future<Output = ()>,
+)
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
     F: FnMut(Arc<K>, Arc<Context>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
 {

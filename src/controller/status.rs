@@ -37,9 +37,13 @@ where
             source,
         })?,
     });
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
-        .await
-        .kube_context(|| format!("writing status of {} {name}", K::kind(&())))?;
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .kube_context(|| format!("writing status of {} {name}", K::kind(&())))?;
     metrics.count_status_write(&K::kind(&()));
     Ok(true)
 }

@@ -31,7 +31,9 @@ const SUMMARY_CHARS: usize = 40;
 
 pub async fn reconcile(thing: Arc<Thing>, ctx: Arc<Context>) -> Result<Action> {
     let started = std::time::Instant::now();
-    let ns = thing.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = thing
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<Thing> = Api::namespaced(ctx.client.clone(), &ns);
     let key = object_key(thing.as_ref());
     let result = finalizer(&api, FINALIZER, thing, |event| async {
@@ -42,8 +44,10 @@ pub async fn reconcile(thing: Arc<Thing>, ctx: Arc<Context>) -> Result<Action> {
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.metrics.observe_reconcile(KIND, started.elapsed().as_secs_f64());
-    ctx.metrics.count_reconcile(KIND, if result.is_ok() { "ok" } else { "error" });
+    ctx.metrics
+        .observe_reconcile(KIND, started.elapsed().as_secs_f64());
+    ctx.metrics
+        .count_reconcile(KIND, if result.is_ok() { "ok" } else { "error" });
     if result.is_ok() {
         ctx.backoff.reset(&key);
     }
@@ -52,7 +56,11 @@ pub async fn reconcile(thing: Arc<Thing>, ctx: Arc<Context>) -> Result<Action> {
 
 /// Rules that need the recorded status, not just the spec.
 fn check_against_status(thing: &Thing) -> Result<(), InvalidSpec> {
-    let recorded = thing.status.as_ref().and_then(|s| s.device.as_ref()).and_then(|d| d.broker);
+    let recorded = thing
+        .status
+        .as_ref()
+        .and_then(|s| s.device.as_ref())
+        .and_then(|d| d.broker);
     match recorded {
         Some(b) if b != thing.spec.broker => Err(InvalidSpec {
             problems: vec![format!(
@@ -64,7 +72,12 @@ fn check_against_status(thing: &Thing) -> Result<(), InvalidSpec> {
     }
 }
 
-fn device_request<'a>(thing: &'a Thing, ctx: &Context, ns: &'a str, name: &'a str) -> DeviceRequest<'a> {
+fn device_request<'a>(
+    thing: &'a Thing,
+    ctx: &Context,
+    ns: &'a str,
+    name: &'a str,
+) -> DeviceRequest<'a> {
     let backend_name = thing.spec.backend_name(ns, name);
     let secret_name = thing.spec.secret_name(name);
     DeviceRequest {
@@ -81,7 +94,14 @@ fn ready_condition(status: &ThingStatus) -> Condition {
     for t in [types::PROVISIONED, types::CREDENTIALS_READY, types::IN_SYNC] {
         match status.conditions.get(t) {
             Some(c) if c.status == ConditionStatus::True => {}
-            Some(c) => return Condition::new(types::READY, ConditionStatus::False, &c.reason, c.message.clone()),
+            Some(c) => {
+                return Condition::new(
+                    types::READY,
+                    ConditionStatus::False,
+                    &c.reason,
+                    c.message.clone(),
+                );
+            }
             None => {
                 return Condition::new(
                     types::READY,
@@ -92,7 +112,12 @@ fn ready_condition(status: &ThingStatus) -> Condition {
             }
         }
     }
-    Condition::new(types::READY, ConditionStatus::True, reasons::RECONCILED, "device provisioned and in sync")
+    Condition::new(
+        types::READY,
+        ConditionStatus::True,
+        reasons::RECONCILED,
+        "device provisioned and in sync",
+    )
 }
 
 fn stamp_generation(status: &mut ThingStatus, generation: Option<i64>) {
@@ -115,9 +140,14 @@ async fn write_and_announce(
     let reference = thing.object_ref(&());
     // A Ready condition that changed is worth an Event; an unchanged one is not (no spam).
     if changed {
-        let (old_ready, new_ready) = (old.conditions.get(types::READY), new.conditions.get(types::READY));
+        let (old_ready, new_ready) = (
+            old.conditions.get(types::READY),
+            new.conditions.get(types::READY),
+        );
         if let Some(ready) = new_ready
-            && old_ready.is_none_or(|o| o.status != ready.status || o.reason != ready.reason || o.message != ready.message)
+            && old_ready.is_none_or(|o| {
+                o.status != ready.status || o.reason != ready.reason || o.message != ready.message
+            })
         {
             let notice = if ready.status == ConditionStatus::True {
                 Notice::normal(&ready.reason, ready.message.clone())
@@ -134,7 +164,9 @@ async fn write_and_announce(
 }
 
 async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Action> {
-    let ns = thing.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = thing
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = thing.name_any();
     let old = thing.status.clone().unwrap_or_default();
     let mut status = old.clone();
@@ -144,7 +176,12 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
     if let Err(invalid) = validate_thing(&thing).and_then(|()| check_against_status(&thing)) {
         tracing::info!(thing = %object_key(thing.as_ref()), problems = %invalid, "invalid spec");
         status.conditions.set(
-            Condition::new(types::READY, ConditionStatus::False, reasons::INVALID_SPEC, invalid.to_string()),
+            Condition::new(
+                types::READY,
+                ConditionStatus::False,
+                reasons::INVALID_SPEC,
+                invalid.to_string(),
+            ),
             now,
         );
         stamp_generation(&mut status, generation);
@@ -158,7 +195,12 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
         Err(e) => {
             let message = format!("{e}; configured: {:?}", ctx.providers.brokers());
             status.conditions.set(
-                Condition::new(types::PROVISIONED, ConditionStatus::False, e.reason(), message),
+                Condition::new(
+                    types::PROVISIONED,
+                    ConditionStatus::False,
+                    e.reason(),
+                    message,
+                ),
                 now,
             );
             status.conditions.set(ready_condition(&status), now);
@@ -173,12 +215,20 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
     let mut outcome = DeviceOutcome::default();
     let result = provider.reconcile(&req, &mut status, &mut outcome).await;
     if let Err(e) = &result {
-        let condition = Condition::new(types::READY, ConditionStatus::False, e.reason(), e.to_string());
+        let condition = Condition::new(
+            types::READY,
+            ConditionStatus::False,
+            e.reason(),
+            e.to_string(),
+        );
         status.conditions.set(condition, now);
     } else {
         status.conditions.set(ready_condition(&status), now);
     }
-    status.reported_summary = status.reported.as_ref().map(|r| summarize(r, SUMMARY_CHARS));
+    status.reported_summary = status
+        .reported
+        .as_ref()
+        .map(|r| summarize(r, SUMMARY_CHARS));
     stamp_generation(&mut status, generation);
     // The status is written even after an error: identifiers recorded so far must survive.
     write_and_announce(&thing, ctx, api, &old, &status, &outcome.notices).await?;
@@ -187,26 +237,35 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
     crate::broker::publisher::publish_thing_state(&thing, &status);
 
     match result {
-        Ok(()) => Ok(Action::requeue(jittered(outcome.requeue_after.unwrap_or(ctx.config.resync_interval)))),
+        Ok(()) => Ok(Action::requeue(jittered(
+            outcome.requeue_after.unwrap_or(ctx.config.resync_interval),
+        ))),
         Err(e) if !e.is_retryable() => Ok(Action::await_change()),
         Err(e) => Err(Error::Provider(e)),
     }
 }
 
 async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
-    let ns = thing.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = thing
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = thing.name_any();
     let status = thing.status.clone().unwrap_or_default();
     let reference = thing.object_ref(&());
     let provisioned = status.device.is_some();
     if thing.spec.deletion_policy == DeletionPolicy::Orphan || !provisioned {
         if provisioned {
-            let notice = Notice::normal("Orphaned", "deletionPolicy Orphan: backend resources kept");
+            let notice =
+                Notice::normal("Orphaned", "deletionPolicy Orphan: backend resources kept");
             events::publish(ctx, KIND, &reference, &notice).await;
         }
         return Ok(Action::await_change());
     }
-    let broker = status.device.as_ref().and_then(|d| d.broker).unwrap_or(thing.spec.broker);
+    let broker = status
+        .device
+        .as_ref()
+        .and_then(|d| d.broker)
+        .unwrap_or(thing.spec.broker);
     let provider = ctx.providers.get(broker)?;
     let req = device_request(&thing, ctx, &ns, &name);
     let mut outcome = DeviceOutcome::default();
@@ -219,6 +278,12 @@ async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
         events::publish(ctx, KIND, &reference, &notice).await;
         return Err(Error::Provider(e));
     }
-    events::publish(ctx, KIND, &reference, &Notice::normal("Deprovisioned", "backend resources removed")).await;
+    events::publish(
+        ctx,
+        KIND,
+        &reference,
+        &Notice::normal("Deprovisioned", "backend resources removed"),
+    )
+    .await;
     Ok(Action::await_change())
 }

@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap,
     future::Future,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::Duration,
 };
 
@@ -50,7 +50,10 @@ impl TestEnv {
     }
 
     pub fn var(&self, key: &str) -> String {
-        self.vars.get(key).cloned().unwrap_or_else(|| panic!("test env has no {key}"))
+        self.vars
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| panic!("test env has no {key}"))
     }
 
     pub async fn client_from(&self, kubeconfig: &str) -> Client {
@@ -86,7 +89,11 @@ impl TestEnv {
             .env("KUBECONFIG", self.var("KUBECONFIG"))
             .output()
             .expect("kubectl runs");
-        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -95,8 +102,11 @@ impl TestEnv {
 pub async fn create_namespace(client: &Client, prefix: &str) -> String {
     let api: Api<Namespace> = Api::all(client.clone());
     let name = format!("{prefix}-{:08x}", rand::random::<u32>());
-    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
-    api.create(&PostParams::default(), &ns).await.expect("namespace created");
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+    api.create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace created");
     name
 }
 
@@ -106,7 +116,11 @@ pub async fn delete_namespace(client: &Client, name: &str) {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `check` until it returns `Some`, at most `timeout`.
@@ -135,7 +149,12 @@ pub struct OperatorProcess {
 }
 
 impl OperatorProcess {
-    pub fn start(env: &TestEnv, namespace: &str, extra_args: &[&str], extra_env: &[(&str, String)]) -> Self {
+    pub fn start(
+        env: &TestEnv,
+        namespace: &str,
+        extra_args: &[&str],
+        extra_env: &[(&str, String)],
+    ) -> Self {
         let http_port = free_port();
         let log_dir = env.dir.join("logs");
         std::fs::create_dir_all(&log_dir).unwrap();
@@ -158,7 +177,11 @@ impl OperatorProcess {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("operator starts");
-        OperatorProcess { child: Some(child), http_port, log_path }
+        OperatorProcess {
+            child: Some(child),
+            http_port,
+            log_path,
+        }
     }
 
     pub fn logs(&self) -> String {
@@ -166,13 +189,20 @@ impl OperatorProcess {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// GET on the operator's HTTP server; `None` when it does not answer.
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
         let url = format!("http://127.0.0.1:{}{}", self.http_port, path);
-        let resp = reqwest::Client::new().get(url).timeout(Duration::from_secs(2)).send().await.ok()?;
+        let resp = reqwest::Client::new()
+            .get(url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
         let code = resp.status().as_u16();
         Some((code, resp.text().await.ok()?))
     }
@@ -188,7 +218,10 @@ impl OperatorProcess {
     pub async fn metric(&self, name: &str, filters: &[&str]) -> f64 {
         let (_, body) = self.get("/metrics").await.expect("metrics served");
         body.lines()
-            .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+            .filter(|l| {
+                l.starts_with(name)
+                    && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+            })
             .filter(|l| filters.iter().all(|f| l.contains(f)))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
@@ -205,7 +238,10 @@ impl OperatorProcess {
     /// SIGTERM and wait (bounded) for a clean exit; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = c.try_wait() {
