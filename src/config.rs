@@ -20,7 +20,11 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Print every CustomResourceDefinition as YAML (what crds/ holds).
-    Crds,
+    Crds {
+        /// Annotate them for the Helm chart (`helm.sh/resource-policy: keep`).
+        #[arg(long)]
+        helm: bool,
+    },
     /// Run the controllers.
     Run(Box<RunArgs>),
 }

@@ -11,7 +11,7 @@ use thing_operator::{
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crds => match api::crds_yaml() {
+        Command::Crds { helm } => match if helm { api::helm_crds_yaml() } else { api::crds_yaml() } {
             Ok(yaml) => {
                 print!("{yaml}");
                 ExitCode::SUCCESS

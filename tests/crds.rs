@@ -15,6 +15,18 @@ fn crds_directory_is_in_sync_with_the_code() {
 }
 
 #[test]
+fn helm_chart_ships_the_same_crds() {
+    let expected = thing_operator::api::helm_crds_yaml().expect("CRDs serialize");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/thing-operator/files/crds.yaml");
+    let actual = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        actual == expected,
+        "{} is stale: regenerate with `cargo run -- crds --helm > charts/thing-operator/files/crds.yaml`",
+        path.display()
+    );
+}
+
+#[test]
 fn crds_carry_the_api_users_rely_on() {
     let crds = thing_operator::api::all_crds();
     let names: Vec<_> = crds.iter().map(|c| c.spec.names.kind.clone()).collect();

@@ -30,8 +30,27 @@ pub fn all_crds()
 
 /// The CRDs as one multi-document YAML stream, exactly what `crds/` holds.
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    render_crds(all_crds())
+}
+
+/// The CRDs as the Helm chart ships them: annotated so that `helm uninstall` keeps them (deleting
+/// a CRD deletes every Thing, and with it every device).
+pub fn helm_crds_yaml() -> Result<String, serde_yaml::Error> {
+    let mut crds = all_crds();
+    for crd in &mut crds {
+        crd.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert("helm.sh/resource-policy".into(), "keep".into());
+    }
+    render_crds(crds)
+}
+
+fn render_crds(
+    crds: Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>,
+) -> Result<String, serde_yaml::Error> {
     let mut out = String::new();
-    for crd in all_crds() {
+    for crd in crds {
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&crd)?);
     }
