@@ -158,6 +158,8 @@ pub struct CredCtx<'a> {
     pub policy_name: &'a str,
     pub key_validity_days: i64,
     pub orphan_grace: chrono::Duration,
+    /// The rotate annotation's current value: a first issuance counts as handling it.
+    pub rotation_token: Option<String>,
 }
 
 impl CredCtx<'_> {
@@ -350,6 +352,7 @@ async fn issue(
     state.key_pem = Some(generated.private_key_pem);
     state.cert_id = None;
     state.issued_at = Some(Utc::now());
+    state.rotation_token = x.rotation_token.clone();
     // The key exists only in memory until this write succeeds: nothing is registered before.
     x.save(state).await?;
     mirror(status, state, None);
@@ -441,6 +444,7 @@ async fn issue_cloud(
         .map(str::to_string);
     state.cert_id = Some(id.clone());
     state.issued_at = Some(Utc::now());
+    state.rotation_token = x.rotation_token.clone();
     state.pending_since = None;
     x.save(state).await?;
     step!("aws-after-store-cloud-key");
@@ -501,7 +505,6 @@ pub async fn rotate(
     state: &mut SecretState,
     status: &mut ThingStatus,
     overlap: std::time::Duration,
-    token: Option<&str>,
     reason: &str,
     notices: &mut Vec<Notice>,
 ) -> Result<ActiveCert, ProviderError> {
@@ -521,8 +524,6 @@ pub async fn rotate(
     } else {
         issue(x, state, status).await?
     };
-    state.rotation_token = token.map(str::to_string).or(state.rotation_token.take());
-    x.save(state).await?;
     step!("aws-after-rotate");
     mirror(status, state, Some(&active));
     notices.push(Notice::normal(

@@ -232,6 +232,7 @@ impl AwsProvider {
             key_validity_days: self.settings.key_validity_days,
             orphan_grace: chrono::Duration::from_std(self.settings.orphan_grace)
                 .unwrap_or_default(),
+            rotation_token: req.thing.annotations().get(ROTATE_ANNOTATION).cloned(),
         }
     }
 
@@ -319,17 +320,9 @@ impl AwsProvider {
             .unwrap_or(self.settings.default_rotation_overlap);
         let token = req.thing.annotations().get(ROTATE_ANNOTATION).cloned();
         if let Some(reason) = certs::rotation_due(&state, rotate_after, token.as_deref()) {
-            active = certs::rotate(
-                &x,
-                &mut state,
-                status,
-                overlap,
-                token.as_deref(),
-                &reason,
-                notices,
-            )
-            .await
-            .map_err(|e| failed(status, types::CREDENTIALS_READY, e))?;
+            active = certs::rotate(&x, &mut state, status, overlap, &reason, notices)
+                .await
+                .map_err(|e| failed(status, types::CREDENTIALS_READY, e))?;
             provision::ensure_attachments(c, thing_name, policy_name, &active.arn, false, notices)
                 .await
                 .map_err(|e| failed(status, types::PROVISIONED, e))?;
