@@ -18,9 +18,15 @@ async fn device_reports_gets_delta_and_is_removed_on_delete() {
     let status = thing.status.unwrap();
     let device_status = status.device.unwrap();
     let creds = s.credentials("lamp").await;
-    assert_eq!(device_status.client_id.as_deref(), Some(creds.client_id.as_str()));
+    assert_eq!(
+        device_status.client_id.as_deref(),
+        Some(creds.client_id.as_str())
+    );
     assert_eq!(device_status.topic.as_deref(), Some(creds.topic.as_str()));
-    assert_eq!(creds.topic, format!("{}/namespaces/{}/things/lamp", s.prefix, s.ns));
+    assert_eq!(
+        creds.topic,
+        format!("{}/namespaces/{}/things/lamp", s.prefix, s.ns)
+    );
     // The password is in the Secret only.
     let status_json = serde_json::to_string(&s.things.get("lamp").await.unwrap().status).unwrap();
     assert!(!status_json.contains(&creds.password));
@@ -28,26 +34,49 @@ async fn device_reports_gets_delta_and_is_removed_on_delete() {
     let root = creds.aws_root();
     let mut dev = Device::start(
         &creds,
-        vec![format!("{root}/update/accepted"), format!("{root}/update/rejected"), format!("{root}/update/delta"), format!("{root}/get/accepted")],
+        vec![
+            format!("{root}/update/accepted"),
+            format!("{root}/update/rejected"),
+            format!("{root}/update/delta"),
+            format!("{root}/get/accepted"),
+        ],
     );
     dev.connected().await;
     // Subscriptions are granted (SUBACK success for all four).
-    let ok = dev.next("SUBACK", |e| if let DeviceEvent::SubAck(ok) = e { Some(ok.clone()) } else { None }).await;
-    assert!(ok.iter().all(|b| *b), "device may subscribe to its own shadow topics");
+    let ok = dev
+        .next("SUBACK", |e| {
+            if let DeviceEvent::SubAck(ok) = e {
+                Some(ok.clone())
+            } else {
+                None
+            }
+        })
+        .await;
+    assert!(
+        ok.iter().all(|b| *b),
+        "device may subscribe to its own shadow topics"
+    );
 
     // The desired state is there for the device to fetch.
-    dev.publish(&format!("{root}/get"), r#"{"clientToken":"g1"}"#).await;
+    dev.publish(&format!("{root}/get"), r#"{"clientToken":"g1"}"#)
+        .await;
     let doc = dev.message(&format!("{root}/get/accepted")).await;
     assert_eq!(doc["state"]["desired"], json!({"on": false}));
     assert_eq!(doc["clientToken"], "g1");
 
-    dev.publish(&format!("{root}/update"), r#"{"state":{"reported":{"on":false,"temp":21.5}},"clientToken":"r1"}"#)
-        .await;
+    dev.publish(
+        &format!("{root}/update"),
+        r#"{"state":{"reported":{"on":false,"temp":21.5}},"clientToken":"r1"}"#,
+    )
+    .await;
     let acc = dev.message(&format!("{root}/update/accepted")).await;
     assert_eq!(acc["clientToken"], "r1");
     assert!(acc["metadata"]["reported"]["temp"]["timestamp"].is_i64());
     s.wait_thing("lamp", "reported state in status", |t| {
-        t.status.as_ref().and_then(|s| s.reported.as_ref()).is_some_and(|r| r.0.get("temp") == Some(&json!(21.5)))
+        t.status
+            .as_ref()
+            .and_then(|s| s.reported.as_ref())
+            .is_some_and(|r| r.0.get("temp") == Some(&json!(21.5)))
     })
     .await;
 
@@ -56,15 +85,27 @@ async fn device_reports_gets_delta_and_is_removed_on_delete() {
     let delta = dev.message(&format!("{root}/update/delta")).await;
     assert_eq!(delta["state"], json!({"on": true}));
     s.wait_thing("lamp", "delta in status", |t| {
-        t.status.as_ref().and_then(|s| s.delta.as_ref()).is_some_and(|d| d.0.get("on") == Some(&json!(true)))
+        t.status
+            .as_ref()
+            .and_then(|s| s.delta.as_ref())
+            .is_some_and(|d| d.0.get("on") == Some(&json!(true)))
     })
     .await;
     // The device applies it; the delta clears.
-    dev.publish(&format!("{root}/update"), r#"{"state":{"reported":{"on":true}}}"#).await;
+    dev.publish(
+        &format!("{root}/update"),
+        r#"{"state":{"reported":{"on":true}}}"#,
+    )
+    .await;
     dev.message(&format!("{root}/update/accepted")).await;
     let t = s
         .wait_thing("lamp", "delta cleared", |t| {
-            t.status.as_ref().is_some_and(|s| s.delta.is_none() && s.reported.as_ref().is_some_and(|r| r.0.get("on") == Some(&json!(true))))
+            t.status.as_ref().is_some_and(|s| {
+                s.delta.is_none()
+                    && s.reported
+                        .as_ref()
+                        .is_some_and(|r| r.0.get("on") == Some(&json!(true)))
+            })
         })
         .await;
     assert!(t.status.unwrap().version.unwrap() >= 3);
@@ -72,23 +113,38 @@ async fn device_reports_gets_delta_and_is_removed_on_delete() {
     // The same shadow is on the Thing's own topic tree.
     let path_root = format!("{}/shadow", creds.topic);
     drop(dev);
-    let mut dev = Device::start(&creds, vec![format!("{path_root}/get/accepted"), format!("{}/state", creds.topic)]);
+    let mut dev = Device::start(
+        &creds,
+        vec![
+            format!("{path_root}/get/accepted"),
+            format!("{}/state", creds.topic),
+        ],
+    );
     dev.connected().await;
+    // The retained state document of the REST message broker arrives on subscribing.
+    let state = dev.message(&format!("{}/state", creds.topic)).await;
     dev.publish(&format!("{path_root}/get"), "").await;
     let doc = dev.message(&format!("{path_root}/get/accepted")).await;
     assert_eq!(doc["state"]["reported"]["on"], json!(true));
-    // The retained state document of the REST message broker.
-    let state = dev.message(&format!("{}/state", creds.topic)).await;
     assert_eq!(state["name"], "lamp");
     drop(dev);
 
     // Deleting the Thing removes its broker client: its credentials stop working.
     s.things.delete("lamp", &Default::default()).await.unwrap();
     common::wait_for("Thing gone", mosquitto_support::WAIT, || async {
-        s.things.get_opt("lamp").await.ok().flatten().is_none().then_some(())
+        s.things
+            .get_opt("lamp")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            .then_some(())
     })
     .await;
-    assert!(try_connect(&creds).await.is_err(), "deleted Thing's credentials still accepted");
+    assert!(
+        try_connect(&creds).await.is_err(),
+        "deleted Thing's credentials still accepted"
+    );
     common::delete_namespace(&s.client, &s.ns).await;
 }
 
@@ -111,20 +167,50 @@ async fn acl_isolation_and_bad_credentials() {
     assert!(try_connect(&unknown).await.is_err());
     let mut stolen_id = ca.clone();
     stolen_id.client_id = cb.client_id.clone();
-    assert!(try_connect(&stolen_id).await.is_err(), "a device may only use its own client id");
+    assert!(
+        try_connect(&stolen_id).await.is_err(),
+        "a device may only use its own client id"
+    );
 
     // Subscribing to b's topics is refused in the SUBACK.
     let (ra, rb) = (ca.aws_root(), cb.aws_root());
-    let mut dev = Device::start(&ca, vec![format!("{rb}/update/accepted"), format!("{}/#", cb.topic), format!("{ra}/update/accepted")]);
+    let mut dev = Device::start(
+        &ca,
+        vec![
+            format!("{rb}/update/accepted"),
+            format!("{}/#", cb.topic),
+            format!("{ra}/update/accepted"),
+        ],
+    );
     dev.connected().await;
-    let acks = dev.next("SUBACK", |e| if let DeviceEvent::SubAck(ok) = e { Some(ok.clone()) } else { None }).await;
+    let acks = dev
+        .next("SUBACK", |e| {
+            if let DeviceEvent::SubAck(ok) = e {
+                Some(ok.clone())
+            } else {
+                None
+            }
+        })
+        .await;
     assert_eq!(acks, vec![false, false, true]);
 
     // Publishing into b's shadow is dropped by the broker: a's own report, sent after it on the
     // same connection, is answered, and b's shadow is still empty.
-    dev.publish(&format!("{rb}/update"), r#"{"state":{"reported":{"hacked":true}}}"#).await;
-    dev.publish(&format!("{}/shadow/update", cb.topic), r#"{"state":{"reported":{"hacked":true}}}"#).await;
-    dev.publish(&format!("{ra}/update"), r#"{"state":{"reported":{"mine":1}}}"#).await;
+    dev.publish(
+        &format!("{rb}/update"),
+        r#"{"state":{"reported":{"hacked":true}}}"#,
+    )
+    .await;
+    dev.publish(
+        &format!("{}/shadow/update", cb.topic),
+        r#"{"state":{"reported":{"hacked":true}}}"#,
+    )
+    .await;
+    dev.publish(
+        &format!("{ra}/update"),
+        r#"{"state":{"reported":{"mine":1}}}"#,
+    )
+    .await;
     dev.message(&format!("{ra}/update/accepted")).await;
     let mut devb = Device::start(&cb, vec![format!("{rb}/get/accepted")]);
     devb.connected().await;
@@ -143,21 +229,45 @@ async fn malformed_payloads_are_rejected() {
     s.wait_ready("m").await;
     let c = s.credentials("m").await;
     let root = c.aws_root();
-    let mut dev = Device::start(&c, vec![format!("{root}/update/rejected"), format!("{root}/update/accepted"), format!("{root}/get/accepted")]);
+    let mut dev = Device::start(
+        &c,
+        vec![
+            format!("{root}/update/rejected"),
+            format!("{root}/update/accepted"),
+            format!("{root}/get/accepted"),
+        ],
+    );
     dev.connected().await;
-    dev.publish(&format!("{root}/update"), r#"{"state":{"reported":{"x":1}}}"#).await;
+    dev.publish(
+        &format!("{root}/update"),
+        r#"{"state":{"reported":{"x":1}}}"#,
+    )
+    .await;
     // Created with its desired state: the shadow starts at version 0, the report makes it 1.
-    assert_eq!(dev.message(&format!("{root}/update/accepted")).await["version"], 1);
+    assert_eq!(
+        dev.message(&format!("{root}/update/accepted")).await["version"],
+        1
+    );
 
-    let deep = format!(r#"{{"state":{{"reported":{}1{}}}}}"#, r#"{"a":"#.repeat(10), "}".repeat(10));
-    let big = format!(r#"{{"state":{{"reported":{{"x":"{}"}}}}}}"#, "a".repeat(20_000));
+    let deep = format!(
+        r#"{{"state":{{"reported":{}1{}}}}}"#,
+        r#"{"a":"#.repeat(10),
+        "}".repeat(10)
+    );
+    let big = format!(
+        r#"{{"state":{{"reported":{{"x":"{}"}}}}}}"#,
+        "a".repeat(20_000)
+    );
     let cases: Vec<(Vec<u8>, i64)> = vec![
         (b"not json at all".to_vec(), 400),
         (b"[1,2,3]".to_vec(), 400),
         (br#""a string""#.to_vec(), 400),
         (big.into_bytes(), 413),
         (deep.into_bytes(), 400),
-        (br#"{"state":{"reported":{"x":5}},"version":5}"#.to_vec(), 409),
+        (
+            br#"{"state":{"reported":{"x":5}},"version":5}"#.to_vec(),
+            409,
+        ),
         (br#"{"state":{"desired":{"x":5}}}"#.to_vec(), 400),
         (vec![0xff, 0x00, 0xfe], 400),
     ];
@@ -172,7 +282,14 @@ async fn malformed_payloads_are_rejected() {
     assert_eq!(doc["state"]["reported"], json!({"x": 1}));
     assert!(s.operator.is_running());
     // And it still works.
-    dev.publish(&format!("{root}/update"), r#"{"state":{"reported":{"x":2}},"version":1}"#).await;
-    assert_eq!(dev.message(&format!("{root}/update/accepted")).await["version"], 2);
+    dev.publish(
+        &format!("{root}/update"),
+        r#"{"state":{"reported":{"x":2}},"version":1}"#,
+    )
+    .await;
+    assert_eq!(
+        dev.message(&format!("{root}/update/accepted")).await["version"],
+        2
+    );
     common::delete_namespace(&s.client, &s.ns).await;
 }

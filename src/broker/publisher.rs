@@ -21,8 +21,17 @@ use crate::api::{Thing, ThingStatus, conditions::types};
 pub struct StatePublisher {
     client: AsyncClient,
     layout: TopicLayout,
-    /// Last document published per Thing topic, so an unchanged state is not sent again.
-    last: Mutex<HashMap<String, Vec<u8>>>,
+    inner: Mutex<Docs>,
+}
+
+#[derive(Default)]
+struct Docs {
+    /// Latest document per Thing topic and whether it went out: an unchanged state is not sent
+    /// again, and everything is sent again when the connection comes back (a broker without
+    /// persistence forgets retained messages on restart).
+    latest: HashMap<String, (Vec<u8>, bool)>,
+    /// False until the broker confirmed the operator may publish; documents wait meanwhile.
+    online: bool,
 }
 
 static PUBLISHER: OnceLock<StatePublisher> = OnceLock::new();
@@ -49,7 +58,11 @@ pub fn state_document(thing: &Thing, status: &ThingStatus) -> Value {
 
 impl StatePublisher {
     pub fn new(client: AsyncClient, layout: TopicLayout) -> Self {
-        Self { client, layout, last: Mutex::new(HashMap::new()) }
+        Self {
+            client,
+            layout,
+            inner: Mutex::new(Docs::default()),
+        }
     }
 
     /// Makes this the process-wide publisher; a second call is ignored.
@@ -59,27 +72,57 @@ impl StatePublisher {
 
     fn publish(&self, thing: &Thing, status: &ThingStatus) {
         let ns = thing.namespace().unwrap_or_default();
-        let Ok(topic) = self.layout.thing(&ns, &thing.name_any()) else { return };
+        let Ok(topic) = self.layout.thing(&ns, &thing.name_any()) else {
+            return;
+        };
         let topic = topic.state();
-        let Ok(payload) = serde_json::to_vec(&state_document(thing, status)) else { return };
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.get(&topic) == Some(&payload) {
+        let Ok(payload) = serde_json::to_vec(&state_document(thing, status)) else {
+            return;
+        };
+        let mut docs = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if docs.latest.get(&topic).is_some_and(|(p, sent)| *sent && *p == payload) {
             return;
         }
-        match self.client.try_publish(topic.clone(), QoS::AtLeastOnce, true, payload.clone()) {
-            Ok(()) => {
-                last.insert(topic, payload);
+        let sent = docs.online && self.send(&topic, &payload);
+        docs.latest.insert(topic, (payload, sent));
+    }
+
+    fn send(&self, topic: &str, payload: &[u8]) -> bool {
+        match self.client.try_publish(topic, QoS::AtLeastOnce, true, payload.to_vec()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(%topic, error = %e, "state not published (queue full); the next change retries");
+                false
             }
-            Err(e) => tracing::debug!(%topic, error = %e, "state not published (queue full); the next change retries"),
+        }
+    }
+
+    fn set_online(&self, online: bool) {
+        let mut docs = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        docs.online = online;
+        if online {
+            let pending: Vec<(String, Vec<u8>)> = docs.latest.iter().map(|(t, (p, _))| (t.clone(), p.clone())).collect();
+            for (topic, payload) in pending {
+                let sent = self.send(&topic, &payload);
+                docs.latest.insert(topic, (payload, sent));
+            }
         }
     }
 
     fn clear(&self, namespace: &str, name: &str) {
-        let Ok(topic) = self.layout.thing(namespace, name) else { return };
+        let Ok(topic) = self.layout.thing(namespace, name) else {
+            return;
+        };
         let topic = topic.state();
-        self.last.lock().unwrap_or_else(|p| p.into_inner()).remove(&topic);
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .latest
+            .remove(&topic);
         // An empty retained message deletes the retained state.
-        let _ = self.client.try_publish(topic, QoS::AtLeastOnce, true, Vec::new());
+        let _ = self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, true, Vec::new());
     }
 }
 
@@ -87,6 +130,14 @@ impl StatePublisher {
 pub fn publish_thing_state(thing: &Thing, status: &ThingStatus) {
     if let Some(p) = PUBLISHER.get() {
         p.publish(thing, status);
+    }
+}
+
+/// Tells the publisher whether it may publish (the connection is up and authorized); going
+/// online sends every Thing's latest state again.
+pub fn set_online(online: bool) {
+    if let Some(p) = PUBLISHER.get() {
+        p.set_online(online);
     }
 }
 

@@ -25,7 +25,11 @@ pub enum TopicError {
     #[error("topic prefix {0:?} is invalid: {1}")]
     Prefix(String, &'static str),
     #[error("{what} {value:?} cannot be part of a topic: {why}")]
-    Segment { what: &'static str, value: String, why: &'static str },
+    Segment {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
 }
 
 /// Longest prefix accepted; MQTT allows 65535 bytes per topic, ACL tables like them short.
@@ -94,20 +98,34 @@ pub struct ShadowRequest {
 
 impl ShadowRequest {
     pub fn reply_topic(&self, reply: ShadowReply) -> String {
-        format!("{}/{}/{}", self.shadow_root, self.op.as_str(), reply.as_str())
+        format!(
+            "{}/{}/{}",
+            self.shadow_root,
+            self.op.as_str(),
+            reply.as_str()
+        )
     }
 }
 
 /// Checks a Kubernetes namespace or object name for use as one topic level.
 fn check_k8s_segment(what: &'static str, value: &str) -> Result<(), TopicError> {
-    let err = |why| Err(TopicError::Segment { what, value: value.to_string(), why });
+    let err = |why| {
+        Err(TopicError::Segment {
+            what,
+            value: value.to_string(),
+            why,
+        })
+    };
     if value.is_empty() {
         return err("empty level");
     }
     if value.len() > MAX_NAME {
         return err("too long");
     }
-    if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.') {
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
         return err("only lowercase letters, digits, '-' and '.' are allowed");
     }
     Ok(())
@@ -115,14 +133,23 @@ fn check_k8s_segment(what: &'static str, value: &str) -> Result<(), TopicError> 
 
 /// Checks a backend thing name (`spec.thingName` or derived) for `$aws/things/{name}`.
 pub fn check_thing_name(value: &str) -> Result<(), TopicError> {
-    let err = |why| Err(TopicError::Segment { what: "thing name", value: value.to_string(), why });
+    let err = |why| {
+        Err(TopicError::Segment {
+            what: "thing name",
+            value: value.to_string(),
+            why,
+        })
+    };
     if value.is_empty() {
         return err("empty level");
     }
     if value.len() > MAX_THING_NAME {
         return err("too long");
     }
-    if !value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-')) {
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
+    {
         return err("only letters, digits, ':', '_' and '-' are allowed");
     }
     Ok(())
@@ -153,7 +180,9 @@ impl TopicLayout {
         if prefix.contains(['+', '#', '\0']) {
             return err("must not contain '+', '#' or NUL");
         }
-        Ok(Self { prefix: prefix.to_string() })
+        Ok(Self {
+            prefix: prefix.to_string(),
+        })
     }
 
     pub fn prefix(&self) -> &str {
@@ -164,19 +193,31 @@ impl TopicLayout {
     pub fn thing(&self, namespace: &str, name: &str) -> Result<ThingTopic, TopicError> {
         check_k8s_segment("namespace", namespace)?;
         check_k8s_segment("name", name)?;
-        Ok(ThingTopic { base: format!("{}/namespaces/{namespace}/things/{name}", self.prefix) })
+        Ok(ThingTopic {
+            base: format!("{}/namespaces/{namespace}/things/{name}", self.prefix),
+        })
     }
 
     /// The Thing a Kubernetes URL path names (`/apis/<group>/<version>/namespaces/{ns}/things/{name}`
     /// or the short `/namespaces/{ns}/things/{name}`).
     pub fn thing_for_url(&self, path: &str) -> Result<ThingTopic, TopicError> {
-        let bad = |why| TopicError::Segment { what: "URL", value: path.to_string(), why };
-        let rest = path.strip_prefix('/').ok_or_else(|| bad("not an absolute path"))?;
+        let bad = |why| TopicError::Segment {
+            what: "URL",
+            value: path.to_string(),
+            why,
+        };
+        let rest = path
+            .strip_prefix('/')
+            .ok_or_else(|| bad("not an absolute path"))?;
         let rest = match rest.strip_prefix("apis/") {
             Some(r) => {
-                let r = r.strip_prefix(crate::api::GROUP).ok_or_else(|| bad("not a Thing URL"))?;
+                let r = r
+                    .strip_prefix(crate::api::GROUP)
+                    .ok_or_else(|| bad("not a Thing URL"))?;
                 let r = r.strip_prefix('/').ok_or_else(|| bad("not a Thing URL"))?;
-                let r = r.strip_prefix(crate::api::VERSION).ok_or_else(|| bad("unknown version"))?;
+                let r = r
+                    .strip_prefix(crate::api::VERSION)
+                    .ok_or_else(|| bad("unknown version"))?;
                 r.strip_prefix('/').ok_or_else(|| bad("not a Thing URL"))?
             }
             None => rest,
@@ -191,13 +232,19 @@ impl TopicLayout {
     /// The Kubernetes URL of the Thing a topic belongs to, if it is one of ours.
     pub fn url_for_topic(&self, topic: &str) -> Option<String> {
         let (ns, name, _) = self.parse_thing_topic(topic)?;
-        Some(format!("/apis/{}/{}/namespaces/{ns}/things/{name}", crate::api::GROUP, crate::api::VERSION))
+        Some(format!(
+            "/apis/{}/{}/namespaces/{ns}/things/{name}",
+            crate::api::GROUP,
+            crate::api::VERSION
+        ))
     }
 
     /// Splits `{prefix}/namespaces/{ns}/things/{name}[/rest]` into its parts; `None` for any
     /// topic that is not exactly that shape with valid names.
     pub fn parse_thing_topic<'t>(&self, topic: &'t str) -> Option<(&'t str, &'t str, &'t str)> {
-        let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix("/namespaces/")?;
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("/namespaces/")?;
         let (ns, rest) = rest.split_once('/')?;
         let rest = rest.strip_prefix("things/")?;
         let (name, rest) = match rest.split_once('/') {
@@ -213,7 +260,11 @@ impl TopicLayout {
     pub fn service_filters(&self) -> Vec<String> {
         let mut filters = Vec::new();
         for op in [ShadowOp::Update, ShadowOp::Get] {
-            filters.push(format!("{}/namespaces/+/things/+/shadow/{}", self.prefix, op.as_str()));
+            filters.push(format!(
+                "{}/namespaces/+/things/+/shadow/{}",
+                self.prefix,
+                op.as_str()
+            ));
             filters.push(format!("$aws/things/+/shadow/{}", op.as_str()));
         }
         filters
@@ -239,7 +290,10 @@ impl TopicLayout {
         let (ns, name, rest) = self.parse_thing_topic(topic)?;
         let op = parse_op(rest.strip_prefix("shadow/")?)?;
         Some(ShadowRequest {
-            target: ShadowTarget::Path { namespace: ns.to_string(), name: name.to_string() },
+            target: ShadowTarget::Path {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+            },
             op,
             shadow_root: format!("{}/namespaces/{ns}/things/{name}/shadow", self.prefix),
         })
@@ -326,13 +380,18 @@ mod tests {
         assert_eq!(t.base(), "things/namespaces/prod/things/dev1");
         assert_eq!(t.state(), "things/namespaces/prod/things/dev1/state");
         assert_eq!(t.all(), "things/namespaces/prod/things/dev1/#");
-        let nested = TopicLayout::new("site/a/k8s").unwrap().thing("ns", "a.b-c").unwrap();
+        let nested = TopicLayout::new("site/a/k8s")
+            .unwrap()
+            .thing("ns", "a.b-c")
+            .unwrap();
         assert_eq!(nested.base(), "site/a/k8s/namespaces/ns/things/a.b-c");
     }
 
     #[test]
     fn prefix_rejects_wildcards_empty_levels_and_dollar() {
-        for bad in ["", "/things", "things/", "a//b", "a/+/b", "a/#", "#", "+", "$aws", "$SYS/x", "a\0b"] {
+        for bad in [
+            "", "/things", "things/", "a//b", "a/+/b", "a/#", "#", "+", "$aws", "$SYS/x", "a\0b",
+        ] {
             assert!(TopicLayout::new(bad).is_err(), "{bad:?} accepted");
         }
         assert!(TopicLayout::new(&"x".repeat(MAX_PREFIX + 1)).is_err());
@@ -344,7 +403,9 @@ mod tests {
     #[test]
     fn segments_reject_wildcards_slashes_and_empty() {
         let l = layout();
-        for bad in ["", "a/b", "a+", "#", "+", "a#b", "A", "a b", "a\0", "$x", "ä"] {
+        for bad in [
+            "", "a/b", "a+", "#", "+", "a#b", "A", "a b", "a\0", "$x", "ä",
+        ] {
             assert!(l.thing(bad, "dev").is_err(), "namespace {bad:?} accepted");
             assert!(l.thing("ns", bad).is_err(), "name {bad:?} accepted");
         }
@@ -354,7 +415,10 @@ mod tests {
 
     #[test]
     fn thing_names_for_the_aws_alias_are_checked() {
-        assert_eq!(aws_shadow_root("ns_dev:1").unwrap(), "$aws/things/ns_dev:1/shadow");
+        assert_eq!(
+            aws_shadow_root("ns_dev:1").unwrap(),
+            "$aws/things/ns_dev:1/shadow"
+        );
         for bad in ["", "a/b", "a+b", "a#", "a b", &"x".repeat(129)] {
             assert!(aws_shadow_root(bad).is_err(), "{bad:?} accepted");
         }
@@ -390,7 +454,10 @@ mod tests {
             l.parse_thing_topic("things/namespaces/ns/things/d/shadow/update"),
             Some(("ns", "d", "shadow/update"))
         );
-        assert_eq!(l.parse_thing_topic("things/namespaces/ns/things/d"), Some(("ns", "d", "")));
+        assert_eq!(
+            l.parse_thing_topic("things/namespaces/ns/things/d"),
+            Some(("ns", "d", ""))
+        );
         for bad in [
             "things/namespaces//things/d",
             "things/namespaces/ns/things/",
@@ -408,13 +475,29 @@ mod tests {
     #[test]
     fn shadow_requests_parse_in_both_layouts() {
         let l = layout();
-        let r = l.parse_shadow_request("things/namespaces/ns/things/d/shadow/update").unwrap();
-        assert_eq!(r.target, ShadowTarget::Path { namespace: "ns".into(), name: "d".into() });
+        let r = l
+            .parse_shadow_request("things/namespaces/ns/things/d/shadow/update")
+            .unwrap();
+        assert_eq!(
+            r.target,
+            ShadowTarget::Path {
+                namespace: "ns".into(),
+                name: "d".into()
+            }
+        );
         assert_eq!(r.op, ShadowOp::Update);
-        assert_eq!(r.reply_topic(ShadowReply::Accepted), "things/namespaces/ns/things/d/shadow/update/accepted");
-        let r = l.parse_shadow_request("$aws/things/ns_d/shadow/get").unwrap();
+        assert_eq!(
+            r.reply_topic(ShadowReply::Accepted),
+            "things/namespaces/ns/things/d/shadow/update/accepted"
+        );
+        let r = l
+            .parse_shadow_request("$aws/things/ns_d/shadow/get")
+            .unwrap();
         assert_eq!(r.target, ShadowTarget::AwsName("ns_d".into()));
-        assert_eq!(r.reply_topic(ShadowReply::Rejected), "$aws/things/ns_d/shadow/get/rejected");
+        assert_eq!(
+            r.reply_topic(ShadowReply::Rejected),
+            "$aws/things/ns_d/shadow/get/rejected"
+        );
         for bad in [
             "$aws/things/ns_d/shadow/update/accepted",
             "$aws/things//shadow/update",
@@ -434,7 +517,9 @@ mod tests {
         let matches = |t: &str| filters.iter().any(|f| filter_matches(f, t));
         assert!(matches("things/namespaces/ns/things/d/shadow/update"));
         assert!(matches("$aws/things/x/shadow/get"));
-        assert!(!matches("things/namespaces/ns/things/d/shadow/update/accepted"));
+        assert!(!matches(
+            "things/namespaces/ns/things/d/shadow/update/accepted"
+        ));
         assert!(!matches("things/namespaces/ns/things/d/state"));
     }
 
@@ -449,7 +534,12 @@ mod tests {
                     for n2 in names {
                         let other = l.thing(ns2, n2).unwrap();
                         let same = ns1 == ns2 && n1 == n2;
-                        assert_eq!(filter_matches(&acl, &other.state()), same, "{acl} vs {}", other.state());
+                        assert_eq!(
+                            filter_matches(&acl, &other.state()),
+                            same,
+                            "{acl} vs {}",
+                            other.state()
+                        );
                         assert_eq!(filter_matches(&acl, other.base()), same);
                     }
                 }
@@ -464,7 +554,10 @@ mod tests {
         assert!(filter_matches("a/#", "a"));
         assert!(filter_matches("a/#", "a/b/c"));
         assert!(!filter_matches("#", "$SYS/x"));
-        assert!(filter_matches("$aws/things/+/shadow/update", "$aws/things/x/shadow/update"));
+        assert!(filter_matches(
+            "$aws/things/+/shadow/update",
+            "$aws/things/x/shadow/update"
+        ));
         assert!(!filter_matches("a/b", "a/b/"));
     }
 }

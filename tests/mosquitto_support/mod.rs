@@ -9,7 +9,7 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
 };
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, Incoming, MqttOptions, QoS};
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, Incoming, MqttOptions, QoS, SubscribeFilter};
 use serde_json::{Value, json};
 use thing_operator::api::Thing;
 use tokio::sync::{mpsc, watch};
@@ -48,7 +48,14 @@ pub async fn setup(test: &str, extra_args: &[&str]) -> Setup {
     let operator = OperatorProcess::start(&env, &ns, &arg_refs, &[]);
     operator.wait_ready().await;
     let things = Api::namespaced(client.clone(), &ns);
-    Setup { env, client, ns, prefix, operator, things }
+    Setup {
+        env,
+        client,
+        ns,
+        prefix,
+        operator,
+        things,
+    }
 }
 
 impl Setup {
@@ -60,12 +67,19 @@ impl Setup {
             "spec": {"desired": desired},
         }))
         .unwrap();
-        self.things.create(&PostParams::default(), &thing).await.expect("Thing created")
+        self.things
+            .create(&PostParams::default(), &thing)
+            .await
+            .expect("Thing created")
     }
 
     pub async fn set_desired(&self, name: &str, desired: Value) {
         self.things
-            .patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"desired": desired}})))
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"desired": desired}})),
+            )
             .await
             .expect("desired patched");
     }
@@ -84,16 +98,29 @@ impl Setup {
 
     pub async fn wait_ready(&self, name: &str) -> Thing {
         self.wait_thing(name, &format!("Thing {name} Ready"), |t| {
-            t.status.as_ref().is_some_and(|s| s.conditions.is_true("Ready"))
+            t.status
+                .as_ref()
+                .is_some_and(|s| s.conditions.is_true("Ready"))
         })
         .await
     }
 
     pub async fn credentials(&self, name: &str) -> Credentials {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
-        let s = secrets.get(&format!("{name}-device")).await.expect("device Secret exists");
+        let s = secrets
+            .get(&format!("{name}-device"))
+            .await
+            .expect("device Secret exists");
         let data = s.data.expect("Secret has data");
-        let text = |k: &str| String::from_utf8(data.get(k).unwrap_or_else(|| panic!("Secret has {k}")).0.clone()).unwrap();
+        let text = |k: &str| {
+            String::from_utf8(
+                data.get(k)
+                    .unwrap_or_else(|| panic!("Secret has {k}"))
+                    .0
+                    .clone(),
+            )
+            .unwrap()
+        };
         Credentials {
             endpoint: text("endpoint"),
             client_id: text("clientId"),
@@ -174,8 +201,9 @@ impl Device {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                        for f in &resubscribe {
-                            let _ = sub_client.subscribe(f.clone(), QoS::AtLeastOnce).await;
+                        if !resubscribe.is_empty() {
+                            let filters = resubscribe.iter().map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                            let _ = sub_client.subscribe_many(filters).await;
                         }
                         let _ = tx.send(DeviceEvent::Connected);
                     }
@@ -183,13 +211,21 @@ impl Device {
                         let _ = tx.send(DeviceEvent::Message(p.topic.clone(), p.payload.to_vec()));
                     }
                     Ok(Event::Incoming(Incoming::SubAck(s))) => {
-                        let ok = s.return_codes.iter().map(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))).collect();
+                        let ok = s
+                            .return_codes
+                            .iter()
+                            .map(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)))
+                            .collect();
                         let _ = tx.send(DeviceEvent::SubAck(ok));
                     }
                     Ok(_) => {}
                     Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
                         let _ = tx.send(DeviceEvent::Refused(format!("{code:?}")));
-                        if matches!(code, ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword) {
+                        if matches!(
+                            code,
+                            ConnectReturnCode::NotAuthorized
+                                | ConnectReturnCode::BadUserNamePassword
+                        ) {
                             return;
                         }
                     }
@@ -206,7 +242,12 @@ impl Device {
                 }
             }
         });
-        Device { client, events, hold, task }
+        Device {
+            client,
+            events,
+            hold,
+            task,
+        }
     }
 
     pub fn hold(&self, on: bool) {
@@ -214,7 +255,11 @@ impl Device {
     }
 
     /// Waits for the first event `pick` accepts, skipping others.
-    pub async fn next<T>(&mut self, what: &str, mut pick: impl FnMut(&DeviceEvent) -> Option<T>) -> T {
+    pub async fn next<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(&DeviceEvent) -> Option<T>,
+    ) -> T {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
@@ -242,14 +287,19 @@ impl Device {
     pub async fn message(&mut self, topic: &str) -> Value {
         let t = topic.to_string();
         self.next(&format!("a message on {topic}"), |e| match e {
-            DeviceEvent::Message(tp, p) if *tp == t => Some(serde_json::from_slice(p).unwrap_or(Value::Null)),
+            DeviceEvent::Message(tp, p) if *tp == t => {
+                Some(serde_json::from_slice(p).unwrap_or(Value::Null))
+            }
             _ => None,
         })
         .await
     }
 
     pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload.into()).await.expect("publish queued");
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish queued");
     }
 }
 

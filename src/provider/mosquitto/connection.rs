@@ -35,7 +35,11 @@ impl BrokerAddress {
     /// `mqtt://host[:1883]`, `tcp://…`, `mqtts://host[:8883]`, `ssl://…`.
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
         // A URL with user info may hold a password: never echo it.
-        let shown = if url.contains('@') { "<redacted>".to_string() } else { url.to_string() };
+        let shown = if url.contains('@') {
+            "<redacted>".to_string()
+        } else {
+            url.to_string()
+        };
         let bad = |why: &str| ConfigError::Url(shown.clone(), why.to_string());
         let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
         let tls = match parsed.scheme() {
@@ -45,7 +49,9 @@ impl BrokerAddress {
         };
         if !parsed.username().is_empty() || parsed.password().is_some() {
             // Credentials in a URL end up in process listings and logs.
-            return Err(bad("credentials do not belong in the URL; use --mqtt-username/--mqtt-password-file"));
+            return Err(bad(
+                "credentials do not belong in the URL; use --mqtt-username/--mqtt-password-file",
+            ));
         }
         let host = parsed.host_str().ok_or_else(|| bad("no host"))?.to_string();
         let port = parsed.port().unwrap_or(if tls { 8883 } else { 1883 });
@@ -75,7 +81,9 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Config
             for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
                 let cert: rustls::pki_types::CertificateDer<'static> =
                     cert.map_err(|e| ConfigError::Tls(format!("{}: {e}", path.display())))?;
-                roots.add(cert).map_err(|e| ConfigError::Tls(e.to_string()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| ConfigError::Tls(e.to_string()))?;
             }
         }
         None => {
@@ -84,7 +92,9 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Config
             }
         }
     }
-    Ok(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// What the connection calls back into.
@@ -113,14 +123,20 @@ const MAX_PACKET: usize = 1024 * 1024;
 /// The client handle and its (not yet polled) event loop; nothing connects before
 /// [`spawn_driver`] polls it.
 pub fn build(settings: ConnectionSettings) -> (AsyncClient, EventLoop) {
-    let mut options = MqttOptions::new(settings.client_id, settings.address.host.clone(), settings.address.port);
+    let mut options = MqttOptions::new(
+        settings.client_id,
+        settings.address.host.clone(),
+        settings.address.port,
+    );
     options
         .set_credentials(settings.username, settings.password)
         .set_keep_alive(Duration::from_secs(15))
         .set_clean_session(true)
         .set_max_packet_size(MAX_PACKET, MAX_PACKET);
     if let Some(tls) = settings.tls {
-        options.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(tls))));
+        options.set_transport(Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+        ));
     }
     if let Some((topic, payload)) = settings.last_will {
         options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
@@ -130,11 +146,21 @@ pub fn build(settings: ConnectionSettings) -> (AsyncClient, EventLoop) {
 }
 
 /// Drives the event loop until `shutdown`, calling `handler`.
-pub fn spawn_driver(eventloop: EventLoop, client: AsyncClient, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
+pub fn spawn_driver(
+    eventloop: EventLoop,
+    client: AsyncClient,
+    handler: Arc<dyn Handler>,
+    shutdown: CancellationToken,
+) {
     tokio::spawn(drive(eventloop, client, handler, shutdown));
 }
 
-async fn drive(mut eventloop: EventLoop, client: AsyncClient, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
+async fn drive(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    handler: Arc<dyn Handler>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let event = tokio::select! {
@@ -150,7 +176,9 @@ async fn drive(mut eventloop: EventLoop, client: AsyncClient, handler: Arc<dyn H
                 backoff = Duration::from_millis(100);
                 handler.on_connected(&client);
             }
-            Ok(Event::Incoming(Incoming::Publish(p))) => handler.on_message(&client, &p.topic, &p.payload),
+            Ok(Event::Incoming(Incoming::Publish(p))) => {
+                handler.on_message(&client, &p.topic, &p.payload)
+            }
             Ok(_) => {}
             Err(e) => {
                 // The error names the connection problem, never credentials.
@@ -173,7 +201,11 @@ mod tests {
     fn urls_parse_with_default_ports() {
         assert_eq!(
             BrokerAddress::parse("mqtt://127.0.0.1:1884").unwrap(),
-            BrokerAddress { host: "127.0.0.1".into(), port: 1884, tls: false }
+            BrokerAddress {
+                host: "127.0.0.1".into(),
+                port: 1884,
+                tls: false
+            }
         );
         assert_eq!(BrokerAddress::parse("mqtt://broker").unwrap().port, 1883);
         let tls = BrokerAddress::parse("mqtts://broker.example").unwrap();
@@ -181,7 +213,9 @@ mod tests {
         assert_eq!(tls.endpoint(), "broker.example:8883");
         assert!(BrokerAddress::parse("http://x").is_err());
         assert!(BrokerAddress::parse("not a url").is_err());
-        let err = BrokerAddress::parse("mqtt://admin:hunter2@broker").unwrap_err().to_string();
+        let err = BrokerAddress::parse("mqtt://admin:hunter2@broker")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("credentials"));
         assert!(!err.contains("hunter2"));
     }

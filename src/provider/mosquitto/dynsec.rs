@@ -16,11 +16,20 @@ pub const RESPONSE_TOPIC: &str = "$CONTROL/dynamic-security/v1/response";
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DynsecError {
     #[error("dynsec {command}: no answer within {timeout:?}")]
-    Timeout { command: &'static str, timeout: Duration },
+    Timeout {
+        command: &'static str,
+        timeout: Duration,
+    },
     #[error("dynsec {command}: not sent: {message}")]
-    Send { command: &'static str, message: String },
+    Send {
+        command: &'static str,
+        message: String,
+    },
     #[error("dynsec {command}: {error}")]
-    Command { command: &'static str, error: String },
+    Command {
+        command: &'static str,
+        error: String,
+    },
     /// A broker client of that name exists and was not made for this Thing.
     #[error("broker client {0} exists and is not managed by this Thing")]
     Foreign(String),
@@ -50,7 +59,11 @@ pub struct Acl {
 
 impl Acl {
     pub fn allow(acltype: &'static str, topic: impl Into<String>) -> Self {
-        Self { acltype, topic: topic.into(), allow: true }
+        Self {
+            acltype,
+            topic: topic.into(),
+            allow: true,
+        }
     }
 
     fn to_json(&self) -> Value {
@@ -69,6 +82,15 @@ pub struct ClientSpec<'a> {
     pub owner_mark: &'a str,
 }
 
+/// A fingerprint of a password, kept in the client's `textdescription`: the plugin only stores
+/// a salted hash, so this is how the operator knows whether the broker already has the
+/// Secret's password without setting it again (which would disconnect the device). The
+/// password is 32 random alphanumerics, so a truncated SHA-256 reveals nothing usable.
+pub fn password_mark(password: &str) -> String {
+    use sha2::{Digest, Sha256};
+    format!("pw-sha256:{}", &hex::encode(Sha256::digest(password.as_bytes()))[..16])
+}
+
 pub struct Dynsec {
     client: AsyncClient,
     pending: Mutex<HashMap<String, oneshot::Sender<Result<Value, String>>>>,
@@ -77,10 +99,16 @@ pub struct Dynsec {
 
 impl Dynsec {
     pub fn new(client: AsyncClient, timeout: Duration) -> Self {
-        Self { client, pending: Mutex::new(HashMap::new()), timeout }
+        Self {
+            client,
+            pending: Mutex::new(HashMap::new()),
+            timeout,
+        }
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Result<Value, String>>>> {
+    fn pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Result<Value, String>>>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -91,10 +119,16 @@ impl Dynsec {
             tracing::debug!("ignoring an unparsable dynsec response");
             return;
         };
-        let Some(responses) = value.get("responses").and_then(Value::as_array) else { return };
+        let Some(responses) = value.get("responses").and_then(Value::as_array) else {
+            return;
+        };
         for r in responses {
-            let Some(id) = r.get("correlationData").and_then(Value::as_str) else { continue };
-            let Some(tx) = self.pending().remove(id) else { continue };
+            let Some(id) = r.get("correlationData").and_then(Value::as_str) else {
+                continue;
+            };
+            let Some(tx) = self.pending().remove(id) else {
+                continue;
+            };
             let answer = match r.get("error").and_then(Value::as_str) {
                 Some(e) => Err(e.to_string()),
                 None => Ok(r.get("data").cloned().unwrap_or(Value::Null)),
@@ -103,8 +137,18 @@ impl Dynsec {
         }
     }
 
+    /// Fails every command still waiting: after a reconnect with a clean session their answers
+    /// will never come, and waiting for the timeout would only delay the retry.
+    pub fn fail_pending(&self) {
+        self.pending().clear();
+    }
+
     /// Sends one command (`body` without `command`/`correlationData`) and waits for its answer.
-    pub async fn command(&self, command: &'static str, mut body: Value) -> Result<Value, DynsecError> {
+    pub async fn command(
+        &self,
+        command: &'static str,
+        mut body: Value,
+    ) -> Result<Value, DynsecError> {
         let id = format!("{:032x}", rand::random::<u128>());
         body["command"] = Value::String(command.into());
         body["correlationData"] = Value::String(id.clone());
@@ -113,30 +157,54 @@ impl Dynsec {
         self.pending().insert(id.clone(), tx);
         let sent = self
             .client
-            .publish(CONTROL_TOPIC, QoS::AtLeastOnce, false, payload.to_string().into_bytes())
+            .publish(
+                CONTROL_TOPIC,
+                QoS::AtLeastOnce,
+                false,
+                payload.to_string().into_bytes(),
+            )
             .await;
         if let Err(e) = sent {
             self.pending().remove(&id);
-            return Err(DynsecError::Send { command, message: e.to_string() });
+            return Err(DynsecError::Send {
+                command,
+                message: e.to_string(),
+            });
         }
         let answer = tokio::time::timeout(self.timeout, rx).await;
         self.pending().remove(&id);
         match answer {
             Ok(Ok(Ok(data))) => Ok(data),
             Ok(Ok(Err(error))) => Err(DynsecError::Command { command, error }),
-            Ok(Err(_)) | Err(_) => Err(DynsecError::Timeout { command, timeout: self.timeout }),
+            // Dropped by `fail_pending`: the connection went away before the answer came.
+            Ok(Err(_)) => Err(DynsecError::Send {
+                command,
+                message: "connection to the broker lost".into(),
+            }),
+            Err(_) => Err(DynsecError::Timeout {
+                command,
+                timeout: self.timeout,
+            }),
         }
     }
 
     /// Creates the role with exactly `acls`, or repairs an existing one whose ACLs drifted.
     pub async fn ensure_role(&self, rolename: &str, acls: &[Acl]) -> Result<(), DynsecError> {
         let acl_json: Vec<Value> = acls.iter().map(Acl::to_json).collect();
-        match self.command("createRole", json!({"rolename": rolename, "acls": acl_json})).await {
+        match self
+            .command(
+                "createRole",
+                json!({"rolename": rolename, "acls": acl_json}),
+            )
+            .await
+        {
             Ok(_) => return Ok(()),
             Err(e) if e.is_already_exists() => {}
             Err(e) => return Err(e),
         }
-        let data = self.command("getRole", json!({"rolename": rolename})).await?;
+        let data = self
+            .command("getRole", json!({"rolename": rolename}))
+            .await?;
         let existing: Vec<(String, String, bool)> = data
             .pointer("/role/acls")
             .and_then(Value::as_array)
@@ -144,8 +212,14 @@ impl Dynsec {
                 a.iter()
                     .map(|acl| {
                         (
-                            acl.get("acltype").and_then(Value::as_str).unwrap_or_default().to_string(),
-                            acl.get("topic").and_then(Value::as_str).unwrap_or_default().to_string(),
+                            acl.get("acltype")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .to_string(),
+                            acl.get("topic")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .to_string(),
                             acl.get("allow").and_then(Value::as_bool).unwrap_or(false),
                         )
                     })
@@ -153,15 +227,27 @@ impl Dynsec {
             })
             .unwrap_or_default();
         for (acltype, topic, allow) in &existing {
-            let wanted = acls.iter().any(|a| a.acltype == acltype && &a.topic == topic && a.allow == *allow);
+            let wanted = acls
+                .iter()
+                .any(|a| a.acltype == acltype && &a.topic == topic && a.allow == *allow);
             if !wanted {
-                tracing::info!(role = rolename, acltype, topic, "removing an ACL the role should not have");
-                self.command("removeRoleACL", json!({"rolename": rolename, "acltype": acltype, "topic": topic}))
-                    .await?;
+                tracing::info!(
+                    role = rolename,
+                    acltype,
+                    topic,
+                    "removing an ACL the role should not have"
+                );
+                self.command(
+                    "removeRoleACL",
+                    json!({"rolename": rolename, "acltype": acltype, "topic": topic}),
+                )
+                .await?;
             }
         }
         for acl in acls {
-            if !existing.iter().any(|(t, topic, allow)| t == acl.acltype && topic == &acl.topic && *allow == acl.allow) {
+            if !existing.iter().any(|(t, topic, allow)| {
+                t == acl.acltype && topic == &acl.topic && *allow == acl.allow
+            }) {
                 let mut body = acl.to_json();
                 body["rolename"] = Value::String(rolename.into());
                 match self.command("addRoleACL", body).await {
@@ -176,7 +262,10 @@ impl Dynsec {
 
     /// The client's data, `None` when it does not exist.
     pub async fn get_client(&self, username: &str) -> Result<Option<Value>, DynsecError> {
-        match self.command("getClient", json!({"username": username})).await {
+        match self
+            .command("getClient", json!({"username": username}))
+            .await
+        {
             Ok(data) => Ok(data.get("client").cloned()),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
@@ -191,6 +280,7 @@ impl Dynsec {
             "password": spec.password,
             "clientid": spec.client_id,
             "textname": spec.owner_mark,
+            "textdescription": password_mark(spec.password),
             "roles": [{"rolename": spec.role, "priority": 0}],
         });
         match self.command("createClient", create).await {
@@ -200,52 +290,90 @@ impl Dynsec {
         }
         let Some(existing) = self.get_client(spec.username).await? else {
             // Deleted between the two calls: the next reconcile creates it.
-            return Err(DynsecError::Command { command: "getClient", error: "Client not found".into() });
+            return Err(DynsecError::Command {
+                command: "getClient",
+                error: "Client not found".into(),
+            });
         };
         if existing.get("textname").and_then(Value::as_str) != Some(spec.owner_mark) {
             return Err(DynsecError::Foreign(spec.username.to_string()));
         }
         // The Secret holds the truth; the broker follows it (covers a crash between writing a
-        // new password into the Secret and telling the broker).
-        self.command("setClientPassword", json!({"username": spec.username, "password": spec.password}))
+        // new password into the Secret and telling the broker). Only when it differs: setting
+        // a password disconnects the device.
+        let mark = password_mark(spec.password);
+        if existing.get("textdescription").and_then(Value::as_str) != Some(mark.as_str()) {
+            self.command(
+                "modifyClient",
+                json!({"username": spec.username, "password": spec.password, "textdescription": mark}),
+            )
             .await?;
+        }
         if existing.get("clientid").and_then(Value::as_str) != Some(spec.client_id) {
-            self.command("setClientId", json!({"username": spec.username, "clientid": spec.client_id})).await?;
+            self.command(
+                "setClientId",
+                json!({"username": spec.username, "clientid": spec.client_id}),
+            )
+            .await?;
         }
         let has_role = existing
             .get("roles")
             .and_then(Value::as_array)
-            .is_some_and(|r| r.iter().any(|r| r.get("rolename").and_then(Value::as_str) == Some(spec.role)));
+            .is_some_and(|r| {
+                r.iter()
+                    .any(|r| r.get("rolename").and_then(Value::as_str) == Some(spec.role))
+            });
         if !has_role {
-            self.command("addClientRole", json!({"username": spec.username, "rolename": spec.role, "priority": 0}))
-                .await?;
+            self.command(
+                "addClientRole",
+                json!({"username": spec.username, "rolename": spec.role, "priority": 0}),
+            )
+            .await?;
         }
         Ok(false)
     }
 
     /// Adds a role to a client unless it has it (the plugin answers a duplicate with an error).
-    pub async fn ensure_client_role(&self, username: &str, rolename: &str) -> Result<(), DynsecError> {
+    pub async fn ensure_client_role(
+        &self,
+        username: &str,
+        rolename: &str,
+    ) -> Result<(), DynsecError> {
         let Some(client) = self.get_client(username).await? else {
-            return Err(DynsecError::Command { command: "getClient", error: "Client not found".into() });
+            return Err(DynsecError::Command {
+                command: "getClient",
+                error: "Client not found".into(),
+            });
         };
         let has = client
             .get("roles")
             .and_then(Value::as_array)
-            .is_some_and(|r| r.iter().any(|r| r.get("rolename").and_then(Value::as_str) == Some(rolename)));
+            .is_some_and(|r| {
+                r.iter()
+                    .any(|r| r.get("rolename").and_then(Value::as_str) == Some(rolename))
+            });
         if !has {
-            self.command("addClientRole", json!({"username": username, "rolename": rolename, "priority": 0}))
-                .await?;
+            self.command(
+                "addClientRole",
+                json!({"username": username, "rolename": rolename, "priority": 0}),
+            )
+            .await?;
         }
         Ok(())
     }
 
     /// Deletes a client of ours; gone already is fine; someone else's is left alone.
     pub async fn delete_client(&self, username: &str, owner_mark: &str) -> Result<(), DynsecError> {
-        let Some(existing) = self.get_client(username).await? else { return Ok(()) };
+        let Some(existing) = self.get_client(username).await? else {
+            return Ok(());
+        };
         if existing.get("textname").and_then(Value::as_str) != Some(owner_mark) {
             return Err(DynsecError::Foreign(username.to_string()));
         }
-        match self.command("deleteClient", json!({"username": username})).await {
+        match self
+            .command("deleteClient", json!({"username": username}))
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e),
@@ -253,7 +381,10 @@ impl Dynsec {
     }
 
     pub async fn delete_role(&self, rolename: &str) -> Result<(), DynsecError> {
-        match self.command("deleteRole", json!({"rolename": rolename})).await {
+        match self
+            .command("deleteRole", json!({"rolename": rolename}))
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e),

@@ -62,6 +62,8 @@ pub const TOPIC_KEY: &str = "topic";
 const VERIFY_EVERY: Duration = Duration::from_secs(60);
 const DYNSEC_TIMEOUT: Duration = Duration::from_secs(10);
 const PASSWORD_CHARS: usize = 32;
+/// The role that lets the operator's own account publish replies and state.
+const SERVICE_ROLE: &str = "thing-operator-service";
 
 /// Everything the backend needs from the configuration.
 pub struct MosquittoConfig {
@@ -78,15 +80,29 @@ pub struct MosquittoConfig {
 impl MosquittoConfig {
     /// `None` when no `--mqtt-url` is set (the backend is off).
     pub fn from_args(args: &RunArgs) -> Result<Option<Self>, ConfigError> {
-        let Some(url) = &args.mqtt.url else { return Ok(None) };
+        let Some(url) = &args.mqtt.url else {
+            return Ok(None);
+        };
         let address = BrokerAddress::parse(url)?;
-        let username = args.mqtt.username.clone().ok_or(ConfigError::Missing("username"))?;
-        let password_file = args.mqtt.password_file.as_ref().ok_or(ConfigError::Missing("password-file"))?;
+        let username = args
+            .mqtt
+            .username
+            .clone()
+            .ok_or(ConfigError::Missing("username"))?;
+        let password_file = args
+            .mqtt
+            .password_file
+            .as_ref()
+            .ok_or(ConfigError::Missing("password-file"))?;
         let password = connection::read_password(password_file)?;
         let layout = TopicLayout::new(&args.mqtt.topic_prefix)
             .map_err(|e| ConfigError::Url(args.mqtt.topic_prefix.clone(), e.to_string()))?;
         Ok(Some(Self {
-            device_endpoint: args.mqtt.device_endpoint.clone().unwrap_or_else(|| address.endpoint()),
+            device_endpoint: args
+                .mqtt
+                .device_endpoint
+                .clone()
+                .unwrap_or_else(|| address.endpoint()),
             address,
             ca_file: args.mqtt.ca_file.clone(),
             username,
@@ -110,9 +126,11 @@ pub struct MosquittoProvider {
 
 fn dynsec_error(operation: &'static str, e: DynsecError) -> ProviderError {
     match e {
-        DynsecError::Timeout { .. } | DynsecError::Send { .. } => {
-            ProviderError::Transport { backend: BACKEND, operation, message: e.to_string() }
-        }
+        DynsecError::Timeout { .. } | DynsecError::Send { .. } => ProviderError::Transport {
+            backend: BACKEND,
+            operation,
+            message: e.to_string(),
+        },
         DynsecError::Foreign(_) => ProviderError::Rejected(e.to_string()),
         DynsecError::Command { error, .. } => ProviderError::Service {
             backend: BACKEND,
@@ -125,7 +143,11 @@ fn dynsec_error(operation: &'static str, e: DynsecError) -> ProviderError {
 }
 
 fn generate_password() -> String {
-    rand::rng().sample_iter(rand::distr::Alphanumeric).take(PASSWORD_CHARS).map(char::from).collect()
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(PASSWORD_CHARS)
+        .map(char::from)
+        .collect()
 }
 
 /// What marks a broker client as belonging to a Thing.
@@ -140,12 +162,23 @@ fn role_name(thing_name: &str) -> String {
 impl MosquittoProvider {
     /// Connects to the broker (in the background; reconnecting forever) and starts the
     /// shadow service.
-    pub fn start(config: MosquittoConfig, trigger: ThingTrigger, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
-        let tls = if config.address.tls { Some(connection::tls_config(config.ca_file.as_deref())?) } else { None };
-        let ca_pem = match &config.ca_file {
-            Some(p) => Some(std::fs::read(p).map_err(|e| ConfigError::File(p.display().to_string(), e.kind().to_string()))?),
-            None => None,
+    pub fn start(
+        config: MosquittoConfig,
+        trigger: ThingTrigger,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ConfigError> {
+        let tls = if config.address.tls {
+            Some(connection::tls_config(config.ca_file.as_deref())?)
+        } else {
+            None
         };
+        let ca_pem =
+            match &config.ca_file {
+                Some(p) => Some(std::fs::read(p).map_err(|e| {
+                    ConfigError::File(p.display().to_string(), e.kind().to_string())
+                })?),
+                None => None,
+            };
         let status_topic = config.layout.operator_status_topic();
         let (client, eventloop) = connection::build(ConnectionSettings {
             address: config.address.clone(),
@@ -154,37 +187,45 @@ impl MosquittoProvider {
             password: config.password.clone(),
             // Unique per process: two operators sharing the admin account must not kick each
             // other off the broker.
-            client_id: format!("thing-operator-{}-{:08x}", std::process::id(), rand::random::<u32>()),
+            client_id: format!(
+                "thing-operator-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ),
             last_will: Some((status_topic.clone(), b"offline".to_vec())),
         });
         let dynsec = Arc::new(Dynsec::new(client.clone(), DYNSEC_TIMEOUT));
         let things = Arc::new(Mutex::new(Things::default()));
 
         // On every connect: make sure the operator may publish on its topic trees (the admin
-        // account `dynsec init` makes can only subscribe), then announce itself.
+        // account `dynsec init` makes can only subscribe), then announce itself. One fixed role
+        // for every operator sharing the account: the plugin disconnects every session of a
+        // client whose roles change, so the grant must happen once per broker, not per process
+        // or per topic prefix. It adds no privilege: this account administers the broker.
         let on_connect = {
             let (dynsec, client, username) = (dynsec.clone(), client.clone(), config.username.clone());
-            let prefix = config.layout.prefix().to_string();
             move || {
-                let (dynsec, client, username, prefix, status_topic) =
-                    (dynsec.clone(), client.clone(), username.clone(), prefix.clone(), status_topic.clone());
+                crate::broker::publisher::set_online(false);
+                let (dynsec, client, username, status_topic) =
+                    (dynsec.clone(), client.clone(), username.clone(), status_topic.clone());
                 tokio::spawn(async move {
-                    let role = format!("thing-operator-service:{prefix}");
                     let acls = [
-                        Acl::allow("publishClientSend", format!("{prefix}/#")),
+                        Acl::allow("publishClientSend", "#"),
                         Acl::allow("publishClientSend", "$aws/things/#"),
-                        Acl::allow("subscribePattern", format!("{prefix}/#")),
                         Acl::allow("subscribePattern", "$aws/things/#"),
                     ];
                     let granted = async {
-                        dynsec.ensure_role(&role, &acls).await?;
-                        dynsec.ensure_client_role(&username, &role).await
+                        dynsec.ensure_role(SERVICE_ROLE, &acls).await?;
+                        dynsec.ensure_client_role(&username, SERVICE_ROLE).await
                     };
                     match granted.await {
                         Ok(()) => {
+                            crate::broker::publisher::set_online(true);
                             let _ = client.publish(status_topic, QoS::AtLeastOnce, true, b"online".to_vec()).await;
                         }
-                        Err(e) => tracing::error!(error = %e, "cannot grant the operator its topic ACLs"),
+                        // After a first-time grant the plugin disconnects us; the reconnect
+                        // runs this again and finds the role in place.
+                        Err(e) => tracing::info!(error = %e, "operator ACLs not confirmed yet; retrying on reconnect"),
                     }
                 });
             }
@@ -199,9 +240,22 @@ impl MosquittoProvider {
             stats: Default::default(),
             on_connect: Box::new(on_connect),
         });
-        connection::spawn_driver(eventloop, client.clone(), service.clone(), CancellationToken::new());
+        connection::spawn_driver(
+            eventloop,
+            client.clone(),
+            service.clone(),
+            CancellationToken::new(),
+        );
         StatePublisher::new(client.clone(), config.layout.clone()).install();
-        Ok(Self { config, client, dynsec, service, things, metrics, ca_pem })
+        Ok(Self {
+            config,
+            client,
+            dynsec,
+            service,
+            things,
+            metrics,
+            ca_pem,
+        })
     }
 
     /// Loads the shadows of already provisioned Things from their status, so reports that
@@ -219,14 +273,25 @@ impl MosquittoProvider {
             if thing.spec.broker != Broker::Mosquitto {
                 continue;
             }
-            let Some(status) = &thing.status else { continue };
-            let Some(thing_name) = status.device.as_ref().and_then(|d| d.thing_name.clone()) else { continue };
+            let Some(status) = &thing.status else {
+                continue;
+            };
+            let Some(thing_name) = status.device.as_ref().and_then(|d| d.thing_name.clone()) else {
+                continue;
+            };
             let key = (thing.namespace().unwrap_or_default(), thing.name_any());
-            let entry = Entry::new(thing.uid().unwrap_or_default(), thing_name.clone(), seed_shadow(&thing, status));
+            let entry = Entry::new(
+                thing.uid().unwrap_or_default(),
+                thing_name.clone(),
+                seed_shadow(&thing, status),
+            );
             things.by_name.insert(thing_name, key.clone());
             things.by_key.insert(key, entry);
         }
-        tracing::info!(things = things.by_key.len(), "shadows restored from Thing status");
+        tracing::info!(
+            things = things.by_key.len(),
+            "shadows restored from Thing status"
+        );
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Things> {
@@ -236,23 +301,41 @@ impl MosquittoProvider {
     /// Accepted and rejected shadow updates so far.
     pub fn shadow_stats(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        (self.service.stats.accepted.load(Relaxed), self.service.stats.rejected.load(Relaxed))
+        (
+            self.service.stats.accepted.load(Relaxed),
+            self.service.stats.rejected.load(Relaxed),
+        )
     }
 
     async fn publish(&self, topic: String, payload: &serde_json::Value) {
-        if let Err(e) = self.client.publish(topic, QoS::AtLeastOnce, false, payload.to_string().into_bytes()).await {
+        if let Err(e) = self
+            .client
+            .publish(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                payload.to_string().into_bytes(),
+            )
+            .await
+        {
             tracing::warn!(error = %e, "shadow notification not queued");
         }
     }
 
     /// Reads the device password from the Secret, or makes one and writes the Secret first:
     /// the broker only ever learns a password the Secret already holds.
-    async fn ensure_secret(&self, req: &DeviceRequest<'_>, topic: &str) -> Result<String, ProviderError> {
+    async fn ensure_secret(
+        &self,
+        req: &DeviceRequest<'_>,
+        topic: &str,
+    ) -> Result<String, ProviderError> {
         let thing_name = &req.backend_name;
         let existing = req.secret.read().await?;
         let password = existing
             .as_ref()
-            .filter(|d| DeviceSecret::text(d, keys::USERNAME).as_deref() == Some(thing_name.as_str()))
+            .filter(|d| {
+                DeviceSecret::text(d, keys::USERNAME).as_deref() == Some(thing_name.as_str())
+            })
             .and_then(|d| DeviceSecret::text(d, keys::PASSWORD))
             .filter(|p| !p.is_empty());
         let password = match password {
@@ -260,7 +343,10 @@ impl MosquittoProvider {
             None => generate_password(),
         };
         let mut data: BTreeMap<String, Vec<u8>> = BTreeMap::from([
-            (keys::ENDPOINT.into(), self.config.device_endpoint.clone().into_bytes()),
+            (
+                keys::ENDPOINT.into(),
+                self.config.device_endpoint.clone().into_bytes(),
+            ),
             (keys::THING_NAME.into(), thing_name.clone().into_bytes()),
             (keys::CLIENT_ID.into(), thing_name.clone().into_bytes()),
             (keys::USERNAME.into(), thing_name.clone().into_bytes()),
@@ -294,19 +380,29 @@ impl MosquittoProvider {
             ),
             now,
         );
-        let aws_root = aws_shadow_root(thing_name).map_err(|e| ProviderError::Rejected(e.to_string()))?;
+        let aws_root =
+            aws_shadow_root(thing_name).map_err(|e| ProviderError::Rejected(e.to_string()))?;
         let acls = [
-            Acl::allow("publishClientSend", format!("{}/update", topic.shadow_root())),
+            Acl::allow(
+                "publishClientSend",
+                format!("{}/update", topic.shadow_root()),
+            ),
             Acl::allow("publishClientSend", format!("{}/get", topic.shadow_root())),
             Acl::allow("publishClientSend", format!("{aws_root}/update")),
             Acl::allow("publishClientSend", format!("{aws_root}/get")),
             Acl::allow("subscribePattern", topic.all()),
             Acl::allow("subscribePattern", format!("{aws_root}/#")),
-            Acl::allow("subscribePattern", self.config.layout.operator_status_topic()),
+            Acl::allow(
+                "subscribePattern",
+                self.config.layout.operator_status_topic(),
+            ),
         ];
         let role = role_name(thing_name);
         let result = async {
-            self.dynsec.ensure_role(&role, &acls).await.map_err(|e| dynsec_error("ensureRole", e))?;
+            self.dynsec
+                .ensure_role(&role, &acls)
+                .await
+                .map_err(|e| dynsec_error("ensureRole", e))?;
             let mark = owner_mark(req.namespace, req.name);
             let spec = ClientSpec {
                 username: thing_name,
@@ -315,14 +411,29 @@ impl MosquittoProvider {
                 role: &role,
                 owner_mark: &mark,
             };
-            self.dynsec.ensure_client(&spec).await.map_err(|e| dynsec_error("ensureClient", e))
+            self.dynsec
+                .ensure_client(&spec)
+                .await
+                .map_err(|e| dynsec_error("ensureClient", e))
         }
         .await;
-        self.metrics.count_backend_call(BACKEND, "provision", if result.is_ok() { "ok" } else { "error" });
+        self.metrics.count_backend_call(
+            BACKEND,
+            "provision",
+            if result.is_ok() { "ok" } else { "error" },
+        );
         let created = match result {
             Ok(created) => created,
             Err(e) => {
-                status.conditions.set(Condition::new(types::PROVISIONED, ConditionStatus::False, e.reason(), e.to_string()), now);
+                status.conditions.set(
+                    Condition::new(
+                        types::PROVISIONED,
+                        ConditionStatus::False,
+                        e.reason(),
+                        e.to_string(),
+                    ),
+                    now,
+                );
                 return Err(e);
             }
         };
@@ -373,7 +484,9 @@ impl IotProvider for MosquittoProvider {
             .map_err(|e| ProviderError::Rejected(e.to_string()))?;
         check_thing_name(&thing_name).map_err(|e| ProviderError::Rejected(e.to_string()))?;
         if thing_name == self.config.username {
-            return Err(ProviderError::Rejected(format!("thing name {thing_name} is the operator's own broker account")));
+            return Err(ProviderError::Rejected(format!(
+                "thing name {thing_name} is the operator's own broker account"
+            )));
         }
         let key: Key = (req.namespace.to_string(), req.name.to_string());
         let uid = req.thing.uid().unwrap_or_default();
@@ -389,7 +502,13 @@ impl IotProvider for MosquittoProvider {
         device.secret_name = Some(secret_name.clone());
 
         // The in-memory shadow: restored from status after a restart, desired from the spec.
-        let desired: Map<String, serde_json::Value> = req.thing.spec.desired.clone().map(|d| d.0).unwrap_or_default();
+        let desired: Map<String, serde_json::Value> = req
+            .thing
+            .spec
+            .desired
+            .clone()
+            .map(|d| d.0)
+            .unwrap_or_default();
         let (changed, verified) = {
             let mut things = self.lock();
             if let Some(owner) = things.by_name.get(&thing_name)
@@ -400,10 +519,17 @@ impl IotProvider for MosquittoProvider {
                     owner.0, owner.1
                 )));
             }
-            let reseed = things.by_key.get(&key).is_none_or(|e| e.uid != uid || e.thing_name != thing_name);
+            let reseed = things
+                .by_key
+                .get(&key)
+                .is_none_or(|e| e.uid != uid || e.thing_name != thing_name);
             if reseed {
                 things.remove(&key);
-                let entry = Entry::new(uid.clone(), thing_name.clone(), seed_shadow(req.thing, status));
+                let entry = Entry::new(
+                    uid.clone(),
+                    thing_name.clone(),
+                    seed_shadow(req.thing, status),
+                );
                 things.by_key.insert(key.clone(), entry);
                 things.by_name.insert(thing_name.clone(), key.clone());
             }
@@ -420,13 +546,21 @@ impl IotProvider for MosquittoProvider {
             (changed, verified)
         };
         if let Some(change) = changed {
-            let aws_root = aws_shadow_root(&thing_name).map_err(|e| ProviderError::Rejected(e.to_string()))?;
+            let aws_root =
+                aws_shadow_root(&thing_name).map_err(|e| ProviderError::Rejected(e.to_string()))?;
             for root in [topic.shadow_root(), aws_root] {
                 if let Some(delta) = &change.delta {
-                    self.publish(format!("{root}/update/{}", ShadowReply::Delta.as_str()), delta).await;
-                }
-                self.publish(format!("{root}/update/{}", ShadowReply::Documents.as_str()), &change.documents)
+                    self.publish(
+                        format!("{root}/update/{}", ShadowReply::Delta.as_str()),
+                        delta,
+                    )
                     .await;
+                }
+                self.publish(
+                    format!("{root}/update/{}", ShadowReply::Documents.as_str()),
+                    &change.documents,
+                )
+                .await;
             }
         }
 
@@ -437,7 +571,12 @@ impl IotProvider for MosquittoProvider {
             }
         }
 
-        let snapshot = self.lock().by_key.get(&key).map(|e| e.snapshot.clone()).unwrap_or_default();
+        let snapshot = self
+            .lock()
+            .by_key
+            .get(&key)
+            .map(|e| e.snapshot.clone())
+            .unwrap_or_default();
         status.reported = (!snapshot.reported.is_empty()).then(|| JsonObject(snapshot.reported));
         let pending: Vec<String> = snapshot.delta.keys().cloned().collect();
         status.delta = (!snapshot.delta.is_empty()).then(|| JsonObject(snapshot.delta));
@@ -446,11 +585,20 @@ impl IotProvider for MosquittoProvider {
         let message = if pending.is_empty() {
             "desired state published; the device reported all of it".to_string()
         } else {
-            format!("desired state published; waiting for the device to report: {}", pending.join(", "))
+            format!(
+                "desired state published; waiting for the device to report: {}",
+                pending.join(", ")
+            )
         };
-        status
-            .conditions
-            .set(Condition::new(types::IN_SYNC, ConditionStatus::True, "DesiredPublished", message), now);
+        status.conditions.set(
+            Condition::new(
+                types::IN_SYNC,
+                ConditionStatus::True,
+                "DesiredPublished",
+                message,
+            ),
+            now,
+        );
         outcome.requeue_after = None;
         Ok(())
     }
@@ -479,9 +627,14 @@ impl IotProvider for MosquittoProvider {
             self.dynsec.delete_role(&role_name(&thing_name)).await.map_err(|e| dynsec_error("deleteRole", e))
         }
         .await;
-        self.metrics.count_backend_call(BACKEND, "cleanup", if result.is_ok() { "ok" } else { "error" });
+        self.metrics.count_backend_call(
+            BACKEND,
+            "cleanup",
+            if result.is_ok() { "ok" } else { "error" },
+        );
         result?;
-        self.lock().remove(&(req.namespace.to_string(), req.name.to_string()));
+        self.lock()
+            .remove(&(req.namespace.to_string(), req.name.to_string()));
         crate::broker::publisher::clear_thing_state(req.namespace, req.name);
         Ok(())
     }

@@ -65,7 +65,15 @@ pub struct Entry {
 impl Entry {
     pub fn new(uid: String, thing_name: String, shadow: Shadow) -> Self {
         let snapshot = Snapshot::of(&shadow);
-        Self { uid, thing_name, shadow, snapshot, last_trigger: None, scheduled: false, verified: None }
+        Self {
+            uid,
+            thing_name,
+            shadow,
+            snapshot,
+            last_trigger: None,
+            scheduled: false,
+            verified: None,
+        }
     }
 
     /// Takes a new snapshot now (a spec change: not paced, it happens once per edit).
@@ -114,7 +122,13 @@ fn lock(things: &Mutex<Things>) -> MutexGuard<'_, Things> {
 }
 
 /// Requests a reconcile for a Thing that got a report, at most once per `interval`.
-fn pace(things: &Arc<Mutex<Things>>, key: &Key, entry: &mut Entry, interval: Duration, trigger: &ThingTrigger) {
+fn pace(
+    things: &Arc<Mutex<Things>>,
+    key: &Key,
+    entry: &mut Entry,
+    interval: Duration,
+    trigger: &ThingTrigger,
+) {
     if entry.scheduled {
         return;
     }
@@ -156,7 +170,12 @@ impl Service {
     }
 
     fn reply(client: &AsyncClient, topic: String, payload: &Value) {
-        if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, payload.to_string().into_bytes()) {
+        if let Err(e) = client.try_publish(
+            topic,
+            QoS::AtLeastOnce,
+            false,
+            payload.to_string().into_bytes(),
+        ) {
             tracing::debug!(error = %e, "shadow reply dropped: publish queue full");
         }
     }
@@ -169,24 +188,52 @@ impl Service {
             tracing::debug!(root = %req.shadow_root, "shadow request for an unknown Thing ignored");
             return;
         };
-        let Some(entry) = guard.by_key.get_mut(&key) else { return };
+        let Some(entry) = guard.by_key.get_mut(&key) else {
+            return;
+        };
         match req.op {
             ShadowOp::Update => match entry.shadow.update(payload, &self.limits, now) {
                 Ok(acc) => {
-                    self.stats.accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Self::reply(client, req.reply_topic(ShadowReply::Accepted), &acc.accepted);
-                    Self::reply(client, req.reply_topic(ShadowReply::Documents), &acc.documents);
-                    pace(&self.things, &key, entry, self.status_interval, &self.trigger);
+                    self.stats
+                        .accepted
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Self::reply(
+                        client,
+                        req.reply_topic(ShadowReply::Accepted),
+                        &acc.accepted,
+                    );
+                    Self::reply(
+                        client,
+                        req.reply_topic(ShadowReply::Documents),
+                        &acc.documents,
+                    );
+                    pace(
+                        &self.things,
+                        &key,
+                        entry,
+                        self.status_interval,
+                        &self.trigger,
+                    );
                 }
                 Err(rej) => {
-                    self.stats.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats
+                        .rejected
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::debug!(thing = %format!("{}/{}", key.0, key.1), code = rej.code, reason = %rej.message, "shadow update rejected");
-                    Self::reply(client, req.reply_topic(ShadowReply::Rejected), &rej.document(now));
+                    Self::reply(
+                        client,
+                        req.reply_topic(ShadowReply::Rejected),
+                        &rej.document(now),
+                    );
                 }
             },
             ShadowOp::Get => match entry.shadow.get(payload, &self.limits, now) {
                 Ok(doc) => Self::reply(client, req.reply_topic(ShadowReply::Accepted), &doc),
-                Err(rej) => Self::reply(client, req.reply_topic(ShadowReply::Rejected), &rej.document(now)),
+                Err(rej) => Self::reply(
+                    client,
+                    req.reply_topic(ShadowReply::Rejected),
+                    &rej.document(now),
+                ),
             },
         }
     }
@@ -194,6 +241,7 @@ impl Service {
 
 impl Handler for Service {
     fn on_connected(&self, client: &AsyncClient) {
+        self.dynsec.fail_pending();
         let mut filters = vec![RESPONSE_TOPIC.to_string()];
         filters.extend(self.layout.service_filters());
         for f in filters {

@@ -24,7 +24,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_payload: 8 * 1024, max_state: 8 * 1024, max_depth: 6 }
+        Self {
+            max_payload: 8 * 1024,
+            max_state: 8 * 1024,
+            max_depth: 6,
+        }
     }
 }
 
@@ -38,11 +42,16 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(code: u16, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), client_token: None }
+        Self {
+            code,
+            message: message.into(),
+            client_token: None,
+        }
     }
 
     pub fn document(&self, now: DateTime<Utc>) -> Value {
-        let mut doc = json!({"code": self.code, "message": self.message, "timestamp": now.timestamp()});
+        let mut doc =
+            json!({"code": self.code, "message": self.message, "timestamp": now.timestamp()});
         if let Some(t) = &self.client_token {
             doc["clientToken"] = Value::String(t.clone());
         }
@@ -90,7 +99,9 @@ pub fn depth(v: &Value) -> usize {
 /// `{"a":{"b":1},"c":2}` -> `{"a":{"b":{"timestamp":t}},"c":{"timestamp":t}}`.
 fn stamp(v: &Value, ts: i64) -> Value {
     match v {
-        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), stamp(v, ts))).collect()),
+        Value::Object(m) => {
+            Value::Object(m.iter().map(|(k, v)| (k.clone(), stamp(v, ts))).collect())
+        }
         _ => json!({ "timestamp": ts }),
     }
 }
@@ -99,7 +110,10 @@ fn stamp(v: &Value, ts: i64) -> Value {
 fn strip_nulls(v: &Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(
-            m.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), strip_nulls(v))).collect(),
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), strip_nulls(v)))
+                .collect(),
         ),
         other => other.clone(),
     }
@@ -166,7 +180,10 @@ fn meta_for(delta: &Map<String, Value>, meta: &Map<String, Value>) -> Map<String
 
 fn client_token(req: &Map<String, Value>) -> Option<String> {
     // AWS limits client tokens to 64 bytes; a longer one is not echoed (it may be junk).
-    req.get("clientToken").and_then(Value::as_str).filter(|t| t.len() <= 64).map(str::to_string)
+    req.get("clientToken")
+        .and_then(Value::as_str)
+        .filter(|t| t.len() <= 64)
+        .map(str::to_string)
 }
 
 impl Shadow {
@@ -237,11 +254,17 @@ impl Shadow {
             return None;
         }
         let meta = meta_for(&d, &self.meta_desired);
-        Some(json!({"state": d, "metadata": meta, "version": self.version, "timestamp": now.timestamp()}))
+        Some(
+            json!({"state": d, "metadata": meta, "version": self.version, "timestamp": now.timestamp()}),
+        )
     }
 
     /// Sets desired from the spec. `None` when nothing changed (no version bump, no replies).
-    pub fn set_desired(&mut self, desired: Map<String, Value>, now: DateTime<Utc>) -> Option<DesiredChanged> {
+    pub fn set_desired(
+        &mut self,
+        desired: Map<String, Value>,
+        now: DateTime<Utc>,
+    ) -> Option<DesiredChanged> {
         let desired = match strip_nulls(&Value::Object(desired)) {
             Value::Object(m) => m,
             _ => Map::new(),
@@ -266,9 +289,17 @@ impl Shadow {
     }
 
     /// Handles a device's `…/shadow/update`. On rejection the state is untouched.
-    pub fn update(&mut self, payload: &[u8], limits: &Limits, now: DateTime<Utc>) -> Result<Accepted, Rejection> {
+    pub fn update(
+        &mut self,
+        payload: &[u8],
+        limits: &Limits,
+        now: DateTime<Utc>,
+    ) -> Result<Accepted, Rejection> {
         if payload.len() > limits.max_payload {
-            return Err(Rejection::new(413, "The payload exceeds the maximum size allowed"));
+            return Err(Rejection::new(
+                413,
+                "The payload exceeds the maximum size allowed",
+            ));
         }
         let value: Value = serde_json::from_slice(payload)
             .map_err(|_| Rejection::new(400, "Payload contains invalid json"))?;
@@ -276,12 +307,19 @@ impl Shadow {
             return Err(Rejection::new(400, "Payload must be a JSON object"));
         };
         let token = client_token(&req);
-        let reject = |code, msg: &str| Rejection { code, message: msg.to_string(), client_token: token.clone() };
+        let reject = |code, msg: &str| Rejection {
+            code,
+            message: msg.to_string(),
+            client_token: token.clone(),
+        };
         let Some(Value::Object(state)) = req.get("state") else {
             return Err(reject(400, "Missing required node: state"));
         };
         if state.contains_key("desired") {
-            return Err(reject(400, "desired state is owned by the Thing's spec; edit the Thing instead"));
+            return Err(reject(
+                400,
+                "desired state is owned by the Thing's spec; edit the Thing instead",
+            ));
         }
         if let Some(v) = req.get("version") {
             let Some(v) = v.as_i64() else {
@@ -298,7 +336,10 @@ impl Shadow {
                 if depth(r) > limits.max_depth {
                     return Err(reject(
                         400,
-                        &format!("JSON contains too many levels of nesting; maximum is {}", limits.max_depth),
+                        &format!(
+                            "JSON contains too many levels of nesting; maximum is {}",
+                            limits.max_depth
+                        ),
                     ));
                 }
                 Some(m)
@@ -310,9 +351,14 @@ impl Shadow {
             Some(p) => merge(&mut reported, p),
             None => reported.clear(),
         }
-        let encoded = serde_json::to_vec(&reported).map(|v| v.len()).unwrap_or(usize::MAX);
+        let encoded = serde_json::to_vec(&reported)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
         if encoded > limits.max_state {
-            return Err(reject(413, "The reported state would exceed the maximum size allowed"));
+            return Err(reject(
+                413,
+                "The reported state would exceed the maximum size allowed",
+            ));
         }
 
         // Accepted: only from here on is the state changed.
@@ -336,18 +382,30 @@ impl Shadow {
             "version": self.version,
             "timestamp": ts,
         });
-        let mut documents = json!({"previous": previous, "current": self.state_doc(), "timestamp": ts});
+        let mut documents =
+            json!({"previous": previous, "current": self.state_doc(), "timestamp": ts});
         if let Some(t) = token {
             accepted["clientToken"] = Value::String(t.clone());
             documents["clientToken"] = Value::String(t);
         }
-        Ok(Accepted { accepted, documents })
+        Ok(Accepted {
+            accepted,
+            documents,
+        })
     }
 
     /// Handles a device's `…/shadow/get` (the payload may carry a clientToken, or be empty).
-    pub fn get(&self, payload: &[u8], limits: &Limits, now: DateTime<Utc>) -> Result<Value, Rejection> {
+    pub fn get(
+        &self,
+        payload: &[u8],
+        limits: &Limits,
+        now: DateTime<Utc>,
+    ) -> Result<Value, Rejection> {
         if payload.len() > limits.max_payload {
-            return Err(Rejection::new(413, "The payload exceeds the maximum size allowed"));
+            return Err(Rejection::new(
+                413,
+                "The payload exceeds the maximum size allowed",
+            ));
         }
         let token = if payload.iter().all(u8::is_ascii_whitespace) {
             None
@@ -400,14 +458,31 @@ mod tests {
     #[test]
     fn report_merges_and_bumps_version() {
         let mut s = Shadow::default();
-        let a = s.update(br#"{"state":{"reported":{"temp":24,"cfg":{"a":1}}},"clientToken":"c1"}"#, &lim(), t(10)).unwrap();
+        let a = s
+            .update(
+                br#"{"state":{"reported":{"temp":24,"cfg":{"a":1}}},"clientToken":"c1"}"#,
+                &lim(),
+                t(10),
+            )
+            .unwrap();
         assert_eq!(s.version(), 1);
         assert_eq!(a.accepted["version"], 1);
         assert_eq!(a.accepted["clientToken"], "c1");
         assert_eq!(a.accepted["metadata"]["reported"]["temp"]["timestamp"], 10);
-        assert_eq!(a.accepted["metadata"]["reported"]["cfg"]["a"]["timestamp"], 10);
-        s.update(br#"{"state":{"reported":{"cfg":{"b":2},"temp":null}}}"#, &lim(), t(11)).unwrap();
-        assert_eq!(Value::Object(s.reported().clone()), json!({"cfg":{"a":1,"b":2}}));
+        assert_eq!(
+            a.accepted["metadata"]["reported"]["cfg"]["a"]["timestamp"],
+            10
+        );
+        s.update(
+            br#"{"state":{"reported":{"cfg":{"b":2},"temp":null}}}"#,
+            &lim(),
+            t(11),
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(s.reported().clone()),
+            json!({"cfg":{"a":1,"b":2}})
+        );
         assert_eq!(s.version(), 2);
         assert_eq!(s.last_reported(), Some(t(11)));
         let doc = s.document(t(12));
@@ -419,18 +494,32 @@ mod tests {
     #[test]
     fn desired_change_produces_delta_and_documents() {
         let mut s = Shadow::default();
-        s.update(br#"{"state":{"reported":{"temp":24,"mode":"eco"}}}"#, &lim(), t(1)).unwrap();
-        let c = s.set_desired(obj(json!({"temp": 26, "mode": "eco"})), t(2)).unwrap();
+        s.update(
+            br#"{"state":{"reported":{"temp":24,"mode":"eco"}}}"#,
+            &lim(),
+            t(1),
+        )
+        .unwrap();
+        let c = s
+            .set_desired(obj(json!({"temp": 26, "mode": "eco"})), t(2))
+            .unwrap();
         assert_eq!(c.delta.as_ref().unwrap()["state"], json!({"temp": 26}));
-        assert_eq!(c.delta.as_ref().unwrap()["metadata"]["temp"]["timestamp"], 2);
+        assert_eq!(
+            c.delta.as_ref().unwrap()["metadata"]["temp"]["timestamp"],
+            2
+        );
         assert_eq!(c.delta.as_ref().unwrap()["version"], 2);
         assert_eq!(c.documents["previous"]["version"], 1);
         assert_eq!(c.documents["current"]["state"]["desired"]["temp"], 26);
         // Same desired again: nothing happens.
-        assert!(s.set_desired(obj(json!({"temp": 26, "mode": "eco"})), t(3)).is_none());
+        assert!(
+            s.set_desired(obj(json!({"temp": 26, "mode": "eco"})), t(3))
+                .is_none()
+        );
         assert_eq!(s.version(), 2);
         // The device catches up: delta empties.
-        s.update(br#"{"state":{"reported":{"temp":26}}}"#, &lim(), t(4)).unwrap();
+        s.update(br#"{"state":{"reported":{"temp":26}}}"#, &lim(), t(4))
+            .unwrap();
         assert!(s.delta().is_empty());
         assert!(s.document(t(5))["state"].get("delta").is_none());
     }
@@ -445,11 +534,23 @@ mod tests {
     #[test]
     fn malformed_requests_are_rejected_and_change_nothing() {
         let mut s = Shadow::default();
-        s.update(br#"{"state":{"reported":{"temp":1}}}"#, &lim(), t(1)).unwrap();
+        s.update(br#"{"state":{"reported":{"temp":1}}}"#, &lim(), t(1))
+            .unwrap();
         let before = s.clone();
-        let deep = format!(r#"{{"state":{{"reported":{}1{}}}}}"#, r#"{"a":"#.repeat(7), "}".repeat(7));
-        let ok_deep = format!(r#"{{"state":{{"reported":{}1{}}}}}"#, r#"{"a":"#.repeat(6), "}".repeat(6));
-        let big = format!(r#"{{"state":{{"reported":{{"x":"{}"}}}}}}"#, "a".repeat(9000));
+        let deep = format!(
+            r#"{{"state":{{"reported":{}1{}}}}}"#,
+            r#"{"a":"#.repeat(7),
+            "}".repeat(7)
+        );
+        let ok_deep = format!(
+            r#"{{"state":{{"reported":{}1{}}}}}"#,
+            r#"{"a":"#.repeat(6),
+            "}".repeat(6)
+        );
+        let big = format!(
+            r#"{{"state":{{"reported":{{"x":"{}"}}}}}}"#,
+            "a".repeat(9000)
+        );
         let cases: Vec<(Vec<u8>, u16)> = vec![
             (b"not json".to_vec(), 400),
             (b"\xff\xfe".to_vec(), 400),
@@ -460,33 +561,61 @@ mod tests {
             (br#"{"state":{}}"#.to_vec(), 400),
             (br#"{"state":{"reported":5}}"#.to_vec(), 400),
             (br#"{"state":{"desired":{"temp":3}}}"#.to_vec(), 400),
-            (br#"{"state":{"reported":{"temp":2}},"version":7}"#.to_vec(), 409),
-            (br#"{"state":{"reported":{"temp":2}},"version":"1"}"#.to_vec(), 400),
+            (
+                br#"{"state":{"reported":{"temp":2}},"version":7}"#.to_vec(),
+                409,
+            ),
+            (
+                br#"{"state":{"reported":{"temp":2}},"version":"1"}"#.to_vec(),
+                400,
+            ),
             (deep.into_bytes(), 400),
             (big.into_bytes(), 413),
             ("[".repeat(100_000).into_bytes(), 413),
         ];
         for (payload, code) in cases {
             let r = s.update(&payload, &lim(), t(2)).unwrap_err();
-            assert_eq!(r.code, code, "{}", String::from_utf8_lossy(&payload[..payload.len().min(60)]));
+            assert_eq!(
+                r.code,
+                code,
+                "{}",
+                String::from_utf8_lossy(&payload[..payload.len().min(60)])
+            );
             assert_eq!(s, before);
         }
         // Within the size limit but the merged state too large.
         let mut small = lim();
         small.max_state = 20;
-        let r = s.update(br#"{"state":{"reported":{"y":"0123456789abcdef"}}}"#, &small, t(2)).unwrap_err();
+        let r = s
+            .update(
+                br#"{"state":{"reported":{"y":"0123456789abcdef"}}}"#,
+                &small,
+                t(2),
+            )
+            .unwrap_err();
         assert_eq!(r.code, 413);
         assert_eq!(s, before);
         // Exactly at the depth limit is fine; a matching version is fine.
         s.update(ok_deep.as_bytes(), &lim(), t(3)).unwrap();
-        s.update(br#"{"state":{"reported":{"temp":2}},"version":2}"#, &lim(), t(4)).unwrap();
+        s.update(
+            br#"{"state":{"reported":{"temp":2}},"version":2}"#,
+            &lim(),
+            t(4),
+        )
+        .unwrap();
         assert_eq!(s.version(), 3);
     }
 
     #[test]
     fn rejection_echoes_client_token() {
         let mut s = Shadow::default();
-        let r = s.update(br#"{"state":{"reported":{}},"version":5,"clientToken":"tok"}"#, &lim(), t(1)).unwrap_err();
+        let r = s
+            .update(
+                br#"{"state":{"reported":{}},"version":5,"clientToken":"tok"}"#,
+                &lim(),
+                t(1),
+            )
+            .unwrap_err();
         let doc = r.document(t(1));
         assert_eq!(doc["code"], 409);
         assert_eq!(doc["clientToken"], "tok");
@@ -495,15 +624,27 @@ mod tests {
     #[test]
     fn reported_null_clears_state() {
         let mut s = Shadow::default();
-        s.update(br#"{"state":{"reported":{"a":1,"b":2}}}"#, &lim(), t(1)).unwrap();
-        s.update(br#"{"state":{"reported":null}}"#, &lim(), t(2)).unwrap();
+        s.update(br#"{"state":{"reported":{"a":1,"b":2}}}"#, &lim(), t(1))
+            .unwrap();
+        s.update(br#"{"state":{"reported":null}}"#, &lim(), t(2))
+            .unwrap();
         assert!(s.reported().is_empty());
-        assert!(s.document(t(3))["metadata"]["reported"].as_object().unwrap().is_empty());
+        assert!(
+            s.document(t(3))["metadata"]["reported"]
+                .as_object()
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
     fn get_returns_document_with_delta() {
-        let mut s = Shadow::seed(obj(json!({"temp": 26})), obj(json!({"temp": 24})), 7, Some(t(5)));
+        let mut s = Shadow::seed(
+            obj(json!({"temp": 26})),
+            obj(json!({"temp": 24})),
+            7,
+            Some(t(5)),
+        );
         let doc = s.get(b"", &lim(), t(6)).unwrap();
         assert_eq!(doc["version"], 7);
         assert_eq!(doc["state"]["delta"], json!({"temp": 26}));
@@ -512,7 +653,8 @@ mod tests {
         assert_eq!(doc["clientToken"], "x");
         assert_eq!(s.get(b"nope", &lim(), t(6)).unwrap_err().code, 400);
         // Seeded state continues its version sequence.
-        s.update(br#"{"state":{"reported":{"temp":26}}}"#, &lim(), t(7)).unwrap();
+        s.update(br#"{"state":{"reported":{"temp":26}}}"#, &lim(), t(7))
+            .unwrap();
         assert_eq!(s.version(), 8);
     }
 }
