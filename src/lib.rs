@@ -9,6 +9,7 @@ pub mod config;
 pub mod controller;
 pub mod credentials;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod provider;

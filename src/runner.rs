@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::RunArgs,
     controller::{self, Context, ControllerConfig, ThingTrigger},
+    events::{ObserverManager, StateBus},
     http::{self, Readiness},
     metrics::Metrics,
     provider::ProviderRegistry,
@@ -92,6 +93,45 @@ async fn build_providers(
     Ok(registry)
 }
 
+/// Ignores everything the broker sends: the Observer connection only publishes.
+struct PublishOnly;
+
+impl crate::provider::mosquitto::connection::Handler for PublishOnly {
+    fn on_connected(&self, _client: &rumqttc::AsyncClient) {}
+    fn on_message(&self, _client: &rumqttc::AsyncClient, _topic: &str, _payload: &[u8]) {}
+}
+
+/// The MQTT connection Observer sinks publish on (its own client id, so a slow sink never
+/// stalls the shadow service's connection). `None` when no broker is configured.
+fn events_mqtt_client(
+    args: &RunArgs,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<rumqttc::AsyncClient>> {
+    use crate::provider::mosquitto::{MosquittoConfig, connection};
+    let Some(config) = MosquittoConfig::from_args(args)? else {
+        return Ok(None);
+    };
+    let tls = match config.address.tls {
+        true => Some(connection::tls_config(config.ca_file.as_deref())?),
+        false => None,
+    };
+    let (client, eventloop) = connection::build(connection::ConnectionSettings {
+        address: config.address,
+        tls,
+        username: config.username,
+        password: config.password,
+        client_id: format!("thing-operator-observers-{}", std::process::id()),
+        last_will: None,
+    });
+    connection::spawn_driver(
+        eventloop,
+        client.clone(),
+        Arc::new(PublishOnly),
+        shutdown.clone(),
+    );
+    Ok(Some(client))
+}
+
 /// Blocks until this replica holds the leader Lease. Returns the watch channel, which turns
 /// false if the lease is lost.
 async fn acquire_leadership(
@@ -158,6 +198,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         watch_namespace: args.watch_namespace.clone(),
     };
+    let events_mqtt = events_mqtt_client(&args, &shutdown).context("MQTT configuration")?;
+    let observers = ObserverManager::new(
+        StateBus::default(),
+        client.clone(),
+        events_mqtt,
+        metrics.clone(),
+        shutdown.clone(),
+    );
     let ctx = Arc::new(Context::new(
         client.clone(),
         reporter,
@@ -165,6 +213,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         providers,
         config,
         (trigger, trigger_rx),
+        observers,
     ));
 
     if args.leader_elect {

@@ -150,4 +150,14 @@ pub struct ObserverStatus {
     pub forwarded: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_forwarded_time: Option<DateTime<Utc>>,
+    /// Updates dropped after every delivery attempt failed (dead letters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<i64>,
+    /// The last delivery or sink error, cleared by the next success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Filter memory: per Thing, the last forwarded value of each filtered field (JSON pointer).
+    /// Kept here so "changed by more than X" survives a restart of the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_forwarded: Option<std::collections::BTreeMap<String, crate::api::JsonObject>>,
 }

@@ -1,5 +1,8 @@
 //! Shared reconcile for kinds whose work runs in in-memory tasks (Observer, Subscriber): the
-//! finalizer, spec validation, the `Ready` condition and its Events.
+//! finalizer, spec validation, starting/stopping the task, the `Ready` condition and its Events.
+//!
+//! The reconcile owns only `conditions` and `observedGeneration` of the status (server-side
+//! apply); the task owns its counters (merge patches). Neither overwrites the other.
 
 use std::sync::Arc;
 
@@ -11,7 +14,7 @@ use kube::{
         finalizer::{Event as FinalizerEvent, finalizer},
     },
 };
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::{Context, events, object_key, status::apply_if_changed};
 use crate::{
@@ -24,6 +27,15 @@ use crate::{
     provider::Notice,
 };
 
+/// The part of a task kind's status the reconcile writes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusCore {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    pub conditions: Conditions,
+}
+
 /// What the shared reconcile needs to know about a kind.
 pub trait TaskKind:
     Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
@@ -35,13 +47,12 @@ pub trait TaskKind:
     + Sync
     + 'static
 {
-    type Status: Default + Clone + PartialEq + Serialize + Send;
     fn validate(&self) -> Result<(), InvalidSpec>;
-    fn current_status(&self) -> Self::Status;
-    fn conditions_mut(status: &mut Self::Status) -> &mut Conditions;
-    fn set_observed_generation(status: &mut Self::Status, generation: Option<i64>);
-    /// The Ready condition for a valid spec.
-    fn ready_condition(&self) -> Condition;
+    fn status_core(&self) -> StatusCore;
+    /// Starts (or keeps) the task for a valid spec; returns the Ready condition.
+    fn start(&self, ctx: &Context) -> Condition;
+    /// Stops the task (invalid spec or deletion).
+    fn stop(&self, ctx: &Context);
 }
 
 pub async fn reconcile<K: TaskKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
@@ -54,9 +65,10 @@ pub async fn reconcile<K: TaskKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Ac
     let result = finalizer(&api, FINALIZER, obj, |event| async {
         match event {
             FinalizerEvent::Apply(obj) => apply(obj, &ctx, &api).await,
-            // Nothing lives outside the process yet; the finalizer guarantees a later
-            // implementation gets to stop its tasks and flush before the object goes.
-            FinalizerEvent::Cleanup(_) => Ok(Action::await_change()),
+            FinalizerEvent::Cleanup(obj) => {
+                obj.stop(&ctx);
+                Ok(Action::await_change())
+            }
         }
     })
     .await
@@ -70,13 +82,14 @@ pub async fn reconcile<K: TaskKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Ac
 }
 
 async fn apply<K: TaskKind>(obj: Arc<K>, ctx: &Context, api: &Api<K>) -> Result<Action> {
-    let old = obj.current_status();
+    let old = obj.status_core();
     let mut status = old.clone();
     let generation = obj.meta().generation;
     let ready = match obj.validate() {
-        Ok(()) => obj.ready_condition(),
+        Ok(()) => obj.start(ctx),
         Err(invalid) => {
             tracing::info!(object = %object_key(obj.as_ref()), problems = %invalid, "invalid spec");
+            obj.stop(ctx);
             Condition::new(
                 types::READY,
                 ConditionStatus::False,
@@ -90,12 +103,11 @@ async fn apply<K: TaskKind>(obj: Arc<K>, ctx: &Context, api: &Api<K>) -> Result<
     } else {
         Notice::warning(&ready.reason, ready.message.clone())
     };
-    let conditions = K::conditions_mut(&mut status);
-    conditions.set(ready, Utc::now());
-    for c in conditions.0.iter_mut() {
+    status.conditions.set(ready, Utc::now());
+    for c in status.conditions.0.iter_mut() {
         c.observed_generation = generation;
     }
-    K::set_observed_generation(&mut status, generation);
+    status.observed_generation = generation;
     if apply_if_changed(api, &obj.name_any(), &old, &status, &ctx.metrics).await? {
         events::publish(ctx, &K::kind(&()), &obj.object_ref(&()), &notice).await;
     }

@@ -29,6 +29,7 @@ pub use backoff::{RetryBackoff, jittered};
 use crate::{
     api::{Observer, Subscriber, Thing},
     error::Error,
+    events::ObserverManager,
     http::Readiness,
     metrics::Metrics,
     provider::ProviderRegistry,
@@ -63,6 +64,8 @@ pub struct Context {
     pub config: ControllerConfig,
     pub backoff: RetryBackoff,
     pub thing_trigger: ThingTrigger,
+    /// Observer tasks and the state bus they read.
+    pub observers: ObserverManager,
     thing_trigger_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<ObjectRef<Thing>>>>,
 }
 
@@ -74,8 +77,10 @@ impl Context {
         providers: ProviderRegistry,
         config: ControllerConfig,
         (thing_trigger, rx): (ThingTrigger, ThingTriggerReceiver),
+        observers: ObserverManager,
     ) -> Self {
         Self {
+            observers,
             thing_trigger,
             thing_trigger_rx: std::sync::Mutex::new(Some(rx.0)),
             recorder: Recorder::new(client.clone(), reporter),

@@ -1,46 +1,58 @@
-//! The Observer reconciler. Forwarding itself is not implemented yet: a valid Observer is
-//! reported as accepted but not Ready, so nobody mistakes it for a working pipeline.
+//! The Observer reconciler: validation and conditions here; the forwarding runs in an
+//! [`ObserverManager`](crate::events::ObserverManager) task.
 
 use std::sync::Arc;
 
-use kube::runtime::controller::Action;
+use kube::{ResourceExt, runtime::controller::Action};
 
-use super::{Context, accepted};
+use super::{
+    Context,
+    accepted::{self, StatusCore},
+};
 use crate::{
     api::{
-        Condition, ConditionStatus, Observer, ObserverStatus,
-        conditions::{Conditions, types},
+        Condition, ConditionStatus, Observer,
+        conditions::types,
         validation::{InvalidSpec, validate_observer},
     },
     error::Result,
 };
 
 impl accepted::TaskKind for Observer {
-    type Status = ObserverStatus;
-
     fn validate(&self) -> Result<(), InvalidSpec> {
         validate_observer(self)
     }
 
-    fn current_status(&self) -> ObserverStatus {
-        self.status.clone().unwrap_or_default()
+    fn status_core(&self) -> StatusCore {
+        let s = self.status.clone().unwrap_or_default();
+        StatusCore {
+            observed_generation: s.observed_generation,
+            conditions: s.conditions,
+        }
     }
 
-    fn conditions_mut(status: &mut ObserverStatus) -> &mut Conditions {
-        &mut status.conditions
-    }
-
-    fn set_observed_generation(status: &mut ObserverStatus, generation: Option<i64>) {
-        status.observed_generation = generation;
-    }
-
-    fn ready_condition(&self) -> Condition {
+    fn start(&self, ctx: &Context) -> Condition {
+        if self.spec.sink.mqtt.is_some() && !ctx.observers.has_mqtt() {
+            self.stop(ctx);
+            return Condition::new(
+                types::READY,
+                ConditionStatus::False,
+                "SinkNotConfigured",
+                "sink.mqtt needs the operator's MQTT broker (--mqtt-url), which is not configured",
+            );
+        }
+        ctx.observers.ensure(self);
         Condition::new(
             types::READY,
-            ConditionStatus::False,
-            "NotImplemented",
-            "spec is valid; forwarding is not implemented in this version of the operator",
+            ConditionStatus::True,
+            "Running",
+            "forwarding task running",
         )
+    }
+
+    fn stop(&self, ctx: &Context) {
+        ctx.observers
+            .stop(&self.namespace().unwrap_or_default(), &self.name_any());
     }
 }
 

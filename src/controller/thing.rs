@@ -22,6 +22,7 @@ use crate::{
     },
     credentials::DeviceSecret,
     error::{Error, Result},
+    events::ThingUpdate,
     provider::{DeviceOutcome, DeviceRequest, Notice},
 };
 
@@ -206,6 +207,7 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
             status.conditions.set(ready_condition(&status), now);
             stamp_generation(&mut status, generation);
             write_and_announce(&thing, ctx, api, &old, &status, &[]).await?;
+            publish_to_observers(ctx, &thing, &status);
             // Configuration only changes with a restart, which reconciles everything anyway.
             return Ok(Action::await_change());
         }
@@ -235,6 +237,7 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
     // REST message broker: publish the Thing's state, retained, on its MQTT topic (any backend).
     // Non-blocking, de-duplicated, and a no-op when no MQTT broker is configured.
     crate::broker::publisher::publish_thing_state(&thing, &status);
+    publish_to_observers(ctx, &thing, &status);
 
     match result {
         Ok(()) => Ok(Action::requeue(jittered(
@@ -245,11 +248,26 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
     }
 }
 
+/// Hands the Thing's state to the in-memory bus Observers read (a no-op when unchanged).
+fn publish_to_observers(ctx: &Context, thing: &Thing, status: &ThingStatus) {
+    ctx.observers.bus().publish(ThingUpdate {
+        namespace: thing.namespace().unwrap_or_default(),
+        name: thing.name_any(),
+        labels: thing.labels().clone(),
+        desired: thing.spec.desired.clone(),
+        reported: status.reported.clone(),
+        delta: status.delta.clone(),
+        version: status.version,
+        time: status.last_reported_time.unwrap_or_else(Utc::now),
+    });
+}
+
 async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
     let ns = thing
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = thing.name_any();
+    ctx.observers.bus().remove(&ns, &name);
     let status = thing.status.clone().unwrap_or_default();
     let reference = thing.object_ref(&());
     let provisioned = status.device.is_some();

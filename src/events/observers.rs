@@ -1,0 +1,338 @@
+//! One task per Observer: subscribes to the state bus, filters, delivers to the sink with
+//! retries, and records its counters and filter memory in the Observer's status (coalesced,
+//! at most one write per flush interval), so the memory of "changed by more than X" survives a
+//! restart of the operator.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{Patch, PatchParams},
+};
+use rand::Rng;
+use rumqttc::AsyncClient;
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    StateBus, ThingUpdate,
+    filter::{Decision, Memory, evaluate},
+    sink::{Sink, SinkError},
+};
+use crate::{
+    api::{JsonObject, Observer, observer::ObserverSpec},
+    metrics::Metrics,
+};
+
+/// Deliveries of one update are tried this often before it counts as failed (dead letter).
+const MAX_ATTEMPTS: u32 = 5;
+/// Status counters and filter memory are written at most this often per Observer.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+
+struct Running {
+    generation: Option<i64>,
+    cancel: CancellationToken,
+}
+
+/// Starts, restarts and stops Observer tasks.
+pub struct ObserverManager {
+    bus: StateBus,
+    client: Client,
+    mqtt: Option<AsyncClient>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tasks: Mutex<HashMap<String, Running>>,
+}
+
+fn key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+impl ObserverManager {
+    pub fn new(
+        bus: StateBus,
+        client: Client,
+        mqtt: Option<AsyncClient>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            bus,
+            client,
+            mqtt,
+            metrics,
+            shutdown,
+            tasks: Mutex::default(),
+        }
+    }
+
+    pub fn bus(&self) -> &StateBus {
+        &self.bus
+    }
+
+    /// Whether an MQTT sink can be served.
+    pub fn has_mqtt(&self) -> bool {
+        self.mqtt.is_some()
+    }
+
+    /// Makes sure a task runs for this generation of the Observer (restarting it on spec change).
+    pub fn ensure(&self, observer: &Observer) {
+        let ns = observer.namespace().unwrap_or_default();
+        let name = observer.name_any();
+        let generation = observer.metadata.generation;
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if tasks
+            .get(&key(&ns, &name))
+            .is_some_and(|r| r.generation == generation && !r.cancel.is_cancelled())
+        {
+            return;
+        }
+        if let Some(old) = tasks.remove(&key(&ns, &name)) {
+            old.cancel.cancel();
+        }
+        let cancel = self.shutdown.child_token();
+        let memory = observer
+            .status
+            .as_ref()
+            .and_then(|s| s.last_forwarded.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(thing, m)| (thing, m.0.into_iter().collect::<Memory>()))
+            .collect();
+        let task = ObserverTask {
+            namespace: ns.clone(),
+            name: name.clone(),
+            spec: observer.spec.clone(),
+            forwarded: observer
+                .status
+                .as_ref()
+                .and_then(|s| s.forwarded)
+                .unwrap_or(0),
+            failed: observer.status.as_ref().and_then(|s| s.failed).unwrap_or(0),
+            memory,
+            api: Api::namespaced(self.client.clone(), &ns),
+            client: self.client.clone(),
+            mqtt: self.mqtt.clone(),
+            bus: self.bus.clone(),
+            metrics: self.metrics.clone(),
+            cancel: cancel.clone(),
+            dirty: false,
+            last_forwarded_time: None,
+            last_error: None,
+        };
+        tokio::spawn(task.run());
+        tasks.insert(key(&ns, &name), Running { generation, cancel });
+    }
+
+    pub fn stop(&self, namespace: &str, name: &str) {
+        if let Some(r) = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key(namespace, name))
+        {
+            r.cancel.cancel();
+        }
+    }
+}
+
+struct ObserverTask {
+    namespace: String,
+    name: String,
+    spec: ObserverSpec,
+    forwarded: i64,
+    failed: i64,
+    memory: BTreeMap<String, Memory>,
+    api: Api<Observer>,
+    client: Client,
+    mqtt: Option<AsyncClient>,
+    bus: StateBus,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    dirty: bool,
+    last_forwarded_time: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+}
+
+impl ObserverTask {
+    fn matches(&self, update: &ThingUpdate) -> bool {
+        if update.namespace != self.namespace {
+            return false;
+        }
+        match (&self.spec.source.thing_name, &self.spec.source.match_labels) {
+            (Some(name), _) => &update.name == name,
+            (None, Some(labels)) => labels.iter().all(|(k, v)| update.labels.get(k) == Some(v)),
+            (None, None) => false,
+        }
+    }
+
+    /// Waits up to `d`, returning false when the task is cancelled meanwhile.
+    async fn pause(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = self.cancel.cancelled() => false,
+        }
+    }
+
+    async fn build_sink(&mut self) -> Option<Sink> {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match Sink::build(
+                &self.spec.sink,
+                &self.namespace,
+                &self.client,
+                self.mqtt.as_ref(),
+            )
+            .await
+            {
+                Ok(sink) => return Some(sink),
+                Err(e) => {
+                    tracing::warn!(observer = %key(&self.namespace, &self.name), error = %e, "sink not ready");
+                    self.last_error = Some(e.message.clone());
+                    self.dirty = true;
+                    self.flush().await;
+                    if !e.retryable {
+                        // Only a spec change (which restarts this task) can fix it.
+                        self.cancel.cancelled().await;
+                        return None;
+                    }
+                    if !self.pause(delay).await {
+                        return None;
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
+    }
+
+    async fn deliver(
+        &mut self,
+        sink: &Sink,
+        update: &ThingUpdate,
+        data: &Value,
+    ) -> Result<(), SinkError> {
+        let section = self
+            .spec
+            .filter
+            .as_ref()
+            .map(|f| f.section)
+            .unwrap_or_default();
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            match sink.deliver(update, section, data).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.retryable && attempt < MAX_ATTEMPTS => {
+                    let jittered = delay / 2 + rand::rng().random_range(Duration::ZERO..=delay / 2);
+                    if !self.pause(jittered).await {
+                        return Err(e);
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn handle(&mut self, sink: &Sink, update: &ThingUpdate) {
+        if !self.matches(update) {
+            return;
+        }
+        let filter = self.spec.filter.as_ref();
+        let section = filter.map(|f| f.section).unwrap_or_default();
+        let memory = self.memory.get(&update.name).cloned().unwrap_or_default();
+        let Decision::Forward { data, memory } = evaluate(filter, update.section(section), &memory)
+        else {
+            return;
+        };
+        let observer = key(&self.namespace, &self.name);
+        match self.deliver(sink, update, &data).await {
+            Ok(()) => {
+                self.memory.insert(update.name.clone(), memory);
+                self.forwarded += 1;
+                self.last_forwarded_time = Some(Utc::now());
+                self.last_error = None;
+                self.metrics
+                    .count_event("Observer", &format!("forwarded_{}", sink.kind()));
+            }
+            Err(e) => {
+                // Dead letter: the update is dropped and counted; the next change (or a restart,
+                // which replays the latest state) delivers the then-current state.
+                tracing::warn!(%observer, thing = %update.name, error = %e, "delivery failed, update dropped");
+                self.failed += 1;
+                self.last_error = Some(e.message);
+                self.metrics
+                    .count_event("Observer", &format!("failed_{}", sink.kind()));
+            }
+        }
+        self.dirty = true;
+    }
+
+    async fn flush(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        let last_forwarded: BTreeMap<String, JsonObject> = self
+            .memory
+            .iter()
+            .map(|(thing, m)| (thing.clone(), JsonObject(m.clone().into_iter().collect())))
+            .collect();
+        let patch = json!({"status": {
+            "forwarded": self.forwarded,
+            "failed": self.failed,
+            "lastForwardedTime": self.last_forwarded_time,
+            "lastError": self.last_error,
+            "lastForwarded": last_forwarded,
+        }});
+        match self
+            .api
+            .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) => {
+                self.dirty = false;
+                self.metrics.count_status_write("Observer");
+            }
+            Err(e) => {
+                tracing::debug!(observer = %key(&self.namespace, &self.name), error = %e, "status flush failed; retrying later")
+            }
+        }
+    }
+
+    async fn run(mut self) {
+        let Some(sink) = self.build_sink().await else {
+            return;
+        };
+        let mut rx = self.bus.subscribe();
+        // State, not events: start from the latest state of every matching Thing.
+        for update in self.bus.latest(&self.namespace) {
+            self.handle(&sink, &update).await;
+        }
+        let mut flush = tokio::time::interval(FLUSH_INTERVAL);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = flush.tick() => self.flush().await,
+                msg = rx.recv() => match msg {
+                    Ok(update) => self.handle(&sink, &update).await,
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::debug!(observer = %key(&self.namespace, &self.name), missed, "fell behind; resuming from the latest state");
+                        for update in self.bus.latest(&self.namespace) {
+                            self.handle(&sink, &update).await;
+                        }
+                    }
+                    Err(RecvError::Closed) => break,
+                },
+            }
+        }
+        self.flush().await;
+    }
+}
