@@ -4,3 +4,4 @@ mod secret;
 
 pub use secret::{DeviceSecret, keys};
 pub mod pki;
+pub mod ca;

@@ -203,11 +203,16 @@ impl MosquittoProvider {
         // client whose roles change, so the grant must happen once per broker, not per process
         // or per topic prefix. It adds no privilege: this account administers the broker.
         let on_connect = {
-            let (dynsec, client, username) = (dynsec.clone(), client.clone(), config.username.clone());
+            let (dynsec, client, username) =
+                (dynsec.clone(), client.clone(), config.username.clone());
             move || {
                 crate::broker::publisher::set_online(false);
-                let (dynsec, client, username, status_topic) =
-                    (dynsec.clone(), client.clone(), username.clone(), status_topic.clone());
+                let (dynsec, client, username, status_topic) = (
+                    dynsec.clone(),
+                    client.clone(),
+                    username.clone(),
+                    status_topic.clone(),
+                );
                 tokio::spawn(async move {
                     let acls = [
                         Acl::allow("publishClientSend", "#"),
@@ -221,11 +226,15 @@ impl MosquittoProvider {
                     match granted.await {
                         Ok(()) => {
                             crate::broker::publisher::set_online(true);
-                            let _ = client.publish(status_topic, QoS::AtLeastOnce, true, b"online".to_vec()).await;
+                            let _ = client
+                                .publish(status_topic, QoS::AtLeastOnce, true, b"online".to_vec())
+                                .await;
                         }
                         // After a first-time grant the plugin disconnects us; the reconnect
                         // runs this again and finds the role in place.
-                        Err(e) => tracing::info!(error = %e, "operator ACLs not confirmed yet; retrying on reconnect"),
+                        Err(e) => {
+                            tracing::info!(error = %e, "operator ACLs not confirmed yet; retrying on reconnect")
+                        }
                     }
                 });
             }
@@ -577,9 +586,9 @@ impl IotProvider for MosquittoProvider {
             .get(&key)
             .map(|e| e.snapshot.clone())
             .unwrap_or_default();
-        status.reported = (!snapshot.reported.is_empty()).then(|| JsonObject(snapshot.reported));
+        status.reported = (!snapshot.reported.is_empty()).then_some(JsonObject(snapshot.reported));
         let pending: Vec<String> = snapshot.delta.keys().cloned().collect();
-        status.delta = (!snapshot.delta.is_empty()).then(|| JsonObject(snapshot.delta));
+        status.delta = (!snapshot.delta.is_empty()).then_some(JsonObject(snapshot.delta));
         status.version = Some(snapshot.version);
         status.last_reported_time = snapshot.last_reported;
         let message = if pending.is_empty() {
