@@ -92,7 +92,7 @@ async fn aws_thing_full_lifecycle() {
         .send()
         .await
         .unwrap();
-    assert_eq!(principals.principals(), [cert_arn.clone()]);
+    assert_eq!(principals.principals(), std::slice::from_ref(&cert_arn));
     let attached = iot
         .list_attached_policies()
         .target(&cert_arn)
@@ -279,7 +279,7 @@ async fn aws_thing_full_lifecycle() {
         .send()
         .await
         .unwrap();
-    assert_eq!(principals.principals(), [new_arn.clone()]);
+    assert_eq!(principals.principals(), std::slice::from_ref(&new_arn));
     assert!(
         events(&client, &ns)
             .await

@@ -426,7 +426,7 @@ async fn issue_cloud(
     x.save(state).await?;
     step!("aws-before-create-keys");
     let out =
-        x.c.call(Family::Certificate, "CreateKeysAndCertificate", || {
+        x.c.call_once(Family::Certificate, "CreateKeysAndCertificate", || {
             x.c.iot
                 .create_keys_and_certificate()
                 .set_as_active(true)

@@ -309,6 +309,9 @@ pub struct ClientSettings {
     pub retry: RetryPolicy,
     /// Per-attempt timeout; a hung connection must not stall a reconcile forever.
     pub attempt_timeout: Option<Duration>,
+    /// Static access key id and secret instead of the default chain (tests and benchmarks
+    /// against moto run in-process, where the environment is shared).
+    pub static_credentials: Option<(String, String)>,
 }
 
 impl AwsClients {
@@ -321,6 +324,15 @@ impl AwsClients {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
         if let Some(region) = &settings.region {
             loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some((id, secret)) = &settings.static_credentials {
+            loader = loader.credentials_provider(aws_sdk_iot::config::Credentials::new(
+                id.clone(),
+                secret.clone(),
+                None,
+                None,
+                "thing-operator-static",
+            ));
         }
         let shared = loader.load().await;
         let timeout = aws_smithy_types::timeout::TimeoutConfig::builder()
@@ -366,6 +378,38 @@ impl AwsClients {
         &self,
         family: Family,
         operation: &'static str,
+        f: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + AlreadyExistsIds,
+    {
+        self.call_with(family, operation, self.retry.max_attempts, f)
+            .await
+    }
+
+    /// A call that is never repeated: for CreateKeysAndCertificate, where a lost answer means a
+    /// certificate may exist that only the orphan sweep can find, and a retry would add another.
+    pub async fn call_once<T, E, F, Fut>(
+        &self,
+        family: Family,
+        operation: &'static str,
+        f: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + AlreadyExistsIds,
+    {
+        self.call_with(family, operation, 1, f).await
+    }
+
+    async fn call_with<T, E, F, Fut>(
+        &self,
+        family: Family,
+        operation: &'static str,
+        max_attempts: u32,
         mut f: F,
     ) -> Result<T, CallError>
     where
@@ -411,7 +455,7 @@ impl AwsClients {
                             self.stats.throttled.fetch_add(1, Ordering::Relaxed);
                         }
                         attempt += 1;
-                        if attempt >= self.retry.max_attempts {
+                        if attempt >= max_attempts {
                             tracing::debug!(operation, error = %e, "giving up after {attempt} attempts");
                             return Err(CallError::Failed(e));
                         }
