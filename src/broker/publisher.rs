@@ -80,7 +80,11 @@ impl StatePublisher {
             return;
         };
         let mut docs = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if docs.latest.get(&topic).is_some_and(|(p, sent)| *sent && *p == payload) {
+        if docs
+            .latest
+            .get(&topic)
+            .is_some_and(|(p, sent)| *sent && *p == payload)
+        {
             return;
         }
         let sent = docs.online && self.send(&topic, &payload);
@@ -88,7 +92,10 @@ impl StatePublisher {
     }
 
     fn send(&self, topic: &str, payload: &[u8]) -> bool {
-        match self.client.try_publish(topic, QoS::AtLeastOnce, true, payload.to_vec()) {
+        match self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, true, payload.to_vec())
+        {
             Ok(()) => true,
             Err(e) => {
                 tracing::debug!(%topic, error = %e, "state not published (queue full); the next change retries");
@@ -101,7 +108,11 @@ impl StatePublisher {
         let mut docs = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         docs.online = online;
         if online {
-            let pending: Vec<(String, Vec<u8>)> = docs.latest.iter().map(|(t, (p, _))| (t.clone(), p.clone())).collect();
+            let pending: Vec<(String, Vec<u8>)> = docs
+                .latest
+                .iter()
+                .map(|(t, (p, _))| (t.clone(), p.clone()))
+                .collect();
             for (topic, payload) in pending {
                 let sent = self.send(&topic, &payload);
                 docs.latest.insert(topic, (payload, sent));

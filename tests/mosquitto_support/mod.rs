@@ -25,6 +25,8 @@ pub struct Setup {
     pub prefix: String,
     pub operator: OperatorProcess,
     pub things: Api<Thing>,
+    /// The operator's command line, to start it again.
+    pub args: Vec<String>,
 }
 
 /// A namespace, and an operator on the test broker with a topic prefix of its own.
@@ -55,10 +57,19 @@ pub async fn setup(test: &str, extra_args: &[&str]) -> Setup {
         prefix,
         operator,
         things,
+        args,
     }
 }
 
 impl Setup {
+    /// Kills the operator (SIGKILL, a crash) and starts a new one with the same arguments.
+    pub async fn restart_operator(&mut self) {
+        self.operator.kill();
+        let arg_refs: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.operator = OperatorProcess::start(&self.env, &self.ns, &arg_refs, &[]);
+        self.operator.wait_ready().await;
+    }
+
     pub async fn create_thing(&self, name: &str, desired: Value) -> Thing {
         let thing: Thing = serde_json::from_value(json!({
             "apiVersion": "iot.thing-operator.dev/v1alpha1",
@@ -202,7 +213,9 @@ impl Device {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                         if !resubscribe.is_empty() {
-                            let filters = resubscribe.iter().map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                            let filters = resubscribe
+                                .iter()
+                                .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
                             let _ = sub_client.subscribe_many(filters).await;
                         }
                         let _ = tx.send(DeviceEvent::Connected);

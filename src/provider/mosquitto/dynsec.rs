@@ -88,7 +88,10 @@ pub struct ClientSpec<'a> {
 /// password is 32 random alphanumerics, so a truncated SHA-256 reveals nothing usable.
 pub fn password_mark(password: &str) -> String {
     use sha2::{Digest, Sha256};
-    format!("pw-sha256:{}", &hex::encode(Sha256::digest(password.as_bytes()))[..16])
+    format!(
+        "pw-sha256:{}",
+        &hex::encode(Sha256::digest(password.as_bytes()))[..16]
+    )
 }
 
 pub struct Dynsec {

@@ -16,6 +16,8 @@ pub mod dynsec;
 pub mod service;
 pub mod shadow;
 
+pub use service::attach_state_bus;
+
 use std::{
     collections::BTreeMap,
     path::PathBuf,
@@ -294,6 +296,8 @@ impl MosquittoProvider {
                 thing_name.clone(),
                 seed_shadow(&thing, status),
             );
+            let mut entry = entry;
+            entry.labels = thing.labels().clone();
             things.by_name.insert(thing_name, key.clone());
             things.by_key.insert(key, entry);
         }
@@ -545,6 +549,7 @@ impl IotProvider for MosquittoProvider {
             let Some(entry) = things.by_key.get_mut(&key) else {
                 return Err(ProviderError::Rejected("shadow vanished".into()));
             };
+            entry.labels = req.thing.labels().clone();
             let changed = entry.shadow.set_desired(desired, now);
             if changed.is_some() {
                 entry.refresh_snapshot();
@@ -586,6 +591,9 @@ impl IotProvider for MosquittoProvider {
             .get(&key)
             .map(|e| e.snapshot.clone())
             .unwrap_or_default();
+        if status.version != Some(snapshot.version) {
+            tracing::debug!(thing = %format!("{}/{}", key.0, key.1), from = ?status.version, to = snapshot.version, "shadow snapshot to status");
+        }
         status.reported = (!snapshot.reported.is_empty()).then_some(JsonObject(snapshot.reported));
         let pending: Vec<String> = snapshot.delta.keys().cloned().collect();
         status.delta = (!snapshot.delta.is_empty()).then_some(JsonObject(snapshot.delta));

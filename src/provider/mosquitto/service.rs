@@ -27,6 +27,31 @@ use crate::{
     controller::ThingTrigger,
 };
 
+/// The in-memory state stream Observers read. Set once at start-up by the runner; every
+/// accepted device report goes there at once, while status writes stay paced.
+static STATE_BUS: std::sync::OnceLock<crate::events::StateBus> = std::sync::OnceLock::new();
+
+/// Connects the shadow service to the Observers' state bus (a second call is ignored).
+pub fn attach_state_bus(bus: crate::events::StateBus) {
+    let _ = STATE_BUS.set(bus);
+}
+
+fn publish_to_bus(key: &Key, entry: &Entry, now: DateTime<Utc>) {
+    let Some(bus) = STATE_BUS.get() else { return };
+    let shadow = &entry.shadow;
+    let object = |m: Map<String, Value>| (!m.is_empty()).then_some(crate::api::JsonObject(m));
+    bus.publish(crate::events::ThingUpdate {
+        namespace: key.0.clone(),
+        name: key.1.clone(),
+        labels: entry.labels.clone(),
+        desired: object(shadow.desired().clone()),
+        reported: object(shadow.reported().clone()),
+        delta: object(shadow.delta()),
+        version: Some(shadow.version()),
+        time: now,
+    });
+}
+
 /// `(namespace, name)` of a Thing.
 pub type Key = (String, String);
 
@@ -52,6 +77,8 @@ impl Snapshot {
 
 pub struct Entry {
     pub uid: String,
+    /// The Thing's labels, for the state bus (Observers select by label).
+    pub labels: std::collections::BTreeMap<String, String>,
     pub thing_name: String,
     pub shadow: Shadow,
     pub snapshot: Snapshot,
@@ -67,6 +94,7 @@ impl Entry {
         let snapshot = Snapshot::of(&shadow);
         Self {
             uid,
+            labels: Default::default(),
             thing_name,
             shadow,
             snapshot,
@@ -207,6 +235,7 @@ impl Service {
                         req.reply_topic(ShadowReply::Documents),
                         &acc.documents,
                     );
+                    publish_to_bus(&key, entry, now);
                     pace(
                         &self.things,
                         &key,

@@ -119,6 +119,25 @@ fn strip_nulls(v: &Value) -> Value {
     }
 }
 
+/// Writes numbers the way the Kubernetes API server gives them back: a float with an integral
+/// value (`21.0`) becomes an integer (`21`). Without this the state read back from status never
+/// equals the state in memory, and every reconcile writes the status again.
+pub fn normalize_numbers(v: &mut Value) {
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64()
+                && f.fract() == 0.0
+                && f.abs() < 9_007_199_254_740_992.0
+            {
+                *v = Value::from(f as i64);
+            }
+        }
+        Value::Object(m) => m.values_mut().for_each(normalize_numbers),
+        Value::Array(a) => a.iter_mut().for_each(normalize_numbers),
+        _ => {}
+    }
+}
+
 /// AWS shadow merge: objects merge key by key, null deletes, anything else (arrays too) replaces.
 pub fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
     for (k, v) in patch {
@@ -348,7 +367,13 @@ impl Shadow {
         };
         let mut reported = self.reported.clone();
         match patch {
-            Some(p) => merge(&mut reported, p),
+            Some(p) => {
+                let mut p = Value::Object(p.clone());
+                normalize_numbers(&mut p);
+                if let Value::Object(p) = &p {
+                    merge(&mut reported, p);
+                }
+            }
             None => reported.clear(),
         }
         let encoded = serde_json::to_vec(&reported)
@@ -522,6 +547,24 @@ mod tests {
             .unwrap();
         assert!(s.delta().is_empty());
         assert!(s.document(t(5))["state"].get("delta").is_none());
+    }
+
+    #[test]
+    fn integral_floats_are_stored_as_integers() {
+        let mut s = Shadow::default();
+        s.update(
+            br#"{"state":{"reported":{"t":21.0,"u":21.5,"n":{"x":[1.0,2.5]}}}}"#,
+            &lim(),
+            t(1),
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(s.reported().clone()),
+            json!({"t": 21, "u": 21.5, "n": {"x": [1, 2.5]}})
+        );
+        // What the API server returns for it compares equal.
+        let back: Value = serde_json::from_str(r#"{"t":21,"u":21.5,"n":{"x":[1,2.5]}}"#).unwrap();
+        assert_eq!(Value::Object(s.reported().clone()), back);
     }
 
     #[test]
