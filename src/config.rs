@@ -112,6 +112,10 @@ pub struct AwsArgs {
     /// certificates created in it are deleted as orphans.
     #[arg(long = "aws-orphan-grace", env = "THING_OPERATOR_AWS_ORPHAN_GRACE", value_parser = parse_duration, default_value = "60s")]
     pub orphan_grace: Duration,
+    /// Scales every client-side AWS rate limit (1 = AWS's published default quotas). Raise it
+    /// for accounts with raised quotas, or against moto in benchmarks.
+    #[arg(long = "aws-rate-multiplier", env = "THING_OPERATOR_AWS_RATE_MULTIPLIER", default_value_t = 1.0)]
+    pub rate_multiplier: f64,
 }
 
 /// The operator's MQTT broker: Mosquitto Things, the REST message broker, MQTT sinks and sources.

@@ -8,9 +8,10 @@ use kube::{Client, runtime::events::Reporter};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    broker::topic::TopicLayout,
     config::RunArgs,
     controller::{self, Context, ControllerConfig, ThingTrigger},
-    events::{ObserverManager, StateBus},
+    events::{ObserverManager, StateBus, SubscriberManager},
     http::{self, Readiness},
     metrics::Metrics,
     provider::ProviderRegistry,
@@ -79,6 +80,7 @@ async fn build_providers(
                 region: args.aws.region.clone(),
                 iot_endpoint: args.aws.iot_endpoint.clone(),
                 data_endpoint: args.aws.data_endpoint.clone(),
+                rates: crate::provider::aws::client::RateLimits::default().scaled(args.aws.rate_multiplier),
                 ..ClientSettings::default()
             },
             device_endpoint: args.aws.device_endpoint.clone(),
@@ -93,20 +95,12 @@ async fn build_providers(
     Ok(registry)
 }
 
-/// Ignores everything the broker sends: the Observer connection only publishes.
-struct PublishOnly;
-
-impl crate::provider::mosquitto::connection::Handler for PublishOnly {
-    fn on_connected(&self, _client: &rumqttc::AsyncClient) {}
-    fn on_message(&self, _client: &rumqttc::AsyncClient, _topic: &str, _payload: &[u8]) {}
-}
-
-/// The MQTT connection Observer sinks publish on (its own client id, so a slow sink never
-/// stalls the shadow service's connection). `None` when no broker is configured.
-fn events_mqtt_client(
+/// The MQTT connection of Observers (publishing) and Subscribers (subscribing): its own client
+/// id, so a slow sink never stalls the shadow service's connection. Returned unpolled: the
+/// caller starts it with the Subscribers' message router. `None` when no broker is configured.
+fn events_mqtt_connection(
     args: &RunArgs,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Option<rumqttc::AsyncClient>> {
+) -> anyhow::Result<Option<(rumqttc::AsyncClient, rumqttc::EventLoop, TopicLayout)>> {
     use crate::provider::mosquitto::{MosquittoConfig, connection};
     let Some(config) = MosquittoConfig::from_args(args)? else {
         return Ok(None);
@@ -120,16 +114,10 @@ fn events_mqtt_client(
         tls,
         username: config.username,
         password: config.password,
-        client_id: format!("thing-operator-observers-{}", std::process::id()),
+        client_id: format!("thing-operator-events-{}", std::process::id()),
         last_will: None,
     });
-    connection::spawn_driver(
-        eventloop,
-        client.clone(),
-        Arc::new(PublishOnly),
-        shutdown.clone(),
-    );
-    Ok(Some(client))
+    Ok(Some((client, eventloop, config.layout)))
 }
 
 /// Blocks until this replica holds the leader Lease. Returns the watch channel, which turns
@@ -180,9 +168,36 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
 
+    let events_mqtt = events_mqtt_connection(&args).context("MQTT configuration")?;
+    let subscribers = Arc::new(SubscriberManager::new(
+        client.clone(),
+        events_mqtt.as_ref().map(|(c, _, _)| c.clone()),
+        events_mqtt.as_ref().map(|(_, _, l)| l.clone()),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let bus = StateBus::default();
+    // Mosquitto device reports reach Observers at once, not only through paced status writes.
+    crate::provider::mosquitto::attach_state_bus(bus.clone());
+    let observers = ObserverManager::new(
+        bus,
+        client.clone(),
+        events_mqtt.as_ref().map(|(c, _, _)| c.clone()),
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    if let Some((mqtt, eventloop, _)) = events_mqtt {
+        crate::provider::mosquitto::connection::spawn_driver(
+            eventloop,
+            mqtt,
+            subscribers.mqtt_handler(),
+            shutdown.clone(),
+        );
+    }
+
     let server = tokio::spawn(http::serve(
         args.http_addr,
-        http::router(metrics.clone(), readiness.clone()),
+        http::router(metrics.clone(), readiness.clone(), subscribers.clone()),
         shutdown.clone(),
     ));
 
@@ -198,14 +213,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         watch_namespace: args.watch_namespace.clone(),
     };
-    let events_mqtt = events_mqtt_client(&args, &shutdown).context("MQTT configuration")?;
-    let observers = ObserverManager::new(
-        StateBus::default(),
-        client.clone(),
-        events_mqtt,
-        metrics.clone(),
-        shutdown.clone(),
-    );
     let ctx = Arc::new(Context::new(
         client.clone(),
         reporter,
@@ -213,7 +220,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         providers,
         config,
         (trigger, trigger_rx),
-        observers,
+        (observers, subscribers),
     ));
 
     if args.leader_elect {

@@ -68,6 +68,23 @@ impl Default for RateLimits {
     }
 }
 
+impl RateLimits {
+    /// Every family's rate times `factor` (at least 1 request per second).
+    pub fn scaled(&self, factor: f64) -> Self {
+        // A missing (zero) or nonsensical factor means the defaults.
+        let factor = if factor.is_finite() && factor > 0.0 { factor } else { 1.0 };
+        let f = |r: u32| ((r as f64) * factor).clamp(1.0, u32::MAX as f64) as u32;
+        Self {
+            thing_read: f(self.thing_read),
+            thing_write: f(self.thing_write),
+            policy: f(self.policy),
+            certificate: f(self.certificate),
+            shadow: f(self.shadow),
+            endpoint: f(self.endpoint),
+        }
+    }
+}
+
 struct Limiters {
     thing_read: DefaultDirectRateLimiter,
     thing_write: DefaultDirectRateLimiter,

@@ -1,0 +1,422 @@
+//! AWS backend benchmark against the local test environment (moto + kube-apiserver). Prints
+//! numbers; it is not a timed test.
+//!
+//!   bash scripts/testenv.sh up
+//!   cargo build && cargo run --example aws_bench -- [THINGS] [CONCURRENCY]
+//!
+//! 1. The floor: a bare SDK loop making the calls one device needs (CreateThing, CreatePolicy,
+//!    RegisterCertificateWithoutCA, AttachPolicy, AttachThingPrincipal, UpdateThingShadow,
+//!    GetThingShadow), CONCURRENCY devices at a time.
+//! 2. The operator (target/debug/thing-operator, the same concurrency, rate limits scaled out of
+//!    the way because moto has none): THINGS Things applied at once; seconds until all are Ready,
+//!    cloud calls and status writes per Thing, peak RSS and CPU seconds of the process.
+//! 3. Idle: cloud calls and status writes per idle Thing per poll interval.
+//! 4. Deletion of all of them.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aws_sdk_iot::config::{BehaviorVersion, Credentials, Region};
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client, Config,
+    api::{DeleteParams, ListParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use serde_json::json;
+use thing_operator::{api::Thing, credentials::pki};
+
+fn load_env(dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(dir.join("env"))
+        .context("no test environment: run scripts/testenv.sh up")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+fn var(env: &BTreeMap<String, String>, k: &str) -> anyhow::Result<String> {
+    env.get(k)
+        .cloned()
+        .with_context(|| format!("test env has no {k}"))
+}
+
+fn iot(moto: &str) -> aws_sdk_iot::Client {
+    let conf = aws_sdk_iot::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "bench"))
+        .endpoint_url(moto)
+        .build();
+    aws_sdk_iot::Client::from_conf(conf)
+}
+
+fn data(moto: &str) -> aws_sdk_iotdataplane::Client {
+    let conf = aws_sdk_iotdataplane::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_iotdataplane::config::Credentials::new(
+            "testing", "testing", None, None, "bench",
+        ))
+        .endpoint_url(moto)
+        .build();
+    aws_sdk_iotdataplane::Client::from_conf(conf)
+}
+
+/// One device the way a script would do it: no reads, no retries, no Secret.
+async fn floor_device(
+    iot: &aws_sdk_iot::Client,
+    data: &aws_sdk_iotdataplane::Client,
+    name: &str,
+) -> anyhow::Result<String> {
+    iot.create_thing().thing_name(name).send().await?;
+    let policy = format!("{name}-policy");
+    let doc = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": format!("arn:aws:iot:us-east-1:123456789012:client/{name}")}]});
+    iot.create_policy()
+        .policy_name(&policy)
+        .policy_document(doc.to_string())
+        .send()
+        .await?;
+    let creds = pki::generate_self_signed(name, 365)?;
+    let cert = iot
+        .register_certificate_without_ca()
+        .certificate_pem(creds.certificate_pem)
+        .status(aws_sdk_iot::types::CertificateStatus::Active)
+        .send()
+        .await?;
+    let arn = cert.certificate_arn().unwrap_or_default().to_string();
+    iot.attach_policy()
+        .policy_name(&policy)
+        .target(&arn)
+        .send()
+        .await?;
+    iot.attach_thing_principal()
+        .thing_name(name)
+        .principal(&arn)
+        .send()
+        .await?;
+    let payload = json!({"state": {"desired": {"n": 1}}}).to_string();
+    data.update_thing_shadow()
+        .thing_name(name)
+        .payload(aws_smithy_types::Blob::new(payload))
+        .send()
+        .await?;
+    data.get_thing_shadow().thing_name(name).send().await?;
+    Ok(cert.certificate_id().unwrap_or_default().to_string())
+}
+
+async fn floor_cleanup(
+    iot: &aws_sdk_iot::Client,
+    data: &aws_sdk_iotdataplane::Client,
+    name: &str,
+    cert_id: &str,
+) {
+    let arn = format!("arn:aws:iot:us-east-1:123456789012:cert/{cert_id}");
+    let policy = format!("{name}-policy");
+    let _ = iot
+        .detach_policy()
+        .policy_name(&policy)
+        .target(&arn)
+        .send()
+        .await;
+    let _ = iot
+        .detach_thing_principal()
+        .thing_name(name)
+        .principal(&arn)
+        .send()
+        .await;
+    let _ = iot
+        .update_certificate()
+        .certificate_id(cert_id)
+        .new_status(aws_sdk_iot::types::CertificateStatus::Inactive)
+        .send()
+        .await;
+    let _ = iot
+        .delete_certificate()
+        .certificate_id(cert_id)
+        .send()
+        .await;
+    let _ = iot.delete_policy().policy_name(&policy).send().await;
+    let _ = data.delete_thing_shadow().thing_name(name).send().await;
+    let _ = iot.delete_thing().thing_name(name).send().await;
+}
+
+async fn metrics(port: u16) -> String {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    match reqwest::get(url).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+fn metric_sum(body: &str, name: &str, filters: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
+        .filter(|l| filters.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Peak RSS (MiB) and CPU seconds (user + system) of a process, from /proc.
+fn proc_usage(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    (hwm_kb / 1024.0, ticks / 100.0)
+}
+
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1000);
+    let concurrency: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(16);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::var_os("THING_OPERATOR_TESTENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".testenv"));
+    let env = load_env(&dir)?;
+    let moto = var(&env, "MOTO_URL")?;
+    let kc = Kubeconfig::read_from(var(&env, "KUBECONFIG")?)?;
+    let client =
+        Client::try_from(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)?;
+    let tag = format!("{:06x}", rand::random::<u32>() & 0xffffff);
+    let (iot, data) = (iot(&moto), data(&moto));
+    println!("AWS backend benchmark: {n} Things, concurrency {concurrency}, moto at {moto}");
+
+    // 1. Floor.
+    let started = Instant::now();
+    let names: Vec<String> = (0..n).map(|i| format!("floor-{tag}-{i}")).collect();
+    let results: Vec<_> = stream::iter(names.iter())
+        .map(|name| {
+            let (iot, data) = (iot.clone(), data.clone());
+            async move {
+                floor_device(&iot, &data, name)
+                    .await
+                    .map(|id| (name.clone(), id))
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let floor_secs = started.elapsed().as_secs_f64();
+    let floor_ok: Vec<(String, String)> = results.into_iter().filter_map(Result::ok).collect();
+    println!(
+        "floor: {} devices in {floor_secs:.1}s ({} calls per device)",
+        floor_ok.len(),
+        8
+    );
+    stream::iter(floor_ok.iter())
+        .for_each_concurrent(concurrency, |(name, id)| {
+            let (iot, data) = (iot.clone(), data.clone());
+            async move { floor_cleanup(&iot, &data, name, id).await }
+        })
+        .await;
+
+    // 2. The operator.
+    let ns = format!("aws-bench-{tag}");
+    let nss: Api<Namespace> = Api::all(client.clone());
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+    )
+    .await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let bin = root.join("target/debug/thing-operator");
+    let poll = 10u64;
+    let log = std::fs::File::create(dir.join("logs").join(format!("operator-{ns}.log")))?;
+    let child = Command::new(&bin)
+        .args([
+            "run",
+            "--http-addr",
+            &format!("127.0.0.1:{port}"),
+            "--watch-namespace",
+            &ns,
+        ])
+        .args([
+            "--aws",
+            "--aws-region",
+            "us-east-1",
+            "--aws-iot-endpoint",
+            &moto,
+            "--aws-data-endpoint",
+            &moto,
+        ])
+        .args([
+            "--aws-device-endpoint",
+            "device.example.com:8883",
+            "--aws-rate-multiplier",
+            "1000",
+        ])
+        .args([
+            "--concurrency",
+            &concurrency.to_string(),
+            "--poll-interval",
+            &format!("{poll}s"),
+        ])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("KUBECONFIG", var(&env, "OPERATOR_KUBECONFIG")?)
+        .env("RUST_LOG", "warn")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let pid = child.id();
+    let _op = Operator(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        if Instant::now() > deadline {
+            bail!("operator not ready");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let things: Api<Thing> = Api::namespaced(client.clone(), &ns);
+    let started = Instant::now();
+    stream::iter(0..n)
+        .for_each_concurrent(32, |i| {
+            let things = things.clone();
+            async move {
+                let t: Thing = serde_json::from_value(json!({
+                    "apiVersion": "iot.thing-operator.dev/v1alpha1", "kind": "Thing",
+                    "metadata": {"name": format!("t{i}")},
+                    "spec": {"broker": "AWS", "attributes": {"i": i.to_string()}, "desired": {"n": 1}}
+                }))
+                .expect("valid Thing");
+                if let Err(e) = things.create(&PostParams::default(), &t).await {
+                    eprintln!("create t{i}: {e}");
+                }
+            }
+        })
+        .await;
+    let applied = started.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let list = things.list(&ListParams::default()).await?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|t| {
+                t.status
+                    .as_ref()
+                    .is_some_and(|s| s.conditions.is_true("Ready"))
+            })
+            .count();
+        if ready == n {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {ready}/{n} Ready after an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let op_secs = started.elapsed().as_secs_f64();
+    let body = metrics(port).await;
+    let calls = metric_sum(
+        &body,
+        "thing_operator_backend_calls_total",
+        &["backend=\"aws\""],
+    );
+    let writes = metric_sum(
+        &body,
+        "thing_operator_status_writes_total",
+        &["kind=\"Thing\""],
+    );
+    let (rss, cpu) = proc_usage(pid);
+    println!("operator: {n} Things applied in {applied:.1}s, all Ready after {op_secs:.1}s");
+    println!(
+        "  cloud calls per Thing {:.1}, status writes per Thing {:.2}, peak RSS {rss:.0} MiB, CPU {cpu:.1}s",
+        calls / n as f64,
+        writes / n as f64
+    );
+    println!(
+        "  ratio operator time / floor time: {:.2}",
+        op_secs / floor_secs.max(0.001)
+    );
+
+    // 3. Idle: two poll intervals with nothing changing.
+    let (calls0, writes0) = (calls, writes);
+    tokio::time::sleep(Duration::from_secs(2 * poll)).await;
+    let body = metrics(port).await;
+    let idle_calls = metric_sum(
+        &body,
+        "thing_operator_backend_calls_total",
+        &["backend=\"aws\""],
+    ) - calls0;
+    let idle_writes = metric_sum(
+        &body,
+        "thing_operator_status_writes_total",
+        &["kind=\"Thing\""],
+    ) - writes0;
+    println!(
+        "idle: {:.2} cloud calls and {:.3} status writes per Thing per {poll}s poll interval",
+        idle_calls / n as f64 / 2.0,
+        idle_writes / n as f64 / 2.0
+    );
+
+    // 4. Deletion.
+    let started = Instant::now();
+    things
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    loop {
+        if things.list(&ListParams::default()).await?.items.is_empty() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            bail!("deletion did not finish");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "deletion: all {n} Things and their cloud resources gone after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let (rss, cpu) = proc_usage(pid);
+    println!("operator totals: peak RSS {rss:.0} MiB, CPU {cpu:.1}s");
+    let _ = nss.delete(&ns, &DeleteParams::default()).await;
+    Ok(())
+}
