@@ -8,11 +8,21 @@ use std::{
     },
 };
 
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path, State},
+    http::{HeaderMap, StatusCode},
+    response::IntoResponse,
+    routing::{get, post},
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::{
+    events::{SubscriberManager, subscribers::Rejection},
+    metrics::Metrics,
+};
 
 /// Readiness: true once the controllers have synced their caches.
 #[derive(Default)]
@@ -32,6 +42,36 @@ impl Readiness {
 struct AppState {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    subscribers: Arc<SubscriberManager>,
+}
+
+/// Largest request body read at all; each Subscriber has its own, smaller limit.
+const MAX_BODY: usize = 1024 * 1024 + 1;
+
+/// `POST /subscribers/{namespace}/{path}`: a message for the Subscriber serving that path.
+async fn subscriber_message(
+    State(state): State<AppState>,
+    Path((namespace, path)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let verdict = state
+        .subscribers
+        .http_message(&namespace, &path, bearer, body.to_vec())
+        .await;
+    let (code, message) = match verdict {
+        Ok(()) => (StatusCode::ACCEPTED, "accepted".to_string()),
+        Err(e @ Rejection::NotFound) => (StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ Rejection::Unauthorized) => (StatusCode::UNAUTHORIZED, e.to_string()),
+        Err(e @ Rejection::TooLarge(..)) => (StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+        Err(e @ Rejection::Busy) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    (code, axum::Json(serde_json::json!({"result": message})))
 }
 
 async fn healthz() -> &'static str {
@@ -56,12 +96,22 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-pub fn router(metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> Router {
+pub fn router(
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    subscribers: Arc<SubscriberManager>,
+) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .with_state(AppState { metrics, readiness })
+        .route("/subscribers/{namespace}/{path}", post(subscriber_message))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(AppState {
+            metrics,
+            readiness,
+            subscribers,
+        })
 }
 
 /// Binds and serves until `shutdown` fires.

@@ -100,6 +100,8 @@ pub struct SinkSpec {
 }
 
 /// Watches Things and forwards the updates that pass its filter.
+// The printcolumns repeat `type_ = "string"`, which clippy mistakes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[kube(
     group = "iot.thing-operator.dev",

@@ -30,6 +30,11 @@ pub struct HttpSource {
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub path: String,
+    /// A Secret in the Subscriber's namespace with key `token`: requests must then carry
+    /// `Authorization: Bearer <token>`. Without it the endpoint accepts any caller that can
+    /// reach the operator's HTTP port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
@@ -66,6 +71,8 @@ pub struct TargetSpec {
 }
 
 /// Subscribes to a source and writes what arrives into a Thing.
+// The printcolumns repeat `type_ = "string"`, which clippy mistakes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[kube(
     group = "iot.thing-operator.dev",
@@ -118,4 +125,7 @@ pub struct SubscriberStatus {
     pub rejected: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_received_time: Option<DateTime<Utc>>,
+    /// Why the last message was rejected or could not be written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }

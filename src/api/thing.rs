@@ -105,6 +105,8 @@ pub struct ShadowSpec {
 }
 
 /// A device, provisioned in an IoT backend and kept in sync with its shadow or twin.
+// The printcolumns repeat `type_ = "string"`, which clippy mistakes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[kube(
     group = "iot.thing-operator.dev",

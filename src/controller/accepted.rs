@@ -37,6 +37,7 @@ pub struct StatusCore {
 }
 
 /// What the shared reconcile needs to know about a kind.
+#[async_trait::async_trait]
 pub trait TaskKind:
     Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
     + Clone
@@ -50,7 +51,7 @@ pub trait TaskKind:
     fn validate(&self) -> Result<(), InvalidSpec>;
     fn status_core(&self) -> StatusCore;
     /// Starts (or keeps) the task for a valid spec; returns the Ready condition.
-    fn start(&self, ctx: &Context) -> Condition;
+    async fn start(&self, ctx: &Context) -> Condition;
     /// Stops the task (invalid spec or deletion).
     fn stop(&self, ctx: &Context);
 }
@@ -86,7 +87,7 @@ async fn apply<K: TaskKind>(obj: Arc<K>, ctx: &Context, api: &Api<K>) -> Result<
     let mut status = old.clone();
     let generation = obj.meta().generation;
     let ready = match obj.validate() {
-        Ok(()) => obj.start(ctx),
+        Ok(()) => obj.start(ctx).await,
         Err(invalid) => {
             tracing::info!(object = %object_key(obj.as_ref()), problems = %invalid, "invalid spec");
             obj.stop(ctx);
@@ -108,8 +109,13 @@ async fn apply<K: TaskKind>(obj: Arc<K>, ctx: &Context, api: &Api<K>) -> Result<
         c.observed_generation = generation;
     }
     status.observed_generation = generation;
+    let retry = notice.warning && notice.reason != reasons::INVALID_SPEC;
     if apply_if_changed(api, &obj.name_any(), &old, &status, &ctx.metrics).await? {
         events::publish(ctx, &K::kind(&()), &obj.object_ref(&()), &notice).await;
+    }
+    if retry {
+        // E.g. a referenced Secret that does not exist yet: look again later, slowly.
+        return Ok(Action::requeue(std::time::Duration::from_secs(60)));
     }
     Ok(Action::await_change())
 }

@@ -29,7 +29,7 @@ pub use backoff::{RetryBackoff, jittered};
 use crate::{
     api::{Observer, Subscriber, Thing},
     error::Error,
-    events::ObserverManager,
+    events::{ObserverManager, SubscriberManager},
     http::Readiness,
     metrics::Metrics,
     provider::ProviderRegistry,
@@ -66,6 +66,8 @@ pub struct Context {
     pub thing_trigger: ThingTrigger,
     /// Observer tasks and the state bus they read.
     pub observers: ObserverManager,
+    /// Subscriber tasks and their MQTT/HTTP routes.
+    pub subscribers: Arc<SubscriberManager>,
     thing_trigger_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<ObjectRef<Thing>>>>,
 }
 
@@ -77,10 +79,11 @@ impl Context {
         providers: ProviderRegistry,
         config: ControllerConfig,
         (thing_trigger, rx): (ThingTrigger, ThingTriggerReceiver),
-        observers: ObserverManager,
+        (observers, subscribers): (ObserverManager, Arc<SubscriberManager>),
     ) -> Self {
         Self {
             observers,
+            subscribers,
             thing_trigger,
             thing_trigger_rx: std::sync::Mutex::new(Some(rx.0)),
             recorder: Recorder::new(client.clone(), reporter),

@@ -18,6 +18,7 @@ use crate::{
     error::Result,
 };
 
+#[async_trait::async_trait]
 impl accepted::TaskKind for Observer {
     fn validate(&self) -> Result<(), InvalidSpec> {
         validate_observer(self)
@@ -31,7 +32,7 @@ impl accepted::TaskKind for Observer {
         }
     }
 
-    fn start(&self, ctx: &Context) -> Condition {
+    async fn start(&self, ctx: &Context) -> Condition {
         if self.spec.sink.mqtt.is_some() && !ctx.observers.has_mqtt() {
             self.stop(ctx);
             return Condition::new(

@@ -1,9 +1,9 @@
-//! The Subscriber reconciler. Receiving is not implemented yet: a valid Subscriber is reported
-//! as not Ready, so nobody mistakes it for a working pipeline.
+//! The Subscriber reconciler: validation and conditions here; receiving runs in a
+//! [`SubscriberManager`](crate::events::SubscriberManager) task.
 
 use std::sync::Arc;
 
-use kube::runtime::controller::Action;
+use kube::{ResourceExt, runtime::controller::Action};
 
 use super::{
     Context,
@@ -18,6 +18,7 @@ use crate::{
     error::Result,
 };
 
+#[async_trait::async_trait]
 impl accepted::TaskKind for Subscriber {
     fn validate(&self) -> Result<(), InvalidSpec> {
         validate_subscriber(self)
@@ -31,16 +32,33 @@ impl accepted::TaskKind for Subscriber {
         }
     }
 
-    fn start(&self, _ctx: &Context) -> Condition {
-        Condition::new(
-            types::READY,
-            ConditionStatus::False,
-            "NotImplemented",
-            "spec is valid; receiving is not implemented in this version of the operator",
-        )
+    async fn start(&self, ctx: &Context) -> Condition {
+        if self.spec.source.mqtt.is_some() && !ctx.subscribers.has_mqtt() {
+            self.stop(ctx);
+            return Condition::new(
+                types::READY,
+                ConditionStatus::False,
+                "SourceNotConfigured",
+                "source.mqtt needs the operator's MQTT broker (--mqtt-url), which is not configured",
+            );
+        }
+        match ctx.subscribers.ensure(self).await {
+            Ok(()) => Condition::new(
+                types::READY,
+                ConditionStatus::True,
+                "Running",
+                "receiving task running",
+            ),
+            Err(message) => {
+                Condition::new(types::READY, ConditionStatus::False, "SourceError", message)
+            }
+        }
     }
 
-    fn stop(&self, _ctx: &Context) {}
+    fn stop(&self, ctx: &Context) {
+        ctx.subscribers
+            .stop(&self.namespace().unwrap_or_default(), &self.name_any());
+    }
 }
 
 pub async fn reconcile(obj: Arc<Subscriber>, ctx: Arc<Context>) -> Result<Action> {

@@ -5,6 +5,8 @@ pub mod bus;
 pub mod filter;
 pub mod observers;
 pub mod sink;
+pub mod subscribers;
 
 pub use bus::{StateBus, ThingUpdate};
 pub use observers::ObserverManager;
+pub use subscribers::SubscriberManager;
