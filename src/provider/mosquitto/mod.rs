@@ -250,6 +250,8 @@ impl MosquittoProvider {
             dynsec: dynsec.clone(),
             stats: Default::default(),
             on_connect: Box::new(on_connect),
+            active: Default::default(),
+            client: client.clone(),
         });
         connection::spawn_driver(
             eventloop,
@@ -488,6 +490,7 @@ impl IotProvider for MosquittoProvider {
         status: &mut ThingStatus,
         outcome: &mut DeviceOutcome,
     ) -> Result<(), ProviderError> {
+        self.service.activate();
         let now = Utc::now();
         let thing_name = req.backend_name.clone();
         let topic = self
@@ -626,6 +629,7 @@ impl IotProvider for MosquittoProvider {
         status: &ThingStatus,
         _outcome: &mut DeviceOutcome,
     ) -> Result<(), ProviderError> {
+        self.service.activate();
         let thing_name = status
             .device
             .as_ref()

@@ -141,8 +141,13 @@ pub struct Service {
     pub trigger: ThingTrigger,
     pub dynsec: Arc<Dynsec>,
     pub stats: Stats,
-    /// Run after every (re)connect, e.g. granting the operator its own ACLs.
+    /// Run after every (re)connect once active, e.g. granting the operator its own ACLs.
     pub on_connect: Box<dyn Fn() + Send + Sync>,
+    /// Whether this replica serves shadow requests. Off until the first reconcile: with leader
+    /// election only the leader reconciles, and two replicas answering the same device would
+    /// keep two diverging versions of its shadow.
+    pub active: std::sync::atomic::AtomicBool,
+    pub client: AsyncClient,
 }
 
 fn lock(things: &Mutex<Things>) -> MutexGuard<'_, Things> {
@@ -268,17 +273,34 @@ impl Service {
     }
 }
 
-impl Handler for Service {
-    fn on_connected(&self, client: &AsyncClient) {
-        self.dynsec.fail_pending();
-        let mut filters = vec![RESPONSE_TOPIC.to_string()];
-        filters.extend(self.layout.service_filters());
-        for f in filters {
+impl Service {
+    fn subscribe_requests(&self, client: &AsyncClient) {
+        for f in self.layout.service_filters() {
             if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
                 tracing::warn!(filter = %f, error = %e, "cannot queue subscription");
             }
         }
         (self.on_connect)();
+    }
+
+    /// Starts serving shadow requests (idempotent). Called by every reconcile.
+    pub fn activate(&self) {
+        if !self.active.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            tracing::info!("shadow service active");
+            self.subscribe_requests(&self.client);
+        }
+    }
+}
+
+impl Handler for Service {
+    fn on_connected(&self, client: &AsyncClient) {
+        self.dynsec.fail_pending();
+        if let Err(e) = client.try_subscribe(RESPONSE_TOPIC, QoS::AtLeastOnce) {
+            tracing::warn!(error = %e, "cannot queue the dynsec response subscription");
+        }
+        if self.active.load(std::sync::atomic::Ordering::SeqCst) {
+            self.subscribe_requests(client);
+        }
     }
 
     fn on_message(&self, client: &AsyncClient, topic: &str, payload: &[u8]) {
