@@ -64,6 +64,16 @@ pub struct RunArgs {
     /// Take a Lease before reconciling, so only one replica acts at a time.
     #[arg(long, env = "THING_OPERATOR_LEADER_ELECT", default_value_t = false)]
     pub leader_elect: bool,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "THING_OPERATOR_LEASE_NAME",
+        default_value = "thing-operator-leader"
+    )]
+    pub lease_name: String,
+    /// How long a leader's Lease lasts without renewal before a standby takes over.
+    #[arg(long, env = "THING_OPERATOR_LEASE_DURATION", value_parser = parse_duration, default_value = "15s")]
+    pub lease_duration: Duration,
     /// Namespace of the leader Lease (default: the pod's namespace, else `default`).
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
@@ -114,7 +124,11 @@ pub struct AwsArgs {
     pub orphan_grace: Duration,
     /// Scales every client-side AWS rate limit (1 = AWS's published default quotas). Raise it
     /// for accounts with raised quotas, or against moto in benchmarks.
-    #[arg(long = "aws-rate-multiplier", env = "THING_OPERATOR_AWS_RATE_MULTIPLIER", default_value_t = 1.0)]
+    #[arg(
+        long = "aws-rate-multiplier",
+        env = "THING_OPERATOR_AWS_RATE_MULTIPLIER",
+        default_value_t = 1.0
+    )]
     pub rate_multiplier: f64,
 }
 

@@ -68,7 +68,9 @@ async fn subscriber_message(
         Err(e @ Rejection::NotFound) => (StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ Rejection::Unauthorized) => (StatusCode::UNAUTHORIZED, e.to_string()),
         Err(e @ Rejection::TooLarge(..)) => (StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
-        Err(e @ Rejection::Busy) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e @ (Rejection::Busy | Rejection::Standby)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
         Err(e) => (StatusCode::BAD_REQUEST, e.to_string()),
     };
     (code, axum::Json(serde_json::json!({"result": message})))

@@ -80,7 +80,8 @@ async fn build_providers(
                 region: args.aws.region.clone(),
                 iot_endpoint: args.aws.iot_endpoint.clone(),
                 data_endpoint: args.aws.data_endpoint.clone(),
-                rates: crate::provider::aws::client::RateLimits::default().scaled(args.aws.rate_multiplier),
+                rates: crate::provider::aws::client::RateLimits::default()
+                    .scaled(args.aws.rate_multiplier),
                 ..ClientSettings::default()
             },
             device_endpoint: args.aws.device_endpoint.clone(),
@@ -135,9 +136,12 @@ async fn acquire_leadership(
         .lease_namespace
         .clone()
         .unwrap_or_else(|| "default".into());
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(client, "thing-operator-leader")
+    let duration = args.lease_duration.as_secs().max(2);
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client, args.lease_name.clone())
         .with_namespace(namespace)
         .with_identity(identity)
+        .with_duration(duration)
+        .with_grace((duration / 5).max(1))
         .build()
         .await
         .context("creating the leader lease manager")?;
@@ -224,9 +228,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
 
     if args.leader_elect {
+        // A standby replica is ready (it serves health and metrics, and a rolling update must
+        // be able to complete while the old leader holds the lease); it turns unready only for
+        // the moment between winning the lease and its caches syncing.
+        readiness.set_ready(true);
         match acquire_leadership(client.clone(), &args, &shutdown).await? {
             None => return Ok(()),
             Some(mut leader) => {
+                readiness.set_ready(false);
                 metrics.leader.set(1);
                 let lost = shutdown.clone();
                 tokio::spawn(async move {
@@ -244,6 +253,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     tracing::info!(brokers = ?ctx.providers.brokers(), "starting controllers");
+    ctx.subscribers.activate();
     controller::run(ctx, shutdown.clone(), readiness).await;
     shutdown.cancel();
     match server.await {

@@ -67,6 +67,8 @@ pub enum Rejection {
     Unauthorized,
     #[error("no Subscriber serves this path")]
     NotFound,
+    #[error("this replica is on standby; retry (the leader serves Subscribers)")]
+    Standby,
 }
 
 /// Parses and checks one message. Pure.
@@ -134,6 +136,8 @@ pub struct SubscriberManager {
     shutdown: CancellationToken,
     routes: Arc<Mutex<Routes>>,
     tasks: Mutex<HashMap<String, Running>>,
+    /// False on a standby replica (leader election): it has no routes and says so.
+    active: std::sync::atomic::AtomicBool,
 }
 
 fn key(namespace: &str, name: &str) -> String {
@@ -156,7 +160,13 @@ impl SubscriberManager {
             shutdown,
             routes: Arc::default(),
             tasks: Mutex::default(),
+            active: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Called when this replica starts its controllers (it is the leader, or there is no election).
+    pub fn activate(&self) {
+        self.active.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn has_mqtt(&self) -> bool {
@@ -290,6 +300,9 @@ impl SubscriberManager {
         bearer: Option<&str>,
         payload: Vec<u8>,
     ) -> Result<(), Rejection> {
+        if !self.active.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Rejection::Standby);
+        }
         let tx = {
             let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
             let route = routes
