@@ -679,12 +679,11 @@ pub async fn remove_certificate(
 pub async fn sweep_orphans(
     x: &CredCtx<'_>,
     state: &mut SecretState,
-    force: bool,
 ) -> Result<bool, ProviderError> {
     let Some((start, end)) = state.orphan_window else {
         return Ok(false);
     };
-    if !force && Utc::now() < end + x.orphan_grace {
+    if Utc::now() < end + x.orphan_grace {
         return Ok(true);
     }
     let keep: Vec<&String> = [state.cert_id.as_ref(), state.previous_cert_id.as_ref()]

@@ -72,7 +72,11 @@ impl RateLimits {
     /// Every family's rate times `factor` (at least 1 request per second).
     pub fn scaled(&self, factor: f64) -> Self {
         // A missing (zero) or nonsensical factor means the defaults.
-        let factor = if factor.is_finite() && factor > 0.0 { factor } else { 1.0 };
+        let factor = if factor.is_finite() && factor > 0.0 {
+            factor
+        } else {
+            1.0
+        };
         let f = |r: u32| ((r as f64) * factor).clamp(1.0, u32::MAX as f64) as u32;
         Self {
             thing_read: f(self.thing_read),

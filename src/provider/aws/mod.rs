@@ -330,7 +330,7 @@ impl AwsProvider {
         certs::finish_overlap(&x, &mut state, status, notices)
             .await
             .map_err(|e| failed(status, types::CREDENTIALS_READY, e))?;
-        let sweep_pending = certs::sweep_orphans(&x, &mut state, false)
+        let sweep_pending = certs::sweep_orphans(&x, &mut state)
             .await
             .map_err(|e| failed(status, types::CREDENTIALS_READY, e))?;
         certs::mirror(status, &state, Some(&active));

@@ -42,10 +42,26 @@ pub async fn teardown(
     if state.pending_since.is_some() || state.orphan_window.is_some() {
         if let Some(since) = state.pending_since.take() {
             let start = since - chrono::Duration::seconds(10);
-            state.orphan_window = Some((start, chrono::Utc::now()));
+            let start = state
+                .orphan_window
+                .map(|(a, _)| a.min(start))
+                .unwrap_or(start);
+            state.orphan_window = Some((start, chrono::Utc::now() + chrono::Duration::seconds(10)));
+            x.save(&state).await?;
         }
-        // Deleting the Thing must not leave an unrecorded certificate behind: sweep now.
-        certs::sweep_orphans(x, &mut state, true).await?;
+        // Deleting the Thing must not leave an unrecorded certificate behind, and must not take
+        // another Thing's fresh certificate either: wait out the grace period, then sweep.
+        if certs::sweep_orphans(x, &mut state).await? {
+            return Err(ProviderError::Service {
+                backend: super::client::BACKEND,
+                operation: "Teardown",
+                code: "OrphanGracePending".into(),
+                message:
+                    "an interrupted certificate issuance is swept once its grace period has passed"
+                        .into(),
+                retryable: true,
+            });
+        }
     }
 
     // Principals someone else attached are detached (the thing cannot be deleted otherwise), not deleted.
