@@ -16,13 +16,11 @@ use thing_operator::api::Thing;
 const WAIT: Duration = Duration::from_secs(90);
 
 fn thing(name: &str) -> Thing {
-    serde_json::from_value(json!({
-        "apiVersion": "iot.thing-operator.dev/v1alpha1",
-        "kind": "Thing",
-        "metadata": {"name": name},
-        "spec": {"broker": "Azure", "desired": {"on": true}},
-    }))
-    .unwrap()
+    common::resource(
+        "Thing",
+        name,
+        json!({"broker": "Azure", "desired": {"on": true}}),
+    )
 }
 
 #[tokio::test]

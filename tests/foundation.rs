@@ -17,13 +17,7 @@ use thing_operator::api::{FINALIZER, Thing};
 const WAIT: Duration = Duration::from_secs(60);
 
 fn thing(name: &str, spec: serde_json::Value) -> Thing {
-    serde_json::from_value(json!({
-        "apiVersion": "iot.thing-operator.dev/v1alpha1",
-        "kind": "Thing",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))
-    .expect("valid Thing")
+    common::resource("Thing", name, spec)
 }
 
 fn ready_reason(t: &Thing) -> Option<String> {

@@ -13,11 +13,7 @@ use thing_operator::api::Thing;
 const WAIT: Duration = Duration::from_secs(90);
 
 fn thing(name: &str) -> Thing {
-    serde_json::from_value(json!({
-        "apiVersion": "iot.thing-operator.dev/v1alpha1", "kind": "Thing",
-        "metadata": {"name": name}, "spec": {"broker": "Azure"},
-    }))
-    .unwrap()
+    common::resource("Thing", name, json!({"broker": "Azure"}))
 }
 
 #[tokio::test]
@@ -53,16 +49,7 @@ async fn one_leader_reconciles_and_a_standby_takes_over() {
     api.create(&PostParams::default(), &thing("one"))
         .await
         .unwrap();
-    wait_for("Thing reconciled by the leader", WAIT, || async {
-        api.get("one")
-            .await
-            .ok()?
-            .status?
-            .conditions
-            .get("Ready")
-            .map(|_| ())
-    })
-    .await;
+    common::wait_ready_condition(&api, "one", WAIT).await;
     let standby = if a_leads { &b } else { &a };
     assert_eq!(
         standby.metric("thing_operator_reconciles_total", &[]).await,
@@ -80,16 +67,7 @@ async fn one_leader_reconciles_and_a_standby_takes_over() {
     api.create(&PostParams::default(), &thing("two"))
         .await
         .unwrap();
-    wait_for("Thing reconciled after failover", WAIT, || async {
-        api.get("two")
-            .await
-            .ok()?
-            .status?
-            .conditions
-            .get("Ready")
-            .map(|_| ())
-    })
-    .await;
+    common::wait_ready_condition(&api, "two", WAIT).await;
     assert_eq!(survivor.metric("thing_operator_leader", &[]).await, 1.0);
     delete_namespace(&client, &ns).await;
 }

@@ -42,19 +42,15 @@ async fn http_receiver() -> (String, Received) {
 fn thing(name: &str, desired: Value) -> Thing {
     // Azure is not configured in these operators: the Thing's desired state still flows to
     // Observers, and no backend is needed.
-    serde_json::from_value(json!({
-        "apiVersion": "iot.thing-operator.dev/v1alpha1", "kind": "Thing",
-        "metadata": {"name": name}, "spec": {"broker": "Azure", "desired": desired},
-    }))
-    .unwrap()
+    common::resource(
+        "Thing",
+        name,
+        json!({"broker": "Azure", "desired": desired}),
+    )
 }
 
 fn observer(name: &str, spec: Value) -> Observer {
-    serde_json::from_value(json!({
-        "apiVersion": "iot.thing-operator.dev/v1alpha1", "kind": "Observer",
-        "metadata": {"name": name}, "spec": spec,
-    }))
-    .unwrap()
+    common::resource("Observer", name, spec)
 }
 
 async fn set_temp(api: &Api<Thing>, name: &str, temp: f64) {

@@ -15,19 +15,11 @@ use thing_operator::api::{Subscriber, Thing};
 const WAIT: Duration = Duration::from_secs(60);
 
 fn thing(name: &str, spec: Value) -> Thing {
-    serde_json::from_value(json!({
-        "apiVersion": "iot.thing-operator.dev/v1alpha1", "kind": "Thing",
-        "metadata": {"name": name}, "spec": spec,
-    }))
-    .unwrap()
+    common::resource("Thing", name, spec)
 }
 
 fn subscriber(name: &str, spec: Value) -> Subscriber {
-    serde_json::from_value(json!({
-        "apiVersion": "iot.thing-operator.dev/v1alpha1", "kind": "Subscriber",
-        "metadata": {"name": name}, "spec": spec,
-    }))
-    .unwrap()
+    common::resource("Subscriber", name, spec)
 }
 
 fn mqtt_args(env: &TestEnv, ns: &str) -> Vec<String> {

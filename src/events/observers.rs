@@ -10,10 +10,7 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use kube::{
-    Api, Client, ResourceExt,
-    api::{Patch, PatchParams},
-};
+use kube::{Api, Client, ResourceExt};
 use rand::Rng;
 use rumqttc::AsyncClient;
 use serde_json::{Value, json};
@@ -284,25 +281,15 @@ impl ObserverTask {
             .iter()
             .map(|(thing, m)| (thing.clone(), JsonObject(m.clone().into_iter().collect())))
             .collect();
-        let patch = json!({"status": {
+        let status = json!({
             "forwarded": self.forwarded,
             "failed": self.failed,
             "lastForwardedTime": self.last_forwarded_time,
             "lastError": self.last_error,
             "lastForwarded": last_forwarded,
-        }});
-        match self
-            .api
-            .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-        {
-            Ok(_) => {
-                self.dirty = false;
-                self.metrics.count_status_write("Observer");
-            }
-            Err(e) => {
-                tracing::debug!(observer = %key(&self.namespace, &self.name), error = %e, "status flush failed; retrying later")
-            }
+        });
+        if super::write_task_status(&self.api, &self.name, status, &self.metrics).await {
+            self.dirty = false;
         }
     }
 

@@ -256,6 +256,7 @@ impl SubscriberManager {
             metrics: self.metrics.clone(),
             received: status.received.unwrap_or(0),
             rejected: status.rejected.unwrap_or(0),
+            last_received_time: status.last_received_time,
             last_error: None,
             pending: None,
             dirty: false,
@@ -394,6 +395,7 @@ struct SubscriberTask {
     metrics: Arc<Metrics>,
     received: i64,
     rejected: i64,
+    last_received_time: Option<chrono::DateTime<Utc>>,
     last_error: Option<String>,
     /// Merged, not yet written messages.
     pending: Option<Value>,
@@ -412,6 +414,7 @@ impl SubscriberTask {
     }
 
     fn accept(&mut self, msg: Inbound) {
+        self.last_received_time = Some(Utc::now());
         let verdict = parse_message(&msg.payload, self.max_bytes()).map(|doc| {
             let mut placed = Value::Object(Default::default());
             set_pointer(
@@ -537,24 +540,14 @@ impl SubscriberTask {
         if !self.dirty {
             return;
         }
-        let patch = json!({"status": {
+        let status = json!({
             "received": self.received,
             "rejected": self.rejected,
-            "lastReceivedTime": Utc::now(),
+            "lastReceivedTime": self.last_received_time,
             "lastError": self.last_error,
-        }});
-        match self
-            .api
-            .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-        {
-            Ok(_) => {
-                self.dirty = false;
-                self.metrics.count_status_write("Subscriber");
-            }
-            Err(e) => {
-                tracing::debug!(subscriber = %key(&self.namespace, &self.name), error = %e, "status flush failed; retrying later")
-            }
+        });
+        if super::write_task_status(&self.api, &self.name, status, &self.metrics).await {
+            self.dirty = false;
         }
     }
 

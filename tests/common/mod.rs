@@ -98,6 +98,45 @@ impl TestEnv {
     }
 }
 
+/// A `iot.thing-operator.dev/v1alpha1` object of `kind` with `spec`, e.g. `resource::<Thing>("Thing", "t1", json!({..}))`.
+pub fn resource<K: serde::de::DeserializeOwned>(
+    kind: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> K {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "iot.thing-operator.dev/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap_or_else(|e| panic!("invalid {kind} {name}: {e}"))
+}
+
+/// Waits until the object has a `Ready` condition (any status) and returns it.
+pub async fn wait_ready_condition<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    timeout: Duration,
+) -> thing_operator::api::Condition
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + serde::Serialize,
+{
+    wait_for(&format!("Ready condition on {name}"), timeout, || async {
+        let obj = serde_json::to_value(api.get(name).await.ok()?).ok()?;
+        let conditions = obj.get("status")?.get("conditions")?.as_array()?.clone();
+        conditions
+            .into_iter()
+            .find(|c| c.get("type").and_then(|t| t.as_str()) == Some("Ready"))
+            .and_then(|c| serde_json::from_value(c).ok())
+    })
+    .await
+}
+
 /// A namespace of its own for one test, deleted on drop (best effort).
 pub async fn create_namespace(client: &Client, prefix: &str) -> String {
     let api: Api<Namespace> = Api::all(client.clone());
