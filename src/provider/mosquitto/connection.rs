@@ -142,7 +142,12 @@ pub fn build(settings: ConnectionSettings) -> (AsyncClient, EventLoop) {
         options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
     }
     // A deep request queue: handlers use try_publish and must not stall under a storm.
-    AsyncClient::new(options, 16 * 1024)
+    let (client, mut eventloop) = AsyncClient::new(options, 16 * 1024);
+    // Small request/reply messages: Nagle's algorithm against delayed ACKs adds ~40 ms a hop.
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    (client, eventloop)
 }
 
 /// Drives the event loop until `shutdown`, calling `handler`.

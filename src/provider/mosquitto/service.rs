@@ -202,10 +202,12 @@ impl Service {
         }
     }
 
+    /// Replies go out at QoS 0: they answer a request the device can repeat, and halving the
+    /// acknowledgement traffic matters under a storm. Deltas (from spec changes) stay QoS 1.
     fn reply(client: &AsyncClient, topic: String, payload: &Value) {
         if let Err(e) = client.try_publish(
             topic,
-            QoS::AtLeastOnce,
+            QoS::AtMostOnce,
             false,
             payload.to_string().into_bytes(),
         ) {
