@@ -19,7 +19,7 @@ use std::{
 
 use common::{TestEnv, create_namespace, delete_namespace, wait_for};
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
 };
 use serde_json::json;
@@ -163,6 +163,58 @@ fn clean_operator(env: &TestEnv, ns: &str) -> Operator {
     Operator::start(env, ns, None)
 }
 
+/// Deletes every Thing of the namespace with a clean operator and checks that nothing of the
+/// namespace is left in moto (things, policies and certificates are named after it).
+async fn delete_all_and_check(env: &TestEnv, client: &Client, ns: &str) {
+    let api: Api<Thing> = Api::namespaced(client.clone(), ns);
+    let op = clean_operator(env, ns);
+    let names: Vec<String> = api
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|t| t.name_any())
+        .collect();
+    for name in &names {
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    wait_for("all Things deleted", WAIT, || async {
+        api.list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    drop(op);
+    let iot = iot(env);
+    let prefix = format!("{ns}_");
+    let things = iot.list_things().max_results(250).send().await.unwrap();
+    let left: Vec<_> = things
+        .things()
+        .iter()
+        .filter_map(|t| t.thing_name())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "things left: {left:?}");
+    let policies = iot.list_policies().send().await.unwrap();
+    let left: Vec<_> = policies
+        .policies()
+        .iter()
+        .filter_map(|p| p.policy_name())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "policies left: {left:?}");
+    for name in names {
+        assert!(
+            certs_named(&iot, &format!("{ns}_{name}")).await.is_empty(),
+            "certificate of {name} left"
+        );
+    }
+}
+
 fn subject(pem: &str) -> String {
     let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("PEM");
     parsed.parse_x509().expect("X.509").subject().to_string()
@@ -281,6 +333,7 @@ async fn crash_during_provisioning_converges_without_orphans() {
         assert_eq!(sh["state"]["desired"], json!({"n": i}), "{step}");
         drop(op);
     }
+    delete_all_and_check(&env, &client, &ns).await;
     delete_namespace(&client, &ns).await;
 }
 
@@ -348,6 +401,7 @@ async fn crash_during_cloud_issuance_leaves_no_orphan() {
         .await;
         drop(op);
     }
+    delete_all_and_check(&env, &client, &ns).await;
     delete_namespace(&client, &ns).await;
 }
 
@@ -409,6 +463,40 @@ async fn crash_during_rotation_converges_and_revokes_the_old_certificate() {
         );
         drop(op);
     }
+    // Deleted while the operator is down, right after a rotation registered a certificate it had
+    // not recorded yet: teardown still finds and deletes it.
+    {
+        let op = clean_operator(&env, &ns);
+        create(
+            &api,
+            "rdown",
+            json!({"broker": "AWS", "credentials": {"rotationOverlap": "1h"}}),
+        )
+        .await;
+        wait_ready(&api, "rdown").await;
+        drop(op);
+    }
+    crash_at(&env, &ns, "aws-after-register-certificate", || async {
+        let patch = json!({"metadata": {"annotations": {"iot.thing-operator.dev/rotate": "now"}}});
+        api.patch("rdown", &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .unwrap();
+    })
+    .await;
+    api.delete("rdown", &DeleteParams::default()).await.unwrap();
+    {
+        let op = clean_operator(&env, &ns);
+        wait_for("rdown deleted", WAIT, || async {
+            api.get_opt("rdown").await.ok()?.is_none().then_some(())
+        })
+        .await;
+        drop(op);
+    }
+    assert!(
+        certs_named(&iot, &format!("{ns}_rdown")).await.is_empty(),
+        "the unrecorded rotated certificate leaked"
+    );
+    delete_all_and_check(&env, &client, &ns).await;
     delete_namespace(&client, &ns).await;
 }
 
@@ -471,5 +559,6 @@ async fn crash_during_teardown_completes_after_restart() {
         );
         drop(op);
     }
+    delete_all_and_check(&env, &client, &ns).await;
     delete_namespace(&client, &ns).await;
 }

@@ -416,6 +416,25 @@ async fn register(x: &CredCtx<'_>, state: &mut SecretState) -> Result<ActiveCert
     Ok(ActiveCert { id, arn })
 }
 
+/// The id of `pem` in AWS, learnt by registering it INACTIVE: AWS answers with the existing
+/// certificate's id, or registers it (inactive, so never usable) for the caller to delete.
+pub async fn registered_id(c: &AwsClients, pem: &str) -> Result<Option<String>, ProviderError> {
+    let res = c
+        .call(Family::Certificate, "RegisterCertificateWithoutCA", || {
+            c.iot
+                .register_certificate_without_ca()
+                .certificate_pem(pem)
+                .status(CertificateStatus::Inactive)
+                .send()
+        })
+        .await;
+    match res {
+        Ok(out) => Ok(out.certificate_id().map(str::to_string)),
+        Err(CallError::AlreadyExists { resource_id, .. }) => Ok(resource_id),
+        Err(e) => Err(e.into_provider("RegisterCertificateWithoutCA")),
+    }
+}
+
 /// CreateKeysAndCertificate. The marker written first lets a later run find the certificate
 /// if this process dies before the key is stored.
 async fn issue_cloud(

@@ -34,6 +34,14 @@ pub async fn teardown(
     let mut ids: Vec<String> = recorded_cert_ids.to_vec();
     ids.extend(state.cert_id.iter().cloned());
     ids.extend(state.previous_cert_id.iter().cloned());
+    if state.cert_id.is_none()
+        && !x.cloud_issued
+        && let Some(pem) = state.cert_pem.as_deref()
+    {
+        // A crash between writing an in-cluster certificate and recording its id: it may be
+        // registered. Only AWS knows the id (moto even derives it differently), so ask it.
+        ids.extend(certs::registered_id(c, pem).await?);
+    }
     ids.sort();
     ids.dedup();
     for id in &ids {
