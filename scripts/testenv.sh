@@ -116,6 +116,45 @@ current-context: local
 KC
 }
 
+# mosquitto_tls: an mTLS listener for devices authenticating with certificates, signed by a
+# test CA that is also supplied to the operator as its device CA (Secret thing-operator-ca).
+# Idempotent, so `add-mosquitto-tls` can add it to an environment that is already up.
+mosquitto_tls() {
+  local m="$DIR/mosquitto"
+  if [[ ! -f "$m/ca.crt" ]]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+      -subj "/CN=thing-operator test device CA" -keyout "$m/ca.key" -out "$m/ca.crt" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=127.0.0.1" \
+      -keyout "$m/server.key" -out "$m/server.csr" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$m/server.ext"
+    openssl x509 -req -in "$m/server.csr" -CA "$m/ca.crt" -CAkey "$m/ca.key" -CAcreateserial -days 30 \
+      -extfile "$m/server.ext" -out "$m/server.crt" 2>/dev/null
+  fi
+  if ! grep -q '^export MQTT_TLS_PORT=' "$DIR/env"; then
+    { echo "export MQTT_TLS_PORT=$(free_port)"; echo "export MQTT_CA_FILE=$m/ca.crt"; } >>"$DIR/env"
+  fi
+  # shellcheck disable=SC1091
+  source "$DIR/env"
+  if ! grep -q "^listener $MQTT_TLS_PORT " "$m/mosquitto.conf"; then
+    cat >>"$m/mosquitto.conf" <<M
+listener $MQTT_TLS_PORT 127.0.0.1
+cafile $m/ca.crt
+certfile $m/server.crt
+keyfile $m/server.key
+require_certificate true
+use_identity_as_username true
+M
+  fi
+  if [[ $(id -u) -eq 0 ]]; then chown -R mosquitto "$m" 2>/dev/null || true; fi
+}
+
+mosquitto_tls_secret() {
+  "$KUBECTL" -n "$OPERATOR_NS" get secret thing-operator-ca >/dev/null 2>&1 ||
+    "$KUBECTL" -n "$OPERATOR_NS" create secret tls thing-operator-ca \
+      --cert "$DIR/mosquitto/ca.crt" --key "$DIR/mosquitto/ca.key" >/dev/null
+}
+
 up() {
   if [[ -f "$DIR/ready" ]] && [[ -f "$DIR/kube-apiserver.pid" ]] && kill -0 "$(cat "$DIR/kube-apiserver.pid")" 2>/dev/null; then
     log "already running in $DIR"
@@ -191,6 +230,7 @@ persistence false
 log_dest stdout
 max_packet_size 1048576
 M
+  mosquitto_tls
   if [[ $(id -u) -eq 0 ]]; then chown -R mosquitto "$DIR/mosquitto" 2>/dev/null || true; fi
   start_bg mosquitto "$DIR/logs/mosquitto.log" mosquitto -c "$DIR/mosquitto/mosquitto.conf"
   wait_for mosquitto 30 python3 -c "import socket; socket.create_connection(('127.0.0.1', $MQTT_PORT), 1)"
@@ -201,6 +241,7 @@ M
   "$KUBECTL" apply --validate=false -f "$ROOT/crds/" >/dev/null
   "$KUBECTL" apply --server-side -f "$ROOT/deploy/rbac.yaml" >/dev/null
   wait_for "CRDs established" 60 "$KUBECTL" get things.iot.thing-operator.dev
+  mosquitto_tls_secret
   touch "$DIR/ready"
   log "ready: source $DIR/env"
 }
@@ -219,6 +260,15 @@ case "$CMD" in
     ;;
   stop-apiserver) stop_pid kube-apiserver ;;
   start-apiserver) start_apiserver ;;
+  add-mosquitto-tls)
+    # shellcheck disable=SC1091
+    source "$DIR/env"
+    mosquitto_tls
+    mosquitto_tls_secret
+    stop_pid mosquitto
+    start_bg mosquitto "$DIR/logs/mosquitto.log" mosquitto -c "$DIR/mosquitto/mosquitto.conf"
+    wait_for mosquitto 30 python3 -c "import socket; socket.create_connection(('127.0.0.1', $MQTT_TLS_PORT), 1)"
+    ;;
   restart-mosquitto)
     # shellcheck disable=SC1091
     source "$DIR/env"

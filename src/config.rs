@@ -160,4 +160,20 @@ pub struct MqttArgs {
         default_value = "things"
     )]
     pub topic_prefix: String,
+    /// `host:port` of the broker's mTLS listener (`require_certificate` and
+    /// `use_identity_as_username`). When set, every Mosquitto device also gets a certificate
+    /// from the operator's device CA, next to its password.
+    #[arg(
+        long = "mqtt-device-tls-endpoint",
+        env = "THING_OPERATOR_MQTT_DEVICE_TLS_ENDPOINT"
+    )]
+    pub device_tls_endpoint: Option<String>,
+    /// Secret in the operator's namespace (POD_NAMESPACE) holding the device CA (`tls.crt`,
+    /// `tls.key`); generated on first start when absent.
+    #[arg(
+        long = "ca-secret",
+        env = "THING_OPERATOR_CA_SECRET",
+        default_value = "thing-operator-ca"
+    )]
+    pub ca_secret: String,
 }

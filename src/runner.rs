@@ -57,9 +57,13 @@ async fn build_providers(
     let mut registry = ProviderRegistry::default();
     // Mosquitto: on when --mqtt-url is set. Its connection also carries the REST message
     // broker's retained state topics, for every backend.
-    if let Some(config) = crate::provider::mosquitto::MosquittoConfig::from_args(args)
+    if let Some(mut config) = crate::provider::mosquitto::MosquittoConfig::from_args(args)
         .context("MQTT configuration")?
     {
+        config
+            .load_device_ca(client.clone())
+            .await
+            .context("loading the device CA")?;
         let provider = crate::provider::mosquitto::MosquittoProvider::start(
             config,
             trigger.clone(),

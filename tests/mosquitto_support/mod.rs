@@ -198,10 +198,27 @@ impl Drop for Device {
 
 impl Device {
     pub fn start(creds: &Credentials, resubscribe: Vec<String>) -> Device {
+        Self::start_with(creds, resubscribe, None)
+    }
+
+    /// With `tls`, connects over TLS (client certificate auth when the config carries one);
+    /// an empty password means no username/password at all.
+    pub fn start_with(
+        creds: &Credentials,
+        resubscribe: Vec<String>,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Device {
         let (host, port) = creds.endpoint.rsplit_once(':').unwrap();
         let mut options = MqttOptions::new(creds.client_id.clone(), host, port.parse().unwrap());
+        if !creds.password.is_empty() {
+            options.set_credentials(creds.username.clone(), creds.password.clone());
+        }
+        if let Some(tls) = tls {
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
+            ));
+        }
         options
-            .set_credentials(creds.username.clone(), creds.password.clone())
             .set_keep_alive(Duration::from_secs(5))
             .set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut eventloop) = AsyncClient::new(options, 1000);

@@ -52,7 +52,11 @@ use crate::{
     },
     config::RunArgs,
     controller::ThingTrigger,
-    credentials::{DeviceSecret, keys},
+    credentials::{
+        DeviceSecret,
+        ca::{CaError, OperatorCa},
+        keys,
+    },
     metrics::Metrics,
 };
 
@@ -64,6 +68,11 @@ pub const TOPIC_KEY: &str = "topic";
 const VERIFY_EVERY: Duration = Duration::from_secs(60);
 const DYNSEC_TIMEOUT: Duration = Duration::from_secs(10);
 const PASSWORD_CHARS: usize = 32;
+/// Secret key: `host:port` of the mTLS listener, when devices get certificates.
+pub const TLS_ENDPOINT_KEY: &str = "tlsEndpoint";
+/// Validity of a device certificate; it is renewed in its last 30 days.
+const CERT_VALIDITY_DAYS: i64 = 365;
+const CERT_RENEW_DAYS: i64 = 30;
 /// The role that lets the operator's own account publish replies and state.
 const SERVICE_ROLE: &str = "thing-operator-service";
 
@@ -77,6 +86,12 @@ pub struct MosquittoConfig {
     pub layout: TopicLayout,
     pub status_interval: Duration,
     pub limits: Limits,
+    /// The mTLS listener devices may use with their certificate.
+    pub device_tls_endpoint: Option<String>,
+    /// Where the device CA lives: (namespace, Secret name).
+    pub ca_secret: (String, String),
+    /// Loaded by [`MosquittoConfig::load_device_ca`] when `device_tls_endpoint` is set.
+    pub device_ca: Option<Arc<OperatorCa>>,
 }
 
 impl MosquittoConfig {
@@ -112,7 +127,22 @@ impl MosquittoConfig {
             layout,
             status_interval: args.status_write_interval,
             limits: Limits::default(),
+            device_tls_endpoint: args.mqtt.device_tls_endpoint.clone(),
+            ca_secret: (
+                args.lease_namespace.clone().unwrap_or_else(|| "thing-operator-system".into()),
+                args.mqtt.ca_secret.clone(),
+            ),
+            device_ca: None,
         }))
+    }
+
+    /// Loads (or creates) the device CA when devices get certificates.
+    pub async fn load_device_ca(&mut self, client: kube::Client) -> Result<(), CaError> {
+        if self.device_tls_endpoint.is_some() {
+            let (ns, name) = &self.ca_secret;
+            self.device_ca = Some(Arc::new(OperatorCa::load_or_create(client, ns, name).await?));
+        }
+        Ok(())
     }
 }
 
@@ -343,6 +373,7 @@ impl MosquittoProvider {
         &self,
         req: &DeviceRequest<'_>,
         topic: &str,
+        status: &mut ThingStatus,
     ) -> Result<String, ProviderError> {
         let thing_name = &req.backend_name;
         let existing = req.secret.read().await?;
@@ -371,10 +402,71 @@ impl MosquittoProvider {
         if let Some(ca) = &self.ca_pem {
             data.insert(keys::CA.into(), ca.clone());
         }
+        if let (Some(ca), Some(endpoint)) = (&self.config.device_ca, &self.config.device_tls_endpoint) {
+            let (cert, key) = self.ensure_certificate(req, existing.as_ref(), ca, status)?;
+            data.insert(keys::CERTIFICATE.into(), cert.into_bytes());
+            data.insert(keys::PRIVATE_KEY.into(), key.into_bytes());
+            data.insert(TLS_ENDPOINT_KEY.into(), endpoint.clone().into_bytes());
+            // The broker's CA when configured, else the device CA (one CA for both, as in the
+            // test environment).
+            if self.ca_pem.is_none() {
+                data.insert(keys::CA.into(), ca.certificate_pem().as_bytes().to_vec());
+            }
+        }
         if existing.as_ref() != Some(&data) {
             req.secret.write(data).await?;
         }
         Ok(password)
+    }
+
+    /// The device certificate and key to keep: the Secret's, while they match, are not near
+    /// expiry and not older than `rotateAfter`; otherwise a new pair from the device CA (the key
+    /// is generated here and only ever written into the Secret).
+    fn ensure_certificate(
+        &self,
+        req: &DeviceRequest<'_>,
+        existing: Option<&BTreeMap<String, Vec<u8>>>,
+        ca: &OperatorCa,
+        status: &mut ThingStatus,
+    ) -> Result<(String, String), ProviderError> {
+        use crate::credentials::pki;
+        let now = Utc::now();
+        let current = existing.and_then(|d| {
+            let cert = DeviceSecret::text(d, keys::CERTIFICATE)?;
+            let key = DeviceSecret::text(d, keys::PRIVATE_KEY)?;
+            pki::key_matches_certificate(&key, &cert).ok()?.then_some((cert, key))
+        });
+        let rotate_after = req
+            .thing
+            .spec
+            .credentials
+            .rotate_after
+            .as_deref()
+            .and_then(|d| crate::api::validation::parse_duration(d).ok())
+            .and_then(|d| chrono::Duration::from_std(d).ok());
+        let issued_at = status.credentials.as_ref().and_then(|c| c.issued_at);
+        if let Some((cert, key)) = current {
+            let info = pki::inspect_certificate(&cert).ok();
+            let not_after = info.as_ref().and_then(|i| i.not_after);
+            let fresh = not_after.is_some_and(|na| na - now > chrono::Duration::days(CERT_RENEW_DAYS));
+            let due = matches!((rotate_after, issued_at), (Some(r), Some(at)) if now - at >= r);
+            if fresh && !due {
+                let creds = status.credentials.get_or_insert_with(Default::default);
+                creds.not_after = not_after;
+                if creds.issued_at.is_none() {
+                    creds.issued_at = info.and_then(|i| i.not_before);
+                }
+                return Ok((cert, key));
+            }
+        }
+        let issued = ca
+            .issue_client(&req.backend_name, chrono::Duration::days(CERT_VALIDITY_DAYS), now)
+            .map_err(|e| ProviderError::Secret(e.to_string()))?;
+        tracing::info!(thing = %format!("{}/{}", req.namespace, req.name), "device certificate issued");
+        let creds = status.credentials.get_or_insert_with(Default::default);
+        creds.issued_at = Some(now);
+        creds.not_after = Some(issued.not_after);
+        Ok((issued.certificate_pem, issued.private_key_pem))
     }
 
     async fn provision(
@@ -385,7 +477,7 @@ impl MosquittoProvider {
     ) -> Result<(), ProviderError> {
         let now = Utc::now();
         let thing_name = &req.backend_name;
-        let password = self.ensure_secret(req, topic.base()).await?;
+        let password = self.ensure_secret(req, topic.base(), status).await?;
         status.conditions.set(
             Condition::new(
                 types::CREDENTIALS_READY,
