@@ -15,7 +15,11 @@ use serde_json::json;
 
 use mosquitto_support::{Credentials, Device, DeviceEvent, setup};
 
-fn tls_config(ca_pem: &[u8], cert_pem: Option<&[u8]>, key_pem: Option<&[u8]>) -> rustls::ClientConfig {
+fn tls_config(
+    ca_pem: &[u8],
+    cert_pem: Option<&[u8]>,
+    key_pem: Option<&[u8]>,
+) -> rustls::ClientConfig {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_pem) {
@@ -24,9 +28,12 @@ fn tls_config(ca_pem: &[u8], cert_pem: Option<&[u8]>, key_pem: Option<&[u8]>) ->
     let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
     match (cert_pem, key_pem) {
         (Some(cert), Some(key)) => {
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(cert).map(|c| c.unwrap()).collect();
-            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key).unwrap()).unwrap()
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
+                .map(|c| c.unwrap())
+                .collect();
+            builder
+                .with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key).unwrap())
+                .unwrap()
         }
         _ => builder.with_no_client_auth(),
     }
@@ -42,12 +49,21 @@ async fn device_connects_with_its_certificate() {
     let s = setup("mq-tls", &["--mqtt-device-tls-endpoint", &endpoint]).await;
     s.create_thing("cam", json!({"res": "hd"})).await;
     let thing = s.wait_ready("cam").await;
-    let issued = thing.status.unwrap().credentials.expect("certificate dates in status");
+    let issued = thing
+        .status
+        .unwrap()
+        .credentials
+        .expect("certificate dates in status");
     assert!(issued.not_after.is_some() && issued.issued_at.is_some());
 
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     let data = secrets.get("cam-device").await.unwrap().data.unwrap();
-    let get = |k: &str| data.get(k).unwrap_or_else(|| panic!("Secret has {k}")).0.clone();
+    let get = |k: &str| {
+        data.get(k)
+            .unwrap_or_else(|| panic!("Secret has {k}"))
+            .0
+            .clone()
+    };
     let (cert, key, ca) = (get("tls.crt"), get("tls.key"), get("ca.crt"));
     assert_eq!(String::from_utf8(get("tlsEndpoint")).unwrap(), endpoint);
     let thing_name = String::from_utf8(get("thingName")).unwrap();
@@ -68,10 +84,17 @@ async fn device_connects_with_its_certificate() {
         Some(tls_config(&ca, Some(&cert), Some(&key))),
     );
     dev.connected().await;
-    dev.publish(&format!("{root}/update"), r#"{"state":{"reported":{"res":"hd"}}}"#).await;
+    dev.publish(
+        &format!("{root}/update"),
+        r#"{"state":{"reported":{"res":"hd"}}}"#,
+    )
+    .await;
     dev.message(&format!("{root}/update/accepted")).await;
     s.wait_thing("cam", "certificate device's report in status", |t| {
-        t.status.as_ref().and_then(|st| st.reported.as_ref()).is_some_and(|r| r.0.get("res") == Some(&json!("hd")))
+        t.status
+            .as_ref()
+            .and_then(|st| st.reported.as_ref())
+            .is_some_and(|r| r.0.get("res") == Some(&json!("hd")))
     })
     .await;
     drop(dev);

@@ -129,7 +129,9 @@ impl MosquittoConfig {
             limits: Limits::default(),
             device_tls_endpoint: args.mqtt.device_tls_endpoint.clone(),
             ca_secret: (
-                args.lease_namespace.clone().unwrap_or_else(|| "thing-operator-system".into()),
+                args.lease_namespace
+                    .clone()
+                    .unwrap_or_else(|| "thing-operator-system".into()),
                 args.mqtt.ca_secret.clone(),
             ),
             device_ca: None,
@@ -140,7 +142,9 @@ impl MosquittoConfig {
     pub async fn load_device_ca(&mut self, client: kube::Client) -> Result<(), CaError> {
         if self.device_tls_endpoint.is_some() {
             let (ns, name) = &self.ca_secret;
-            self.device_ca = Some(Arc::new(OperatorCa::load_or_create(client, ns, name).await?));
+            self.device_ca = Some(Arc::new(
+                OperatorCa::load_or_create(client, ns, name).await?,
+            ));
         }
         Ok(())
     }
@@ -402,7 +406,9 @@ impl MosquittoProvider {
         if let Some(ca) = &self.ca_pem {
             data.insert(keys::CA.into(), ca.clone());
         }
-        if let (Some(ca), Some(endpoint)) = (&self.config.device_ca, &self.config.device_tls_endpoint) {
+        if let (Some(ca), Some(endpoint)) =
+            (&self.config.device_ca, &self.config.device_tls_endpoint)
+        {
             let (cert, key) = self.ensure_certificate(req, existing.as_ref(), ca, status)?;
             data.insert(keys::CERTIFICATE.into(), cert.into_bytes());
             data.insert(keys::PRIVATE_KEY.into(), key.into_bytes());
@@ -434,7 +440,9 @@ impl MosquittoProvider {
         let current = existing.and_then(|d| {
             let cert = DeviceSecret::text(d, keys::CERTIFICATE)?;
             let key = DeviceSecret::text(d, keys::PRIVATE_KEY)?;
-            pki::key_matches_certificate(&key, &cert).ok()?.then_some((cert, key))
+            pki::key_matches_certificate(&key, &cert)
+                .ok()?
+                .then_some((cert, key))
         });
         let rotate_after = req
             .thing
@@ -448,7 +456,8 @@ impl MosquittoProvider {
         if let Some((cert, key)) = current {
             let info = pki::inspect_certificate(&cert).ok();
             let not_after = info.as_ref().and_then(|i| i.not_after);
-            let fresh = not_after.is_some_and(|na| na - now > chrono::Duration::days(CERT_RENEW_DAYS));
+            let fresh =
+                not_after.is_some_and(|na| na - now > chrono::Duration::days(CERT_RENEW_DAYS));
             let due = matches!((rotate_after, issued_at), (Some(r), Some(at)) if now - at >= r);
             if fresh && !due {
                 let creds = status.credentials.get_or_insert_with(Default::default);
@@ -460,7 +469,11 @@ impl MosquittoProvider {
             }
         }
         let issued = ca
-            .issue_client(&req.backend_name, chrono::Duration::days(CERT_VALIDITY_DAYS), now)
+            .issue_client(
+                &req.backend_name,
+                chrono::Duration::days(CERT_VALIDITY_DAYS),
+                now,
+            )
             .map_err(|e| ProviderError::Secret(e.to_string()))?;
         tracing::info!(thing = %format!("{}/{}", req.namespace, req.name), "device certificate issued");
         let creds = status.credentials.get_or_insert_with(Default::default);
