@@ -13,6 +13,7 @@
 
 pub mod connection;
 pub mod dynsec;
+mod failpoints;
 pub mod service;
 pub mod shadow;
 
@@ -203,6 +204,7 @@ impl MosquittoProvider {
         trigger: ThingTrigger,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
+        failpoints::configure_from_env();
         let tls = if config.address.tls {
             Some(connection::tls_config(config.ca_file.as_deref())?)
         } else {
@@ -491,6 +493,7 @@ impl MosquittoProvider {
         let now = Utc::now();
         let thing_name = &req.backend_name;
         let password = self.ensure_secret(req, topic.base(), status).await?;
+        failpoints::step!("mosquitto-after-secret-written");
         status.conditions.set(
             Condition::new(
                 types::CREDENTIALS_READY,
@@ -543,7 +546,10 @@ impl MosquittoProvider {
             if result.is_ok() { "ok" } else { "error" },
         );
         let created = match result {
-            Ok(created) => created,
+            Ok(created) => {
+                failpoints::step!("mosquitto-after-client-created");
+                created
+            }
             Err(e) => {
                 status.conditions.set(
                     Condition::new(
