@@ -4,6 +4,8 @@
 mod common;
 mod mosquitto_support;
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use mosquitto_support::{Device, DeviceEvent, setup, try_connect};
@@ -290,6 +292,86 @@ async fn malformed_payloads_are_rejected() {
     assert_eq!(
         dev.message(&format!("{root}/update/accepted")).await["version"],
         2
+    );
+    common::delete_namespace(&s.client, &s.ns).await;
+}
+
+/// Device reports reach Observers from memory at once, not through paced status writes: with a
+/// 30 s status interval, the tenth report of a burst is forwarded within seconds while the
+/// status still shows the first.
+#[tokio::test]
+async fn observers_see_reports_before_status_does() {
+    use axum::{Json, Router, extract::State, routing::post};
+    use std::sync::{Arc, Mutex};
+    type Received = Arc<Mutex<Vec<serde_json::Value>>>;
+    async fn collect(
+        State(r): State<Received>,
+        Json(body): Json<serde_json::Value>,
+    ) -> &'static str {
+        r.lock().unwrap().push(body);
+        "ok"
+    }
+    let received: Received = Arc::default();
+    let port = common::free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let app = Router::new()
+        .route("/events", post(collect))
+        .with_state(received.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let s = setup("mq-observe", &["--status-write-interval", "30s"]).await;
+    s.create_thing("meter", json!({})).await;
+    s.wait_ready("meter").await;
+    let observers: kube::Api<thing_operator::api::Observer> =
+        kube::Api::namespaced(s.client.clone(), &s.ns);
+    let observer: thing_operator::api::Observer = common::resource(
+        "Observer",
+        "o",
+        json!({
+            "source": {"thingName": "meter"},
+            "filter": {"section": "Reported"},
+            "sink": {"http": {"url": format!("http://127.0.0.1:{port}/events")}},
+        }),
+    );
+    observers
+        .create(&Default::default(), &observer)
+        .await
+        .unwrap();
+
+    let c = s.credentials("meter").await;
+    let root = c.aws_root();
+    let mut dev = Device::start(&c, vec![format!("{root}/update/accepted")]);
+    dev.connected().await;
+    for seq in 1..=10 {
+        dev.publish(
+            &format!("{root}/update"),
+            format!(r#"{{"state":{{"reported":{{"seq":{seq}}}}}}}"#),
+        )
+        .await;
+        dev.message(&format!("{root}/update/accepted")).await;
+    }
+    common::wait_for(
+        "the last report at the Observer's sink",
+        Duration::from_secs(20),
+        || async {
+            let r = received.lock().unwrap().clone();
+            r.iter()
+                .any(|e| e["data"]["state"]["seq"] == json!(10))
+                .then_some(())
+        },
+    )
+    .await;
+    let t = s.things.get("meter").await.unwrap();
+    let status_seq = t
+        .status
+        .and_then(|st| st.reported)
+        .and_then(|r| r.0.get("seq").cloned());
+    assert_ne!(
+        status_seq,
+        Some(json!(10)),
+        "status is paced: it cannot have the last report yet"
     );
     common::delete_namespace(&s.client, &s.ns).await;
 }
