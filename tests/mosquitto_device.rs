@@ -147,6 +147,26 @@ async fn device_reports_gets_delta_and_is_removed_on_delete() {
         try_connect(&creds).await.is_err(),
         "deleted Thing's credentials still accepted"
     );
+    // Client and role are gone from the dynamic-security configuration.
+    let admin = s.admin_credentials();
+    let ctrl = |what: &str, name: &str| {
+        let out = std::process::Command::new("mosquitto_ctrl")
+            .args(["-h", "127.0.0.1", "-p", &s.env.var("MQTT_PORT")])
+            .args([
+                "-u",
+                &admin.username,
+                "-P",
+                &admin.password,
+                "dynsec",
+                what,
+                name,
+            ])
+            .output()
+            .expect("mosquitto_ctrl runs");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    assert!(ctrl("getClient", &creds.username).contains("not found"));
+    assert!(ctrl("getRole", &format!("thing:{}", creds.thing_name)).contains("not found"));
     common::delete_namespace(&s.client, &s.ns).await;
 }
 
