@@ -68,6 +68,7 @@ pub async fn reconcile<K: TaskKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Ac
             FinalizerEvent::Apply(obj) => apply(obj, &ctx, &api).await,
             FinalizerEvent::Cleanup(obj) => {
                 obj.stop(&ctx);
+                ctx.status_memory.forget(&object_key(obj.as_ref()));
                 Ok(Action::await_change())
             }
         }
@@ -110,7 +111,16 @@ async fn apply<K: TaskKind>(obj: Arc<K>, ctx: &Context, api: &Api<K>) -> Result<
     }
     status.observed_generation = generation;
     let retry = notice.warning && notice.reason != reasons::INVALID_SPEC;
-    if apply_if_changed(api, &obj.name_any(), &old, &status, &ctx.metrics).await? {
+    if apply_if_changed(
+        api,
+        obj.as_ref(),
+        &old,
+        &status,
+        &ctx.metrics,
+        &ctx.status_memory,
+    )
+    .await?
+    {
         events::publish(ctx, &K::kind(&()), &obj.object_ref(&()), &notice).await;
     }
     if retry {

@@ -63,6 +63,8 @@ pub struct Context {
     pub providers: ProviderRegistry,
     pub config: ControllerConfig,
     pub backoff: RetryBackoff,
+    /// Our own last status writes, to skip repeats read from a stale cache.
+    pub status_memory: status::StatusMemory,
     pub thing_trigger: ThingTrigger,
     /// Observer tasks and the state bus they read.
     pub observers: ObserverManager,
@@ -91,6 +93,7 @@ impl Context {
             metrics,
             providers,
             config,
+            status_memory: status::StatusMemory::default(),
             backoff: RetryBackoff::new(Duration::from_secs(2), Duration::from_secs(300)),
         }
     }

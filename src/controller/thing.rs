@@ -136,8 +136,7 @@ async fn write_and_announce(
     new: &ThingStatus,
     notices: &[Notice],
 ) -> Result<()> {
-    let name = thing.name_any();
-    let changed = apply_if_changed(api, &name, old, new, &ctx.metrics).await?;
+    let changed = apply_if_changed(api, thing, old, new, &ctx.metrics, &ctx.status_memory).await?;
     let reference = thing.object_ref(&());
     // A Ready condition that changed is worth an Event; an unchanged one is not (no spam).
     if changed {
@@ -268,6 +267,7 @@ async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = thing.name_any();
     ctx.observers.bus().remove(&ns, &name);
+    ctx.status_memory.forget(&object_key(thing.as_ref()));
     let status = thing.status.clone().unwrap_or_default();
     let reference = thing.object_ref(&());
     let provisioned = status.device.is_some();
