@@ -344,3 +344,112 @@ async fn aws_thing_full_lifecycle() {
     op.terminate();
     delete_namespace(&client, &ns).await;
 }
+
+/// A named shadow and a user policy template, both changed in place.
+#[tokio::test]
+async fn aws_named_shadow_and_policy_template_changes() {
+    let env = TestEnv::load();
+    let client = env.admin_client().await;
+    let ns = create_namespace(&client, "aws-named").await;
+    let op = start_operator(&env, &ns, &[], &[]);
+    op.wait_ready().await;
+    let iot = iot(&env);
+    let data = data(&env);
+    let api: Api<Thing> = Api::namespaced(client.clone(), &ns);
+    let template = |action: &str| {
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": action,
+            "Resource": "arn:aws:iot:${region}:${account}:client/${clientId}"}]})
+        .to_string()
+    };
+    create(
+        &api,
+        "valve",
+        json!({
+            "broker": "AWS",
+            "desired": {"open": false},
+            "shadow": {"name": "config", "pollInterval": "1s"},
+            "policy": {"template": template("iot:Connect")}
+        }),
+    )
+    .await;
+    wait_ready(&api, "valve").await;
+    let thing_name = format!("{ns}_valve");
+    let policy_name = format!("{thing_name}-policy");
+    let named = || async {
+        let out = data
+            .get_thing_shadow()
+            .thing_name(&thing_name)
+            .shadow_name("config")
+            .send()
+            .await
+            .ok()?;
+        serde_json::from_slice::<serde_json::Value>(out.payload()?.as_ref()).ok()
+    };
+    assert_eq!(
+        named().await.unwrap()["state"]["desired"],
+        json!({"open": false})
+    );
+    assert!(
+        shadow(&data, &thing_name).await.is_none(),
+        "the classic shadow must stay untouched"
+    );
+    let doc = iot
+        .get_policy()
+        .policy_name(&policy_name)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        doc.policy_document()
+            .unwrap()
+            .contains(&format!(":client/{thing_name}"))
+    );
+
+    data.update_thing_shadow()
+        .thing_name(&thing_name)
+        .shadow_name("config")
+        .payload(Blob::new(
+            json!({"state": {"reported": {"open": true}}}).to_string(),
+        ))
+        .send()
+        .await
+        .unwrap();
+    wait_for("named shadow reported state in status", WAIT, || async {
+        let t = api.get("valve").await.ok()?;
+        (t.status?.reported?.0.get("open")? == &json!(true)).then_some(())
+    })
+    .await;
+
+    let patch = json!({"spec": {"policy": {"template": template("iot:*")}}});
+    api.patch("valve", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+    wait_for("new policy version is the default", WAIT, || async {
+        let p = iot
+            .get_policy()
+            .policy_name(&policy_name)
+            .send()
+            .await
+            .ok()?;
+        p.policy_document()?.contains("iot:*").then_some(())
+    })
+    .await;
+    let versions = iot
+        .list_policy_versions()
+        .policy_name(&policy_name)
+        .send()
+        .await
+        .unwrap();
+    assert!(versions.policy_versions().len() >= 2);
+
+    api.delete("valve", &DeleteParams::default()).await.unwrap();
+    wait_for("Thing deleted", WAIT, || async {
+        api.get_opt("valve").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(!thing_exists(&iot, &thing_name).await);
+    assert!(!policy_exists(&iot, &policy_name).await);
+    assert!(named().await.is_none(), "named shadow left");
+    drop(op);
+    delete_namespace(&client, &ns).await;
+}

@@ -249,8 +249,15 @@ impl AwsProvider {
     ) -> Result<Option<DateTime<Utc>>, ProviderError> {
         let c = &self.clients;
         let spec = &req.thing.spec;
-        let was_provisioned = status.conditions.is_true(types::PROVISIONED);
-        let was_ready = status.conditions.is_true(types::CREDENTIALS_READY);
+        // "Was complete once": a recorded certificate ARN means thing, policy and certificate all
+        // existed; the conditions alone would forget that after one failed step (a repair that
+        // fails half-way must still be reported as drift when it succeeds).
+        let completed_once = status
+            .device
+            .as_ref()
+            .is_some_and(|d| d.certificate_arn.is_some());
+        let was_provisioned = completed_once || status.conditions.is_true(types::PROVISIONED);
+        let was_ready = completed_once || status.conditions.is_true(types::CREDENTIALS_READY);
         let notices = &mut outcome.notices;
 
         let thing_arn =
