@@ -3,5 +3,5 @@
 mod secret;
 
 pub use secret::{DeviceSecret, keys};
-pub mod pki;
 pub mod ca;
+pub mod pki;

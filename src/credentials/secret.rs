@@ -64,11 +64,10 @@ impl DeviceSecret {
 
     /// The Secret's data, or `None` when it does not exist.
     pub async fn read(&self) -> Result<Option<BTreeMap<String, Vec<u8>>>, ProviderError> {
-        let secret = self
-            .api
-            .get_opt(&self.name)
-            .await
-            .map_err(|e| ProviderError::Secret(format!("reading Secret {}: {}", self.name, e)))?;
+        let secret =
+            self.api.get_opt(&self.name).await.map_err(|e| {
+                ProviderError::Secret(format!("reading Secret {}: {}", self.name, e))
+            })?;
         Ok(secret.map(|s| {
             s.data
                 .unwrap_or_default()
@@ -80,7 +79,8 @@ impl DeviceSecret {
 
     /// One key as UTF-8 text.
     pub fn text(data: &BTreeMap<String, Vec<u8>>, key: &str) -> Option<String> {
-        data.get(key).and_then(|v| String::from_utf8(v.clone()).ok())
+        data.get(key)
+            .and_then(|v| String::from_utf8(v.clone()).ok())
     }
 
     /// Replaces the Secret's data with `data` (server-side apply; keys not given are removed).
@@ -90,7 +90,10 @@ impl DeviceSecret {
                 name: Some(self.name.clone()),
                 labels: Some(BTreeMap::from([
                     (THING_LABEL.to_string(), self.thing_name.clone()),
-                    ("app.kubernetes.io/managed-by".to_string(), "thing-operator".to_string()),
+                    (
+                        "app.kubernetes.io/managed-by".to_string(),
+                        "thing-operator".to_string(),
+                    ),
                 ])),
                 owner_references: self.owner.clone().map(|o| vec![o]),
                 ..ObjectMeta::default()
@@ -106,7 +109,11 @@ impl DeviceSecret {
             obj.insert("kind".into(), "Secret".into());
         }
         self.api
-            .patch(&self.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(value))
+            .patch(
+                &self.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(value),
+            )
             .await
             .map_err(|e| ProviderError::Secret(format!("writing Secret {}: {}", self.name, e)))?;
         Ok(())

@@ -19,7 +19,10 @@ use crate::{
 pub enum ProviderError {
     /// The backend asked us to slow down (HTTP 429, ThrottlingException).
     #[error("{backend} {operation}: throttled")]
-    Throttled { backend: &'static str, operation: &'static str },
+    Throttled {
+        backend: &'static str,
+        operation: &'static str,
+    },
     /// The backend answered with an error.
     #[error("{backend} {operation}: {code}: {message}")]
     Service {
@@ -31,7 +34,11 @@ pub enum ProviderError {
     },
     /// The backend could not be reached.
     #[error("{backend} {operation}: unreachable: {message}")]
-    Transport { backend: &'static str, operation: &'static str, message: String },
+    Transport {
+        backend: &'static str,
+        operation: &'static str,
+        message: String,
+    },
     /// The spec asks for something the backend refuses; retrying will not help until it changes.
     #[error("{0}")]
     Rejected(String),
@@ -46,7 +53,9 @@ pub enum ProviderError {
 impl ProviderError {
     pub fn is_retryable(&self) -> bool {
         match self {
-            ProviderError::Throttled { .. } | ProviderError::Transport { .. } | ProviderError::Secret(_) => true,
+            ProviderError::Throttled { .. }
+            | ProviderError::Transport { .. }
+            | ProviderError::Secret(_) => true,
             ProviderError::Service { retryable, .. } => *retryable,
             ProviderError::Rejected(_) | ProviderError::NotConfigured(_) => false,
         }
@@ -75,11 +84,19 @@ pub struct Notice {
 
 impl Notice {
     pub fn normal(reason: &str, message: impl Into<String>) -> Self {
-        Self { warning: false, reason: reason.into(), message: message.into() }
+        Self {
+            warning: false,
+            reason: reason.into(),
+            message: message.into(),
+        }
     }
 
     pub fn warning(reason: &str, message: impl Into<String>) -> Self {
-        Self { warning: true, reason: reason.into(), message: message.into() }
+        Self {
+            warning: true,
+            reason: reason.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -141,7 +158,10 @@ impl ProviderRegistry {
     }
 
     pub fn get(&self, broker: Broker) -> Result<Arc<dyn IotProvider>, ProviderError> {
-        self.providers.get(&broker).cloned().ok_or(ProviderError::NotConfigured(broker))
+        self.providers
+            .get(&broker)
+            .cloned()
+            .ok_or(ProviderError::NotConfigured(broker))
     }
 
     pub fn brokers(&self) -> Vec<Broker> {
