@@ -139,11 +139,19 @@ async fn floor_cleanup(
         .new_status(aws_sdk_iot::types::CertificateStatus::Inactive)
         .send()
         .await;
-    let _ = iot
-        .delete_certificate()
-        .certificate_id(cert_id)
-        .send()
-        .await;
+    // moto answers 500 when another request mutates its principals meanwhile: retry a little.
+    for _ in 0..10 {
+        if iot
+            .delete_certificate()
+            .certificate_id(cert_id)
+            .send()
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let _ = iot.delete_policy().policy_name(&policy).send().await;
     let _ = data.delete_thing_shadow().thing_name(name).send().await;
     let _ = iot.delete_thing().thing_name(name).send().await;
