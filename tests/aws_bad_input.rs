@@ -108,6 +108,19 @@ async fn invalid_specs_get_invalid_spec_and_no_cloud_call() {
     for (name, _, _) in &cases {
         assert!(!thing_exists(&iot, &format!("{ns}_{name}")).await);
     }
+    // Delete while the operator runs, so the finalizers go and the namespace can follow.
+    api.delete_collection(&Default::default(), &Default::default())
+        .await
+        .unwrap();
+    wait_for("Things deleted", WAIT, || async {
+        api.list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
     drop(op);
     delete_namespace(&client, &ns).await;
 }
