@@ -562,3 +562,62 @@ async fn crash_during_teardown_completes_after_restart() {
     delete_all_and_check(&env, &client, &ns).await;
     delete_namespace(&client, &ns).await;
 }
+
+/// A crash before the first status write leaves nothing recorded in status; deleting the Thing
+/// while the operator is down must still remove what the crashed run created in AWS.
+#[tokio::test]
+async fn deleted_after_a_crash_before_any_status_write_leaves_no_orphan() {
+    let env = TestEnv::load();
+    let client = env.admin_client().await;
+    let ns = create_namespace(&client, "aws-crash-early").await;
+    let api: Api<Thing> = Api::namespaced(client.clone(), &ns);
+    let iot = iot(&env);
+    for (i, step) in ["aws-after-create-thing", "aws-after-register-certificate"]
+        .iter()
+        .enumerate()
+    {
+        let name = format!("e{i}");
+        crash_at(&env, &ns, step, || {
+            create(&api, &name, json!({"broker": "AWS"}))
+        })
+        .await;
+        let thing = api.get(&name).await.unwrap();
+        assert!(
+            thing
+                .status
+                .as_ref()
+                .and_then(|s| s.device.as_ref())
+                .is_none(),
+            "{step}: status was written before the crash"
+        );
+        let thing_name = format!("{ns}_{name}");
+        assert!(
+            iot.describe_thing()
+                .thing_name(&thing_name)
+                .send()
+                .await
+                .is_ok(),
+            "{step}: the crashed run did not create the thing"
+        );
+        api.delete(&name, &DeleteParams::default()).await.unwrap();
+        let op = clean_operator(&env, &ns);
+        wait_for("Thing deleted", WAIT, || async {
+            api.get_opt(&name).await.ok()?.is_none().then_some(())
+        })
+        .await;
+        drop(op);
+        assert!(
+            iot.describe_thing()
+                .thing_name(&thing_name)
+                .send()
+                .await
+                .is_err(),
+            "{step}: thing left in AWS"
+        );
+        assert!(
+            certs_named(&iot, &thing_name).await.is_empty(),
+            "{step}: certificate left"
+        );
+    }
+    delete_namespace(&client, &ns).await;
+}

@@ -270,9 +270,9 @@ async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
     ctx.status_memory.forget(&object_key(thing.as_ref()));
     let status = thing.status.clone().unwrap_or_default();
     let reference = thing.object_ref(&());
-    let provisioned = status.device.is_some();
-    if thing.spec.deletion_policy == DeletionPolicy::Orphan || !provisioned {
-        if provisioned {
+    let recorded = status.device.is_some();
+    if thing.spec.deletion_policy == DeletionPolicy::Orphan {
+        if recorded {
             let notice =
                 Notice::normal("Orphaned", "deletionPolicy Orphan: backend resources kept");
             events::publish(ctx, KIND, &reference, &notice).await;
@@ -284,7 +284,19 @@ async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
         .as_ref()
         .and_then(|d| d.broker)
         .unwrap_or(thing.spec.broker);
-    let provider = ctx.providers.get(broker)?;
+    let provider = match ctx.providers.get(broker) {
+        Ok(p) => p,
+        // Nothing recorded and no backend to ask: nothing was ever created.
+        Err(_) if !recorded => return Ok(Action::await_change()),
+        Err(e) => return Err(Error::Provider(e)),
+    };
+    // Even with nothing recorded in status the backend may hold resources: the operator can
+    // crash after creating them and before its first status write. The provider's cleanup
+    // works from the derived names and the Secret and tolerates what does not exist. Only a
+    // spec that never passed validation is known to have created nothing.
+    if !recorded && validate_thing(&thing).is_err() {
+        return Ok(Action::await_change());
+    }
     let req = device_request(&thing, ctx, &ns, &name);
     let mut outcome = DeviceOutcome::default();
     let result = provider.cleanup(&req, &status, &mut outcome).await;
