@@ -57,6 +57,11 @@ install_deps() {
     log "installing moto[server]"
     python3 -m pip install -q 'moto[server]>=5,<6'
   fi
+  # The Helm SDK (through ctypes) for the chart test; pinned, its API is young.
+  if ! python3 -c 'import helm_python' >/dev/null 2>&1; then
+    log "installing helm-python-sdk"
+    python3 -m pip install -q 'helm-python-sdk==0.2.2'
+  fi
   "$ROOT/scripts/build-control-plane.sh"
 }
 
