@@ -140,6 +140,13 @@ impl Conditions {
         }
     }
 
+    /// Records the generation every condition was computed for.
+    pub fn stamp_generation(&mut self, generation: Option<i64>) {
+        for c in self.0.iter_mut() {
+            c.observed_generation = generation;
+        }
+    }
+
     /// True when both hold the same observations, ignoring transition times and order.
     pub fn same_observations(&self, other: &Conditions) -> bool {
         self.0.len() == other.0.len()

@@ -100,15 +100,9 @@ async fn apply<K: TaskKind>(obj: Arc<K>, ctx: &Context, api: &Api<K>) -> Result<
             )
         }
     };
-    let notice = if ready.status == ConditionStatus::True {
-        Notice::normal(&ready.reason, ready.message.clone())
-    } else {
-        Notice::warning(&ready.reason, ready.message.clone())
-    };
+    let notice = Notice::for_ready(&ready);
     status.conditions.set(ready, Utc::now());
-    for c in status.conditions.0.iter_mut() {
-        c.observed_generation = generation;
-    }
+    status.conditions.stamp_generation(generation);
     status.observed_generation = generation;
     let retry = notice.warning && notice.reason != reasons::INVALID_SPEC;
     if apply_if_changed(

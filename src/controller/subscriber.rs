@@ -25,11 +25,14 @@ impl accepted::TaskKind for Subscriber {
     }
 
     fn status_core(&self) -> StatusCore {
-        let s = self.status.clone().unwrap_or_default();
-        StatusCore {
-            observed_generation: s.observed_generation,
-            conditions: s.conditions,
-        }
+        // Only the two fields the reconcile owns: the task's counters and memory stay put.
+        self.status
+            .as_ref()
+            .map(|s| StatusCore {
+                observed_generation: s.observed_generation,
+                conditions: s.conditions.clone(),
+            })
+            .unwrap_or_default()
     }
 
     async fn start(&self, ctx: &Context) -> Condition {

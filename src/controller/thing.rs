@@ -123,9 +123,7 @@ fn ready_condition(status: &ThingStatus) -> Condition {
 
 fn stamp_generation(status: &mut ThingStatus, generation: Option<i64>) {
     status.observed_generation = generation;
-    for c in status.conditions.0.iter_mut() {
-        c.observed_generation = generation;
-    }
+    status.conditions.stamp_generation(generation);
 }
 
 async fn write_and_announce(
@@ -149,12 +147,7 @@ async fn write_and_announce(
                 o.status != ready.status || o.reason != ready.reason || o.message != ready.message
             })
         {
-            let notice = if ready.status == ConditionStatus::True {
-                Notice::normal(&ready.reason, ready.message.clone())
-            } else {
-                Notice::warning(&ready.reason, ready.message.clone())
-            };
-            events::publish(ctx, KIND, &reference, &notice).await;
+            events::publish(ctx, KIND, &reference, &Notice::for_ready(ready)).await;
         }
     }
     for notice in notices {

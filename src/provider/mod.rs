@@ -91,6 +91,16 @@ impl Notice {
         }
     }
 
+    /// The Event that announces a `Ready` condition: Normal when True, Warning otherwise.
+    pub fn for_ready(ready: &crate::api::Condition) -> Self {
+        let warning = ready.status != crate::api::ConditionStatus::True;
+        Self {
+            warning,
+            reason: ready.reason.clone(),
+            message: ready.message.clone(),
+        }
+    }
+
     pub fn warning(reason: &str, message: impl Into<String>) -> Self {
         Self {
             warning: true,
