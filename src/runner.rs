@@ -258,6 +258,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     tracing::info!(brokers = ?ctx.providers.brokers(), "starting controllers");
     ctx.subscribers.activate();
+    ctx.providers.activate_all();
     controller::run(ctx, shutdown.clone(), readiness).await;
     shutdown.cancel();
     match server.await {

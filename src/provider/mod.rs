@@ -134,6 +134,10 @@ pub struct DeviceOutcome {
 pub trait IotProvider: Send + Sync {
     fn broker(&self) -> Broker;
 
+    /// Called once this replica starts reconciling (it is the leader, or there is no
+    /// election): a backend with work of its own, beyond reconciling Things, starts it here.
+    fn activate(&self) {}
+
     /// Makes the backend match the spec: creates or repairs the device, its credentials and
     /// policy, pushes desired state and reads reported state back. Idempotent and crash-safe:
     /// it records identifiers in `status` as soon as they exist, and the caller writes `status`
@@ -172,6 +176,13 @@ impl ProviderRegistry {
             .get(&broker)
             .cloned()
             .ok_or(ProviderError::NotConfigured(broker))
+    }
+
+    /// Activates every backend (see [`IotProvider::activate`]).
+    pub fn activate_all(&self) {
+        for provider in self.providers.values() {
+            provider.activate();
+        }
     }
 
     pub fn brokers(&self) -> Vec<Broker> {

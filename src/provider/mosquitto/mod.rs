@@ -595,6 +595,13 @@ impl IotProvider for MosquittoProvider {
         Broker::Mosquitto
     }
 
+    /// Serves shadow requests and grants the operator its publish ACLs as soon as this replica
+    /// leads, not only at its first Mosquitto Thing: Observer sinks and the REST broker's state
+    /// topics publish on this broker for every backend.
+    fn activate(&self) {
+        self.service.activate();
+    }
+
     async fn reconcile(
         &self,
         req: &DeviceRequest<'_>,
