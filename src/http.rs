@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    events::{SubscriberManager, subscribers::Rejection},
+    forwarding::{SubscriberManager, subscribers::Rejection},
     metrics::Metrics,
 };
 

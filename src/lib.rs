@@ -4,15 +4,18 @@
 //! kind; `provider` is the only code that talks to an IoT backend.
 
 pub mod api;
-pub mod broker;
 pub mod config;
 pub mod controller;
 pub mod credentials;
 pub mod error;
-pub mod events;
+pub mod failpoints;
+pub mod feed;
+pub mod forwarding;
 pub mod http;
 pub mod metrics;
+pub mod mqtt;
 pub mod provider;
+pub mod rest_broker;
 pub mod runner;
 pub mod telemetry;
 

@@ -8,12 +8,12 @@ use kube::{Client, runtime::events::Reporter};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    broker::topic::TopicLayout,
     config::RunArgs,
     controller::{self, Context, ControllerConfig, ThingTrigger},
-    events::{ObserverManager, StateBus, SubscriberManager},
+    forwarding::{ObserverManager, StateBus, SubscriberManager},
     http::{self, Readiness},
     metrics::Metrics,
+    mqtt::topic::TopicLayout,
     provider::ProviderRegistry,
     telemetry,
 };
@@ -167,6 +167,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Several TLS stacks are linked in (kube, AWS SDK, MQTT); all use this one provider.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     telemetry::init(args.log_format, &args.log_filter);
+    crate::failpoints::configure_from_env();
 
     let client = Client::try_default()
         .await
@@ -195,7 +196,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     );
     if let Some((mqtt, eventloop, _)) = events_mqtt {
-        crate::provider::mosquitto::connection::spawn_driver(
+        crate::mqtt::connection::spawn_driver(
             eventloop,
             mqtt,
             subscribers.mqtt_handler(),

@@ -5,6 +5,7 @@ pub mod json;
 pub mod observer;
 pub mod subscriber;
 pub mod thing;
+pub mod update;
 pub mod validation;
 
 pub use conditions::{Condition, ConditionStatus};
@@ -12,6 +13,7 @@ pub use json::JsonObject;
 pub use observer::{Observer, ObserverSpec, ObserverStatus};
 pub use subscriber::{Subscriber, SubscriberSpec, SubscriberStatus};
 pub use thing::{Thing, ThingSpec, ThingStatus};
+pub use update::ThingUpdate;
 
 /// The API group of every kind this operator serves.
 pub const GROUP: &str = "iot.thing-operator.dev";

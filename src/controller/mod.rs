@@ -1,11 +1,11 @@
 //! One reconciler per kind, sharing a [`Context`].
 
-mod accepted;
 mod backoff;
-pub mod events;
+pub mod kube_events;
 mod observer;
 pub mod status;
 mod subscriber;
+mod task_kind;
 mod thing;
 
 use std::{sync::Arc, time::Duration};
@@ -29,7 +29,7 @@ pub use backoff::{RetryBackoff, jittered};
 use crate::{
     api::{Observer, Subscriber, Thing},
     error::Error,
-    events::{ObserverManager, SubscriberManager},
+    forwarding::{ObserverManager, SubscriberManager},
     http::Readiness,
     metrics::Metrics,
     provider::ProviderRegistry,

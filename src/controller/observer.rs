@@ -1,5 +1,5 @@
 //! The Observer reconciler: validation and conditions here; the forwarding runs in an
-//! [`ObserverManager`](crate::events::ObserverManager) task.
+//! [`ObserverManager`](crate::forwarding::ObserverManager) task.
 
 use std::sync::Arc;
 
@@ -7,7 +7,7 @@ use kube::{ResourceExt, runtime::controller::Action};
 
 use super::{
     Context,
-    accepted::{self, StatusCore},
+    task_kind::{self, StatusCore},
 };
 use crate::{
     api::{
@@ -19,7 +19,7 @@ use crate::{
 };
 
 #[async_trait::async_trait]
-impl accepted::TaskKind for Observer {
+impl task_kind::TaskKind for Observer {
     fn validate(&self) -> Result<(), InvalidSpec> {
         validate_observer(self)
     }
@@ -61,5 +61,5 @@ impl accepted::TaskKind for Observer {
 }
 
 pub async fn reconcile(obj: Arc<Observer>, ctx: Arc<Context>) -> Result<Action> {
-    accepted::reconcile(obj, ctx).await
+    task_kind::reconcile(obj, ctx).await
 }

@@ -1,5 +1,5 @@
 //! The Subscriber reconciler: validation and conditions here; receiving runs in a
-//! [`SubscriberManager`](crate::events::SubscriberManager) task.
+//! [`SubscriberManager`](crate::forwarding::SubscriberManager) task.
 
 use std::sync::Arc;
 
@@ -7,7 +7,7 @@ use kube::{ResourceExt, runtime::controller::Action};
 
 use super::{
     Context,
-    accepted::{self, StatusCore},
+    task_kind::{self, StatusCore},
 };
 use crate::{
     api::{
@@ -19,7 +19,7 @@ use crate::{
 };
 
 #[async_trait::async_trait]
-impl accepted::TaskKind for Subscriber {
+impl task_kind::TaskKind for Subscriber {
     fn validate(&self) -> Result<(), InvalidSpec> {
         validate_subscriber(self)
     }
@@ -65,5 +65,5 @@ impl accepted::TaskKind for Subscriber {
 }
 
 pub async fn reconcile(obj: Arc<Subscriber>, ctx: Arc<Context>) -> Result<Action> {
-    accepted::reconcile(obj, ctx).await
+    task_kind::reconcile(obj, ctx).await
 }

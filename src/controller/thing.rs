@@ -12,17 +12,16 @@ use kube::{
     },
 };
 
-use super::{Context, events, jittered, object_key, status::apply_if_changed};
+use super::{Context, jittered, kube_events, object_key, status::apply_if_changed};
 use crate::{
     api::{
-        Condition, ConditionStatus, FINALIZER, Thing, ThingStatus,
+        Condition, ConditionStatus, FINALIZER, Thing, ThingStatus, ThingUpdate,
         conditions::{reasons, types},
         thing::{DeletionPolicy, summarize},
         validation::{InvalidSpec, validate_thing},
     },
     credentials::DeviceSecret,
     error::{Error, Result},
-    events::ThingUpdate,
     provider::{DeviceOutcome, DeviceRequest, Notice},
 };
 
@@ -147,11 +146,11 @@ async fn write_and_announce(
                 o.status != ready.status || o.reason != ready.reason || o.message != ready.message
             })
         {
-            events::publish(ctx, KIND, &reference, &Notice::for_ready(ready)).await;
+            kube_events::publish(ctx, KIND, &reference, &Notice::for_ready(ready)).await;
         }
     }
     for notice in notices {
-        events::publish(ctx, KIND, &reference, notice).await;
+        kube_events::publish(ctx, KIND, &reference, notice).await;
     }
     Ok(())
 }
@@ -228,7 +227,7 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
     write_and_announce(&thing, ctx, api, &old, &status, &outcome.notices).await?;
     // REST message broker: publish the Thing's state, retained, on its MQTT topic (any backend).
     // Non-blocking, de-duplicated, and a no-op when no MQTT broker is configured.
-    crate::broker::publisher::publish_thing_state(&thing, &status);
+    crate::rest_broker::publisher::publish_thing_state(&thing, &status);
     publish_to_observers(ctx, &thing, &status);
 
     match result {
@@ -242,16 +241,9 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
 
 /// Hands the Thing's state to the in-memory bus Observers read (a no-op when unchanged).
 fn publish_to_observers(ctx: &Context, thing: &Thing, status: &ThingStatus) {
-    ctx.observers.bus().publish(ThingUpdate {
-        namespace: thing.namespace().unwrap_or_default(),
-        name: thing.name_any(),
-        labels: thing.labels().clone(),
-        desired: thing.spec.desired.clone(),
-        reported: status.reported.clone(),
-        delta: status.delta.clone(),
-        version: status.version,
-        time: status.last_reported_time.unwrap_or_else(Utc::now),
-    });
+    ctx.observers
+        .bus()
+        .publish(ThingUpdate::of_thing(thing, status));
 }
 
 async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
@@ -268,7 +260,7 @@ async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
         if recorded {
             let notice =
                 Notice::normal("Orphaned", "deletionPolicy Orphan: backend resources kept");
-            events::publish(ctx, KIND, &reference, &notice).await;
+            kube_events::publish(ctx, KIND, &reference, &notice).await;
         }
         return Ok(Action::await_change());
     }
@@ -294,14 +286,14 @@ async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
     let mut outcome = DeviceOutcome::default();
     let result = provider.cleanup(&req, &status, &mut outcome).await;
     for notice in &outcome.notices {
-        events::publish(ctx, KIND, &reference, notice).await;
+        kube_events::publish(ctx, KIND, &reference, notice).await;
     }
     if let Err(e) = result {
         let notice = Notice::warning("CleanupFailed", e.to_string());
-        events::publish(ctx, KIND, &reference, &notice).await;
+        kube_events::publish(ctx, KIND, &reference, &notice).await;
         return Err(Error::Provider(e));
     }
-    events::publish(
+    kube_events::publish(
         ctx,
         KIND,
         &reference,

@@ -16,7 +16,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 
-use crate::{api::Thing, provider::ProviderError};
+use crate::{api::Thing, provider::BackendFailure};
 
 /// Key names inside the device Secret, chosen to be mountable as-is.
 pub mod keys {
@@ -63,10 +63,10 @@ impl DeviceSecret {
     }
 
     /// The Secret's data, or `None` when it does not exist.
-    pub async fn read(&self) -> Result<Option<BTreeMap<String, Vec<u8>>>, ProviderError> {
+    pub async fn read(&self) -> Result<Option<BTreeMap<String, Vec<u8>>>, BackendFailure> {
         let secret =
             self.api.get_opt(&self.name).await.map_err(|e| {
-                ProviderError::Secret(format!("reading Secret {}: {}", self.name, e))
+                BackendFailure::Secret(format!("reading Secret {}: {}", self.name, e))
             })?;
         Ok(secret.map(|s| {
             s.data
@@ -84,7 +84,7 @@ impl DeviceSecret {
     }
 
     /// Replaces the Secret's data with `data` (server-side apply; keys not given are removed).
-    pub async fn write(&self, data: BTreeMap<String, Vec<u8>>) -> Result<(), ProviderError> {
+    pub async fn write(&self, data: BTreeMap<String, Vec<u8>>) -> Result<(), BackendFailure> {
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
@@ -103,7 +103,7 @@ impl DeviceSecret {
             ..Secret::default()
         };
         let mut value = serde_json::to_value(&secret)
-            .map_err(|e| ProviderError::Secret(format!("encoding Secret {}: {}", self.name, e)))?;
+            .map_err(|e| BackendFailure::Secret(format!("encoding Secret {}: {}", self.name, e)))?;
         if let Some(obj) = value.as_object_mut() {
             obj.insert("apiVersion".into(), "v1".into());
             obj.insert("kind".into(), "Secret".into());
@@ -115,7 +115,7 @@ impl DeviceSecret {
                 &Patch::Apply(value),
             )
             .await
-            .map_err(|e| ProviderError::Secret(format!("writing Secret {}: {}", self.name, e)))?;
+            .map_err(|e| BackendFailure::Secret(format!("writing Secret {}: {}", self.name, e)))?;
         Ok(())
     }
 }

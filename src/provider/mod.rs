@@ -2,7 +2,10 @@
 //! by `spec.broker` from the [`ProviderRegistry`]. Nothing outside this module talks to a backend.
 
 pub mod aws;
+mod error;
 pub mod mosquitto;
+
+pub use error::{BackendError, BackendFailure, NotConfigured, ProviderError};
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -12,67 +15,6 @@ use crate::{
     api::{Thing, ThingStatus, thing::Broker},
     credentials::DeviceSecret,
 };
-
-/// Why a backend call failed. Messages carry status and error codes, never request or
-/// response bodies (which may hold keys).
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ProviderError {
-    /// The backend asked us to slow down (HTTP 429, ThrottlingException).
-    #[error("{backend} {operation}: throttled")]
-    Throttled {
-        backend: &'static str,
-        operation: &'static str,
-    },
-    /// The backend answered with an error.
-    #[error("{backend} {operation}: {code}: {message}")]
-    Service {
-        backend: &'static str,
-        operation: &'static str,
-        code: String,
-        message: String,
-        retryable: bool,
-    },
-    /// The backend could not be reached.
-    #[error("{backend} {operation}: unreachable: {message}")]
-    Transport {
-        backend: &'static str,
-        operation: &'static str,
-        message: String,
-    },
-    /// The spec asks for something the backend refuses; retrying will not help until it changes.
-    #[error("{0}")]
-    Rejected(String),
-    /// Reading or writing the device Secret failed.
-    #[error("device secret: {0}")]
-    Secret(String),
-    /// The backend is not set up in the operator's configuration.
-    #[error("broker {0} is not configured in this operator")]
-    NotConfigured(Broker),
-}
-
-impl ProviderError {
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            ProviderError::Throttled { .. }
-            | ProviderError::Transport { .. }
-            | ProviderError::Secret(_) => true,
-            ProviderError::Service { retryable, .. } => *retryable,
-            ProviderError::Rejected(_) | ProviderError::NotConfigured(_) => false,
-        }
-    }
-
-    /// The condition reason this error shows as.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ProviderError::Throttled { .. } => "Throttled",
-            ProviderError::Service { .. } => "BackendError",
-            ProviderError::Transport { .. } => "BackendUnreachable",
-            ProviderError::Rejected(_) => "BackendRejected",
-            ProviderError::Secret(_) => "SecretError",
-            ProviderError::NotConfigured(_) => "BackendNotConfigured",
-        }
-    }
-}
 
 /// Something worth an Event: drift repaired, certificate rotated, ...
 #[derive(Debug, Clone, PartialEq)]
@@ -175,7 +117,7 @@ impl ProviderRegistry {
         self.providers
             .get(&broker)
             .cloned()
-            .ok_or(ProviderError::NotConfigured(broker))
+            .ok_or_else(|| NotConfigured(broker).into())
     }
 
     /// Activates every backend (see [`IotProvider::activate`]).

@@ -6,19 +6,17 @@
 //! CloudIssued: a marker with the time of the call), so after a crash at any point the next
 //! reconcile knows what may exist in AWS.
 
+use crate::failpoints::step;
 use std::collections::BTreeMap;
 
 use aws_sdk_iot::types::CertificateStatus;
 use chrono::{DateTime, Utc};
 
-use super::{
-    client::{AwsClients, CallError, Family},
-    failpoints::step,
-};
+use super::client::{AwsClients, CallError, Family};
 use crate::{
     api::{ThingStatus, thing::CredentialStatus},
     credentials::{DeviceSecret, keys, pki},
-    provider::{Notice, ProviderError},
+    provider::{BackendFailure, Notice},
 };
 
 /// Operator bookkeeping kept in the Secret next to the credentials (identifiers and times only).
@@ -163,7 +161,7 @@ pub struct CredCtx<'a> {
 }
 
 impl CredCtx<'_> {
-    pub async fn load(&self) -> Result<SecretState, ProviderError> {
+    pub async fn load(&self) -> Result<SecretState, BackendFailure> {
         Ok(self
             .secret
             .read()
@@ -174,7 +172,7 @@ impl CredCtx<'_> {
 
     /// Writes the Secret when its content differs from what was read (the Secret is the
     /// operator's journal: a write always precedes the AWS call it protects).
-    pub async fn save(&self, state: &SecretState) -> Result<(), ProviderError> {
+    pub async fn save(&self, state: &SecretState) -> Result<(), BackendFailure> {
         self.secret.write(to_data(state, &self.common)).await
     }
 }
@@ -219,7 +217,7 @@ pub async fn ensure_credentials(
     status: &mut ThingStatus,
     was_ready: bool,
     notices: &mut Vec<Notice>,
-) -> Result<ActiveCert, ProviderError> {
+) -> Result<ActiveCert, BackendFailure> {
     recover_interrupted_issue(x, state).await?;
     for _ in 0..3 {
         if !state.has_credentials() {
@@ -300,7 +298,7 @@ pub async fn ensure_credentials(
             Err(e) => return Err(e.into_provider("DescribeCertificate")),
         }
     }
-    Err(ProviderError::Service {
+    Err(BackendFailure::Service {
         backend: super::client::BACKEND,
         operation: "EnsureCertificate",
         code: "NotConverged".into(),
@@ -314,7 +312,7 @@ pub async fn ensure_credentials(
 async fn recover_interrupted_issue(
     x: &CredCtx<'_>,
     state: &mut SecretState,
-) -> Result<(), ProviderError> {
+) -> Result<(), BackendFailure> {
     let Some(since) = state.pending_since else {
         return Ok(());
     };
@@ -340,14 +338,14 @@ async fn issue(
     x: &CredCtx<'_>,
     state: &mut SecretState,
     status: &mut ThingStatus,
-) -> Result<ActiveCert, ProviderError> {
+) -> Result<ActiveCert, BackendFailure> {
     if x.cloud_issued {
         let active = issue_cloud(x, state).await?;
         mirror(status, state, Some(&active));
         return Ok(active);
     }
     let generated = pki::generate_self_signed(x.thing_name, x.key_validity_days)
-        .map_err(|e| ProviderError::Rejected(format!("certificate generation failed: {e}")))?;
+        .map_err(|e| BackendFailure::Rejected(format!("certificate generation failed: {e}")))?;
     state.cert_pem = Some(generated.certificate_pem);
     state.key_pem = Some(generated.private_key_pem);
     state.cert_id = None;
@@ -364,7 +362,7 @@ async fn issue(
 
 /// RegisterCertificateWithoutCA, idempotent: the id derives from the certificate, and AWS
 /// names the existing one when it was registered before.
-async fn register(x: &CredCtx<'_>, state: &mut SecretState) -> Result<ActiveCert, ProviderError> {
+async fn register(x: &CredCtx<'_>, state: &mut SecretState) -> Result<ActiveCert, BackendFailure> {
     let pem = state.cert_pem.clone().unwrap_or_default();
     step!("aws-before-register-certificate");
     let res =
@@ -389,7 +387,7 @@ async fn register(x: &CredCtx<'_>, state: &mut SecretState) -> Result<ActiveCert
         Err(e) => return Err(e.into_provider("RegisterCertificateWithoutCA")),
     };
     let Some(id) = id else {
-        return Err(ProviderError::Service {
+        return Err(BackendFailure::Service {
             backend: super::client::BACKEND,
             operation: "RegisterCertificateWithoutCA",
             code: "MissingCertificateId".into(),
@@ -418,7 +416,7 @@ async fn register(x: &CredCtx<'_>, state: &mut SecretState) -> Result<ActiveCert
 
 /// The id of `pem` in AWS, learnt by registering it INACTIVE: AWS answers with the existing
 /// certificate's id, or registers it (inactive, so never usable) for the caller to delete.
-pub async fn registered_id(c: &AwsClients, pem: &str) -> Result<Option<String>, ProviderError> {
+pub async fn registered_id(c: &AwsClients, pem: &str) -> Result<Option<String>, BackendFailure> {
     let res = c
         .call(Family::Certificate, "RegisterCertificateWithoutCA", || {
             c.iot
@@ -440,7 +438,7 @@ pub async fn registered_id(c: &AwsClients, pem: &str) -> Result<Option<String>, 
 async fn issue_cloud(
     x: &CredCtx<'_>,
     state: &mut SecretState,
-) -> Result<ActiveCert, ProviderError> {
+) -> Result<ActiveCert, BackendFailure> {
     state.pending_since = Some(Utc::now());
     x.save(state).await?;
     step!("aws-before-create-keys");
@@ -470,7 +468,7 @@ async fn issue_cloud(
     Ok(ActiveCert { id, arn })
 }
 
-async fn set_status(c: &AwsClients, id: &str, s: CertificateStatus) -> Result<(), ProviderError> {
+async fn set_status(c: &AwsClients, id: &str, s: CertificateStatus) -> Result<(), BackendFailure> {
     c.call(Family::Certificate, "UpdateCertificate", || {
         c.iot
             .update_certificate()
@@ -526,7 +524,7 @@ pub async fn rotate(
     overlap: std::time::Duration,
     reason: &str,
     notices: &mut Vec<Notice>,
-) -> Result<ActiveCert, ProviderError> {
+) -> Result<ActiveCert, BackendFailure> {
     let old = state.cert_id.clone();
     state.previous_cert_id = old.clone();
     state.previous_revoke_at =
@@ -562,7 +560,7 @@ pub async fn finish_overlap(
     state: &mut SecretState,
     status: &mut ThingStatus,
     notices: &mut Vec<Notice>,
-) -> Result<(), ProviderError> {
+) -> Result<(), BackendFailure> {
     let (Some(prev), Some(at)) = (state.previous_cert_id.clone(), state.previous_revoke_at) else {
         return Ok(());
     };
@@ -585,7 +583,7 @@ pub async fn finish_overlap(
     Ok(())
 }
 
-fn tolerate_gone(r: Result<(), CallError>, op: &'static str) -> Result<(), ProviderError> {
+fn tolerate_gone(r: Result<(), CallError>, op: &'static str) -> Result<(), BackendFailure> {
     match r {
         Ok(()) | Err(CallError::NotFound) => Ok(()),
         Err(e) => Err(e.into_provider(op)),
@@ -598,7 +596,7 @@ pub async fn remove_certificate(
     c: &AwsClients,
     id: &str,
     arn: Option<&str>,
-) -> Result<(), ProviderError> {
+) -> Result<(), BackendFailure> {
     let arn = match arn {
         Some(a) => a.to_string(),
         None => match c
@@ -698,7 +696,7 @@ pub async fn remove_certificate(
 pub async fn sweep_orphans(
     x: &CredCtx<'_>,
     state: &mut SecretState,
-) -> Result<bool, ProviderError> {
+) -> Result<bool, BackendFailure> {
     let Some((start, end)) = state.orphan_window else {
         return Ok(false);
     };

@@ -1,5 +1,5 @@
 //! The SDK clients, client-side rate limiting and retries, and the mapping of SDK errors to
-//! [`ProviderError`].
+//! [`BackendFailure`].
 //!
 //! The SDK's own retries are switched off: every attempt goes through a per-API-family token
 //! bucket first, so a fleet of Things never exceeds AWS's published rates, and retries of
@@ -20,7 +20,7 @@ use aws_smithy_runtime_api::client::{interceptors::SharedInterceptor, orchestrat
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 
-use crate::{metrics::Metrics, provider::ProviderError};
+use crate::{metrics::Metrics, provider::BackendFailure};
 
 pub(crate) const BACKEND: &str = "aws";
 
@@ -168,7 +168,7 @@ pub enum CallError {
         resource_id: Option<String>,
         resource_arn: Option<String>,
     },
-    Failed(ProviderError),
+    Failed(BackendFailure),
 }
 
 impl CallError {
@@ -177,12 +177,12 @@ impl CallError {
         match self {
             CallError::NotFound => Some("ResourceNotFoundException"),
             CallError::AlreadyExists { .. } => Some("ResourceAlreadyExistsException"),
-            CallError::Failed(ProviderError::Service { code, .. }) => Some(code),
+            CallError::Failed(BackendFailure::Service { code, .. }) => Some(code),
             CallError::Failed(_) => None,
         }
     }
 
-    pub fn into_provider(self, operation: &'static str) -> ProviderError {
+    pub fn into_provider(self, operation: &'static str) -> BackendFailure {
         match self {
             CallError::Failed(e) => e,
             CallError::NotFound => {
@@ -200,8 +200,8 @@ fn service_error(
     code: &str,
     status: u16,
     retryable: bool,
-) -> ProviderError {
-    ProviderError::Service {
+) -> BackendFailure {
+    BackendFailure::Service {
         backend: BACKEND,
         operation,
         code: code.to_string(),
@@ -220,7 +220,7 @@ const THROTTLING_CODES: &[&str] = &[
 
 enum Classified {
     Final(CallError),
-    Retry(ProviderError),
+    Retry(BackendFailure),
 }
 
 /// Maps an SDK error to what the provider acts on. Reads status and code only.
@@ -242,7 +242,7 @@ where
                 });
             }
             if status == 429 || THROTTLING_CODES.contains(&code.as_str()) {
-                return Classified::Retry(ProviderError::Throttled {
+                return Classified::Retry(BackendFailure::Throttled {
                     backend: BACKEND,
                     operation,
                 });
@@ -263,7 +263,7 @@ where
             // An answer the SDK could not parse (moto answers unimplemented calls with HTML 500).
             let status = re.raw().status().as_u16();
             if status == 429 {
-                return Classified::Retry(ProviderError::Throttled {
+                return Classified::Retry(BackendFailure::Throttled {
                     backend: BACKEND,
                     operation,
                 });
@@ -275,7 +275,7 @@ where
                 Classified::Final(CallError::Failed(e))
             }
         }
-        SdkError::TimeoutError(_) => Classified::Retry(ProviderError::Transport {
+        SdkError::TimeoutError(_) => Classified::Retry(BackendFailure::Transport {
             backend: BACKEND,
             operation,
             message: "timed out".into(),
@@ -288,7 +288,7 @@ where
             } else {
                 "request could not be sent"
             };
-            Classified::Retry(ProviderError::Transport {
+            Classified::Retry(BackendFailure::Transport {
                 backend: BACKEND,
                 operation,
                 message: message.into(),
@@ -470,7 +470,7 @@ impl AwsClients {
                         return Err(e);
                     }
                     Classified::Retry(e) => {
-                        let throttled = matches!(e, ProviderError::Throttled { .. });
+                        let throttled = matches!(e, BackendFailure::Throttled { .. });
                         self.count(operation, if throttled { "throttled" } else { "retryable" });
                         if throttled {
                             self.stats.throttled.fetch_add(1, Ordering::Relaxed);

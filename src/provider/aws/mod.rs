@@ -12,7 +12,6 @@
 
 pub mod certs;
 pub mod client;
-pub mod failpoints;
 pub mod naming;
 pub mod provision;
 pub mod shadow;
@@ -43,7 +42,7 @@ use crate::{
         validation::parse_duration,
     },
     metrics::Metrics,
-    provider::{DeviceOutcome, DeviceRequest, IotProvider, ProviderError},
+    provider::{BackendFailure, DeviceOutcome, DeviceRequest, IotProvider, ProviderError},
 };
 
 /// Everything the AWS backend is configured with.
@@ -102,7 +101,7 @@ fn set(status: &mut ThingStatus, type_: &str, ok: bool, reason: &str, message: i
 }
 
 /// Records a failed step in its condition and passes the error on.
-fn failed(status: &mut ThingStatus, type_: &str, e: ProviderError) -> ProviderError {
+fn failed(status: &mut ThingStatus, type_: &str, e: BackendFailure) -> BackendFailure {
     set(status, type_, false, e.reason(), e.to_string());
     e
 }
@@ -114,7 +113,6 @@ impl AwsProvider {
         interceptors: Vec<SharedInterceptor>,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
-        failpoints::configure_from_env();
         let clients = AwsClients::new(&settings.client, interceptors, metrics).await;
         Self {
             clients,
@@ -133,7 +131,7 @@ impl AwsProvider {
         self.clients.stats.clone()
     }
 
-    async fn device_endpoint(&self) -> Result<String, ProviderError> {
+    async fn device_endpoint(&self) -> Result<String, BackendFailure> {
         if let Some(e) = &self.settings.device_endpoint {
             return Ok(e.clone());
         }
@@ -246,7 +244,7 @@ impl AwsProvider {
         endpoint: String,
         status: &mut ThingStatus,
         outcome: &mut DeviceOutcome,
-    ) -> Result<Option<DateTime<Utc>>, ProviderError> {
+    ) -> Result<Option<DateTime<Utc>>, BackendFailure> {
         let c = &self.clients;
         let spec = &req.thing.spec;
         // "Was complete once": a recorded certificate ARN means thing, policy and certificate all
@@ -283,7 +281,7 @@ impl AwsProvider {
         };
         let document =
             naming::render_policy(spec.policy.as_ref().map(|p| p.template.as_str()), &vars)
-                .map_err(|m| failed(status, types::PROVISIONED, ProviderError::Rejected(m)))?;
+                .map_err(|m| failed(status, types::PROVISIONED, BackendFailure::Rejected(m)))?;
         provision::ensure_policy(c, policy_name, &document, was_provisioned, notices)
             .await
             .map_err(|e| failed(status, types::PROVISIONED, e))?;
@@ -388,7 +386,7 @@ impl IotProvider for AwsProvider {
             && *recorded != thing_name
         {
             // A new name would create a second thing and orphan the first.
-            let e = ProviderError::Rejected(format!(
+            let e = BackendFailure::Rejected(format!(
                 "thingName cannot change after provisioning: provisioned as {recorded}, the spec now gives {thing_name}"
             ));
             return Err(failed(status, types::PROVISIONED, e));

@@ -1,16 +1,14 @@
 //! The thing, its policy and the attachments: create what is missing, repair what drifted,
 //! apply spec changes in place. Every function is idempotent.
 
+use crate::failpoints::step;
 use std::collections::{BTreeMap, HashMap};
 
 use aws_sdk_iot::types::AttributePayload;
 use serde_json::Value;
 
-use super::{
-    client::{AwsClients, CallError, Family},
-    failpoints::step,
-};
-use crate::provider::{Notice, ProviderError};
+use super::client::{AwsClients, CallError, Family};
+use crate::provider::{BackendFailure, Notice};
 
 /// Makes the thing exist with exactly the spec's attributes. Returns its ARN.
 pub async fn ensure_thing(
@@ -19,7 +17,7 @@ pub async fn ensure_thing(
     attributes: &BTreeMap<String, String>,
     was_provisioned: bool,
     notices: &mut Vec<Notice>,
-) -> Result<String, ProviderError> {
+) -> Result<String, BackendFailure> {
     let want: HashMap<String, String> = attributes
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
@@ -92,7 +90,7 @@ async fn update_attributes(
     c: &AwsClients,
     thing_name: &str,
     want: &HashMap<String, String>,
-) -> Result<(), ProviderError> {
+) -> Result<(), BackendFailure> {
     // merge=false replaces the whole set, so attributes removed from the spec go too.
     let payload = AttributePayload::builder()
         .set_attributes(Some(want.clone()))
@@ -117,7 +115,7 @@ pub async fn ensure_policy(
     document: &Value,
     was_provisioned: bool,
     notices: &mut Vec<Notice>,
-) -> Result<(), ProviderError> {
+) -> Result<(), BackendFailure> {
     let text = document.to_string();
     let got = c
         .call(Family::Policy, "GetPolicy", || {
@@ -176,7 +174,7 @@ async fn replace_policy_version(
     c: &AwsClients,
     policy_name: &str,
     text: &str,
-) -> Result<(), ProviderError> {
+) -> Result<(), BackendFailure> {
     let versions = c
         .call(Family::Policy, "ListPolicyVersions", || {
             c.iot.list_policy_versions().policy_name(policy_name).send()
@@ -228,7 +226,7 @@ pub async fn ensure_attachments(
     cert_arn: &str,
     was_provisioned: bool,
     notices: &mut Vec<Notice>,
-) -> Result<(), ProviderError> {
+) -> Result<(), BackendFailure> {
     let attached = c
         .call(Family::Policy, "ListAttachedPolicies", || {
             c.iot.list_attached_policies().target(cert_arn).send()
@@ -284,7 +282,7 @@ pub async fn ensure_attachments(
 pub async fn list_thing_principals(
     c: &AwsClients,
     thing_name: &str,
-) -> Result<Vec<String>, ProviderError> {
+) -> Result<Vec<String>, BackendFailure> {
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {

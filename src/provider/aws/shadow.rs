@@ -2,17 +2,15 @@
 //! reported state, delta, version and time into status. Status fields are only assigned when
 //! their value changes, so an idle Thing produces no status write.
 
+use crate::failpoints::step;
 use aws_smithy_types::Blob;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
-use super::{
-    client::{AwsClients, CallError, Family},
-    failpoints::step,
-};
+use super::client::{AwsClients, CallError, Family};
 use crate::{
     api::{JsonObject, ThingStatus},
-    provider::ProviderError,
+    provider::BackendFailure,
 };
 
 /// What the provider learnt from one sync.
@@ -26,7 +24,7 @@ async fn get(
     c: &AwsClients,
     thing_name: &str,
     shadow: Option<&str>,
-) -> Result<Option<Value>, ProviderError> {
+) -> Result<Option<Value>, BackendFailure> {
     let res = c
         .call(Family::Shadow, "GetThingShadow", || {
             c.data
@@ -42,7 +40,7 @@ async fn get(
                 .payload()
                 .map(|b| b.as_ref().to_vec())
                 .unwrap_or_default();
-            let doc = serde_json::from_slice(&bytes).map_err(|_| ProviderError::Service {
+            let doc = serde_json::from_slice(&bytes).map_err(|_| BackendFailure::Service {
                 backend: super::client::BACKEND,
                 operation: "GetThingShadow",
                 code: "InvalidShadowDocument".into(),
@@ -143,7 +141,7 @@ pub async fn sync(
     shadow: Option<&str>,
     desired: Option<&JsonObject>,
     status: &mut ThingStatus,
-) -> Result<SyncResult, ProviderError> {
+) -> Result<SyncResult, BackendFailure> {
     let mut doc = get(c, thing_name, shadow).await?;
     let mut result = SyncResult::default();
     if let Some(want) = desired {
@@ -180,7 +178,7 @@ pub async fn delete(
     c: &AwsClients,
     thing_name: &str,
     shadow: Option<&str>,
-) -> Result<(), ProviderError> {
+) -> Result<(), BackendFailure> {
     let res = c
         .call(Family::Shadow, "DeleteThingShadow", || {
             c.data

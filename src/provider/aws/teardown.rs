@@ -6,13 +6,13 @@
 use super::{
     certs::{self, CredCtx},
     client::{AwsClients, CallError, Family},
-    failpoints::step,
     provision::list_thing_principals,
     shadow,
 };
-use crate::provider::{Notice, ProviderError};
+use crate::failpoints::step;
+use crate::provider::{BackendFailure, Notice};
 
-fn tolerate_gone<T>(r: Result<T, CallError>, op: &'static str) -> Result<(), ProviderError> {
+fn tolerate_gone<T>(r: Result<T, CallError>, op: &'static str) -> Result<(), BackendFailure> {
     match r {
         Ok(_) | Err(CallError::NotFound) => Ok(()),
         Err(e) => Err(e.into_provider(op)),
@@ -24,7 +24,7 @@ pub async fn teardown(
     recorded_cert_ids: &[String],
     shadow_name: Option<&str>,
     notices: &mut Vec<Notice>,
-) -> Result<(), ProviderError> {
+) -> Result<(), BackendFailure> {
     let c = x.c;
     let thing_name = x.thing_name;
     let policy_name = x.policy_name;
@@ -60,7 +60,7 @@ pub async fn teardown(
         // Deleting the Thing must not leave an unrecorded certificate behind, and must not take
         // another Thing's fresh certificate either: wait out the grace period, then sweep.
         if certs::sweep_orphans(x, &mut state).await? {
-            return Err(ProviderError::Service {
+            return Err(BackendFailure::Service {
                 backend: super::client::BACKEND,
                 operation: "Teardown",
                 code: "OrphanGracePending".into(),
@@ -105,7 +105,7 @@ pub async fn teardown(
     Ok(())
 }
 
-async fn delete_policy(c: &AwsClients, policy_name: &str) -> Result<(), ProviderError> {
+async fn delete_policy(c: &AwsClients, policy_name: &str) -> Result<(), BackendFailure> {
     let mut marker: Option<String> = None;
     let mut targets = Vec::new();
     loop {

@@ -11,9 +11,7 @@
 //! - [`shadow`]: shadow document semantics, pure;
 //! - [`service`]: in-memory shadows, request handling, status-write pacing.
 
-pub mod connection;
 pub mod dynsec;
-mod failpoints;
 pub mod service;
 pub mod shadow;
 
@@ -35,21 +33,17 @@ use serde_json::Map;
 use tokio_util::sync::CancellationToken;
 
 use self::{
-    connection::{BrokerAddress, ConfigError, ConnectionSettings},
     dynsec::{Acl, ClientSpec, Dynsec, DynsecError},
     service::{Entry, Key, Service, Things},
     shadow::{Limits, Shadow},
 };
-use super::{DeviceOutcome, DeviceRequest, IotProvider, ProviderError};
+use super::{BackendFailure, DeviceOutcome, DeviceRequest, IotProvider, ProviderError};
+use crate::mqtt::connection::{self, BrokerAddress, ConfigError, ConnectionSettings};
 use crate::{
     api::{
         Condition, ConditionStatus, JsonObject, Thing, ThingStatus,
         conditions::types,
         thing::{Broker, DeviceStatus},
-    },
-    broker::{
-        StatePublisher,
-        topic::{ShadowReply, TopicLayout, aws_shadow_root, check_thing_name},
     },
     config::RunArgs,
     controller::ThingTrigger,
@@ -59,6 +53,8 @@ use crate::{
         keys,
     },
     metrics::Metrics,
+    mqtt::topic::{ShadowReply, TopicLayout, aws_shadow_root, check_thing_name},
+    rest_broker::StatePublisher,
 };
 
 const BACKEND: &str = "mosquitto";
@@ -161,15 +157,15 @@ pub struct MosquittoProvider {
     ca_pem: Option<Vec<u8>>,
 }
 
-fn dynsec_error(operation: &'static str, e: DynsecError) -> ProviderError {
+fn dynsec_error(operation: &'static str, e: DynsecError) -> BackendFailure {
     match e {
-        DynsecError::Timeout { .. } | DynsecError::Send { .. } => ProviderError::Transport {
+        DynsecError::Timeout { .. } | DynsecError::Send { .. } => BackendFailure::Transport {
             backend: BACKEND,
             operation,
             message: e.to_string(),
         },
-        DynsecError::Foreign(_) => ProviderError::Rejected(e.to_string()),
-        DynsecError::Command { error, .. } => ProviderError::Service {
+        DynsecError::Foreign(_) => BackendFailure::Rejected(e.to_string()),
+        DynsecError::Command { error, .. } => BackendFailure::Service {
             backend: BACKEND,
             operation,
             code: "DynsecError".into(),
@@ -204,7 +200,6 @@ impl MosquittoProvider {
         trigger: ThingTrigger,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
-        failpoints::configure_from_env();
         let tls = if config.address.tls {
             Some(connection::tls_config(config.ca_file.as_deref())?)
         } else {
@@ -244,7 +239,7 @@ impl MosquittoProvider {
             let (dynsec, client, username) =
                 (dynsec.clone(), client.clone(), config.username.clone());
             move || {
-                crate::broker::publisher::set_online(false);
+                crate::rest_broker::publisher::set_online(false);
                 let (dynsec, client, username, status_topic) = (
                     dynsec.clone(),
                     client.clone(),
@@ -263,7 +258,7 @@ impl MosquittoProvider {
                     };
                     match granted.await {
                         Ok(()) => {
-                            crate::broker::publisher::set_online(true);
+                            crate::rest_broker::publisher::set_online(true);
                             let _ = client
                                 .publish(status_topic, QoS::AtLeastOnce, true, b"online".to_vec())
                                 .await;
@@ -380,7 +375,7 @@ impl MosquittoProvider {
         req: &DeviceRequest<'_>,
         topic: &str,
         status: &mut ThingStatus,
-    ) -> Result<String, ProviderError> {
+    ) -> Result<String, BackendFailure> {
         let thing_name = &req.backend_name;
         let existing = req.secret.read().await?;
         let password = existing
@@ -436,7 +431,7 @@ impl MosquittoProvider {
         existing: Option<&BTreeMap<String, Vec<u8>>>,
         ca: &OperatorCa,
         status: &mut ThingStatus,
-    ) -> Result<(String, String), ProviderError> {
+    ) -> Result<(String, String), BackendFailure> {
         use crate::credentials::pki;
         let now = Utc::now();
         let current = existing.and_then(|d| {
@@ -476,7 +471,7 @@ impl MosquittoProvider {
                 chrono::Duration::days(CERT_VALIDITY_DAYS),
                 now,
             )
-            .map_err(|e| ProviderError::Secret(e.to_string()))?;
+            .map_err(|e| BackendFailure::Secret(e.to_string()))?;
         tracing::info!(thing = %format!("{}/{}", req.namespace, req.name), "device certificate issued");
         let creds = status.credentials.get_or_insert_with(Default::default);
         creds.issued_at = Some(now);
@@ -487,13 +482,13 @@ impl MosquittoProvider {
     async fn provision(
         &self,
         req: &DeviceRequest<'_>,
-        topic: &crate::broker::ThingTopic,
+        topic: &crate::rest_broker::ThingTopic,
         status: &mut ThingStatus,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<(), BackendFailure> {
         let now = Utc::now();
         let thing_name = &req.backend_name;
         let password = self.ensure_secret(req, topic.base(), status).await?;
-        failpoints::step!("mosquitto-after-secret-written");
+        crate::failpoints::step!("mosquitto-after-secret-written");
         status.conditions.set(
             Condition::new(
                 types::CREDENTIALS_READY,
@@ -504,7 +499,7 @@ impl MosquittoProvider {
             now,
         );
         let aws_root =
-            aws_shadow_root(thing_name).map_err(|e| ProviderError::Rejected(e.to_string()))?;
+            aws_shadow_root(thing_name).map_err(|e| BackendFailure::Rejected(e.to_string()))?;
         let acls = [
             Acl::allow(
                 "publishClientSend",
@@ -547,7 +542,7 @@ impl MosquittoProvider {
         );
         let created = match result {
             Ok(created) => {
-                failpoints::step!("mosquitto-after-client-created");
+                crate::failpoints::step!("mosquitto-after-client-created");
                 created
             }
             Err(e) => {
@@ -615,10 +610,10 @@ impl IotProvider for MosquittoProvider {
             .config
             .layout
             .thing(req.namespace, req.name)
-            .map_err(|e| ProviderError::Rejected(e.to_string()))?;
-        check_thing_name(&thing_name).map_err(|e| ProviderError::Rejected(e.to_string()))?;
+            .map_err(|e| BackendFailure::Rejected(e.to_string()))?;
+        check_thing_name(&thing_name).map_err(|e| BackendFailure::Rejected(e.to_string()))?;
         if thing_name == self.config.username {
-            return Err(ProviderError::Rejected(format!(
+            return Err(BackendFailure::Rejected(format!(
                 "thing name {thing_name} is the operator's own broker account"
             )));
         }
@@ -648,7 +643,7 @@ impl IotProvider for MosquittoProvider {
             if let Some(owner) = things.by_name.get(&thing_name)
                 && owner != &key
             {
-                return Err(ProviderError::Rejected(format!(
+                return Err(BackendFailure::Rejected(format!(
                     "thing name {thing_name} is already used by Thing {}/{}",
                     owner.0, owner.1
                 )));
@@ -668,7 +663,7 @@ impl IotProvider for MosquittoProvider {
                 things.by_name.insert(thing_name.clone(), key.clone());
             }
             let Some(entry) = things.by_key.get_mut(&key) else {
-                return Err(ProviderError::Rejected("shadow vanished".into()));
+                return Err(BackendFailure::Rejected("shadow vanished".into()));
             };
             entry.labels = req.thing.labels().clone();
             let changed = entry.shadow.set_desired(desired, now);
@@ -681,8 +676,8 @@ impl IotProvider for MosquittoProvider {
             (changed, verified)
         };
         if let Some(change) = changed {
-            let aws_root =
-                aws_shadow_root(&thing_name).map_err(|e| ProviderError::Rejected(e.to_string()))?;
+            let aws_root = aws_shadow_root(&thing_name)
+                .map_err(|e| BackendFailure::Rejected(e.to_string()))?;
             for root in [topic.shadow_root(), aws_root] {
                 if let Some(delta) = &change.delta {
                     self.publish(
@@ -774,7 +769,7 @@ impl IotProvider for MosquittoProvider {
         result?;
         self.lock()
             .remove(&(req.namespace.to_string(), req.name.to_string()));
-        crate::broker::publisher::clear_thing_state(req.namespace, req.name);
+        crate::rest_broker::publisher::clear_thing_state(req.namespace, req.name);
         Ok(())
     }
 }

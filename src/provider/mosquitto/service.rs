@@ -18,21 +18,21 @@ use rumqttc::{AsyncClient, QoS};
 use serde_json::{Map, Value};
 
 use super::{
-    connection::Handler,
     dynsec::{Dynsec, RESPONSE_TOPIC},
     shadow::{Limits, Shadow},
 };
+use crate::mqtt::connection::Handler;
 use crate::{
-    broker::topic::{ShadowOp, ShadowReply, ShadowRequest, ShadowTarget, TopicLayout},
     controller::ThingTrigger,
+    mqtt::topic::{ShadowOp, ShadowReply, ShadowRequest, ShadowTarget, TopicLayout},
 };
 
 /// The in-memory state stream Observers read. Set once at start-up by the runner; every
 /// accepted device report goes there at once, while status writes stay paced.
-static STATE_BUS: std::sync::OnceLock<crate::events::StateBus> = std::sync::OnceLock::new();
+static STATE_BUS: std::sync::OnceLock<crate::forwarding::StateBus> = std::sync::OnceLock::new();
 
 /// Connects the shadow service to the Observers' state bus (a second call is ignored).
-pub fn attach_state_bus(bus: crate::events::StateBus) {
+pub fn attach_state_bus(bus: crate::forwarding::StateBus) {
     let _ = STATE_BUS.set(bus);
 }
 
@@ -40,7 +40,7 @@ fn publish_to_bus(key: &Key, entry: &Entry, now: DateTime<Utc>) {
     let Some(bus) = STATE_BUS.get() else { return };
     let shadow = &entry.shadow;
     let object = |m: Map<String, Value>| (!m.is_empty()).then_some(crate::api::JsonObject(m));
-    bus.publish(crate::events::ThingUpdate {
+    bus.publish(crate::forwarding::ThingUpdate {
         namespace: key.0.clone(),
         name: key.1.clone(),
         labels: entry.labels.clone(),

@@ -1,11 +1,11 @@
-//! Crash points for the crash-safety tests.
+//! Crash points for the crash-safety tests (`tests/aws_crash.rs`, `tests/mosquitto_crash.rs`).
 //!
 //! With the `failpoints` feature, `FAILPOINTS="aws-after-register-certificate=return"` makes the
-//! process exit at once when it reaches that step (a crash, as far as AWS and Kubernetes can
-//! tell); `panic`, `sleep(ms)` and `pause` work as in the `fail` crate. Without the feature every
-//! step compiles to nothing.
+//! process exit at once when it reaches that step (a crash, as far as the backend and Kubernetes
+//! can tell); `panic`, `sleep(ms)` and `pause` work as in the `fail` crate. Without the feature
+//! every step compiles to nothing. Step names start with their backend (`aws-`, `mosquitto-`).
 
-/// Marks a step of the AWS flows. See the module docs.
+/// Marks a step of a backend flow. See the module docs.
 macro_rules! step {
     ($name:literal) => {{
         #[cfg(feature = "failpoints")]
@@ -20,7 +20,7 @@ macro_rules! step {
 
 pub(crate) use step;
 
-/// Reads `FAILPOINTS` (`name=action;name=action`) into the fail registry.
+/// Reads `FAILPOINTS` (`name=action;name=action`) into the fail registry. Called once at start-up.
 pub fn configure_from_env() {
     #[cfg(feature = "failpoints")]
     if let Ok(spec) = std::env::var("FAILPOINTS") {

@@ -16,7 +16,7 @@ use kube::{
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use super::{Context, events, object_key, status::apply_if_changed};
+use super::{Context, kube_events, object_key, status::apply_if_changed};
 use crate::{
     api::{
         Condition, ConditionStatus, FINALIZER,
@@ -115,7 +115,7 @@ async fn apply<K: TaskKind>(obj: Arc<K>, ctx: &Context, api: &Api<K>) -> Result<
     )
     .await?
     {
-        events::publish(ctx, &K::kind(&()), &obj.object_ref(&()), &notice).await;
+        kube_events::publish(ctx, &K::kind(&()), &obj.object_ref(&()), &notice).await;
     }
     if retry {
         // E.g. a referenced Secret that does not exist yet: look again later, slowly.

@@ -15,8 +15,8 @@ use kube::ResourceExt;
 use rumqttc::{AsyncClient, QoS};
 use serde_json::{Value, json};
 
-use super::topic::TopicLayout;
 use crate::api::{Thing, ThingStatus, conditions::types};
+use crate::mqtt::topic::TopicLayout;
 
 pub struct StatePublisher {
     client: AsyncClient,

@@ -30,8 +30,8 @@ use crate::{
         thing::Broker,
         validation::check_document,
     },
-    broker::topic::{TopicLayout, filter_matches},
     metrics::Metrics,
+    mqtt::topic::{TopicLayout, filter_matches},
     provider::mosquitto::connection::Handler,
 };
 

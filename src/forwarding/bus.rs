@@ -11,38 +11,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 
-use crate::api::{JsonObject, observer::StateSection};
-
-/// One Thing's state at one moment.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ThingUpdate {
-    pub namespace: String,
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub desired: Option<JsonObject>,
-    pub reported: Option<JsonObject>,
-    pub delta: Option<JsonObject>,
-    pub version: Option<i64>,
-    pub time: DateTime<Utc>,
-}
-
-impl ThingUpdate {
-    pub fn section(&self, section: StateSection) -> Option<&JsonObject> {
-        match section {
-            StateSection::Desired => self.desired.as_ref(),
-            StateSection::Reported => self.reported.as_ref(),
-            StateSection::Delta => self.delta.as_ref(),
-        }
-    }
-
-    fn same_state(&self, other: &ThingUpdate) -> bool {
-        self.desired == other.desired
-            && self.reported == other.reported
-            && self.delta == other.delta
-            && self.version == other.version
-            && self.labels == other.labels
-    }
-}
+pub use crate::api::ThingUpdate;
 
 /// Key of a Thing in the bus: `namespace/name`.
 pub fn thing_key(namespace: &str, name: &str) -> String {

@@ -1,0 +1,37 @@
+//! How news about a Thing's state travels between the parts of the operator without any of them
+//! importing another: the Thing controller and the backends with a push channel (the Mosquitto
+//! shadow service) write into a [`StateFeed`]; `runner.rs` wires it to the Observers' state bus,
+//! the REST message broker's retained state topics and the Thing controller's trigger queue.
+
+use crate::api::{Thing, ThingStatus, ThingUpdate};
+
+pub trait StateFeed: Send + Sync {
+    /// A Thing's status was written: the state Observers see and the REST broker publishes.
+    fn thing_state(&self, thing: &Thing, status: &ThingStatus);
+
+    /// Fresh state straight from a device, ahead of the paced status write (Observers read it
+    /// from memory at once).
+    fn device_state(&self, update: ThingUpdate);
+
+    /// The Thing's status is behind its backend: reconcile it soon. Never blocks; callers pace
+    /// their requests per Thing.
+    fn request_reconcile(&self, namespace: &str, name: &str);
+
+    /// The operator's MQTT connection lost its publish rights (`false`) or has them again.
+    fn broker_online(&self, online: bool);
+
+    /// The Thing is gone from its backend: forget (and clear) its retained state.
+    fn thing_removed(&self, namespace: &str, name: &str);
+}
+
+/// A feed that goes nowhere, for tests and for processes without Observers or an MQTT broker.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoFeed;
+
+impl StateFeed for NoFeed {
+    fn thing_state(&self, _: &Thing, _: &ThingStatus) {}
+    fn device_state(&self, _: ThingUpdate) {}
+    fn request_reconcile(&self, _: &str, _: &str) {}
+    fn broker_online(&self, _: bool) {}
+    fn thing_removed(&self, _: &str, _: &str) {}
+}

@@ -1,0 +1,9 @@
+//! The REST message broker: every Thing's Kubernetes URL is also an MQTT topic tree.
+//!
+//! The pure mapping between the two is `crate::mqtt::topic` (shared with the Mosquitto backend
+//! and the Observer/Subscriber tasks); `publisher` publishes each Thing's state, retained, under
+//! its topic, for any backend.
+
+pub mod publisher;
+
+pub use publisher::StatePublisher;
