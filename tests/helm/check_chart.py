@@ -77,7 +77,8 @@ check("kind: CustomResourceDefinition" in rendered.get("thing-operator/templates
       f"CRDs not rendered by default: {list(rendered)}")
 check("helm.sh/resource-policy: keep" in rendered["thing-operator/templates/crds.yaml"], "CRDs not kept")
 values = {"crds": {"enabled": False}, "mqtt": {"url": "mqtt://mosquitto:1883", "passwordSecret": "mqtt-admin"},
-          "aws": {"enabled": True, "region": "us-east-1"}}
+          "aws": {"enabled": True, "region": "us-east-1"},
+          "tenancy": {"httpSinkAllowCidrs": ["10.20.0.0/16"]}}
 cfg.install(chart, release, values, create_namespace=True)
 try:
     code, out, err = kubectl("get", "deployment", release, "-n", namespace, "-o", "json")
@@ -88,6 +89,8 @@ try:
     check(env.get("THING_OPERATOR_MQTT_URL") == "mqtt://mosquitto:1883", f"mqtt env: {env}")
     check(env.get("AWS_REGION") == "us-east-1", f"aws env: {env}")
     check(env.get("THING_OPERATOR_LEADER_ELECT") == "true", f"leader env: {env}")
+    check(env.get("THING_OPERATOR_MIN_POLL_INTERVAL") == "10s", f"tenancy env: {env}")
+    check(env.get("THING_OPERATOR_HTTP_SINK_ALLOW_CIDRS") == "10.20.0.0/16", f"egress env: {env}")
     check(dep["spec"]["template"]["spec"]["serviceAccountName"] == release, "service account")
     code, _, err = kubectl("get", "clusterrole", release)
     check(code == 0, f"clusterrole missing: {err}")
