@@ -2,9 +2,11 @@
 //! stays in the cluster (or a CloudIssued one), the device Secret, shadow sync, drift repair,
 //! rotation and ordered teardown.
 //!
-//! Modules: `client` (SDK clients, rate limits, retries, error mapping), `naming` (names and the
-//! policy document), `provision` (thing, policy, attachments), `certs` (issuance, rotation,
-//! orphan sweep), `shadow` (desired/reported sync), `teardown` (deletion order).
+//! Modules: [`client`] (SDK clients, rate limits, retries), [`error`] (what a failure is and
+//! whether a retry may help), [`naming`] (names and the policy document), [`provision`] (thing,
+//! policy, attachments), [`certs`] (issuance, rotation, orphan sweep), [`shadow`]
+//! (desired/reported sync), [`teardown`] (deletion order). This file holds the provider itself:
+//! when a full check runs, and the order of the steps within one.
 //!
 //! Cost model: a full check (every resource described, drift repaired) runs when the spec or the
 //! rotate annotation changed, when a condition is not True, when a rotation or revocation is due,
@@ -12,6 +14,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod error;
 pub mod naming;
 pub mod provision;
 pub mod shadow;
@@ -29,21 +32,24 @@ use chrono::{DateTime, Utc};
 use kube::ResourceExt;
 use tokio::sync::OnceCell;
 
+pub use self::error::AwsError;
+
 use self::{
-    certs::{CredCtx, ROTATE_ANNOTATION, SecretCommon},
+    certs::{CertContext, orphans, rotation::ROTATE_ANNOTATION},
     client::{AwsClients, CallStats, ClientSettings, Family},
     naming::{ArnParts, PolicyVars},
 };
 use crate::{
     api::{
-        Condition, ConditionStatus, ThingStatus,
+        ThingStatus,
         conditions::types,
         thing::{Broker, CredentialSource},
-        validation::parse_duration,
     },
+    credentials::codec::DeviceFacts,
     metrics::Metrics,
     provider::{
-        BackendError, BackendFailure, DeviceOutcome, DeviceRequest, IotProvider, ProviderError,
+        DeviceOutcome, DeviceRequest, IotProvider, ProviderError, ThingKey,
+        status::{DeviceIdentity, record_device, record_failure as failed, set_condition as set},
     },
 };
 
@@ -92,20 +98,7 @@ pub struct AwsProvider {
     settings: AwsSettings,
     endpoint: OnceCell<String>,
     ca_bundle: String,
-    checks: Mutex<HashMap<String, FullCheck>>,
-}
-
-fn set(status: &mut ThingStatus, type_: &str, ok: bool, reason: &str, message: impl Into<String>) {
-    status.conditions.set(
-        Condition::new(type_, ConditionStatus::from_bool(ok), reason, message),
-        Utc::now(),
-    );
-}
-
-/// Records a failed step in its condition and passes the error on.
-fn failed(status: &mut ThingStatus, type_: &str, e: BackendFailure) -> BackendFailure {
-    set(status, type_, false, e.reason(), e.to_string());
-    e
+    checks: Mutex<HashMap<ThingKey, FullCheck>>,
 }
 
 impl AwsProvider {
@@ -133,7 +126,7 @@ impl AwsProvider {
         self.clients.stats.clone()
     }
 
-    async fn device_endpoint(&self) -> Result<String, BackendFailure> {
+    async fn device_endpoint(&self) -> Result<String, AwsError> {
         if let Some(e) = &self.settings.device_endpoint {
             return Ok(e.clone());
         }
@@ -148,7 +141,7 @@ impl AwsProvider {
                             .send()
                     })
                     .await
-                    .map_err(|e| e.into_provider("DescribeEndpoint"))?;
+                    .map_err(|e| e.into_error("DescribeEndpoint"))?;
                 Ok(format!(
                     "{}:8883",
                     out.endpoint_address().unwrap_or_default()
@@ -163,13 +156,8 @@ impl AwsProvider {
             .spec
             .shadow
             .as_ref()
-            .and_then(|s| s.poll_interval.as_deref())
-            .and_then(|p| parse_duration(p).ok())
+            .and_then(|s| s.poll_interval_duration())
             .unwrap_or(self.settings.poll_interval)
-    }
-
-    fn check_key(req: &DeviceRequest<'_>) -> String {
-        format!("{}/{}", req.namespace, req.name)
     }
 
     fn needs_full_check(&self, req: &DeviceRequest<'_>, status: &ThingStatus) -> bool {
@@ -184,23 +172,15 @@ impl AwsProvider {
             if creds.previous_revoke_at.is_some_and(|t| t <= now) {
                 return true;
             }
-            let rotate_after = req
-                .thing
-                .spec
-                .credentials
-                .rotate_after
-                .as_deref()
-                .and_then(|d| parse_duration(d).ok());
-            if let (Some(issued), Some(after)) = (
-                creds.issued_at,
-                rotate_after.and_then(|d| chrono::Duration::from_std(d).ok()),
-            ) && issued + after <= now
-            {
+            let rotation_due = creds
+                .issued_at
+                .and_then(|at| req.thing.spec.credentials.rotation_due_at(at));
+            if rotation_due.is_some_and(|due| due <= now) {
                 return true;
             }
         }
         let checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
-        match checks.get(&Self::check_key(req)) {
+        match checks.get(&req.key()) {
             None => true,
             Some(c) => {
                 c.fingerprint != fingerprint(req)
@@ -210,21 +190,21 @@ impl AwsProvider {
         }
     }
 
-    fn cred_ctx<'a>(
+    fn cert_context<'a>(
         &'a self,
         req: &'a DeviceRequest<'_>,
         thing_name: &'a str,
         policy_name: &'a str,
         endpoint: String,
-    ) -> CredCtx<'a> {
-        CredCtx {
-            c: &self.clients,
+    ) -> CertContext<'a> {
+        CertContext {
+            clients: &self.clients,
             secret: &req.secret,
-            common: SecretCommon {
-                ca_bundle: self.ca_bundle.clone(),
+            facts: DeviceFacts {
                 endpoint,
                 thing_name: thing_name.to_string(),
                 client_id: thing_name.to_string(),
+                ca: Some(self.ca_bundle.clone().into_bytes()),
             },
             cloud_issued: req.thing.spec.credentials.source == CredentialSource::CloudIssued,
             thing_name,
@@ -246,7 +226,7 @@ impl AwsProvider {
         endpoint: String,
         status: &mut ThingStatus,
         outcome: &mut DeviceOutcome,
-    ) -> Result<Option<DateTime<Utc>>, BackendFailure> {
+    ) -> Result<Option<DateTime<Utc>>, AwsError> {
         let c = &self.clients;
         let spec = &req.thing.spec;
         // "Was complete once": a recorded certificate ARN means thing, policy and certificate all
@@ -283,19 +263,20 @@ impl AwsProvider {
         };
         let document =
             naming::render_policy(spec.policy.as_ref().map(|p| p.template.as_str()), &vars)
-                .map_err(|m| failed(status, types::PROVISIONED, BackendFailure::Rejected(m)))?;
+                .map_err(|m| failed(status, types::PROVISIONED, AwsError::PolicyTemplate(m)))?;
         provision::ensure_policy(c, policy_name, &document, was_provisioned, notices)
             .await
             .map_err(|e| failed(status, types::PROVISIONED, e))?;
 
-        let x = self.cred_ctx(req, thing_name, policy_name, endpoint);
-        let mut state = x
+        let ctx = self.cert_context(req, thing_name, policy_name, endpoint);
+        let mut state = ctx
             .load()
             .await
             .map_err(|e| failed(status, types::CREDENTIALS_READY, e))?;
-        let mut active = certs::ensure_credentials(&x, &mut state, status, was_ready, notices)
-            .await
-            .map_err(|e| failed(status, types::CREDENTIALS_READY, e))?;
+        let mut active =
+            certs::issue::ensure_credentials(&ctx, &mut state, status, was_ready, notices)
+                .await
+                .map_err(|e| failed(status, types::CREDENTIALS_READY, e))?;
         provision::ensure_attachments(
             c,
             thing_name,
@@ -314,30 +295,25 @@ impl AwsProvider {
             format!("thing {thing_name} and policy {policy_name} in place"),
         );
 
-        let rotate_after = spec
-            .credentials
-            .rotate_after
-            .as_deref()
-            .and_then(|d| parse_duration(d).ok());
         let overlap = spec
             .credentials
-            .rotation_overlap
-            .as_deref()
-            .and_then(|d| parse_duration(d).ok())
+            .rotation_overlap_duration()
             .unwrap_or(self.settings.default_rotation_overlap);
         let token = req.thing.annotations().get(ROTATE_ANNOTATION).cloned();
-        if let Some(reason) = certs::rotation_due(&state, rotate_after, token.as_deref()) {
-            active = certs::rotate(&x, &mut state, status, overlap, &reason, notices)
+        if let Some(reason) =
+            certs::rotation::rotation_due(&state, &spec.credentials, token.as_deref(), Utc::now())
+        {
+            active = certs::rotation::rotate(&ctx, &mut state, status, overlap, &reason, notices)
                 .await
                 .map_err(|e| failed(status, types::CREDENTIALS_READY, e))?;
             provision::ensure_attachments(c, thing_name, policy_name, &active.arn, false, notices)
                 .await
                 .map_err(|e| failed(status, types::PROVISIONED, e))?;
         }
-        certs::finish_overlap(&x, &mut state, status, notices)
+        certs::rotation::finish_overlap(&ctx, &mut state, status, notices)
             .await
             .map_err(|e| failed(status, types::CREDENTIALS_READY, e))?;
-        let sweep_pending = certs::sweep_orphans(&x, &mut state)
+        let sweep_pending = orphans::sweep(&ctx, &mut state)
             .await
             .map_err(|e| failed(status, types::CREDENTIALS_READY, e))?;
         certs::mirror(status, &state, Some(&active));
@@ -355,9 +331,11 @@ impl AwsProvider {
 
         let deadlines = [
             state.previous_revoke_at,
-            certs::next_rotation(&state, rotate_after),
+            state
+                .issued_at
+                .and_then(|at| spec.credentials.rotation_due_at(at)),
             sweep_pending
-                .then(|| state.orphan_window.map(|(_, end)| end + x.orphan_grace))
+                .then(|| orphans::sweep_due_at(&ctx, &state))
                 .flatten(),
         ];
         Ok(deadlines.into_iter().flatten().min())
@@ -388,9 +366,10 @@ impl IotProvider for AwsProvider {
             && *recorded != thing_name
         {
             // A new name would create a second thing and orphan the first.
-            let e = BackendFailure::Rejected(format!(
-                "thingName cannot change after provisioning: provisioned as {recorded}, the spec now gives {thing_name}"
-            ));
+            let e = AwsError::ThingNameChanged {
+                recorded: recorded.clone(),
+                wanted: thing_name,
+            };
             return Err(failed(status, types::PROVISIONED, e).into());
         }
         let policy_name = naming::policy_name(&thing_name);
@@ -399,34 +378,19 @@ impl IotProvider for AwsProvider {
             .device_endpoint()
             .await
             .map_err(|e| failed(status, types::PROVISIONED, e))?;
-        {
-            let d = status.device.get_or_insert_with(Default::default);
-            let want = (
-                Some(Broker::Aws),
-                Some(thing_name.clone()),
-                Some(policy_name.clone()),
-                Some(endpoint.clone()),
-                Some(naming::topic_prefix(req.namespace, req.name)),
-                Some(req.secret.name().to_string()),
-            );
-            if (
-                d.broker,
-                d.thing_name.clone(),
-                d.policy_name.clone(),
-                d.endpoint.clone(),
-                d.topic.clone(),
-                d.secret_name.clone(),
-            ) != want
-            {
-                d.broker = want.0;
-                d.thing_name = want.1.clone();
-                d.client_id = want.1;
-                d.policy_name = want.2;
-                d.endpoint = want.3;
-                d.topic = want.4;
-                d.secret_name = want.5;
-            }
-        }
+        let topic = naming::topic_prefix(req.namespace, req.name);
+        record_device(
+            status,
+            DeviceIdentity {
+                broker: Broker::Aws,
+                thing_name: &thing_name,
+                client_id: &thing_name,
+                endpoint: &endpoint,
+                topic: &topic,
+                secret_name: req.secret.name(),
+                policy_name: Some(&policy_name),
+            },
+        );
 
         let mut next = Utc::now() + chrono::Duration::from_std(poll).unwrap_or_default();
         if self.needs_full_check(req, status) {
@@ -440,7 +404,7 @@ impl IotProvider for AwsProvider {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(
-                    Self::check_key(req),
+                    req.key(),
                     FullCheck {
                         at: Instant::now(),
                         fingerprint: fingerprint(req),
@@ -498,7 +462,7 @@ impl IotProvider for AwsProvider {
             .clone()
             .unwrap_or_else(|| naming::policy_name(&thing_name));
         let endpoint = device.endpoint.clone().unwrap_or_default();
-        let x = self.cred_ctx(req, &thing_name, &policy_name, endpoint);
+        let ctx = self.cert_context(req, &thing_name, &policy_name, endpoint);
         let recorded: Vec<String> = device
             .certificate_id
             .iter()
@@ -516,11 +480,11 @@ impl IotProvider for AwsProvider {
             .shadow
             .as_ref()
             .and_then(|s| s.name.as_deref());
-        teardown::teardown(&x, &recorded, shadow_name, &mut outcome.notices).await?;
+        teardown::teardown(&ctx, &recorded, shadow_name, &mut outcome.notices).await?;
         self.checks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&Self::check_key(req));
+            .remove(&req.key());
         Ok(())
     }
 }
