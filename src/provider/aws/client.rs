@@ -22,7 +22,8 @@ use rand::Rng;
 use super::error::{AlreadyExistsIds, AwsError, CallError};
 use crate::{metrics::Metrics, provider::BackendError};
 
-pub(crate) const BACKEND: &str = "aws";
+/// The backend label of metrics.
+const BACKEND: &str = "aws";
 
 /// API families that share a rate limit. AWS IoT Core's default per-account limits
 /// (Service Quotas, "AWS IoT Core API throttling limits"): registry writes ~10-15 TPS,

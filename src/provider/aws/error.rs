@@ -302,3 +302,165 @@ no_ids!(
     data_op::update_thing_shadow::UpdateThingShadowError,
     data_op::delete_thing_shadow::DeleteThingShadowError,
 );
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_iot::{
+        operation::{create_thing::CreateThingError, describe_thing::DescribeThingError},
+        types::error::ResourceAlreadyExistsException,
+    };
+    use aws_smithy_runtime_api::{
+        client::result::ConnectorError,
+        http::{Response, StatusCode},
+    };
+    use aws_smithy_types::{body::SdkBody, error::ErrorMetadata};
+
+    use super::*;
+
+    fn answer(status: u16, code: &str) -> SdkError<DescribeThingError, HttpResponse> {
+        let meta = ErrorMetadata::builder()
+            .code(code)
+            .message("body text: KEY-MATERIAL")
+            .custom("aws_request_id", "req-1")
+            .build();
+        let raw = Response::new(StatusCode::try_from(status).unwrap(), SdkBody::empty());
+        SdkError::service_error(DescribeThingError::generic(meta), raw)
+    }
+
+    /// (status, code) -> (outcome, condition reason, retryable)
+    #[test]
+    fn sdk_errors_are_classified_by_status_and_code() {
+        let cases = [
+            (404, "Whatever", "not_found", "", false),
+            (400, "ResourceNotFoundException", "not_found", "", false),
+            (429, "Whatever", "failed", "Throttled", true),
+            (400, "ThrottlingException", "failed", "Throttled", true),
+            (400, "TooManyRequestsException", "failed", "Throttled", true),
+            (
+                503,
+                "ServiceUnavailableException",
+                "failed",
+                "BackendError",
+                true,
+            ),
+            (
+                500,
+                "InternalFailureException",
+                "failed",
+                "BackendError",
+                true,
+            ),
+            (502, "Whatever", "failed", "BackendError", true),
+            (
+                400,
+                "InvalidRequestException",
+                "failed",
+                "BackendError",
+                false,
+            ),
+            (
+                403,
+                "UnauthorizedException",
+                "failed",
+                "BackendError",
+                false,
+            ),
+        ];
+        for (status, code, outcome, reason, retryable) in cases {
+            let got = CallError::from_sdk("DescribeThing", answer(status, code));
+            match (outcome, got) {
+                ("not_found", CallError::NotFound) => {}
+                ("failed", CallError::Failed(e)) => {
+                    assert_eq!(e.reason(), reason, "{status} {code}");
+                    assert_eq!(e.is_retryable(), retryable, "{status} {code}");
+                    // Status and code only: the service's message (from the body) stays out.
+                    assert!(!e.to_string().contains("KEY-MATERIAL"), "{e}");
+                    assert!(!format!("{e:?}").contains("KEY-MATERIAL"), "{e:?}");
+                }
+                (_, got) => panic!("{status} {code}: {got:?}"),
+            }
+        }
+        let CallError::Failed(e) = CallError::from_sdk("DescribeThing", answer(400, "Bad")) else {
+            panic!("not a failure");
+        };
+        assert_eq!(e.to_string(), "aws DescribeThing: Bad: HTTP 400");
+        assert!(matches!(e, AwsError::Service { request_id: Some(ref id), .. } if id == "req-1"));
+    }
+
+    #[test]
+    fn already_exists_names_the_existing_resource() {
+        let e = ResourceAlreadyExistsException::builder()
+            .message("exists")
+            .resource_id("cert-1")
+            .resource_arn("arn:cert-1")
+            .meta(
+                ErrorMetadata::builder()
+                    .code("ResourceAlreadyExistsException")
+                    .build(),
+            )
+            .build();
+        let raw = Response::new(StatusCode::try_from(409).unwrap(), SdkBody::empty());
+        let err = SdkError::service_error(CreateThingError::ResourceAlreadyExistsException(e), raw);
+        match CallError::from_sdk("CreateThing", err) {
+            CallError::AlreadyExists {
+                resource_id,
+                resource_arn,
+            } => {
+                assert_eq!(resource_id.as_deref(), Some("cert-1"));
+                assert_eq!(resource_arn.as_deref(), Some("arn:cert-1"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn transport_failures_keep_the_connector_error_and_are_retried() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let err: SdkError<DescribeThingError, HttpResponse> =
+            SdkError::dispatch_failure(ConnectorError::io(Box::new(refused)));
+        let CallError::Failed(e) = CallError::from_sdk("DescribeThing", err) else {
+            panic!("not a failure");
+        };
+        assert_eq!(e.reason(), "BackendUnreachable");
+        assert!(e.is_retryable());
+        assert_eq!(
+            crate::provider::error::chain(&e),
+            "aws DescribeThing: unreachable: connection failed: io error: refused"
+        );
+        let err: SdkError<DescribeThingError, HttpResponse> =
+            SdkError::timeout_error("attempt timeout");
+        let CallError::Failed(e) = CallError::from_sdk("DescribeThing", err) else {
+            panic!("not a failure");
+        };
+        assert_eq!(e.to_string(), "aws DescribeThing: unreachable: timed out");
+        assert!(e.is_retryable());
+    }
+
+    #[test]
+    fn unparseable_answers_and_unbuildable_requests() {
+        let raw = |s| Response::new(StatusCode::try_from(s).unwrap(), SdkBody::from("<html>"));
+        let parse = |s| {
+            let err: SdkError<DescribeThingError, HttpResponse> =
+                SdkError::response_error("expected JSON: <html>", raw(s));
+            match CallError::from_sdk("DescribeThing", err) {
+                CallError::Failed(e) => e,
+                other => panic!("{other:?}"),
+            }
+        };
+        let e = parse(500);
+        assert_eq!(
+            e.to_string(),
+            "aws DescribeThing: UnparseableResponse: HTTP 500"
+        );
+        assert!(e.is_retryable());
+        assert!(!parse(400).is_retryable());
+        assert_eq!(parse(429).reason(), "Throttled");
+        let err: SdkError<DescribeThingError, HttpResponse> =
+            SdkError::construction_failure("missing thing name");
+        let CallError::Failed(e) = CallError::from_sdk("DescribeThing", err) else {
+            panic!("not a failure");
+        };
+        assert!(!e.is_retryable());
+        assert_eq!(e.reason(), "BackendError");
+    }
+}

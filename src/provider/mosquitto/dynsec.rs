@@ -20,6 +20,9 @@ pub enum DynsecError {
         command: &'static str,
         timeout: Duration,
     },
+    /// The command could not be handed to the connection, or the connection went away before
+    /// the answer came. Only the text of the client's error is kept: its `Debug` carries the
+    /// request, and the request may hold a password.
     #[error("dynsec {command}: not sent: {message}")]
     Send {
         command: &'static str,
