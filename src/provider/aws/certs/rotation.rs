@@ -3,10 +3,11 @@
 //! previous one once the overlap has passed. One rotation at a time.
 
 use chrono::{DateTime, Utc};
+use kube::ResourceExt;
 
 use super::{ActiveCert, CertContext, certificate, issue, mirror};
 use crate::{
-    api::{ThingStatus, thing::CredentialsSpec},
+    api::{Thing, ThingStatus, thing::CredentialsSpec},
     credentials::codec::CertificateState,
     failpoints::step,
     provider::{Notice, aws::error::AwsError},
@@ -14,6 +15,11 @@ use crate::{
 
 /// Annotation asking for a rotation now: any new value triggers one.
 pub const ROTATE_ANNOTATION: &str = "iot.thing-operator.dev/rotate";
+
+/// The rotate annotation's current value.
+pub fn rotation_token(thing: &Thing) -> Option<String> {
+    thing.annotations().get(ROTATE_ANNOTATION).cloned()
+}
 
 /// Why a rotation is due now, if it is.
 pub fn rotation_due(
