@@ -3,12 +3,15 @@
 //!
 //! - [`error`]: how a backend's failure reaches the controller ([`BackendError`], [`ProviderError`]);
 //! - `status`: what every backend writes into a Thing's status the same way;
-//! - [`aws`], [`mosquitto`]: one folder per backend, split by job.
+//! - [`aws`], [`mosquitto`]: one folder per backend, split by job;
+//! - `debug` (tests only): a backend that records calls, for the reconciler tests.
 //!
 //! A backend may use `api`, `credentials`, `feed`, `failpoints`, `metrics`, `mqtt` and `config`,
 //! never the controller or the event tasks: they reach it through this module's types only.
 
 pub mod aws;
+#[cfg(test)]
+pub mod debug;
 pub mod error;
 pub mod mosquitto;
 mod status;
