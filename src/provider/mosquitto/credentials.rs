@@ -3,7 +3,7 @@
 //! certificate from the operator's CA whose key is generated here and only ever written into
 //! the Secret. The layout of the Secret is `credentials::codec`'s [`LoginSecret`].
 
-use chrono::{Duration, Utc};
+use chrono::{DateTime, Duration, Utc};
 use rand::Rng;
 
 use super::{MosquittoProvider, error::MosquittoError};
@@ -22,6 +22,19 @@ const PASSWORD_CHARS: usize = 32;
 /// Validity of a device certificate; it is renewed in its last [`CERT_RENEW_DAYS`] days.
 const CERT_VALIDITY_DAYS: i64 = 365;
 const CERT_RENEW_DAYS: i64 = 30;
+
+/// Whether a certificate valid until `not_after` may stay: it is not in its last
+/// [`CERT_RENEW_DAYS`] days (an unreadable validity counts as expired) and `rotateAfter` has
+/// not made it due.
+fn keeps(
+    not_after: Option<DateTime<Utc>>,
+    rotation_due: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> bool {
+    let fresh = not_after.is_some_and(|na| na - now > Duration::days(CERT_RENEW_DAYS));
+    let due = rotation_due.is_some_and(|due| now >= due);
+    fresh && !due
+}
 
 fn generate_password() -> String {
     rand::rng()
@@ -103,11 +116,9 @@ impl MosquittoProvider {
         if let Some((cert, key)) = current {
             let info = pki::inspect_certificate(&cert).ok();
             let not_after = info.as_ref().and_then(|i| i.not_after);
-            let fresh = not_after.is_some_and(|na| na - now > Duration::days(CERT_RENEW_DAYS));
-            let due = issued_at
-                .and_then(|at| req.thing.spec.credentials.rotation_due_at(at))
-                .is_some_and(|due| now >= due);
-            if fresh && !due {
+            let rotation_due =
+                issued_at.and_then(|at| req.thing.spec.credentials.rotation_due_at(at));
+            if keeps(not_after, rotation_due, now) {
                 let creds = status.credentials.get_or_insert_with(Default::default);
                 creds.not_after = not_after;
                 if creds.issued_at.is_none() {
@@ -124,5 +135,32 @@ impl MosquittoProvider {
         creds.issued_at = Some(now);
         creds.not_after = Some(issued.not_after);
         Ok((issued.certificate_pem, issued.private_key_pem))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_stays_until_its_renewal_window_or_its_rotation() {
+        let now = Utc::now();
+        let days = |d| Some(now + Duration::days(d));
+        // (not_after, rotation due, keeps)
+        let cases = [
+            (days(200), None, true),
+            (days(31), None, true),
+            (days(30), None, false),
+            (days(-1), None, false),
+            (None, None, false),
+            (days(200), days(1), true),
+            (days(200), Some(now), false),
+            (days(200), days(-1), false),
+        ];
+        for (not_after, due, want) in cases {
+            assert_eq!(keeps(not_after, due, now), want, "{not_after:?} {due:?}");
+        }
+        assert_eq!(generate_password().len(), PASSWORD_CHARS);
+        assert_ne!(generate_password(), generate_password());
     }
 }
