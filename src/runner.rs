@@ -229,6 +229,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         poll_interval: args.poll_interval,
         concurrency: args.concurrency,
         watch_namespace: args.watch_namespace.clone(),
+        limits: args.limits.spec_limits(),
     };
     let ctx = Arc::new(Context::new(ContextParts {
         recorder: Recorder::new(client.clone(), reporter),

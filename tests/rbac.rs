@@ -26,7 +26,11 @@ async fn the_operator_account_cannot_list_watch_or_delete_secrets() {
         "list secrets must be refused"
     );
     assert!(
-        is_forbidden(Api::<Secret>::all(operator).list(&ListParams::default()).await),
+        is_forbidden(
+            Api::<Secret>::all(operator)
+                .list(&ListParams::default())
+                .await
+        ),
         "cluster-wide list secrets must be refused"
     );
     assert!(
