@@ -215,12 +215,7 @@ impl IotProvider for AwsProvider {
                 );
         }
 
-        let shadow_name = req
-            .thing
-            .spec
-            .shadow
-            .as_ref()
-            .and_then(|s| s.name.as_deref());
+        let shadow_name = shadow_name(req);
         match shadow::sync(
             &self.clients,
             &thing_name,
@@ -276,12 +271,7 @@ impl IotProvider for AwsProvider {
             )
             .cloned()
             .collect();
-        let shadow_name = req
-            .thing
-            .spec
-            .shadow
-            .as_ref()
-            .and_then(|s| s.name.as_deref());
+        let shadow_name = shadow_name(req);
         teardown::teardown(&ctx, &recorded, shadow_name, &mut outcome.notices).await?;
         self.checks
             .lock()
@@ -289,4 +279,13 @@ impl IotProvider for AwsProvider {
             .remove(&req.key());
         Ok(())
     }
+}
+
+/// The named shadow the spec asks for; `None`: the classic one.
+fn shadow_name<'a>(req: &DeviceRequest<'a>) -> Option<&'a str> {
+    req.thing
+        .spec
+        .shadow
+        .as_ref()
+        .and_then(|s| s.name.as_deref())
 }

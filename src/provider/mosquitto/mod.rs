@@ -60,4 +60,10 @@ impl MosquittoProvider {
     pub fn layout(&self) -> &TopicLayout {
         &self.config.layout
     }
+
+    /// Counts one backend call (a whole provisioning or cleanup) by outcome.
+    fn count_call<T, E>(&self, operation: &str, result: &Result<T, E>) {
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.count_backend_call(BACKEND, operation, outcome);
+    }
 }

@@ -4,7 +4,7 @@
 //! device cannot read.
 
 use super::{
-    BACKEND, MosquittoProvider,
+    MosquittoProvider,
     dynsec::{Acl, ClientSpec},
     error::MosquittoError,
     naming::{owner_mark, role_name},
@@ -80,11 +80,7 @@ impl MosquittoProvider {
                 .map_err(MosquittoError::dynsec("ensureClient"))
         }
         .await;
-        self.metrics.count_backend_call(
-            BACKEND,
-            "provision",
-            if result.is_ok() { "ok" } else { "error" },
-        );
+        self.count_call("provision", &result);
         let created = result.map_err(|e| record_failure(status, types::PROVISIONED, e))?;
         step!("mosquitto-after-client-created");
         if created {

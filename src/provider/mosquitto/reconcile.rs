@@ -14,7 +14,7 @@ use kube::ResourceExt;
 use rumqttc::QoS;
 
 use super::{
-    BACKEND, MosquittoProvider,
+    MosquittoProvider,
     dynsec::DynsecError,
     error::MosquittoError,
     naming::{owner_mark, role_name},
@@ -188,11 +188,7 @@ impl MosquittoProvider {
                 .map_err(MosquittoError::dynsec("deleteRole"))
         }
         .await;
-        self.metrics.count_backend_call(
-            BACKEND,
-            "cleanup",
-            if result.is_ok() { "ok" } else { "error" },
-        );
+        self.count_call("cleanup", &result);
         result?;
         self.registry.lock().remove(&req.key());
         self.feed.thing_removed(req.namespace, req.name);
