@@ -2,7 +2,8 @@
 //!
 //! Written with server-side apply, owned by its Thing (controller ownerReference), so Kubernetes
 //! garbage-collects it with the Thing. Its contents never reach logs: errors name the Secret,
-//! never its data.
+//! never its data. What the keys hold is [`super::codec`]'s business; this module only moves
+//! the bytes.
 
 use std::collections::BTreeMap;
 
@@ -16,29 +17,36 @@ use kube::{
     api::{Patch, PatchParams},
 };
 
-use crate::{api::Thing, provider::BackendFailure};
-
-/// Key names inside the device Secret, chosen to be mountable as-is.
-pub mod keys {
-    /// PEM device certificate.
-    pub const CERTIFICATE: &str = "tls.crt";
-    /// PEM private key.
-    pub const PRIVATE_KEY: &str = "tls.key";
-    /// PEM root CA(s) of the server the device connects to.
-    pub const CA: &str = "ca.crt";
-    /// Host (and port) of the MQTT endpoint.
-    pub const ENDPOINT: &str = "endpoint";
-    pub const THING_NAME: &str = "thingName";
-    pub const CLIENT_ID: &str = "clientId";
-    pub const USERNAME: &str = "username";
-    pub const PASSWORD: &str = "password";
-    /// Id of the certificate in `tls.crt` as the backend knows it.
-    pub const CERTIFICATE_ID: &str = "certificateId";
-}
+use super::codec::SecretData;
+use crate::api::Thing;
 
 /// Label put on every device Secret, naming its Thing.
 pub const THING_LABEL: &str = "iot.thing-operator.dev/thing";
 const FIELD_MANAGER: &str = "thing-operator";
+
+/// Reading or writing a device Secret failed. The Kubernetes error is kept as the source; the
+/// message names the Secret only.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("reading the device Secret {name}")]
+    Read {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("writing the device Secret {name}")]
+    Write {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("encoding the device Secret {name}")]
+    Encode {
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
 
 #[derive(Clone)]
 pub struct DeviceSecret {
@@ -63,10 +71,14 @@ impl DeviceSecret {
     }
 
     /// The Secret's data, or `None` when it does not exist.
-    pub async fn read(&self) -> Result<Option<BTreeMap<String, Vec<u8>>>, BackendFailure> {
-        let secret =
-            self.api.get_opt(&self.name).await.map_err(|e| {
-                BackendFailure::Secret(format!("reading Secret {}: {}", self.name, e))
+    pub async fn read(&self) -> Result<Option<SecretData>, SecretError> {
+        let secret = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|source| SecretError::Read {
+                name: self.name.clone(),
+                source,
             })?;
         Ok(secret.map(|s| {
             s.data
@@ -77,14 +89,8 @@ impl DeviceSecret {
         }))
     }
 
-    /// One key as UTF-8 text.
-    pub fn text(data: &BTreeMap<String, Vec<u8>>, key: &str) -> Option<String> {
-        data.get(key)
-            .and_then(|v| String::from_utf8(v.clone()).ok())
-    }
-
     /// Replaces the Secret's data with `data` (server-side apply; keys not given are removed).
-    pub async fn write(&self, data: BTreeMap<String, Vec<u8>>) -> Result<(), BackendFailure> {
+    pub async fn write(&self, data: SecretData) -> Result<(), SecretError> {
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
@@ -102,8 +108,10 @@ impl DeviceSecret {
             data: Some(data.into_iter().map(|(k, v)| (k, ByteString(v))).collect()),
             ..Secret::default()
         };
-        let mut value = serde_json::to_value(&secret)
-            .map_err(|e| BackendFailure::Secret(format!("encoding Secret {}: {}", self.name, e)))?;
+        let mut value = serde_json::to_value(&secret).map_err(|source| SecretError::Encode {
+            name: self.name.clone(),
+            source,
+        })?;
         if let Some(obj) = value.as_object_mut() {
             obj.insert("apiVersion".into(), "v1".into());
             obj.insert("kind".into(), "Secret".into());
@@ -115,7 +123,10 @@ impl DeviceSecret {
                 &Patch::Apply(value),
             )
             .await
-            .map_err(|e| BackendFailure::Secret(format!("writing Secret {}: {}", self.name, e)))?;
+            .map_err(|source| SecretError::Write {
+                name: self.name.clone(),
+                source,
+            })?;
         Ok(())
     }
 }
