@@ -12,16 +12,16 @@
 //! MQTT client, a [`ReportedStateWriter`](crate::feed::ReportedStateWriter)); it imports no
 //! backend, controller or runner code.
 
-pub mod bus;
-pub mod cloud_event;
-pub mod desired;
-pub mod filter;
-pub mod json;
-pub mod mqtt;
-pub mod observers;
-pub mod sink;
+mod bus;
+mod cloud_event;
+mod desired;
+mod filter;
+mod json;
+mod mqtt;
+mod observers;
+mod sink;
 pub mod subscribers;
-pub mod tasks;
+mod tasks;
 
 pub use bus::StateBus;
 pub use observers::ObserverManager;

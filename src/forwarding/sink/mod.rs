@@ -2,7 +2,7 @@
 //! CloudEvent), or another Thing's desired state. Built once per task from the spec (reading
 //! what the spec refers to, such as a header Secret), then used for every delivery.
 
-pub mod http;
+mod http;
 
 use kube::{Api, Client};
 use rumqttc::{AsyncClient, QoS};

@@ -6,11 +6,11 @@
 //! coalesces and paces writes; [`write`] puts them into the target Thing. The
 //! [`SubscriberManager`] here starts and stops tasks and keeps the routes in step with them.
 
-pub mod auth;
+mod auth;
 pub mod message;
-pub mod routes;
-pub mod task;
-pub mod write;
+mod routes;
+mod task;
+mod write;
 
 use std::sync::{
     Arc,
@@ -22,7 +22,9 @@ use rumqttc::AsyncClient;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-pub use message::{DEFAULT_MAX_MESSAGE, Inbound, Rejection};
+pub use message::Rejection;
+
+use message::Inbound;
 
 use self::{
     auth::read_token,
