@@ -21,7 +21,10 @@ use super::{
     tasks::{TaskRegistry, write_task_status},
 };
 use crate::{
-    api::{Observer, ThingUpdate, object_key, observer::ObserverSpec},
+    api::{
+        Observer, ThingUpdate, object_key,
+        observer::{ObserverSpec, StateSection},
+    },
     metrics::Metrics,
 };
 
@@ -164,18 +167,15 @@ impl ObserverTask {
         }
     }
 
+    /// Delivers with up to [`MAX_ATTEMPTS`] tries, backing off with jitter so that many
+    /// Observers of one failing sink do not retry in step.
     async fn deliver(
         &mut self,
         sink: &Sink,
         update: &ThingUpdate,
+        section: StateSection,
         data: &Value,
     ) -> Result<(), DeliveryError> {
-        let section = self
-            .spec
-            .filter
-            .as_ref()
-            .map(|f| f.section)
-            .unwrap_or_default();
         let mut delay = Duration::from_millis(200);
         let mut attempt = 1;
         loop {
@@ -206,7 +206,7 @@ impl ObserverTask {
             return;
         };
         let observer = object_key(&self.namespace, &self.name);
-        match self.deliver(sink, update, &data).await {
+        match self.deliver(sink, update, section, &data).await {
             Ok(()) => {
                 self.memory.insert(update.name.clone(), memory);
                 self.forwarded += 1;
