@@ -91,9 +91,45 @@ pub struct RunArgs {
     pub status_write_interval: Duration,
 
     #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
     pub aws: AwsArgs,
     #[command(flatten)]
     pub mqtt: MqttArgs,
+}
+
+/// What a spec may ask for beyond the schema. Each interval is a rate of billed backend calls or
+/// certificate issuance shared by every namespace, so a spec may not go below these floors.
+#[derive(Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// Shortest `spec.shadow.pollInterval` accepted.
+    #[arg(long, env = "THING_OPERATOR_MIN_POLL_INTERVAL", value_parser = parse_duration, default_value = "10s")]
+    pub min_poll_interval: Duration,
+    /// Shortest `spec.credentials.rotateAfter` accepted.
+    #[arg(long, env = "THING_OPERATOR_MIN_ROTATE_AFTER", value_parser = parse_duration, default_value = "1h")]
+    pub min_rotate_after: Duration,
+    /// Shortest `spec.credentials.rotationOverlap` accepted.
+    #[arg(long, env = "THING_OPERATOR_MIN_ROTATION_OVERLAP", value_parser = parse_duration, default_value = "1m")]
+    pub min_rotation_overlap: Duration,
+    /// Let AWS policy templates allow any action on any resource. Off: only iot: actions on the
+    /// Thing's own client, thing, topics and shadow.
+    #[arg(
+        long,
+        env = "THING_OPERATOR_UNRESTRICTED_POLICIES",
+        default_value_t = false
+    )]
+    pub unrestricted_policies: bool,
+}
+
+impl LimitArgs {
+    pub fn spec_limits(&self) -> crate::api::validation::SpecLimits {
+        crate::api::validation::SpecLimits {
+            min_poll_interval: self.min_poll_interval,
+            min_rotate_after: self.min_rotate_after,
+            min_rotation_overlap: self.min_rotation_overlap,
+            unrestricted_policies: self.unrestricted_policies,
+        }
+    }
 }
 
 /// AWS IoT Core backend. Enabled when a region is known (flag, AWS_REGION or profile).

@@ -86,6 +86,7 @@ impl Operator {
             "1s",
         ])
         .args(["--resync-interval", "2s", "--aws-orphan-grace", "2s"])
+        .args(["--min-poll-interval", "1s", "--min-rotation-overlap", "1s"])
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("KUBECONFIG", env.var("OPERATOR_KUBECONFIG"))

@@ -79,6 +79,11 @@ pub fn start_operator(
         "2s",
         "--aws-orphan-grace",
         "2s",
+        // The tests poll and rotate fast; production floors are 10s and 1m.
+        "--min-poll-interval",
+        "1s",
+        "--min-rotation-overlap",
+        "1s",
     ];
     args.extend_from_slice(extra_args);
     let mut envs = aws_env();
