@@ -64,3 +64,14 @@ pub enum ReportError {
     #[error("{0}")]
     Failed(String),
 }
+
+/// Without a writer nothing takes reported state: every write is refused for good, so a
+/// Subscriber says why instead of retrying.
+#[async_trait::async_trait]
+impl ReportedStateWriter for NoFeed {
+    async fn write_reported(&self, _: &Thing, _: &Value) -> Result<(), ReportError> {
+        Err(ReportError::Unsupported(
+            "no backend takes reported state in this process".into(),
+        ))
+    }
+}
