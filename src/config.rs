@@ -196,6 +196,16 @@ pub struct MqttArgs {
         default_value = "things"
     )]
     pub topic_prefix: String,
+    /// Extra topic prefix a namespace's Observers and Subscribers may use besides its own
+    /// subtree `{prefix}/namespaces/{namespace}/`, as `namespace=prefix` (repeatable), e.g. for a
+    /// bridge or a shared feed.
+    #[arg(
+        long = "mqtt-topic-grant",
+        env = "THING_OPERATOR_MQTT_TOPIC_GRANTS",
+        value_delimiter = ',',
+        value_parser = parse_topic_grant
+    )]
+    pub topic_grants: Vec<(String, String)>,
     /// `host:port` of the broker's mTLS listener (`require_certificate` and
     /// `use_identity_as_username`). When set, every Mosquitto device also gets a certificate
     /// from the operator's device CA, next to its password.
@@ -212,4 +222,39 @@ pub struct MqttArgs {
         default_value = "thing-operator-ca"
     )]
     pub ca_secret: String,
+}
+
+/// `namespace=prefix`, as `--mqtt-topic-grant` takes it.
+fn parse_topic_grant(s: &str) -> Result<(String, String), String> {
+    let (namespace, prefix) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not namespace=prefix"))?;
+    let prefix = prefix.trim_end_matches('/');
+    if namespace.is_empty()
+        || prefix.is_empty()
+        || prefix.starts_with('$')
+        || prefix.contains(['+', '#'])
+    {
+        return Err(format!(
+            "{s:?}: needs a namespace and a literal topic prefix (no wildcards, no $-topics)"
+        ));
+    }
+    Ok((namespace.to_string(), prefix.to_string()))
+}
+
+impl MqttArgs {
+    /// Where Observers and Subscribers of each namespace may publish and subscribe.
+    pub fn topic_scope(&self) -> crate::api::validation::TopicScope {
+        let mut grants = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for (namespace, prefix) in &self.topic_grants {
+            grants
+                .entry(namespace.clone())
+                .or_default()
+                .push(prefix.clone());
+        }
+        crate::api::validation::TopicScope {
+            prefix: self.topic_prefix.clone(),
+            grants,
+        }
+    }
 }

@@ -233,6 +233,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         watch_namespace: args.watch_namespace.clone(),
         limits: args.limits.spec_limits(),
+        topics: args.mqtt.topic_scope(),
     };
     let ctx = Arc::new(Context::new(ContextParts {
         recorder: Recorder::new(client.clone(), reporter),

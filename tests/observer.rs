@@ -219,7 +219,7 @@ async fn thing_sink_mirrors_state_and_unconfigured_mqtt_sink_is_reported() {
                 "to-mqtt",
                 json!({
                     "source": {"matchLabels": {"room": "kitchen"}},
-                    "sink": {"mqtt": {"topic": "alerts/kitchen"}},
+                    "sink": {"mqtt": {"topic": format!("things/namespaces/{ns}/alerts/kitchen")}},
                 }),
             ),
         )
@@ -268,7 +268,7 @@ async fn mqtt_sink_publishes_to_the_broker() {
     op.wait_ready().await;
 
     // A listener on the sink topic, with the broker's admin account.
-    let topic = format!("alerts/{ns}");
+    let topic = format!("t-{ns}/namespaces/{ns}/alerts");
     let mut options = rumqttc::MqttOptions::new(
         format!("listener-{ns}"),
         "127.0.0.1",

@@ -378,7 +378,57 @@ pub fn check_topic_filter(field: &str, filter: &str) -> Option<String> {
     None
 }
 
-pub fn validate_observer(observer: &Observer) -> Result<(), InvalidSpec> {
+/// Where a namespace's Observers and Subscribers may publish and subscribe on the operator's
+/// broker: their namespace's own subtree `{prefix}/namespaces/{namespace}/` (which holds its
+/// Things' topic trees too), plus prefixes the operator's configuration grants to named
+/// namespaces (bridges, shared feeds). `$`-topics (broker internals, the AWS shadow layout) and
+/// other namespaces' subtrees are out of reach.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicScope {
+    pub prefix: String,
+    /// Extra topic prefixes per namespace.
+    pub grants: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl Default for TopicScope {
+    fn default() -> Self {
+        Self {
+            prefix: "things".into(),
+            grants: Default::default(),
+        }
+    }
+}
+
+impl TopicScope {
+    /// The namespace's own subtree, with its trailing `/`.
+    pub fn subtree(&self, namespace: &str) -> String {
+        format!("{}/namespaces/{namespace}/", self.prefix)
+    }
+
+    /// Refuses a topic or filter outside the namespace's reach. A root matches literally, so a
+    /// wildcard can never stand in for the namespace level.
+    pub fn check(&self, field: &str, namespace: &str, topic: &str) -> Option<String> {
+        if topic.starts_with('$') {
+            return Some(format!(
+                "{field} {topic:?}: $-topics are reserved for the broker and the backends"
+            ));
+        }
+        let own = self.subtree(namespace);
+        let granted = self.grants.get(namespace).into_iter().flatten();
+        let inside = std::iter::once(own.as_str())
+            .chain(granted.map(String::as_str))
+            .any(|root| {
+                let root = root.trim_end_matches('/');
+                topic
+                    .strip_prefix(root)
+                    .is_some_and(|rest| rest.starts_with('/') && rest.len() > 1)
+            });
+        (!inside)
+            .then(|| format!("{field} {topic:?} must lie under this namespace's topic tree {own}"))
+    }
+}
+
+pub fn validate_observer(observer: &Observer, topics: &TopicScope) -> Result<(), InvalidSpec> {
     let mut problems = Vec::new();
     cel_problems(observer.validate_cel(), &mut problems);
     let spec = &observer.spec;
@@ -392,6 +442,8 @@ pub fn validate_observer(observer: &Observer) -> Result<(), InvalidSpec> {
     }
     if let Some(m) = &spec.sink.mqtt {
         problems.extend(check_publish_topic("sink.mqtt.topic", &m.topic));
+        let namespace = observer.metadata.namespace.as_deref().unwrap_or_default();
+        problems.extend(topics.check("sink.mqtt.topic", namespace, &m.topic));
         if m.qos > 2 {
             problems.push("sink.mqtt.qos must be 0, 1 or 2".into());
         }
@@ -414,7 +466,10 @@ pub fn validate_observer(observer: &Observer) -> Result<(), InvalidSpec> {
     InvalidSpec::from_problems(problems)
 }
 
-pub fn validate_subscriber(subscriber: &Subscriber) -> Result<(), InvalidSpec> {
+pub fn validate_subscriber(
+    subscriber: &Subscriber,
+    topics: &TopicScope,
+) -> Result<(), InvalidSpec> {
     let mut problems = Vec::new();
     cel_problems(subscriber.validate_cel(), &mut problems);
     let spec = &subscriber.spec;
@@ -423,6 +478,8 @@ pub fn validate_subscriber(subscriber: &Subscriber) -> Result<(), InvalidSpec> {
             "source.mqtt.topicFilter",
             &m.topic_filter,
         ));
+        let namespace = subscriber.metadata.namespace.as_deref().unwrap_or_default();
+        problems.extend(topics.check("source.mqtt.topicFilter", namespace, &m.topic_filter));
         if m.qos > 2 {
             problems.push("source.mqtt.qos must be 0, 1 or 2".into());
         }
@@ -627,7 +684,7 @@ mod tests {
             "sink": {"mqtt": {"topic": "t"}, "http": {"url": "http://x"}}
         }))
         .unwrap();
-        let err = validate_observer(&Observer::new("o", spec)).unwrap_err();
+        let err = validate_observer(&Observer::new("o", spec), &TopicScope::default()).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("exactly one of thingName or matchLabels"),
@@ -647,8 +704,46 @@ mod tests {
             "target": {"thingName": "t", "path": "nope"}
         }))
         .unwrap();
-        let err = validate_subscriber(&Subscriber::new("s", spec)).unwrap_err();
-        assert_eq!(err.problems.len(), 2, "{err}");
+        let err =
+            validate_subscriber(&Subscriber::new("s", spec), &TopicScope::default()).unwrap_err();
+        // Bad filter grammar, outside the namespace, bad pointer.
+        assert_eq!(err.problems.len(), 3, "{err}");
+    }
+
+    #[test]
+    fn topics_stay_in_their_namespace() {
+        let scope = TopicScope {
+            prefix: "things".into(),
+            grants: [("bridge".to_string(), vec!["feeds/shared".to_string()])].into(),
+        };
+        let table = [
+            ("team-a", "things/namespaces/team-a/alerts", true),
+            ("team-a", "things/namespaces/team-a/#", true),
+            ("team-a", "things/namespaces/team-a/things/+/state", true),
+            ("team-a", "things/namespaces/team-b/alerts", false),
+            ("team-a", "things/namespaces/+/alerts", false),
+            ("team-a", "things/namespaces/#", false),
+            ("team-a", "things/#", false),
+            ("team-a", "#", false),
+            ("team-a", "things/namespaces/team-a", false),
+            ("team-a", "things/namespaces/team-a/", false),
+            // A longer namespace name is not this namespace.
+            ("team", "things/namespaces/team-a/alerts", false),
+            ("team-a", "$SYS/#", false),
+            ("team-a", "$aws/things/team-a_lamp/shadow/update", false),
+            ("team-a", "feeds/shared/x", false),
+            ("bridge", "feeds/shared/x", true),
+            ("bridge", "feeds/shared/#", true),
+            ("bridge", "feeds/sharedother/x", false),
+        ];
+        for (namespace, topic, allowed) in table {
+            let refused = scope.check("f", namespace, topic);
+            assert_eq!(
+                refused.is_none(),
+                allowed,
+                "{namespace} {topic}: {refused:?}"
+            );
+        }
     }
 
     #[test]

@@ -12,7 +12,10 @@ use tokio::sync::mpsc;
 
 use super::{backoff::RetryBackoff, status::StatusMemory};
 use crate::{
-    api::{Thing, validation::SpecLimits},
+    api::{
+        Thing,
+        validation::{SpecLimits, TopicScope},
+    },
     feed::StateFeed,
     forwarding::{ObserverManager, SubscriberManager},
     metrics::Metrics,
@@ -28,6 +31,8 @@ pub struct ControllerConfig {
     pub watch_namespace: Option<String>,
     /// What a spec may ask for beyond the schema (interval floors, policy scope).
     pub limits: SpecLimits,
+    /// Where Observers and Subscribers may publish and subscribe.
+    pub topics: TopicScope,
 }
 
 impl Default for ControllerConfig {
@@ -38,6 +43,7 @@ impl Default for ControllerConfig {
             concurrency: 16,
             watch_namespace: None,
             limits: SpecLimits::default(),
+            topics: TopicScope::default(),
         }
     }
 }
