@@ -126,7 +126,8 @@ impl SubscriberManager {
             );
         }
         if let Some(h) = &spec.source.http {
-            self.routes.add_http(&ns, &h.path, token, tx)?;
+            self.routes
+                .add_http(object_key(&ns, &name), &ns, &h.path, token, tx)?;
         }
         let cancel = self.shutdown.child_token();
         let target = TargetWriter {
@@ -150,7 +151,6 @@ impl SubscriberManager {
     pub fn stop(&self, namespace: &str, name: &str) {
         self.tasks.stop(namespace, name);
         self.routes.remove(
-            namespace,
             &object_key(namespace, name),
             self.mqtt.client_for(namespace),
         );

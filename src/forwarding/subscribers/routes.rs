@@ -26,6 +26,8 @@ struct MqttRoute {
 }
 
 struct HttpRoute {
+    /// The Subscriber (`namespace/name`) serving the path.
+    owner: String,
     /// The bearer token callers must present; `None`: open.
     token: Option<String>,
     tx: mpsc::Sender<Inbound>,
@@ -75,10 +77,11 @@ impl Routes {
         );
     }
 
-    /// Serves `namespace`/`path` with a Subscriber's queue, unless a live route of another
-    /// Subscriber has it already.
+    /// Serves `namespace`/`path` with the queue of Subscriber `owner`, unless another
+    /// Subscriber's live route has it already.
     pub fn add_http(
         &self,
+        owner: String,
         namespace: &str,
         path: &str,
         token: Option<String>,
@@ -87,17 +90,18 @@ impl Routes {
         let mut table = self.lock();
         let key = (namespace.to_string(), path.to_string());
         if let Some(existing) = table.http.get(&key)
+            && existing.owner != owner
             && !existing.tx.is_closed()
         {
             return Err(format!("another Subscriber already serves path {path:?}"));
         }
-        table.http.insert(key, HttpRoute { token, tx });
+        table.http.insert(key, HttpRoute { owner, token, tx });
         Ok(())
     }
 
-    /// Drops the MQTT route of Subscriber `key` (unsubscribing `client` from its filter unless
-    /// another route still uses it) and the HTTP routes in `namespace` whose task has ended.
-    pub fn remove(&self, namespace: &str, key: &str, client: Option<&AsyncClient>) {
+    /// Drops the routes of Subscriber `key`, unsubscribing `client` from its MQTT filter unless
+    /// another route still uses it.
+    pub fn remove(&self, key: &str, client: Option<&AsyncClient>) {
         let mut table = self.lock();
         if let Some(route) = table.mqtt.remove(key)
             && let Some(client) = client
@@ -105,10 +109,9 @@ impl Routes {
         {
             let _ = client.try_unsubscribe(route.filter);
         }
-        // HTTP routes are keyed by path, not by Subscriber: the ones whose task is gone go.
-        table
-            .http
-            .retain(|(ns, _), r| !(ns == namespace && r.tx.is_closed()));
+        // By owner, at once: the stopped task may take a moment to end, and meanwhile its path
+        // must neither answer "busy" nor look taken to the Subscriber's next generation.
+        table.http.retain(|_, r| r.owner != key);
     }
 
     /// The queue of the Subscriber serving `namespace`/`path`, if `bearer` may post to it.
@@ -166,20 +169,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_path_is_served_once_per_namespace_and_freed_when_its_task_ends() {
+    fn a_path_is_served_once_per_namespace_and_freed_when_its_subscriber_stops() {
         let routes = Routes::default();
-        let (tx, rx) = mpsc::channel(1);
-        routes.add_http("ns", "door", None, tx.clone()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        routes
+            .add_http("ns/a".into(), "ns", "door", None, tx.clone())
+            .unwrap();
         let (other, _other_rx) = mpsc::channel(1);
-        assert!(routes.add_http("ns", "door", None, other.clone()).is_err());
-        routes.add_http("ns2", "door", None, other.clone()).unwrap();
+        assert!(
+            routes
+                .add_http("ns/b".into(), "ns", "door", None, other.clone())
+                .is_err()
+        );
+        routes
+            .add_http("ns2/b".into(), "ns2", "door", None, other.clone())
+            .unwrap();
         assert!(routes.http_queue("ns", "door", None).is_ok());
         assert_eq!(
             routes.http_queue("ns", "window", None).err(),
             Some(Rejection::NotFound)
         );
+        // The next generation of the same Subscriber takes its path over while the old task
+        // is still running.
+        routes
+            .add_http("ns/a".into(), "ns", "door", None, tx)
+            .unwrap();
+        routes.remove("ns/a", None);
+        assert_eq!(
+            routes.http_queue("ns", "door", None).err(),
+            Some(Rejection::NotFound),
+            "a stopped Subscriber's path is gone at once, not busy"
+        );
+        assert!(routes.http_queue("ns2", "door", None).is_ok());
+        routes
+            .add_http("ns/b".into(), "ns", "door", None, other)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_path_whose_task_ended_is_free() {
+        let routes = Routes::default();
+        let (tx, rx) = mpsc::channel(1);
+        routes
+            .add_http("ns/a".into(), "ns", "door", None, tx)
+            .unwrap();
         drop(rx);
-        routes.add_http("ns", "door", None, other).unwrap();
+        let (other, _other_rx) = mpsc::channel(1);
+        routes
+            .add_http("ns/b".into(), "ns", "door", None, other)
+            .unwrap();
     }
 
     #[test]
@@ -187,7 +225,7 @@ mod tests {
         let routes = Routes::default();
         let (tx, _rx) = mpsc::channel(1);
         routes
-            .add_http("ns", "door", Some("s3cret".into()), tx)
+            .add_http("ns/a".into(), "ns", "door", Some("s3cret".into()), tx)
             .unwrap();
         assert_eq!(
             routes.http_queue("ns", "door", None).err(),
@@ -216,7 +254,7 @@ mod tests {
         assert!(a_rx.try_recv().is_err());
         assert!(b_rx.try_recv().is_ok());
         assert!(b_rx.try_recv().is_ok());
-        routes.remove("ns", "ns/a", None);
+        routes.remove("ns/a", None);
         router.on_message(&client, "meters/m1/kwh", b"{}");
         assert!(a_rx.try_recv().is_err());
         assert!(b_rx.try_recv().is_ok());
