@@ -32,19 +32,23 @@ pub fn set_pointer(target: &mut Value, pointer: &str, value: Value) {
     }
 }
 
-/// Folds the merge patch `newer` into `pending`, a merge patch not yet written (later wins).
+/// Folds the merge patch `newer` into `pending`, a merge patch not yet written, so that writing
+/// `pending` does what writing both in turn would (later wins).
 ///
-/// Where both sides hold an object this is RFC 7386: keys merge, a null removes the key.
-/// Anywhere else `newer` is taken as it is, nulls inside included. That is why this is not
-/// `json_patch::merge`, which turns a null inside a new subtree into nothing: `pending` is
-/// itself sent as a merge patch (to `spec.desired`, or to the shadow), and a null kept there
-/// still deletes that key in the target Thing.
+/// Objects merge key by key, as in RFC 7386, except that a null is kept rather than applied:
+/// `pending` is itself sent as a merge patch (to `spec.desired`, or to the shadow), and the null
+/// must reach the target Thing to delete the key there. Anything else in `newer` replaces what
+/// `pending` has, nulls inside included. That is why this is not `json_patch::merge`, which
+/// applies a patch to a document and so drops every null.
+///
+/// One sequence a single merge patch cannot express: a key deleted and then set to an object in
+/// the same write interval is written as that object merged over the target's old value.
 pub fn coalesce(pending: &mut Value, newer: &Value) {
     match (pending, newer) {
         (Value::Object(pending), Value::Object(newer)) => {
             for (key, value) in newer {
                 if value.is_null() {
-                    pending.remove(key);
+                    pending.insert(key.clone(), Value::Null);
                 } else {
                     coalesce(pending.entry(key.clone()).or_insert(Value::Null), value);
                 }
@@ -72,10 +76,36 @@ mod tests {
     }
 
     #[test]
-    fn coalescing_objects_follows_rfc7386() {
+    fn coalescing_merges_objects_and_keeps_deletions() {
         let mut t = json!({"a": 1, "b": {"c": 2, "d": 3}});
         coalesce(&mut t, &json!({"a": null, "b": {"c": 5}, "e": [1]}));
-        assert_eq!(t, json!({"b": {"c": 5, "d": 3}, "e": [1]}));
+        assert_eq!(t, json!({"a": null, "b": {"c": 5, "d": 3}, "e": [1]}));
+        // A deletion alone, with nothing pending, still reaches the target.
+        let mut t = json!({});
+        coalesce(&mut t, &json!({"gone": null}));
+        assert_eq!(t, json!({"gone": null}));
+        // Set again after the deletion: the later value wins.
+        coalesce(&mut t, &json!({"gone": 7}));
+        assert_eq!(t, json!({"gone": 7}));
+    }
+
+    #[test]
+    fn writing_the_coalesced_patch_equals_writing_each_in_turn() {
+        let target = json!({"a": 1, "b": {"c": 2, "d": 3}, "keep": true});
+        let patches = [
+            json!({"a": 5, "b": {"c": null}}),
+            json!({"a": null, "b": {"e": 1}}),
+            json!({"f": {"g": 1, "h": null}}),
+        ];
+        let mut in_turn = target.clone();
+        let mut pending = json!({});
+        for p in &patches {
+            json_patch::merge(&mut in_turn, p);
+            coalesce(&mut pending, p);
+        }
+        let mut at_once = target;
+        json_patch::merge(&mut at_once, &pending);
+        assert_eq!(at_once, in_turn);
     }
 
     #[test]
