@@ -83,7 +83,7 @@ async fn changed_by_filter_forwards_cloud_events_and_remembers_across_restarts()
     let client = env.admin_client().await;
     let ns = create_namespace(&client, "obs-http").await;
     let (url, received) = http_receiver().await;
-    let mut op = OperatorProcess::start(&env, &ns, &[], &[]);
+    let mut op = OperatorProcess::start(&env, &ns, &["--http-sink-allow-cidr", "127.0.0.0/8"], &[]);
     op.wait_ready().await;
     let things: Api<Thing> = Api::namespaced(client.clone(), &ns);
     let observers: Api<Observer> = Api::namespaced(client.clone(), &ns);
@@ -148,7 +148,7 @@ async fn changed_by_filter_forwards_cloud_events_and_remembers_across_restarts()
     // A crash and a restart: the replayed state (23) and a small move (24) stay filtered,
     // because the memory came back from status; 25.5 passes.
     op.kill();
-    let op = OperatorProcess::start(&env, &ns, &[], &[]);
+    let op = OperatorProcess::start(&env, &ns, &["--http-sink-allow-cidr", "127.0.0.0/8"], &[]);
     op.wait_ready().await;
     set_temp(&things, "t1", 24.0).await;
     set_temp(&things, "t1", 25.5).await;
