@@ -18,7 +18,7 @@ use crate::{
     metrics::Metrics,
     mqtt::topic::TopicLayout,
     provider::ProviderRegistry,
-    rest_broker::StatePublisher,
+    rest_broker::{ShadowUpdateWriter, StatePublisher},
     telemetry,
     wiring::Wiring,
 };
@@ -212,7 +212,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let subscribers = Arc::new(SubscriberManager::new(
         client.clone(),
         events_mqtt.as_ref().map(|(c, _, _)| c.clone()),
-        events_mqtt.as_ref().map(|(_, _, l)| l.clone()),
+        // Reported state goes through the Thing's shadow topic, on the events connection.
+        Arc::new(ShadowUpdateWriter::new(
+            events_mqtt.as_ref().map(|(c, _, l)| (c.clone(), l.clone())),
+        )),
         metrics.clone(),
         shutdown.clone(),
     ));

@@ -204,7 +204,7 @@ pub fn context(provider: Arc<DebugProvider>) -> (Arc<Context>, ApiServer) {
         subscribers: Arc::new(SubscriberManager::new(
             client.clone(),
             None,
-            None,
+            Arc::new(NoFeed),
             metrics.clone(),
             shutdown,
         )),

@@ -1,0 +1,145 @@
+//! The HTTP sink: POSTs an Observer's CloudEvents to a URL its spec names, with headers from an
+//! optional Secret, and tells retryable answers from final ones.
+//!
+//! Kept apart because it is where a user-chosen destination is reached from inside the cluster:
+//! the one place that builds the HTTP client and reads the header Secret, so destination checks
+//! (refusing inward addresses at connect time, not following redirects) and an opt-in for header
+//! Secrets can be added here without touching the other sinks.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+use reqwest::{
+    StatusCode,
+    header::{HeaderMap, HeaderName, HeaderValue},
+};
+use serde_json::Value;
+
+use crate::{api::observer::HttpSink, forwarding::DeliveryError};
+
+/// A request may take this long before it counts as failed (and is retried).
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An HTTP destination, ready to post to.
+pub struct HttpEndpoint {
+    client: reqwest::Client,
+    url: String,
+    headers: HeaderMap,
+}
+
+impl HttpEndpoint {
+    /// Reads the header Secret (in `namespace`) and builds the client for `spec`.
+    pub async fn build(
+        spec: &HttpSink,
+        namespace: &str,
+        kube: &Client,
+    ) -> Result<Self, DeliveryError> {
+        let headers = match &spec.headers_secret {
+            Some(s) => headers_from_secret(kube, namespace, s).await?,
+            None => HeaderMap::new(),
+        };
+        let client = reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .build()
+            .map_err(|e| DeliveryError::permanent(format!("building the HTTP client: {e}")))?;
+        Ok(Self {
+            client,
+            url: spec.url.clone(),
+            headers,
+        })
+    }
+
+    /// POSTs one CloudEvent (structured mode).
+    pub async fn post(&self, event: &Value) -> Result<(), DeliveryError> {
+        let url = &self.url;
+        let resp = self
+            .client
+            .post(url)
+            .headers(self.headers.clone())
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/cloudevents+json; charset=utf-8",
+            )
+            .json(event)
+            .send()
+            .await
+            // Without the URL: reqwest's message would repeat it, and a query may hold a token.
+            .map_err(|e| DeliveryError::retryable(format!("POST {url}: {}", e.without_url())))?;
+        answer(url, resp.status())
+    }
+}
+
+/// What an HTTP answer means: 2xx delivered; 408, 429 and 5xx may pass later; anything else is
+/// the receiver refusing this event, which repeating will not change.
+fn answer(url: &str, code: StatusCode) -> Result<(), DeliveryError> {
+    if code.is_success() {
+        Ok(())
+    } else if code.is_server_error()
+        || code == StatusCode::TOO_MANY_REQUESTS
+        || code == StatusCode::REQUEST_TIMEOUT
+    {
+        Err(DeliveryError::retryable(format!("POST {url}: HTTP {code}")))
+    } else {
+        Err(DeliveryError::permanent(format!("POST {url}: HTTP {code}")))
+    }
+}
+
+/// Reads an Observer's header Secret into request headers: each key a header name. Values are
+/// marked sensitive so they never show in logs or debug output.
+async fn headers_from_secret(
+    client: &Client,
+    namespace: &str,
+    secret: &str,
+) -> Result<HeaderMap, DeliveryError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = api
+        .get(secret)
+        .await
+        .map_err(|e| DeliveryError::retryable(format!("reading header Secret {secret}: {e}")))?;
+    let mut headers = HeaderMap::new();
+    for (key, value) in secret.data.unwrap_or_default() {
+        let name = HeaderName::from_bytes(key.as_bytes()).map_err(|_| {
+            DeliveryError::permanent(format!("header Secret key {key:?} is not a header name"))
+        })?;
+        let mut value = HeaderValue::from_bytes(&value.0).map_err(|_| {
+            DeliveryError::permanent(format!(
+                "header Secret value of {key:?} is not a header value"
+            ))
+        })?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    Ok(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_answers_that_may_change_are_retried() {
+        let u = "http://sink";
+        assert_eq!(answer(u, StatusCode::OK), Ok(()));
+        assert_eq!(answer(u, StatusCode::ACCEPTED), Ok(()));
+        for code in [
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::BAD_GATEWAY,
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::REQUEST_TIMEOUT,
+        ] {
+            assert!(answer(u, code).unwrap_err().retryable, "{code}");
+        }
+        for code in [
+            StatusCode::BAD_REQUEST,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::NOT_FOUND,
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ] {
+            assert!(!answer(u, code).unwrap_err().retryable, "{code}");
+        }
+        // 3xx: reqwest follows redirects itself; one it hands back is not a delivery.
+        assert!(!answer(u, StatusCode::NOT_MODIFIED).unwrap_err().retryable);
+    }
+}
