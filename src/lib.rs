@@ -18,5 +18,6 @@ pub mod provider;
 pub mod rest_broker;
 pub mod runner;
 pub mod telemetry;
+pub mod wiring;
 
 pub use error::{Error, Result};

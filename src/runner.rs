@@ -15,7 +15,9 @@ use crate::{
     metrics::Metrics,
     mqtt::topic::TopicLayout,
     provider::ProviderRegistry,
+    rest_broker::StatePublisher,
     telemetry,
+    wiring::Wiring,
 };
 
 /// Cancels `token` on the first SIGTERM or SIGINT.
@@ -52,7 +54,7 @@ async fn build_providers(
     args: &RunArgs,
     client: &Client,
     metrics: &Arc<Metrics>,
-    trigger: &ThingTrigger,
+    wiring: &Arc<Wiring>,
 ) -> anyhow::Result<ProviderRegistry> {
     let mut registry = ProviderRegistry::default();
     // Mosquitto: on when --mqtt-url is set. Its connection also carries the REST message
@@ -66,10 +68,14 @@ async fn build_providers(
             .context("loading the device CA")?;
         let provider = crate::provider::mosquitto::MosquittoProvider::start(
             config,
-            trigger.clone(),
+            wiring.clone(),
             metrics.clone(),
         )
         .context("starting the Mosquitto backend")?;
+        wiring.install_publisher(StatePublisher::new(
+            provider.mqtt_client(),
+            provider.layout().clone(),
+        ));
         let things: kube::Api<crate::api::Thing> = match &args.watch_namespace {
             Some(ns) => kube::Api::namespaced(client.clone(), ns),
             None => kube::Api::all(client.clone()),
@@ -106,7 +112,7 @@ async fn build_providers(
 fn events_mqtt_connection(
     args: &RunArgs,
 ) -> anyhow::Result<Option<(rumqttc::AsyncClient, rumqttc::EventLoop, TopicLayout)>> {
-    use crate::provider::mosquitto::{MosquittoConfig, connection};
+    use crate::{mqtt::connection, provider::mosquitto::MosquittoConfig};
     let Some(config) = MosquittoConfig::from_args(args)? else {
         return Ok(None);
     };
@@ -186,8 +192,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let bus = StateBus::default();
-    // Mosquitto device reports reach Observers at once, not only through paced status writes.
-    crate::provider::mosquitto::attach_state_bus(bus.clone());
+    let (trigger, trigger_rx) = ThingTrigger::channel();
+    let wiring = Arc::new(Wiring::new(bus.clone(), trigger));
     let observers = ObserverManager::new(
         bus,
         client.clone(),
@@ -210,8 +216,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
-    let (trigger, trigger_rx) = ThingTrigger::channel();
-    let providers = build_providers(&args, &client, &metrics, &trigger).await?;
+    let providers = build_providers(&args, &client, &metrics, &wiring).await?;
     let reporter = Reporter {
         controller: args.controller_name.clone(),
         instance: args.pod_name.clone(),
@@ -228,7 +233,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.clone(),
         providers,
         config,
-        (trigger, trigger_rx),
+        (wiring, trigger_rx),
         (observers, subscribers),
     ));
 

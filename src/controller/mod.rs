@@ -29,6 +29,7 @@ pub use backoff::{RetryBackoff, jittered};
 use crate::{
     api::{Observer, Subscriber, Thing},
     error::Error,
+    feed::StateFeed,
     forwarding::{ObserverManager, SubscriberManager},
     http::Readiness,
     metrics::Metrics,
@@ -65,7 +66,8 @@ pub struct Context {
     pub backoff: RetryBackoff,
     /// Our own last status writes, to skip repeats read from a stale cache.
     pub status_memory: status::StatusMemory,
-    pub thing_trigger: ThingTrigger,
+    /// Where each written Thing state goes (Observers' bus, REST broker), wired by the runner.
+    pub feed: Arc<dyn StateFeed>,
     /// Observer tasks and the state bus they read.
     pub observers: ObserverManager,
     /// Subscriber tasks and their MQTT/HTTP routes.
@@ -80,13 +82,13 @@ impl Context {
         metrics: Arc<Metrics>,
         providers: ProviderRegistry,
         config: ControllerConfig,
-        (thing_trigger, rx): (ThingTrigger, ThingTriggerReceiver),
+        (feed, rx): (Arc<dyn StateFeed>, ThingTriggerReceiver),
         (observers, subscribers): (ObserverManager, Arc<SubscriberManager>),
     ) -> Self {
         Self {
             observers,
             subscribers,
-            thing_trigger,
+            feed,
             thing_trigger_rx: std::sync::Mutex::new(Some(rx.0)),
             recorder: Recorder::new(client.clone(), reporter),
             client,

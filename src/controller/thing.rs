@@ -15,7 +15,7 @@ use kube::{
 use super::{Context, jittered, kube_events, object_key, status::apply_if_changed};
 use crate::{
     api::{
-        Condition, ConditionStatus, FINALIZER, Thing, ThingStatus, ThingUpdate,
+        Condition, ConditionStatus, FINALIZER, Thing, ThingStatus,
         conditions::{reasons, types},
         thing::{DeletionPolicy, summarize},
         validation::{InvalidSpec, validate_thing},
@@ -198,7 +198,7 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
             status.conditions.set(ready_condition(&status), now);
             stamp_generation(&mut status, generation);
             write_and_announce(&thing, ctx, api, &old, &status, &[]).await?;
-            publish_to_observers(ctx, &thing, &status);
+            ctx.feed.thing_state(&thing, &status);
             // Configuration only changes with a restart, which reconciles everything anyway.
             return Ok(Action::await_change());
         }
@@ -225,10 +225,9 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
     stamp_generation(&mut status, generation);
     // The status is written even after an error: identifiers recorded so far must survive.
     write_and_announce(&thing, ctx, api, &old, &status, &outcome.notices).await?;
-    // REST message broker: publish the Thing's state, retained, on its MQTT topic (any backend).
-    // Non-blocking, de-duplicated, and a no-op when no MQTT broker is configured.
-    crate::rest_broker::publisher::publish_thing_state(&thing, &status);
-    publish_to_observers(ctx, &thing, &status);
+    // Observers' state bus and the REST message broker's retained state topic (any backend).
+    // Non-blocking and de-duplicated.
+    ctx.feed.thing_state(&thing, &status);
 
     match result {
         Ok(()) => Ok(Action::requeue(jittered(
@@ -237,13 +236,6 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
         Err(e) if !e.is_retryable() => Ok(Action::await_change()),
         Err(e) => Err(Error::Provider(e)),
     }
-}
-
-/// Hands the Thing's state to the in-memory bus Observers read (a no-op when unchanged).
-fn publish_to_observers(ctx: &Context, thing: &Thing, status: &ThingStatus) {
-    ctx.observers
-        .bus()
-        .publish(ThingUpdate::of_thing(thing, status));
 }
 
 async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {

@@ -4,11 +4,10 @@
 //! from [`StateBus::latest`]: state, not events.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::{Arc, Mutex},
 };
 
-use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 
 pub use crate::api::ThingUpdate;
@@ -82,6 +81,10 @@ impl StateBus {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use chrono::Utc;
+
     use super::*;
 
     fn update(name: &str, temp: i64) -> ThingUpdate {

@@ -31,8 +31,8 @@ use crate::{
         validation::check_document,
     },
     metrics::Metrics,
+    mqtt::connection::Handler,
     mqtt::topic::{TopicLayout, filter_matches},
-    provider::mosquitto::connection::Handler,
 };
 
 /// Pending messages are written to the target at most this often.

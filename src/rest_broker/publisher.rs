@@ -1,15 +1,12 @@
 //! Publishes every Thing's state, retained, on `{thing topic}/state`, whatever its backend: an
 //! MQTT client that subscribes there gets the current state at once and every change after.
 //!
-//! Installed once per process (when an MQTT broker is configured) and called by the Thing
-//! controller after each status write. Publishing never blocks a reconcile: it queues on the
+//! Created by the runner when an MQTT broker is configured and fed through the runner's
+//! `StateFeed` after each status write. Publishing never blocks a reconcile: it queues on the
 //! MQTT client, and drops (with a log line) when the queue is full; the next change or
 //! resync publishes the latest state again, which is all a retained state topic needs.
 
-use std::{
-    collections::HashMap,
-    sync::{Mutex, OnceLock},
-};
+use std::{collections::HashMap, sync::Mutex};
 
 use kube::ResourceExt;
 use rumqttc::{AsyncClient, QoS};
@@ -33,8 +30,6 @@ struct Docs {
     /// False until the broker confirmed the operator may publish; documents wait meanwhile.
     online: bool,
 }
-
-static PUBLISHER: OnceLock<StatePublisher> = OnceLock::new();
 
 /// The state document of a Thing (no secrets: spec.desired and status fields only).
 pub fn state_document(thing: &Thing, status: &ThingStatus) -> Value {
@@ -65,12 +60,8 @@ impl StatePublisher {
         }
     }
 
-    /// Makes this the process-wide publisher; a second call is ignored.
-    pub fn install(self) {
-        let _ = PUBLISHER.set(self);
-    }
-
-    fn publish(&self, thing: &Thing, status: &ThingStatus) {
+    /// Publishes the Thing's state unless this exact document already went out.
+    pub fn publish(&self, thing: &Thing, status: &ThingStatus) {
         let ns = thing.namespace().unwrap_or_default();
         let Ok(topic) = self.layout.thing(&ns, &thing.name_any()) else {
             return;
@@ -104,7 +95,9 @@ impl StatePublisher {
         }
     }
 
-    fn set_online(&self, online: bool) {
+    /// Whether the publisher may publish (the connection is up and authorized); going online
+    /// sends every Thing's latest state again.
+    pub fn set_online(&self, online: bool) {
         let mut docs = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         docs.online = online;
         if online {
@@ -120,7 +113,8 @@ impl StatePublisher {
         }
     }
 
-    fn clear(&self, namespace: &str, name: &str) {
+    /// Removes a deleted Thing's retained state.
+    pub fn clear(&self, namespace: &str, name: &str) {
         let Ok(topic) = self.layout.thing(namespace, name) else {
             return;
         };
@@ -134,27 +128,5 @@ impl StatePublisher {
         let _ = self
             .client
             .try_publish(topic, QoS::AtLeastOnce, true, Vec::new());
-    }
-}
-
-/// Publishes a Thing's state if a publisher is installed (called by the Thing controller).
-pub fn publish_thing_state(thing: &Thing, status: &ThingStatus) {
-    if let Some(p) = PUBLISHER.get() {
-        p.publish(thing, status);
-    }
-}
-
-/// Tells the publisher whether it may publish (the connection is up and authorized); going
-/// online sends every Thing's latest state again.
-pub fn set_online(online: bool) {
-    if let Some(p) = PUBLISHER.get() {
-        p.set_online(online);
-    }
-}
-
-/// Removes a deleted Thing's retained state.
-pub fn clear_thing_state(namespace: &str, name: &str) {
-    if let Some(p) = PUBLISHER.get() {
-        p.clear(namespace, name);
     }
 }

@@ -42,7 +42,9 @@ use crate::{
         validation::parse_duration,
     },
     metrics::Metrics,
-    provider::{BackendFailure, DeviceOutcome, DeviceRequest, IotProvider, ProviderError},
+    provider::{
+        BackendError, BackendFailure, DeviceOutcome, DeviceRequest, IotProvider, ProviderError,
+    },
 };
 
 /// Everything the AWS backend is configured with.
@@ -389,7 +391,7 @@ impl IotProvider for AwsProvider {
             let e = BackendFailure::Rejected(format!(
                 "thingName cannot change after provisioning: provisioned as {recorded}, the spec now gives {thing_name}"
             ));
-            return Err(failed(status, types::PROVISIONED, e));
+            return Err(failed(status, types::PROVISIONED, e).into());
         }
         let policy_name = naming::policy_name(&thing_name);
         let poll = self.poll_interval(req);
@@ -469,7 +471,7 @@ impl IotProvider for AwsProvider {
                 "ShadowInSync",
                 "shadow desired state matches the spec",
             ),
-            Err(e) => return Err(failed(status, types::IN_SYNC, e)),
+            Err(e) => return Err(failed(status, types::IN_SYNC, e).into()),
         }
         // A deadline slightly in the past still waits a moment: no hot loop on a skewed clock.
         let wait = (next - Utc::now())

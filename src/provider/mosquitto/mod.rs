@@ -15,8 +15,6 @@ pub mod dynsec;
 pub mod service;
 pub mod shadow;
 
-pub use service::attach_state_bus;
-
 use std::{
     collections::BTreeMap,
     path::PathBuf,
@@ -37,7 +35,9 @@ use self::{
     service::{Entry, Key, Service, Things},
     shadow::{Limits, Shadow},
 };
-use super::{BackendFailure, DeviceOutcome, DeviceRequest, IotProvider, ProviderError};
+use super::{
+    BackendError, BackendFailure, DeviceOutcome, DeviceRequest, IotProvider, ProviderError,
+};
 use crate::mqtt::connection::{self, BrokerAddress, ConfigError, ConnectionSettings};
 use crate::{
     api::{
@@ -46,15 +46,14 @@ use crate::{
         thing::{Broker, DeviceStatus},
     },
     config::RunArgs,
-    controller::ThingTrigger,
     credentials::{
         DeviceSecret,
         ca::{CaError, OperatorCa},
         keys,
     },
+    feed::StateFeed,
     metrics::Metrics,
     mqtt::topic::{ShadowReply, TopicLayout, aws_shadow_root, check_thing_name},
-    rest_broker::StatePublisher,
 };
 
 const BACKEND: &str = "mosquitto";
@@ -197,7 +196,7 @@ impl MosquittoProvider {
     /// shadow service.
     pub fn start(
         config: MosquittoConfig,
-        trigger: ThingTrigger,
+        feed: Arc<dyn StateFeed>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
         let tls = if config.address.tls {
@@ -236,15 +235,20 @@ impl MosquittoProvider {
         // client whose roles change, so the grant must happen once per broker, not per process
         // or per topic prefix. It adds no privilege: this account administers the broker.
         let on_connect = {
-            let (dynsec, client, username) =
-                (dynsec.clone(), client.clone(), config.username.clone());
+            let (dynsec, client, username, feed) = (
+                dynsec.clone(),
+                client.clone(),
+                config.username.clone(),
+                feed.clone(),
+            );
             move || {
-                crate::rest_broker::publisher::set_online(false);
-                let (dynsec, client, username, status_topic) = (
+                feed.broker_online(false);
+                let (dynsec, client, username, status_topic, feed) = (
                     dynsec.clone(),
                     client.clone(),
                     username.clone(),
                     status_topic.clone(),
+                    feed.clone(),
                 );
                 tokio::spawn(async move {
                     let acls = [
@@ -258,7 +262,7 @@ impl MosquittoProvider {
                     };
                     match granted.await {
                         Ok(()) => {
-                            crate::rest_broker::publisher::set_online(true);
+                            feed.broker_online(true);
                             let _ = client
                                 .publish(status_topic, QoS::AtLeastOnce, true, b"online".to_vec())
                                 .await;
@@ -277,7 +281,7 @@ impl MosquittoProvider {
             limits: config.limits,
             status_interval: config.status_interval,
             things: things.clone(),
-            trigger,
+            feed: feed.clone(),
             dynsec: dynsec.clone(),
             stats: Default::default(),
             on_connect: Box::new(on_connect),
@@ -290,7 +294,6 @@ impl MosquittoProvider {
             service.clone(),
             CancellationToken::new(),
         );
-        StatePublisher::new(client.clone(), config.layout.clone()).install();
         Ok(Self {
             config,
             client,
@@ -345,6 +348,15 @@ impl MosquittoProvider {
     }
 
     /// Accepted and rejected shadow updates so far.
+    /// The operator's connection to the broker, for the REST broker's state publisher.
+    pub fn mqtt_client(&self) -> AsyncClient {
+        self.client.clone()
+    }
+
+    pub fn layout(&self) -> &TopicLayout {
+        &self.config.layout
+    }
+
     pub fn shadow_stats(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (
@@ -482,7 +494,7 @@ impl MosquittoProvider {
     async fn provision(
         &self,
         req: &DeviceRequest<'_>,
-        topic: &crate::rest_broker::ThingTopic,
+        topic: &crate::mqtt::ThingTopic,
         status: &mut ThingStatus,
     ) -> Result<(), BackendFailure> {
         let now = Utc::now();
@@ -615,7 +627,8 @@ impl IotProvider for MosquittoProvider {
         if thing_name == self.config.username {
             return Err(BackendFailure::Rejected(format!(
                 "thing name {thing_name} is the operator's own broker account"
-            )));
+            ))
+            .into());
         }
         let key: Key = (req.namespace.to_string(), req.name.to_string());
         let uid = req.thing.uid().unwrap_or_default();
@@ -646,7 +659,8 @@ impl IotProvider for MosquittoProvider {
                 return Err(BackendFailure::Rejected(format!(
                     "thing name {thing_name} is already used by Thing {}/{}",
                     owner.0, owner.1
-                )));
+                ))
+                .into());
             }
             let reseed = things
                 .by_key
@@ -663,7 +677,7 @@ impl IotProvider for MosquittoProvider {
                 things.by_name.insert(thing_name.clone(), key.clone());
             }
             let Some(entry) = things.by_key.get_mut(&key) else {
-                return Err(BackendFailure::Rejected("shadow vanished".into()));
+                return Err(BackendFailure::Rejected("shadow vanished".into()).into());
             };
             entry.labels = req.thing.labels().clone();
             let changed = entry.shadow.set_desired(desired, now);
@@ -769,7 +783,7 @@ impl IotProvider for MosquittoProvider {
         result?;
         self.lock()
             .remove(&(req.namespace.to_string(), req.name.to_string()));
-        crate::rest_broker::publisher::clear_thing_state(req.namespace, req.name);
+        self.service.feed.thing_removed(req.namespace, req.name);
         Ok(())
     }
 }

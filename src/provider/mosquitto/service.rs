@@ -23,24 +23,16 @@ use super::{
 };
 use crate::mqtt::connection::Handler;
 use crate::{
-    controller::ThingTrigger,
+    api::ThingUpdate,
+    feed::StateFeed,
     mqtt::topic::{ShadowOp, ShadowReply, ShadowRequest, ShadowTarget, TopicLayout},
 };
 
-/// The in-memory state stream Observers read. Set once at start-up by the runner; every
-/// accepted device report goes there at once, while status writes stay paced.
-static STATE_BUS: std::sync::OnceLock<crate::forwarding::StateBus> = std::sync::OnceLock::new();
-
-/// Connects the shadow service to the Observers' state bus (a second call is ignored).
-pub fn attach_state_bus(bus: crate::forwarding::StateBus) {
-    let _ = STATE_BUS.set(bus);
-}
-
-fn publish_to_bus(key: &Key, entry: &Entry, now: DateTime<Utc>) {
-    let Some(bus) = STATE_BUS.get() else { return };
+/// Hands a device's fresh state to the feed at once, while status writes stay paced.
+fn publish_state(feed: &dyn StateFeed, key: &Key, entry: &Entry, now: DateTime<Utc>) {
     let shadow = &entry.shadow;
     let object = |m: Map<String, Value>| (!m.is_empty()).then_some(crate::api::JsonObject(m));
-    bus.publish(crate::forwarding::ThingUpdate {
+    feed.device_state(ThingUpdate {
         namespace: key.0.clone(),
         name: key.1.clone(),
         labels: entry.labels.clone(),
@@ -138,7 +130,7 @@ pub struct Service {
     pub limits: Limits,
     pub status_interval: Duration,
     pub things: Arc<Mutex<Things>>,
-    pub trigger: ThingTrigger,
+    pub feed: Arc<dyn StateFeed>,
     pub dynsec: Arc<Dynsec>,
     pub stats: Stats,
     /// Run after every (re)connect once active, e.g. granting the operator its own ACLs.
@@ -160,7 +152,7 @@ fn pace(
     key: &Key,
     entry: &mut Entry,
     interval: Duration,
-    trigger: &ThingTrigger,
+    feed: &Arc<dyn StateFeed>,
 ) {
     if entry.scheduled {
         return;
@@ -170,7 +162,7 @@ fn pace(
         Some(last) if now.duration_since(last) < interval => {
             entry.scheduled = true;
             let wait = interval - now.duration_since(last);
-            let (things, key, trigger) = (things.clone(), key.clone(), trigger.clone());
+            let (things, key, feed) = (things.clone(), key.clone(), feed.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
                 let mut guard = lock(&things);
@@ -179,14 +171,14 @@ fn pace(
                     e.scheduled = false;
                     e.last_trigger = Some(Instant::now());
                     e.refresh_snapshot();
-                    trigger.request(&key.0, &key.1);
+                    feed.request_reconcile(&key.0, &key.1);
                 }
             });
         }
         _ => {
             entry.last_trigger = Some(now);
             entry.refresh_snapshot();
-            trigger.request(&key.0, &key.1);
+            feed.request_reconcile(&key.0, &key.1);
         }
     }
 }
@@ -242,14 +234,8 @@ impl Service {
                         req.reply_topic(ShadowReply::Documents),
                         &acc.documents,
                     );
-                    publish_to_bus(&key, entry, now);
-                    pace(
-                        &self.things,
-                        &key,
-                        entry,
-                        self.status_interval,
-                        &self.trigger,
-                    );
+                    publish_state(self.feed.as_ref(), &key, entry, now);
+                    pace(&self.things, &key, entry, self.status_interval, &self.feed);
                 }
                 Err(rej) => {
                     self.stats
