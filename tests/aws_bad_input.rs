@@ -51,7 +51,10 @@ async fn invalid_specs_get_invalid_spec_and_no_cloud_call() {
     for (name, spec, _) in &cases {
         // Some rules are also in the CRD schema; the API server may refuse those at admission.
         let _ = api
-            .create(&PostParams::default(), &thing(name).spec(spec.clone()).build())
+            .create(
+                &PostParams::default(),
+                &thing(name).spec(spec.clone()).build(),
+            )
             .await;
     }
     let mut checked = 0;

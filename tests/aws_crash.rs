@@ -11,9 +11,9 @@ mod common;
 
 use aws_support::*;
 use common::{OperatorBuilder, Setup, is_ready, merge_patch, thing};
-use kube::{Api, ResourceExt, api::DeleteParams};
+use kube::{ResourceExt, api::DeleteParams};
 use serde_json::json;
-use thing_operator::{api::Thing, credentials::pki};
+use thing_operator::credentials::pki;
 
 /// The operator with the AWS backend, run from the private copy of the failpoints build (a
 /// concurrent build without the feature would replace the binary under test).
@@ -27,9 +27,7 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let mut op = operator(s)
-        .failpoint(&format!("{step}=return"))
-        .start();
+    let mut op = operator(s).failpoint(&format!("{step}=return")).start();
     op.wait_ready().await;
     action().await;
     op.wait_exit(&format!("operator to crash at {step}"), WAIT)
@@ -203,7 +201,8 @@ async fn crash_during_provisioning_converges_without_orphans() {
             json!({"broker": "AWS", "attributes": {"step": i.to_string()}, "desired": {"n": i}});
         crash_at(&s, step, || async {
             thing(&name).spec(spec).create(&api).await;
-        }).await;
+        })
+        .await;
         let op = clean_operator(&s);
         s.wait_ready(&api, &name).await;
         let id = assert_converged(&s, &name).await;
@@ -239,47 +238,42 @@ async fn crash_during_cloud_issuance_leaves_no_orphan() {
         let spec = json!({"broker": "AWS", "credentials": {"source": "CloudIssued"}});
         crash_at(&s, step, || async {
             thing(&name).spec(spec).create(&api).await;
-        }).await;
+        })
+        .await;
         let op = clean_operator(&s);
         s.wait_ready(&api, &name).await;
         let id = assert_converged(&s, &name).await;
         // Every certificate AWS issued since the start of this round, except the active one, must
         // go once the orphan grace (2s) has passed. The other crash tests issue in-cluster
         // certificates, so "AWS IoT Certificate" subjects are this test's.
-        s.wait_for(
-            &format!("{step}: no unrecorded certificate"),
-            || async {
-                let mut extra = Vec::new();
-                for c in all_certificate_ids(&iot)
-                    .await
-                    .into_iter()
-                    .filter(|c| !before.contains(c) && *c != id)
-                {
-                    let Ok(d) = iot.describe_certificate().certificate_id(&c).send().await else {
-                        continue;
-                    };
-                    let pem = d
-                        .certificate_description()
-                        .and_then(|d| d.certificate_pem())
-                        .unwrap_or_default()
-                        .to_string();
-                    if subject(&pem).contains("AWS IoT Certificate") {
-                        extra.push(c);
-                    }
+        s.wait_for(&format!("{step}: no unrecorded certificate"), || async {
+            let mut extra = Vec::new();
+            for c in all_certificate_ids(&iot)
+                .await
+                .into_iter()
+                .filter(|c| !before.contains(c) && *c != id)
+            {
+                let Ok(d) = iot.describe_certificate().certificate_id(&c).send().await else {
+                    continue;
+                };
+                let pem = d
+                    .certificate_description()
+                    .and_then(|d| d.certificate_pem())
+                    .unwrap_or_default()
+                    .to_string();
+                if subject(&pem).contains("AWS IoT Certificate") {
+                    extra.push(c);
                 }
-                extra.is_empty().then_some(())
-            },
-        )
+            }
+            extra.is_empty().then_some(())
+        })
         .await;
-        s.wait_for(
-            &format!("{step}: orphan bookkeeping cleared"),
-            || async {
-                let secret = secret_data(&s.client, ns, &format!("{name}-device")).await?;
-                (!secret.contains_key("pendingCertificateSince")
-                    && !secret.contains_key("orphanWindow"))
-                .then_some(())
-            },
-        )
+        s.wait_for(&format!("{step}: orphan bookkeeping cleared"), || async {
+            let secret = secret_data(&s.client, ns, &format!("{name}-device")).await?;
+            (!secret.contains_key("pendingCertificateSince")
+                && !secret.contains_key("orphanWindow"))
+            .then_some(())
+        })
         .await;
         drop(op);
     }
@@ -321,17 +315,18 @@ async fn crash_during_rotation_converges_and_revokes_the_old_certificate() {
         .await;
         let op = clean_operator(&s);
         let thing_name = format!("{ns}_{name}");
-        let new = s.wait_for(
-            &format!("{step}: rotated and the old certificate gone"),
-            || async {
-                let t = api.get(&name).await.ok()?;
-                let id = t.status.as_ref()?.device.as_ref()?.certificate_id.clone()?;
-                let ready = is_ready(&t);
-                let gone = cert_status(&iot, &old).await.is_none();
-                (ready && id != old && gone).then_some(id)
-            },
-        )
-        .await;
+        let new = s
+            .wait_for(
+                &format!("{step}: rotated and the old certificate gone"),
+                || async {
+                    let t = api.get(&name).await.ok()?;
+                    let id = t.status.as_ref()?.device.as_ref()?.certificate_id.clone()?;
+                    let ready = is_ready(&t);
+                    let gone = cert_status(&iot, &old).await.is_none();
+                    (ready && id != old && gone).then_some(id)
+                },
+            )
+            .await;
         assert_eq!(assert_converged(&s, &name).await, new);
         assert_eq!(
             certs_named(&iot, &thing_name).await,
@@ -440,8 +435,8 @@ async fn deleted_after_a_crash_before_any_status_write_leaves_no_orphan() {
         .enumerate()
     {
         let name = format!("e{i}");
-        crash_at(&s, step, || {
-            async { thing(&name).broker("AWS").create(&api).await; }
+        crash_at(&s, step, || async {
+            thing(&name).broker("AWS").create(&api).await;
         })
         .await;
         let thing = api.get(&name).await.unwrap();

@@ -144,10 +144,7 @@ async fn reconciling_again_changes_nothing() {
         (reconciles(&op).await >= settle + 2.0).then_some(())
     })
     .await;
-    let before = (
-        snapshot(&s, "incluster").await,
-        snapshot(&s, "cloud").await,
-    );
+    let before = (snapshot(&s, "incluster").await, snapshot(&s, "cloud").await);
     let (writes, statuses, count) = (
         aws_writes(&op).await,
         status_writes(&op).await,
@@ -172,10 +169,7 @@ async fn reconciling_again_changes_nothing() {
         statuses,
         "an idle reconcile wrote status"
     );
-    let after = (
-        snapshot(&s, "incluster").await,
-        snapshot(&s, "cloud").await,
-    );
+    let after = (snapshot(&s, "incluster").await, snapshot(&s, "cloud").await);
     assert_eq!(before, after);
 
     // A new process knows nothing: it runs full checks and still writes nothing.
@@ -187,10 +181,7 @@ async fn reconciling_again_changes_nothing() {
     .await;
     assert_eq!(aws_writes(&op2).await, 0.0, "a restart wrote to AWS");
     assert_eq!(status_writes(&op2).await, 0.0, "a restart wrote status");
-    let after_restart = (
-        snapshot(&s, "incluster").await,
-        snapshot(&s, "cloud").await,
-    );
+    let after_restart = (snapshot(&s, "incluster").await, snapshot(&s, "cloud").await);
     assert_eq!(before, after_restart);
 
     // CloudIssued teardown leaves nothing behind either.

@@ -149,12 +149,13 @@ async fn aws_thing_full_lifecycle() {
         .send()
         .await
         .unwrap();
-    let t = s.wait_for("reported state in status", || async {
-        let t = api.get("pump").await.ok()?;
-        let s = t.status.clone()?;
-        (s.reported.as_ref()?.0.get("temp")? == &json!(24)).then_some(t)
-    })
-    .await;
+    let t = s
+        .wait_for("reported state in status", || async {
+            let t = api.get("pump").await.ok()?;
+            let s = t.status.clone()?;
+            (s.reported.as_ref()?.0.get("temp")? == &json!(24)).then_some(t)
+        })
+        .await;
     let st = t.status.unwrap();
     assert_eq!(st.delta.unwrap().0.get("temp"), Some(&json!(26)));
     assert!(st.version.unwrap() >= 2);
@@ -162,7 +163,12 @@ async fn aws_thing_full_lifecycle() {
     assert_eq!(st.reported_summary.as_deref(), Some(r#"{"temp":24}"#));
 
     // A spec change reaches the shadow.
-    merge_patch(&api, "pump", json!({"spec": {"desired": {"temp": 27}, "attributes": {"model": "rpi5"}}})).await;
+    merge_patch(
+        &api,
+        "pump",
+        json!({"spec": {"desired": {"temp": 27}, "attributes": {"model": "rpi5"}}}),
+    )
+    .await;
     s.wait_for("desired 27 in the shadow", || async {
         let sh = shadow(&data, &thing_name).await?;
         (sh["state"]["desired"] == json!({"temp": 27})).then_some(())
@@ -226,13 +232,19 @@ async fn aws_thing_full_lifecycle() {
     .await;
 
     // Rotation on demand: a new certificate, the Secret follows, the old one is revoked after the overlap.
-    merge_patch(&api, "pump", json!({"metadata": {"annotations": {"iot.thing-operator.dev/rotate": "1"}}})).await;
-    let new_id = s.wait_for("rotated certificate in status", || async {
-        let t = api.get("pump").await.ok()?;
-        let id = t.status.as_ref()?.device.as_ref()?.certificate_id.clone()?;
-        (id != cert_id && is_ready(&t)).then_some(id)
-    })
+    merge_patch(
+        &api,
+        "pump",
+        json!({"metadata": {"annotations": {"iot.thing-operator.dev/rotate": "1"}}}),
+    )
     .await;
+    let new_id = s
+        .wait_for("rotated certificate in status", || async {
+            let t = api.get("pump").await.ok()?;
+            let id = t.status.as_ref()?.device.as_ref()?.certificate_id.clone()?;
+            (id != cert_id && is_ready(&t)).then_some(id)
+        })
+        .await;
     let secret = secret_data(client, ns, "pump-device").await.unwrap();
     assert_eq!(secret["certificateId"], new_id);
     assert!(pki::key_matches_certificate(&secret["tls.key"], &secret["tls.crt"]).unwrap());
@@ -325,7 +337,7 @@ async fn aws_thing_full_lifecycle() {
 #[tokio::test]
 async fn aws_named_shadow_and_policy_template_changes() {
     let s = setup("aws-named").await;
-    let (client, ns) = (&s.client, &s.ns);
+    let ns = &s.ns;
     let op = s.operator().aws().ready().await;
     let iot = iot(&s.env);
     let data = data(&s.env);

@@ -68,14 +68,15 @@ async fn invalid_thing_gets_invalid_spec_and_an_event_and_no_hot_loop() {
     assert!(msg.contains("attribute name \"bad key!\""), "{msg}");
 
     let events: Api<Event> = s.api();
-    let ev = s.wait_for("InvalidSpec event", || async {
-        let list = events.list(&ListParams::default()).await.ok()?;
-        list.items.into_iter().find(|e| {
-            e.reason.as_deref() == Some("InvalidSpec")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("bad")
+    let ev = s
+        .wait_for("InvalidSpec event", || async {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items.into_iter().find(|e| {
+                e.reason.as_deref() == Some("InvalidSpec")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("bad")
+            })
         })
-    })
-    .await;
+        .await;
     assert_eq!(ev.type_.as_deref(), Some("Warning"));
     assert!(ev.note.unwrap_or_default().contains("over the limit"));
 

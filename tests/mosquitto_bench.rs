@@ -34,7 +34,10 @@ async fn bench_mosquitto_shadow_service() {
     let interval = Duration::from_secs(1);
     let s = setup("mq-bench", &["--status-write-interval", "1s"]).await;
     for i in 0..DEVICES {
-        thing(&format!("d{i}")).desired(json!({})).create(&s.things).await;
+        thing(&format!("d{i}"))
+            .desired(json!({}))
+            .create(&s.things)
+            .await;
     }
     let mut devices = Vec::new();
     for i in 0..DEVICES {

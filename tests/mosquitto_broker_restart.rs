@@ -72,8 +72,11 @@ async fn broker_restart_keeps_qos1_reports() {
     operator_online(&mut watcher, &status_topic).await;
     dev.hold(false);
     dev.connected().await;
-    s.wait_until(&s.things, "meter", "reports made during the outage in status", |t| {
-        reported_seq(t) == Some(5)
-    })
+    s.wait_until(
+        &s.things,
+        "meter",
+        "reports made during the outage in status",
+        |t| reported_seq(t) == Some(5),
+    )
     .await;
 }

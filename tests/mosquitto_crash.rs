@@ -35,10 +35,7 @@ async fn crash_after_each_provisioning_step_converges() {
         let ns = &s.ns;
         // The private copy of the failpoints build: a concurrent build without the feature would
         // replace the binary under test with one that never crashes where it is told to.
-        let operator = s
-            .operator()
-            .mqtt(&topic_prefix())
-            .failpoints_binary();
+        let operator = s.operator().mqtt(&topic_prefix()).failpoints_binary();
         let things = s.things();
         let secrets: Api<Secret> = s.api();
         let mut crashing = operator

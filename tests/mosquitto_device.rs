@@ -16,7 +16,10 @@ use mosquitto_support::{Device, DeviceEvent, setup, try_connect};
 #[tokio::test]
 async fn device_reports_gets_delta_and_is_removed_on_delete() {
     let s = setup("mq-device", &["--status-write-interval", "500ms"]).await;
-    thing("lamp").desired(json!({"on": false})).create(&s.things).await;
+    thing("lamp")
+        .desired(json!({"on": false}))
+        .create(&s.things)
+        .await;
     let thing = s.wait_ready(&s.things, "lamp").await;
     let status = thing.status.unwrap();
     let device_status = status.device.unwrap();

@@ -67,7 +67,10 @@ async fn telemetry_storm_keeps_status_writes_bounded() {
     let mut devices = Vec::new();
     for i in 0..THINGS {
         let name = format!("sensor-{i}");
-        thing(&name).desired(json!({"rate": 1})).create(&s.things).await;
+        thing(&name)
+            .desired(json!({"rate": 1}))
+            .create(&s.things)
+            .await;
     }
     for i in 0..THINGS {
         let name = format!("sensor-{i}");
@@ -103,9 +106,12 @@ async fn telemetry_storm_keeps_status_writes_bounded() {
     }
     let publishing = started.elapsed();
     for i in 0..THINGS {
-        s.wait_until(&s.things, &format!("sensor-{i}"), "latest report in status", |t| {
-            reported_seq(t) == Some(REPORTS)
-        })
+        s.wait_until(
+            &s.things,
+            &format!("sensor-{i}"),
+            "latest report in status",
+            |t| reported_seq(t) == Some(REPORTS),
+        )
         .await;
     }
     let landed = started.elapsed();
@@ -146,7 +152,10 @@ async fn telemetry_storm_keeps_status_writes_bounded() {
 #[tokio::test]
 async fn operator_restart_restores_shadows() {
     let mut s = setup("mq-oprestart", &["--status-write-interval", "300ms"]).await;
-    thing("valve").desired(json!({"open": true})).create(&s.things).await;
+    thing("valve")
+        .desired(json!({"open": true}))
+        .create(&s.things)
+        .await;
     s.wait_ready(&s.things, "valve").await;
     let c = s.credentials("valve").await;
     let root = c.aws_root();

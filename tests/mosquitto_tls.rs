@@ -48,7 +48,10 @@ async fn device_connects_with_its_certificate() {
     );
     let endpoint = format!("127.0.0.1:{tls_port}");
     let s = setup("mq-tls", &["--mqtt-device-tls-endpoint", &endpoint]).await;
-    thing("cam").desired(json!({"res": "hd"})).create(&s.things).await;
+    thing("cam")
+        .desired(json!({"res": "hd"}))
+        .create(&s.things)
+        .await;
     let thing = s.wait_ready(&s.things, "cam").await;
     let issued = thing
         .status
@@ -91,12 +94,17 @@ async fn device_connects_with_its_certificate() {
     )
     .await;
     dev.message(&format!("{root}/update/accepted")).await;
-    s.wait_until(&s.things, "cam", "certificate device's report in status", |t| {
-        t.status
-            .as_ref()
-            .and_then(|st| st.reported.as_ref())
-            .is_some_and(|r| r.0.get("res") == Some(&json!("hd")))
-    })
+    s.wait_until(
+        &s.things,
+        "cam",
+        "certificate device's report in status",
+        |t| {
+            t.status
+                .as_ref()
+                .and_then(|st| st.reported.as_ref())
+                .is_some_and(|r| r.0.get("res") == Some(&json!("hd")))
+        },
+    )
     .await;
     drop(dev);
 

@@ -68,7 +68,9 @@ async fn changed_by_filter_forwards_cloud_events_and_remembers_across_restarts()
     let mut op = operator.ready().await;
     let things = s.things();
     let observers: Api<Observer> = s.api();
-    azure_thing("t1", json!({"temp": 20, "mode": "eco"})).create(&things).await;
+    azure_thing("t1", json!({"temp": 20, "mode": "eco"}))
+        .create(&things)
+        .await;
     observers
         .create(
             &PostParams::default(),
@@ -113,8 +115,7 @@ async fn changed_by_filter_forwards_cloud_events_and_remembers_across_restarts()
     // The memory reaches the Observer's status.
     s.wait_for("filter memory in status", || async {
         let st = observers.get("o1").await.ok()?.status?;
-        (st.forwarded == Some(2)
-            && st.last_forwarded?.get("t1")?.0.get("/temp")?.as_f64()? == 23.0)
+        (st.forwarded == Some(2) && st.last_forwarded?.get("t1")?.0.get("/temp")?.as_f64()? == 23.0)
             .then_some(())
     })
     .await;
@@ -122,7 +123,7 @@ async fn changed_by_filter_forwards_cloud_events_and_remembers_across_restarts()
     // A crash and a restart: the replayed state (23) and a small move (24) stay filtered,
     // because the memory came back from status; 25.5 passes.
     op.kill();
-    let op = s.operator().ready().await;
+    let _op = s.operator().ready().await;
     set_temp(&things, "t1", 24.0).await;
     set_temp(&things, "t1", 25.5).await;
     let events = wait_count(&s, &received, 3).await;
@@ -137,12 +138,15 @@ async fn changed_by_filter_forwards_cloud_events_and_remembers_across_restarts()
 #[tokio::test]
 async fn thing_sink_mirrors_state_and_unconfigured_mqtt_sink_is_reported() {
     let s = Setup::new("obs-thing").await;
-    let ns = &s.ns;
     let op = s.operator().ready().await;
     let things = s.things();
     let observers: Api<Observer> = s.api();
-    azure_thing("source", json!({"temp": 18})).create(&things).await;
-    azure_thing("display", json!({"brightness": 3})).create(&things).await;
+    azure_thing("source", json!({"temp": 18}))
+        .create(&things)
+        .await;
+    azure_thing("display", json!({"brightness": 3}))
+        .create(&things)
+        .await;
     observers
         .create(
             &PostParams::default(),
@@ -246,10 +250,11 @@ async fn mqtt_sink_publishes_to_the_broker() {
         )
         .await
         .unwrap();
-    let msg = s.wait_for("MQTT message", || async {
-        got.lock().unwrap().first().cloned()
-    })
-    .await;
+    let msg = s
+        .wait_for("MQTT message", || async {
+            got.lock().unwrap().first().cloned()
+        })
+        .await;
     assert_eq!(msg["data"]["thing"], "lamp");
     assert_eq!(msg["data"]["state"], json!({"on": true}));
     drop(op);

@@ -114,11 +114,12 @@ async fn http_source_writes_desired_and_refuses_bad_input() {
             .then_some(())
     })
     .await;
-    let status = s.wait_for("counters in status", || async {
-        let st = subs.get("feed").await.ok()?.status?;
-        (st.received == Some(1) && st.rejected == Some(3)).then_some(st)
-    })
-    .await;
+    let status = s
+        .wait_for("counters in status", || async {
+            let st = subs.get("feed").await.ok()?.status?;
+            (st.received == Some(1) && st.rejected == Some(3)).then_some(st)
+        })
+        .await;
     // Rejections say why, and never echo the payload.
     let last_error = status.last_error.unwrap_or_default();
     assert!(last_error.contains("over the limit"), "{last_error}");
@@ -191,17 +192,19 @@ async fn mqtt_storm_is_coalesced_and_the_latest_state_lands() {
         .await
         .unwrap();
 
-    let t = s.wait_for("latest state of both sensors", || async {
-        let t = things.get("panel").await.ok()?;
-        let sensors = t.spec.desired.as_ref()?.0.get("sensors")?.clone();
-        (sensors == json!({"a": {"seq": MESSAGES}, "b": {"seq": MESSAGES - 1}})).then_some(t)
-    })
-    .await;
-    let status = s.wait_for("all messages counted", || async {
-        let st = subs.get("sensors").await.ok()?.status?;
-        (st.received == Some(MESSAGES) && st.rejected == Some(1)).then_some(st)
-    })
-    .await;
+    let t = s
+        .wait_for("latest state of both sensors", || async {
+            let t = things.get("panel").await.ok()?;
+            let sensors = t.spec.desired.as_ref()?.0.get("sensors")?.clone();
+            (sensors == json!({"a": {"seq": MESSAGES}, "b": {"seq": MESSAGES - 1}})).then_some(t)
+        })
+        .await;
+    let status = s
+        .wait_for("all messages counted", || async {
+            let st = subs.get("sensors").await.ok()?.status?;
+            (st.received == Some(MESSAGES) && st.rejected == Some(1)).then_some(st)
+        })
+        .await;
     let writes = t.metadata.generation.unwrap() - generation_before;
     assert!(
         (1..=20).contains(&writes),
@@ -251,11 +254,12 @@ async fn reported_target_goes_through_the_mosquitto_shadow() {
     )
     .await;
     assert_eq!(code, 202);
-    let status = s.wait_for("reported state from the Subscriber", || async {
-        let st = things.get("meter").await.ok()?.status?;
-        (st.reported.as_ref()?.0.get("energy")? == &json!(42.5)).then_some(st)
-    })
-    .await;
+    let status = s
+        .wait_for("reported state from the Subscriber", || async {
+            let st = things.get("meter").await.ok()?.status?;
+            (st.reported.as_ref()?.0.get("energy")? == &json!(42.5)).then_some(st)
+        })
+        .await;
     assert!(status.version.unwrap_or(0) >= 1);
     // A Thing whose backend has no shadow here: the Subscriber says why instead of losing data silently.
     assert_eq!(
@@ -269,11 +273,12 @@ async fn reported_target_goes_through_the_mosquitto_shadow() {
         .0,
         202
     );
-    let st = s.wait_for("error on the Subscriber", || async {
-        let st = subs.get("to-cloudy").await.ok()?.status?;
-        (st.rejected == Some(1)).then_some(st)
-    })
-    .await;
+    let st = s
+        .wait_for("error on the Subscriber", || async {
+            let st = subs.get("to-cloudy").await.ok()?.status?;
+            (st.rejected == Some(1)).then_some(st)
+        })
+        .await;
     let err = st.last_error.unwrap_or_default();
     assert!(err.contains("needs a Mosquitto Thing"), "{err}");
     drop(op);

@@ -183,7 +183,13 @@ impl Setup {
     }
 
     /// Waits until the object `name` exists and `check` holds on it; returns it.
-    pub async fn wait_until<K>(&self, api: &Api<K>, name: &str, what: &str, check: impl Fn(&K) -> bool) -> K
+    pub async fn wait_until<K>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        what: &str,
+        check: impl Fn(&K) -> bool,
+    ) -> K
     where
         K: Resource + Clone + DeserializeOwned + fmt::Debug,
     {
@@ -208,7 +214,9 @@ impl Setup {
     {
         let what = format!("condition {type_} of {name}");
         let obj = self
-            .wait_until(api, name, &what, |o| condition(o, type_).is_some_and(|c| accept(&c)))
+            .wait_until(api, name, &what, |o| {
+                condition(o, type_).is_some_and(|c| accept(&c))
+            })
             .await;
         condition(&obj, type_).expect("the condition just seen")
     }
@@ -281,7 +289,11 @@ impl Drop for TestNamespace {
         // Synchronous (Drop cannot await) and bounded (the API server may be the thing that failed).
         let _ = Command::new(&self.kubectl)
             .args(["delete", "namespace", &self.name])
-            .args(["--wait=false", "--ignore-not-found", "--request-timeout=10s"])
+            .args([
+                "--wait=false",
+                "--ignore-not-found",
+                "--request-timeout=10s",
+            ])
             .env("KUBECONFIG", &self.kubeconfig)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -43,7 +43,10 @@ pub fn topic_prefix() -> String {
 pub async fn setup(test: &str, extra_args: &[&str]) -> MosquittoSetup {
     let setup = Setup::new(test).await;
     let prefix = topic_prefix();
-    let builder = setup.operator().mqtt(&prefix).args(extra_args.iter().copied());
+    let builder = setup
+        .operator()
+        .mqtt(&prefix)
+        .args(extra_args.iter().copied());
     let operator = builder.ready().await;
     let things = setup.things();
     MosquittoSetup {
