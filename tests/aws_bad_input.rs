@@ -103,14 +103,6 @@ async fn invalid_specs_get_invalid_spec_and_no_cloud_call() {
     api.delete_collection(&Default::default(), &Default::default())
         .await
         .unwrap();
-    s.wait_for("Things deleted", || async {
-        api.list(&Default::default())
-            .await
-            .ok()?
-            .items
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    s.wait_all_gone(&api).await;
     drop(op);
 }

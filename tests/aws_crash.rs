@@ -60,15 +60,7 @@ async fn delete_all_and_check(s: &Setup) {
     for name in &names {
         api.delete(name, &DeleteParams::default()).await.unwrap();
     }
-    s.wait_for("all Things deleted", || async {
-        api.list(&Default::default())
-            .await
-            .ok()?
-            .items
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    s.wait_all_gone(&api).await;
     drop(op);
     let iot = iot(&s.env);
     let prefix = format!("{ns}_");
@@ -96,24 +88,11 @@ async fn delete_all_and_check(s: &Setup) {
     }
 }
 
-fn subject(pem: &str) -> String {
-    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("PEM");
-    parsed.parse_x509().expect("X.509").subject().to_string()
-}
-
 /// Certificates in moto whose subject names `cn` (in-cluster certificates carry the thing name).
 async fn certs_named(iot: &aws_sdk_iot::Client, cn: &str) -> Vec<String> {
     let mut out = Vec::new();
     for id in all_certificate_ids(iot).await {
-        let Ok(d) = iot.describe_certificate().certificate_id(&id).send().await else {
-            continue;
-        };
-        let pem = d
-            .certificate_description()
-            .and_then(|d| d.certificate_pem())
-            .unwrap_or_default()
-            .to_string();
-        if subject(&pem) == format!("CN={cn}") {
+        if certificate_subject(iot, &id).await == Some(format!("CN={cn}")) {
             out.push(id);
         }
     }
@@ -253,15 +232,10 @@ async fn crash_during_cloud_issuance_leaves_no_orphan() {
                 .into_iter()
                 .filter(|c| !before.contains(c) && *c != id)
             {
-                let Ok(d) = iot.describe_certificate().certificate_id(&c).send().await else {
+                let Some(subject) = certificate_subject(&iot, &c).await else {
                     continue;
                 };
-                let pem = d
-                    .certificate_description()
-                    .and_then(|d| d.certificate_pem())
-                    .unwrap_or_default()
-                    .to_string();
-                if subject(&pem).contains("AWS IoT Certificate") {
+                if subject.contains("AWS IoT Certificate") {
                     extra.push(c);
                 }
             }

@@ -318,38 +318,19 @@ async fn malformed_payloads_are_rejected() {
 /// status still shows the first.
 #[tokio::test]
 async fn observers_see_reports_before_status_does() {
-    use axum::{Json, Router, extract::State, routing::post};
-    use std::sync::{Arc, Mutex};
-    type Received = Arc<Mutex<Vec<serde_json::Value>>>;
-    async fn collect(
-        State(r): State<Received>,
-        Json(body): Json<serde_json::Value>,
-    ) -> &'static str {
-        r.lock().unwrap().push(body);
-        "ok"
-    }
-    let received: Received = Arc::default();
-    let port = common::free_port();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let app = Router::new()
-        .route("/events", post(collect))
-        .with_state(received.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (url, received) = common::http_receiver().await;
 
     let s = setup("mq-observe", &["--status-write-interval", "30s"]).await;
     thing("meter").desired(json!({})).create(&s.things).await;
     s.wait_ready(&s.things, "meter").await;
-    let observers: kube::Api<thing_operator::api::Observer> =
-        kube::Api::namespaced(s.client.clone(), &s.ns);
+    let observers: kube::Api<thing_operator::api::Observer> = s.api();
     let observer: thing_operator::api::Observer = common::resource(
         "Observer",
         "o",
         json!({
             "source": {"thingName": "meter"},
             "filter": {"section": "Reported"},
-            "sink": {"http": {"url": format!("http://127.0.0.1:{port}/events")}},
+            "sink": {"http": {"url": url}},
         }),
     );
     observers

@@ -5,31 +5,10 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use axum::{Json, Router, extract::State, routing::post};
-use common::{Setup, ThingBuilder, free_port, merge_patch, thing};
+use common::{Received, Setup, ThingBuilder, http_receiver, merge_patch, thing};
 use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
 use thing_operator::api::{Observer, Thing};
-
-type Received = Arc<Mutex<Vec<Value>>>;
-
-/// A local HTTP endpoint that records every CloudEvent POSTed to it.
-async fn http_receiver() -> (String, Received) {
-    let received: Received = Arc::default();
-    async fn collect(State(r): State<Received>, Json(body): Json<Value>) -> &'static str {
-        r.lock().unwrap().push(body);
-        "ok"
-    }
-    let port = free_port();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let app = Router::new()
-        .route("/events", post(collect))
-        .with_state(received.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://127.0.0.1:{port}/events"), received)
-}
 
 /// Azure is not configured in these operators: the Thing's desired state still flows to
 /// Observers, and no backend is needed.

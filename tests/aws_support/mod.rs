@@ -139,3 +139,20 @@ pub async fn all_certificate_ids(iot: &aws_sdk_iot::Client) -> Vec<String> {
         .filter_map(|c| c.certificate_id().map(str::to_string))
         .collect()
 }
+
+/// The subject of the certificate `id` in moto (`None` when moto does not describe it).
+pub async fn certificate_subject(iot: &aws_sdk_iot::Client, id: &str) -> Option<String> {
+    let d = iot
+        .describe_certificate()
+        .certificate_id(id)
+        .send()
+        .await
+        .ok()?;
+    let pem = d
+        .certificate_description()
+        .and_then(|d| d.certificate_pem())
+        .unwrap_or_default()
+        .to_string();
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("PEM");
+    Some(parsed.parse_x509().expect("X.509").subject().to_string())
+}

@@ -19,10 +19,11 @@ use std::{
     ops::Deref,
     path::{Path, PathBuf},
     process::{Child, Command},
-    sync::OnceLock,
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
+use axum::{Json, Router, extract::State, routing::post};
 use k8s_openapi::{NamespaceResourceScope, api::core::v1::Namespace};
 use kube::{
     Api, Client, Config, Resource,
@@ -240,6 +241,22 @@ impl Setup {
         })
         .await
     }
+
+    /// Waits until `api` lists no object at all (e.g. after deleting every Thing).
+    pub async fn wait_all_gone<K>(&self, api: &Api<K>)
+    where
+        K: Resource + Clone + DeserializeOwned + fmt::Debug,
+    {
+        wait_for("every object deleted", self.timeout, || async {
+            api.list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        })
+        .await
+    }
 }
 
 /// A namespace of one test. Dropping it asks the API server to delete it (without waiting, and
@@ -401,6 +418,28 @@ where
     api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
         .await
         .unwrap_or_else(|e| panic!("{name} patched: {e}"))
+}
+
+/// What an [`http_receiver`] was sent: every JSON body, in order.
+pub type Received = Arc<Mutex<Vec<Value>>>;
+
+/// A local HTTP endpoint that records every JSON body (an Observer's CloudEvent) POSTed to it;
+/// returns its URL.
+pub async fn http_receiver() -> (String, Received) {
+    async fn collect(State(r): State<Received>, Json(body): Json<Value>) -> &'static str {
+        r.lock().unwrap().push(body);
+        "ok"
+    }
+    let received: Received = Arc::default();
+    let port = free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let app = Router::new()
+        .route("/events", post(collect))
+        .with_state(received.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://127.0.0.1:{port}/events"), received)
 }
 
 pub fn free_port() -> u16 {
