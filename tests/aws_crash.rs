@@ -134,17 +134,8 @@ async fn assert_converged(s: &Setup, name: &str) -> String {
         secret["tls.crt"].trim(),
         "{name}: Secret holds another certificate"
     );
-    let principals = iot
-        .list_thing_principals()
-        .thing_name(&thing_name)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        principals.principals(),
-        std::slice::from_ref(&arn),
-        "{name}: principals"
-    );
+    let principals = thing_principals(&iot, &thing_name).await;
+    assert_eq!(principals, std::slice::from_ref(&arn), "{name}: principals");
     let attached = iot
         .list_attached_policies()
         .target(&arn)

@@ -184,16 +184,8 @@ async fn assert_consistent(s: &Setup, name: &str, status: &ThingStatus) {
     if secret["tls.key"].contains("BEGIN PRIVATE KEY") {
         assert!(pki::key_matches_certificate(&secret["tls.key"], &secret["tls.crt"]).unwrap());
     }
-    let principals = iot
-        .list_thing_principals()
-        .thing_name(dev.thing_name.as_deref().unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        principals.principals(),
-        [dev.certificate_arn.clone().unwrap()]
-    );
+    let principals = thing_principals(&iot, dev.thing_name.as_deref().unwrap()).await;
+    assert_eq!(principals, [dev.certificate_arn.clone().unwrap()]);
 }
 
 #[tokio::test]

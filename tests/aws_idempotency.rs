@@ -76,14 +76,9 @@ async fn snapshot(s: &Setup, name: &str) -> String {
         .send()
         .await
         .unwrap();
-    let principals = iot
-        .list_thing_principals()
-        .thing_name(&thing_name)
-        .send()
-        .await
-        .unwrap();
+    let principals = thing_principals(&iot, &thing_name).await;
     let mut certs = Vec::new();
-    for arn in principals.principals() {
+    for arn in principals {
         let id = arn.rsplit('/').next().unwrap();
         certs.push(format!("{id}={:?}", cert_status(&iot, id).await));
     }

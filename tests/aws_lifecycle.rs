@@ -79,13 +79,8 @@ async fn aws_thing_full_lifecycle() {
     let doc = policy.policy_document().unwrap();
     assert!(doc.contains(&format!("client/{thing_name}")), "{doc}");
     assert!(doc.contains(&format!("topic/things/{ns}/pump/*")), "{doc}");
-    let principals = iot
-        .list_thing_principals()
-        .thing_name(&thing_name)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(principals.principals(), std::slice::from_ref(&cert_arn));
+    let principals = thing_principals(&iot, &thing_name).await;
+    assert_eq!(principals, std::slice::from_ref(&cert_arn));
     let attached = iot
         .list_attached_policies()
         .target(&cert_arn)
@@ -265,13 +260,8 @@ async fn aws_thing_full_lifecycle() {
         .certificate_arn
         .clone()
         .unwrap();
-    let principals = iot
-        .list_thing_principals()
-        .thing_name(&thing_name)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(principals.principals(), std::slice::from_ref(&new_arn));
+    let principals = thing_principals(&iot, &thing_name).await;
+    assert_eq!(principals, std::slice::from_ref(&new_arn));
     assert!(
         events(client, ns)
             .await

@@ -94,6 +94,17 @@ pub async fn policy_exists(iot: &aws_sdk_iot::Client, name: &str) -> bool {
     iot.get_policy().policy_name(name).send().await.is_ok()
 }
 
+/// The principals (certificate ARNs) attached to the thing `thing_name` in moto.
+pub async fn thing_principals(iot: &aws_sdk_iot::Client, thing_name: &str) -> Vec<String> {
+    iot.list_thing_principals()
+        .thing_name(thing_name)
+        .send()
+        .await
+        .expect("list thing principals")
+        .principals()
+        .to_vec()
+}
+
 pub async fn cert_status(iot: &aws_sdk_iot::Client, id: &str) -> Option<String> {
     let out = iot
         .describe_certificate()
