@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use common::{merge_patch, thing};
-use mosquitto_support::{Device, DeviceEvent, setup, try_connect};
+use common::{create_resource, merge_patch, thing};
+use mosquitto_support::{Device, setup, try_connect};
 
 /// A device connects with its Secret, reports, and the status shows it; a desired edit reaches
 /// it as a delta; deleting the Thing removes its broker client.
@@ -49,15 +49,7 @@ async fn device_reports_gets_delta_and_is_removed_on_delete() {
     );
     dev.connected().await;
     // Subscriptions are granted (SUBACK success for all four).
-    let ok = dev
-        .next("SUBACK", |e| {
-            if let DeviceEvent::SubAck(ok) = e {
-                Some(ok.clone())
-            } else {
-                None
-            }
-        })
-        .await;
+    let ok = dev.suback().await;
     assert!(
         ok.iter().all(|b| *b),
         "device may subscribe to its own shadow topics"
@@ -204,15 +196,7 @@ async fn acl_isolation_and_bad_credentials() {
         ],
     );
     dev.connected().await;
-    let acks = dev
-        .next("SUBACK", |e| {
-            if let DeviceEvent::SubAck(ok) = e {
-                Some(ok.clone())
-            } else {
-                None
-            }
-        })
-        .await;
+    let acks = dev.suback().await;
     assert_eq!(acks, vec![false, false, true]);
 
     // Publishing into b's shadow is dropped by the broker: a's own report, sent after it on the
@@ -324,19 +308,16 @@ async fn observers_see_reports_before_status_does() {
     thing("meter").desired(json!({})).create(&s.things).await;
     s.wait_ready(&s.things, "meter").await;
     let observers: kube::Api<thing_operator::api::Observer> = s.api();
-    let observer: thing_operator::api::Observer = common::resource(
-        "Observer",
+    create_resource(
+        &observers,
         "o",
         json!({
             "source": {"thingName": "meter"},
             "filter": {"section": "Reported"},
             "sink": {"http": {"url": url}},
         }),
-    );
-    observers
-        .create(&Default::default(), &observer)
-        .await
-        .unwrap();
+    )
+    .await;
 
     let c = s.credentials("meter").await;
     let root = c.aws_root();

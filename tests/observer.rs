@@ -5,8 +5,8 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{Received, Setup, ThingBuilder, http_receiver, merge_patch, thing};
-use kube::{Api, api::PostParams};
+use common::{Received, Setup, ThingBuilder, create_resource, http_receiver, merge_patch, thing};
+use kube::Api;
 use serde_json::{Value, json};
 use thing_operator::api::{Observer, Thing};
 
@@ -14,10 +14,6 @@ use thing_operator::api::{Observer, Thing};
 /// Observers, and no backend is needed.
 fn azure_thing(name: &str, desired: Value) -> ThingBuilder {
     thing(name).broker("Azure").desired(desired)
-}
-
-fn observer(name: &str, spec: Value) -> Observer {
-    common::resource("Observer", name, spec)
 }
 
 async fn set_temp(api: &Api<Thing>, name: &str, temp: f64) {
@@ -50,20 +46,16 @@ async fn changed_by_filter_forwards_cloud_events_and_remembers_across_restarts()
     azure_thing("t1", json!({"temp": 20, "mode": "eco"}))
         .create(&things)
         .await;
-    observers
-        .create(
-            &PostParams::default(),
-            &observer(
-                "o1",
-                json!({
-                    "source": {"thingName": "t1"},
-                    "filter": {"section": "Desired", "fields": ["/temp"], "changedBy": 2},
-                    "sink": {"http": {"url": url}},
-                }),
-            ),
-        )
-        .await
-        .unwrap();
+    create_resource(
+        &observers,
+        "o1",
+        json!({
+            "source": {"thingName": "t1"},
+            "filter": {"section": "Desired", "fields": ["/temp"], "changedBy": 2},
+            "sink": {"http": {"url": url}},
+        }),
+    )
+    .await;
 
     let events = wait_count(&s, &received, 1).await;
     let first = &events[0];
@@ -126,20 +118,16 @@ async fn thing_sink_mirrors_state_and_unconfigured_mqtt_sink_is_reported() {
     azure_thing("display", json!({"brightness": 3}))
         .create(&things)
         .await;
-    observers
-        .create(
-            &PostParams::default(),
-            &observer(
-                "mirror",
-                json!({
-                    "source": {"thingName": "source"},
-                    "filter": {"section": "Desired"},
-                    "sink": {"thing": {"name": "display", "path": "/kitchen"}},
-                }),
-            ),
-        )
-        .await
-        .unwrap();
+    create_resource(
+        &observers,
+        "mirror",
+        json!({
+            "source": {"thingName": "source"},
+            "filter": {"section": "Desired"},
+            "sink": {"thing": {"name": "display", "path": "/kitchen"}},
+        }),
+    )
+    .await;
     s.wait_for("mirrored desired state", || async {
         let d = things.get("display").await.ok()?.spec.desired?;
         (d.0.get("kitchen")? == &json!({"temp": 18}) && d.0.get("brightness")? == &json!(3))
@@ -153,19 +141,15 @@ async fn thing_sink_mirrors_state_and_unconfigured_mqtt_sink_is_reported() {
     })
     .await;
 
-    observers
-        .create(
-            &PostParams::default(),
-            &observer(
-                "to-mqtt",
-                json!({
-                    "source": {"matchLabels": {"room": "kitchen"}},
-                    "sink": {"mqtt": {"topic": "alerts/kitchen"}},
-                }),
-            ),
-        )
-        .await
-        .unwrap();
+    create_resource(
+        &observers,
+        "to-mqtt",
+        json!({
+            "source": {"matchLabels": {"room": "kitchen"}},
+            "sink": {"mqtt": {"topic": "alerts/kitchen"}},
+        }),
+    )
+    .await;
     let cond = s
         .wait_condition(&observers, "to-mqtt", "Ready", |_| true)
         .await;
@@ -215,20 +199,16 @@ async fn mqtt_sink_publishes_to_the_broker() {
     // Give the listener's subscription a moment to be acknowledged before anything is sent:
     // wait for the operator to have the Thing's state, then create the Observer.
     s.wait_condition(&things, "lamp", "Ready", |_| true).await;
-    observers
-        .create(
-            &PostParams::default(),
-            &observer(
-                "lamp-feed",
-                json!({
-                    "source": {"matchLabels": {"room": "hall"}},
-                    "filter": {"section": "Desired"},
-                    "sink": {"mqtt": {"topic": topic, "retain": true}},
-                }),
-            ),
-        )
-        .await
-        .unwrap();
+    create_resource(
+        &observers,
+        "lamp-feed",
+        json!({
+            "source": {"matchLabels": {"room": "hall"}},
+            "filter": {"section": "Desired"},
+            "sink": {"mqtt": {"topic": topic, "retain": true}},
+        }),
+    )
+    .await;
     let msg = s
         .wait_for("MQTT message", || async {
             got.lock().unwrap().first().cloned()

@@ -5,16 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{OperatorProcess, Setup, thing};
+use common::{OperatorProcess, Setup, create_resource, thing};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
 use thing_operator::api::Subscriber;
-
-fn subscriber(name: &str, spec: Value) -> Subscriber {
-    common::resource("Subscriber", name, spec)
-}
 
 async fn post(op: &OperatorProcess, path: &str, body: &[u8], token: Option<&str>) -> (u16, Value) {
     let mut req = reqwest::Client::new()
@@ -55,19 +51,16 @@ async fn http_source_writes_desired_and_refuses_bad_input() {
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
-    subs.create(
-        &PostParams::default(),
-        &subscriber(
-            "feed",
-            json!({
-                "source": {"http": {"path": "lamp-feed", "tokenSecret": "feed-token"}},
-                "target": {"thingName": "lamp", "field": "Desired", "path": "/schedule"},
-                "maxMessageBytes": 256,
-            }),
-        ),
+    create_resource(
+        &subs,
+        "feed",
+        json!({
+            "source": {"http": {"path": "lamp-feed", "tokenSecret": "feed-token"}},
+            "target": {"thingName": "lamp", "field": "Desired", "path": "/schedule"},
+            "maxMessageBytes": 256,
+        }),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(ready_reason(&s, &subs, "feed").await, "Running");
     let path = format!("/subscribers/{ns}/lamp-feed");
 
@@ -138,18 +131,15 @@ async fn mqtt_storm_is_coalesced_and_the_latest_state_lands() {
         .desired(json!({}))
         .create(&things)
         .await;
-    subs.create(
-        &PostParams::default(),
-        &subscriber(
-            "sensors",
-            json!({
-                "source": {"mqtt": {"topicFilter": format!("sensors/{ns}/+"), "qos": 1}},
-                "target": {"thingName": "panel", "field": "Desired", "path": "/sensors"},
-            }),
-        ),
+    create_resource(
+        &subs,
+        "sensors",
+        json!({
+            "source": {"mqtt": {"topicFilter": format!("sensors/{ns}/+"), "qos": 1}},
+            "target": {"thingName": "panel", "field": "Desired", "path": "/sensors"},
+        }),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(ready_reason(&s, &subs, "sensors").await, "Running");
     let generation_before = things
         .get("panel")
@@ -232,18 +222,15 @@ async fn reported_target_goes_through_the_mosquitto_shadow() {
         ("to-meter", "meter", "meter-in"),
         ("to-cloudy", "cloudy", "cloudy-in"),
     ] {
-        subs.create(
-            &PostParams::default(),
-            &subscriber(
-                name,
-                json!({
-                    "source": {"http": {"path": path}},
-                    "target": {"thingName": target, "field": "Reported"},
-                }),
-            ),
+        create_resource(
+            &subs,
+            name,
+            json!({
+                "source": {"http": {"path": path}},
+                "target": {"thingName": target, "field": "Reported"},
+            }),
         )
-        .await
-        .unwrap();
+        .await;
         assert_eq!(ready_reason(&s, &subs, name).await, "Running");
     }
     let (code, _) = post(

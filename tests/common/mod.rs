@@ -329,6 +329,18 @@ pub fn resource<K: DeserializeOwned>(kind: &str, name: &str, spec: Value) -> K {
     .unwrap_or_else(|e| panic!("invalid {kind} {name}: {e}"))
 }
 
+/// Creates a [`resource`] of `api`'s kind (the test fails if the API server refuses it) and
+/// returns it, e.g. `create_resource(&observers, "o1", json!({..}))`.
+pub async fn create_resource<K>(api: &Api<K>, name: &str, spec: Value) -> K
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + fmt::Debug,
+{
+    let kind = K::kind(&());
+    api.create(&PostParams::default(), &resource(&kind, name, spec))
+        .await
+        .unwrap_or_else(|e| panic!("{kind} {name} created: {e}"))
+}
+
 /// A Thing to build: `thing("lamp").broker("AWS").desired(json!({"on": true})).build()`.
 pub fn thing(name: &str) -> ThingBuilder {
     ThingBuilder {

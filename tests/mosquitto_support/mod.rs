@@ -264,6 +264,15 @@ impl Device {
         .await
     }
 
+    /// The next SUBACK: whether each filter of the subscription was granted.
+    pub async fn suback(&mut self) -> Vec<bool> {
+        self.next("SUBACK", |e| match e {
+            DeviceEvent::SubAck(ok) => Some(ok.clone()),
+            _ => None,
+        })
+        .await
+    }
+
     /// The next message on `topic`, as JSON.
     pub async fn message(&mut self, topic: &str) -> Value {
         let t = topic.to_string();
