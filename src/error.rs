@@ -1,8 +1,6 @@
 //! The operator's error type. Messages never carry secret material: provider errors are built
 //! from status codes and error codes, never from request bodies.
 
-use crate::api::validation::InvalidSpec;
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("kubernetes API: {context}: {source}")]
@@ -13,8 +11,6 @@ pub enum Error {
     },
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
-    #[error("invalid spec: {0}")]
-    InvalidSpec(#[from] InvalidSpec),
     #[error("backend: {0}")]
     Provider(#[from] crate::provider::ProviderError),
     #[error("serialization: {context}: {source}")]
@@ -25,8 +21,6 @@ pub enum Error {
     },
     #[error("object has no {0}")]
     MissingField(&'static str),
-    #[error("configuration: {0}")]
-    Config(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -46,16 +40,19 @@ impl<T> KubeContext<T> for Result<T, kube::Error> {
 }
 
 impl Error {
-    /// A short machine-readable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    /// Why the reconcile failed, for the `reason` label of the failure metric: a backend's
+    /// condition reason, or what part of the operator's own work failed.
+    pub fn reason(&self) -> &'static str {
         match self {
-            Error::Kube { .. } => "kube",
-            Error::Finalizer(_) => "finalizer",
-            Error::InvalidSpec(_) => "invalid_spec",
-            Error::Provider(_) => "provider",
-            Error::Json { .. } => "json",
-            Error::MissingField(_) => "missing_field",
-            Error::Config(_) => "config",
+            Error::Kube { .. } => "KubernetesApi",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.reason(),
+                _ => "Finalizer",
+            },
+            Error::Provider(e) => e.reason(),
+            Error::Json { .. } => "Serialization",
+            Error::MissingField(_) => "MissingField",
         }
     }
 }

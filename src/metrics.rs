@@ -20,6 +20,12 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub kind: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendCallLabels {
     pub backend: String,
     pub operation: String,
@@ -30,6 +36,7 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     pub reconciles: Family<OutcomeLabels, Counter>,
     pub reconcile_seconds: Family<KindLabels, Histogram>,
+    pub reconcile_failures: Family<FailureLabels, Counter>,
     pub status_writes: Family<KindLabels, Counter>,
     pub events: Family<OutcomeLabels, Counter>,
     pub backend_calls: Family<BackendCallLabels, Counter>,
@@ -56,6 +63,12 @@ impl Default for Metrics {
             "reconcile_duration_seconds",
             "Reconcile duration",
             reconcile_seconds.clone(),
+        );
+        let reconcile_failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "reconcile_failures",
+            "Failed reconciles by kind and reason (a condition reason or the failing step)",
+            reconcile_failures.clone(),
         );
         let status_writes = Family::<KindLabels, Counter>::default();
         registry.register(
@@ -85,6 +98,7 @@ impl Default for Metrics {
             registry: Mutex::new(registry),
             reconciles,
             reconcile_seconds,
+            reconcile_failures,
             status_writes,
             events,
             backend_calls,
@@ -118,6 +132,15 @@ impl Metrics {
         self.reconcile_seconds
             .get_or_create(&KindLabels { kind: kind.into() })
             .observe(seconds);
+    }
+
+    pub fn count_failure(&self, kind: &str, reason: &str) {
+        self.reconcile_failures
+            .get_or_create(&FailureLabels {
+                kind: kind.into(),
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     pub fn count_status_write(&self, kind: &str) {

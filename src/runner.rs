@@ -4,12 +4,15 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use kube::{Client, runtime::events::Reporter};
+use kube::{
+    Client,
+    runtime::events::{Recorder, Reporter},
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::RunArgs,
-    controller::{self, Context, ControllerConfig, ThingTrigger},
+    controller::{self, Context, ContextParts, ControllerConfig, ThingTrigger},
     forwarding::{ObserverManager, StateBus, SubscriberManager},
     http::{self, Readiness},
     metrics::Metrics,
@@ -227,15 +230,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         watch_namespace: args.watch_namespace.clone(),
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        reporter,
-        metrics.clone(),
+    let ctx = Arc::new(Context::new(ContextParts {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        metrics: metrics.clone(),
         providers,
         config,
-        (wiring, trigger_rx),
-        (observers, subscribers),
-    ));
+        feed: wiring,
+        thing_triggers: trigger_rx,
+        observers,
+        subscribers,
+    }));
 
     if args.leader_elect {
         // A standby replica is ready (it serves health and metrics, and a rolling update must

@@ -1,136 +1,46 @@
 //! One reconciler per kind, sharing a [`Context`].
+//!
+//! - `context`: what every reconcile shares, built from parts (a test builds it around a mocked
+//!   API server and a fake backend: `fixtures`);
+//! - `instrument`: the span, metrics and error policy around every reconcile;
+//! - `thing`: the Thing reconciler; `ready`: its pure rules (Ready condition, when the Ready
+//!   Event fires, what to requeue);
+//! - `task_kind`: the shared reconciler of the kinds that run in-memory tasks (`observer`,
+//!   `subscriber`);
+//! - `status`, `kube_events`, `backoff`: status writes, Events, retry delays.
 
 mod backoff;
+mod context;
+mod instrument;
 pub mod kube_events;
 mod observer;
+mod ready;
 pub mod status;
 mod subscriber;
 mod task_kind;
 mod thing;
 
-use std::{sync::Arc, time::Duration};
+#[cfg(test)]
+mod fixtures;
+
+use std::sync::Arc;
 
 use futures::StreamExt;
 use kube::{
     Api, Client, Resource,
-    runtime::{
-        Controller,
-        controller::Action,
-        events::{Recorder, Reporter},
-        reflector::ObjectRef,
-        watcher,
-    },
+    runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
 };
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 pub use backoff::{RetryBackoff, jittered};
+pub use context::{Context, ContextParts, ControllerConfig, ThingTrigger, ThingTriggerReceiver};
 
 use crate::{
     api::{Observer, Subscriber, Thing},
     error::Error,
-    feed::StateFeed,
-    forwarding::{ObserverManager, SubscriberManager},
     http::Readiness,
-    metrics::Metrics,
-    provider::ProviderRegistry,
 };
-
-/// Settings the reconcilers read.
-#[derive(Clone, Debug)]
-pub struct ControllerConfig {
-    pub resync_interval: Duration,
-    pub poll_interval: Duration,
-    pub concurrency: u16,
-    pub watch_namespace: Option<String>,
-}
-
-impl Default for ControllerConfig {
-    fn default() -> Self {
-        Self {
-            resync_interval: Duration::from_secs(300),
-            poll_interval: Duration::from_secs(30),
-            concurrency: 16,
-            watch_namespace: None,
-        }
-    }
-}
-
-/// Shared by every reconcile.
-pub struct Context {
-    pub client: Client,
-    pub recorder: Recorder,
-    pub metrics: Arc<Metrics>,
-    pub providers: ProviderRegistry,
-    pub config: ControllerConfig,
-    pub backoff: RetryBackoff,
-    /// Our own last status writes, to skip repeats read from a stale cache.
-    pub status_memory: status::StatusMemory,
-    /// Where each written Thing state goes (Observers' bus, REST broker), wired by the runner.
-    pub feed: Arc<dyn StateFeed>,
-    /// Observer tasks and the state bus they read.
-    pub observers: ObserverManager,
-    /// Subscriber tasks and their MQTT/HTTP routes.
-    pub subscribers: Arc<SubscriberManager>,
-    thing_trigger_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<ObjectRef<Thing>>>>,
-}
-
-impl Context {
-    pub fn new(
-        client: Client,
-        reporter: Reporter,
-        metrics: Arc<Metrics>,
-        providers: ProviderRegistry,
-        config: ControllerConfig,
-        (feed, rx): (Arc<dyn StateFeed>, ThingTriggerReceiver),
-        (observers, subscribers): (ObserverManager, Arc<SubscriberManager>),
-    ) -> Self {
-        Self {
-            observers,
-            subscribers,
-            feed,
-            thing_trigger_rx: std::sync::Mutex::new(Some(rx.0)),
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            metrics,
-            providers,
-            config,
-            status_memory: status::StatusMemory::default(),
-            backoff: RetryBackoff::new(Duration::from_secs(2), Duration::from_secs(300)),
-        }
-    }
-}
-
-/// Asks the Thing controller to reconcile one Thing now. Backends with a push channel use it
-/// when new reported state arrives; the controller de-duplicates queued requests, and the
-/// caller rate-limits per Thing, so status writes stay bounded.
-#[derive(Clone)]
-pub struct ThingTrigger(tokio::sync::mpsc::Sender<ObjectRef<Thing>>);
-
-/// The receiving end, handed to [`Context::new`].
-pub struct ThingTriggerReceiver(tokio::sync::mpsc::Receiver<ObjectRef<Thing>>);
-
-impl ThingTrigger {
-    pub fn channel() -> (ThingTrigger, ThingTriggerReceiver) {
-        let (tx, rx) = tokio::sync::mpsc::channel(4096);
-        (ThingTrigger(tx), ThingTriggerReceiver(rx))
-    }
-
-    /// Never blocks: when the queue is full the request is dropped, which is safe because the
-    /// periodic resync reconciles every Thing anyway.
-    pub fn request(&self, namespace: &str, name: &str) {
-        let _ = self.0.try_send(ObjectRef::new(name).within(namespace));
-    }
-}
-
-impl Context {
-    fn take_thing_triggers(&self) -> Option<tokio::sync::mpsc::Receiver<ObjectRef<Thing>>> {
-        self.thing_trigger_rx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-    }
-}
 
 fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     format!(
@@ -139,17 +49,6 @@ fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
         obj.meta().namespace.as_deref().unwrap_or(""),
         obj.meta().name.as_deref().unwrap_or("")
     )
-}
-
-/// Retries failed reconciles with per-object exponential backoff and jitter.
-fn error_policy<K>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
-where
-    K: Resource<DynamicType = ()>,
-{
-    let key = object_key(obj.as_ref());
-    let delay = ctx.backoff.next_delay(&key);
-    tracing::warn!(object = %key, error = %error, retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
 }
 
 fn api_for<K>(client: Client, namespace: Option<&str>) -> Api<K>
@@ -211,7 +110,10 @@ where
     }
     let store = controller.store();
     let name = Box::leak(K::kind(&()).into_owned().into_boxed_str());
-    let fut = drain(name, controller.run(reconcile, error_policy::<K>, ctx));
+    let fut = drain(
+        name,
+        controller.run(reconcile, instrument::error_policy::<K>, ctx),
+    );
     (store, fut)
 }
 

@@ -7,12 +7,12 @@ use kube::{ResourceExt, runtime::controller::Action};
 
 use super::{
     Context,
-    task_kind::{self, StatusCore},
+    task_kind::{self, HasStatusCore},
 };
 use crate::{
     api::{
-        Condition, ConditionStatus, Observer,
-        conditions::types,
+        Condition, ConditionStatus, Observer, ObserverStatus,
+        conditions::{Conditions, types},
         validation::{InvalidSpec, validate_observer},
     },
     error::Result,
@@ -24,15 +24,8 @@ impl task_kind::TaskKind for Observer {
         validate_observer(self)
     }
 
-    fn status_core(&self) -> StatusCore {
-        // Only the two fields the reconcile owns: the task's counters and memory stay put.
-        self.status
-            .as_ref()
-            .map(|s| StatusCore {
-                observed_generation: s.observed_generation,
-                conditions: s.conditions.clone(),
-            })
-            .unwrap_or_default()
+    fn core_status(&self) -> Option<&dyn HasStatusCore> {
+        self.status.as_ref().map(|s| s as &dyn HasStatusCore)
     }
 
     async fn start(&self, ctx: &Context) -> Condition {
@@ -62,4 +55,14 @@ impl task_kind::TaskKind for Observer {
 
 pub async fn reconcile(obj: Arc<Observer>, ctx: Arc<Context>) -> Result<Action> {
     task_kind::reconcile(obj, ctx).await
+}
+
+impl HasStatusCore for ObserverStatus {
+    fn observed_generation(&self) -> Option<i64> {
+        self.observed_generation
+    }
+
+    fn conditions(&self) -> &Conditions {
+        &self.conditions
+    }
 }

@@ -7,12 +7,12 @@ use kube::{ResourceExt, runtime::controller::Action};
 
 use super::{
     Context,
-    task_kind::{self, StatusCore},
+    task_kind::{self, HasStatusCore},
 };
 use crate::{
     api::{
-        Condition, ConditionStatus, Subscriber,
-        conditions::types,
+        Condition, ConditionStatus, Subscriber, SubscriberStatus,
+        conditions::{Conditions, types},
         validation::{InvalidSpec, validate_subscriber},
     },
     error::Result,
@@ -24,15 +24,8 @@ impl task_kind::TaskKind for Subscriber {
         validate_subscriber(self)
     }
 
-    fn status_core(&self) -> StatusCore {
-        // Only the two fields the reconcile owns: the task's counters and memory stay put.
-        self.status
-            .as_ref()
-            .map(|s| StatusCore {
-                observed_generation: s.observed_generation,
-                conditions: s.conditions.clone(),
-            })
-            .unwrap_or_default()
+    fn core_status(&self) -> Option<&dyn HasStatusCore> {
+        self.status.as_ref().map(|s| s as &dyn HasStatusCore)
     }
 
     async fn start(&self, ctx: &Context) -> Condition {
@@ -66,4 +59,14 @@ impl task_kind::TaskKind for Subscriber {
 
 pub async fn reconcile(obj: Arc<Subscriber>, ctx: Arc<Context>) -> Result<Action> {
     task_kind::reconcile(obj, ctx).await
+}
+
+impl HasStatusCore for SubscriberStatus {
+    fn observed_generation(&self) -> Option<i64> {
+        self.observed_generation
+    }
+
+    fn conditions(&self) -> &Conditions {
+        &self.conditions
+    }
 }

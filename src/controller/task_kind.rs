@@ -16,7 +16,7 @@ use kube::{
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use super::{Context, kube_events, object_key, status::apply_if_changed};
+use super::{Context, instrument::instrumented, kube_events, object_key, status::apply_if_changed};
 use crate::{
     api::{
         Condition, ConditionStatus, FINALIZER,
@@ -36,6 +36,12 @@ pub struct StatusCore {
     pub conditions: Conditions,
 }
 
+/// A task kind's status type: the fields [`StatusCore`] mirrors.
+pub trait HasStatusCore {
+    fn observed_generation(&self) -> Option<i64>;
+    fn conditions(&self) -> &Conditions;
+}
+
 /// What the shared reconcile needs to know about a kind.
 #[async_trait::async_trait]
 pub trait TaskKind:
@@ -49,7 +55,18 @@ pub trait TaskKind:
     + 'static
 {
     fn validate(&self) -> Result<(), InvalidSpec>;
-    fn status_core(&self) -> StatusCore;
+    /// The kind's status, as far as the shared reconcile reads it.
+    fn core_status(&self) -> Option<&dyn HasStatusCore>;
+
+    /// Only the two fields the reconcile owns: the task's counters and memory stay put.
+    fn status_core(&self) -> StatusCore {
+        self.core_status()
+            .map(|s| StatusCore {
+                observed_generation: s.observed_generation(),
+                conditions: s.conditions().clone(),
+            })
+            .unwrap_or_default()
+    }
     /// Starts (or keeps) the task for a valid spec; returns the Ready condition.
     async fn start(&self, ctx: &Context) -> Condition;
     /// Stops the task (invalid spec or deletion).
@@ -57,30 +74,25 @@ pub trait TaskKind:
 }
 
 pub async fn reconcile<K: TaskKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
-    let ns = obj
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
-    let kind = K::kind(&()).into_owned();
-    let key = object_key(obj.as_ref());
-    let result = finalizer(&api, FINALIZER, obj, |event| async {
-        match event {
-            FinalizerEvent::Apply(obj) => apply(obj, &ctx, &api).await,
-            FinalizerEvent::Cleanup(obj) => {
-                obj.stop(&ctx);
-                ctx.status_memory.forget(&object_key(obj.as_ref()));
-                Ok(Action::await_change())
+    instrumented(obj, ctx, |obj, ctx| async move {
+        let ns = obj
+            .namespace()
+            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+        finalizer(&api, FINALIZER, obj, |event| async {
+            match event {
+                FinalizerEvent::Apply(obj) => apply(obj, &ctx, &api).await,
+                FinalizerEvent::Cleanup(obj) => {
+                    obj.stop(&ctx);
+                    ctx.status_memory.forget(&object_key(obj.as_ref()));
+                    Ok(Action::await_change())
+                }
             }
-        }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.metrics
-        .count_reconcile(&kind, if result.is_ok() { "ok" } else { "error" });
-    if result.is_ok() {
-        ctx.backoff.reset(&key);
-    }
-    result
 }
 
 async fn apply<K: TaskKind>(obj: Arc<K>, ctx: &Context, api: &Api<K>) -> Result<Action> {
@@ -90,7 +102,7 @@ async fn apply<K: TaskKind>(obj: Arc<K>, ctx: &Context, api: &Api<K>) -> Result<
     let ready = match obj.validate() {
         Ok(()) => obj.start(ctx).await,
         Err(invalid) => {
-            tracing::info!(object = %object_key(obj.as_ref()), problems = %invalid, "invalid spec");
+            tracing::info!(problems = %invalid, "invalid spec");
             obj.stop(ctx);
             Condition::new(
                 types::READY,

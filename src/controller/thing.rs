@@ -12,7 +12,13 @@ use kube::{
     },
 };
 
-use super::{Context, jittered, kube_events, object_key, status::apply_if_changed};
+use super::{
+    Context,
+    instrument::instrumented,
+    kube_events, object_key,
+    ready::{next_step, ready_condition, ready_event},
+    status::apply_if_changed,
+};
 use crate::{
     api::{
         Condition, ConditionStatus, FINALIZER, Thing, ThingStatus,
@@ -30,28 +36,21 @@ const KIND: &str = "Thing";
 const SUMMARY_CHARS: usize = 40;
 
 pub async fn reconcile(thing: Arc<Thing>, ctx: Arc<Context>) -> Result<Action> {
-    let started = std::time::Instant::now();
-    let ns = thing
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
-    let api: Api<Thing> = Api::namespaced(ctx.client.clone(), &ns);
-    let key = object_key(thing.as_ref());
-    let result = finalizer(&api, FINALIZER, thing, |event| async {
-        match event {
-            FinalizerEvent::Apply(thing) => apply(thing, &ctx, &api).await,
-            FinalizerEvent::Cleanup(thing) => cleanup(thing, &ctx).await,
-        }
+    instrumented(thing, ctx, |thing, ctx| async move {
+        let ns = thing
+            .namespace()
+            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let api: Api<Thing> = Api::namespaced(ctx.client.clone(), &ns);
+        finalizer(&api, FINALIZER, thing, |event| async {
+            match event {
+                FinalizerEvent::Apply(thing) => apply(thing, &ctx, &api).await,
+                FinalizerEvent::Cleanup(thing) => cleanup(thing, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.metrics
-        .observe_reconcile(KIND, started.elapsed().as_secs_f64());
-    ctx.metrics
-        .count_reconcile(KIND, if result.is_ok() { "ok" } else { "error" });
-    if result.is_ok() {
-        ctx.backoff.reset(&key);
-    }
-    result
 }
 
 /// Rules that need the recorded status, not just the spec.
@@ -89,37 +88,6 @@ fn device_request<'a>(
     }
 }
 
-/// Ready is the conjunction of the three backend conditions; its reason is the first that fails.
-fn ready_condition(status: &ThingStatus) -> Condition {
-    for t in [types::PROVISIONED, types::CREDENTIALS_READY, types::IN_SYNC] {
-        match status.conditions.get(t) {
-            Some(c) if c.status == ConditionStatus::True => {}
-            Some(c) => {
-                return Condition::new(
-                    types::READY,
-                    ConditionStatus::False,
-                    &c.reason,
-                    c.message.clone(),
-                );
-            }
-            None => {
-                return Condition::new(
-                    types::READY,
-                    ConditionStatus::False,
-                    reasons::PROVISIONING,
-                    format!("waiting for {t}"),
-                );
-            }
-        }
-    }
-    Condition::new(
-        types::READY,
-        ConditionStatus::True,
-        reasons::RECONCILED,
-        "device provisioned and in sync",
-    )
-}
-
 fn stamp_generation(status: &mut ThingStatus, generation: Option<i64>) {
     status.observed_generation = generation;
     status.conditions.stamp_generation(generation);
@@ -135,19 +103,8 @@ async fn write_and_announce(
 ) -> Result<()> {
     let changed = apply_if_changed(api, thing, old, new, &ctx.metrics, &ctx.status_memory).await?;
     let reference = thing.object_ref(&());
-    // A Ready condition that changed is worth an Event; an unchanged one is not (no spam).
-    if changed {
-        let (old_ready, new_ready) = (
-            old.conditions.get(types::READY),
-            new.conditions.get(types::READY),
-        );
-        if let Some(ready) = new_ready
-            && old_ready.is_none_or(|o| {
-                o.status != ready.status || o.reason != ready.reason || o.message != ready.message
-            })
-        {
-            kube_events::publish(ctx, KIND, &reference, &Notice::for_ready(ready)).await;
-        }
+    if changed && let Some(notice) = ready_event(old, new) {
+        kube_events::publish(ctx, KIND, &reference, &notice).await;
     }
     for notice in notices {
         kube_events::publish(ctx, KIND, &reference, notice).await;
@@ -166,7 +123,7 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
     let generation = thing.metadata.generation;
 
     if let Err(invalid) = validate_thing(&thing).and_then(|()| check_against_status(&thing)) {
-        tracing::info!(thing = %object_key(thing.as_ref()), problems = %invalid, "invalid spec");
+        tracing::info!(problems = %invalid, "invalid spec");
         status.conditions.set(
             Condition::new(
                 types::READY,
@@ -229,13 +186,7 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
     // Non-blocking and de-duplicated.
     ctx.feed.thing_state(&thing, &status);
 
-    match result {
-        Ok(()) => Ok(Action::requeue(jittered(
-            outcome.requeue_after.unwrap_or(ctx.config.resync_interval),
-        ))),
-        Err(e) if !e.is_retryable() => Ok(Action::await_change()),
-        Err(e) => Err(Error::Provider(e)),
-    }
+    next_step(result, outcome.requeue_after, ctx.config.resync_interval).into_action()
 }
 
 async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
@@ -243,7 +194,7 @@ async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = thing.name_any();
-    ctx.observers.bus().remove(&ns, &name);
+    ctx.feed.thing_removed(&ns, &name);
     ctx.status_memory.forget(&object_key(thing.as_ref()));
     let status = thing.status.clone().unwrap_or_default();
     let reference = thing.object_ref(&());
@@ -294,3 +245,7 @@ async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
     .await;
     Ok(Action::await_change())
 }
+
+#[cfg(test)]
+#[path = "thing_tests.rs"]
+mod tests;

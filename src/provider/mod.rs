@@ -2,6 +2,8 @@
 //! by `spec.broker` from the [`ProviderRegistry`]. Nothing outside this module talks to a backend.
 
 pub mod aws;
+#[cfg(test)]
+pub mod debug;
 mod error;
 pub mod mosquitto;
 

@@ -1,0 +1,153 @@
+//! A backend that talks to nothing and records every call, for the reconciler tests (the role
+//! Akri's debug-echo discovery handler plays there). A test scripts what the next reconcile
+//! returns and then asserts on the calls the controller made.
+
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use chrono::Utc;
+
+use super::{BackendError, DeviceOutcome, DeviceRequest, IotProvider, Notice, ProviderError};
+use crate::api::{
+    Condition, ConditionStatus, JsonObject, ThingStatus,
+    conditions::types,
+    thing::{Broker, DeviceStatus},
+};
+
+/// One call the controller made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Reconcile { thing: String, backend_name: String },
+    Cleanup { thing: String, backend_name: String },
+}
+
+/// A scripted failure, classified like a real backend's.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("debug backend: {reason}")]
+pub struct DebugError {
+    pub reason: &'static str,
+    pub retryable: bool,
+}
+
+impl BackendError for DebugError {
+    fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+
+    fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
+/// What the next reconciles do.
+#[derive(Debug, Clone, Default)]
+pub struct Script {
+    /// `Some`: reconcile and cleanup fail with this error.
+    pub fail: Option<DebugError>,
+    /// Reported state copied into status on success.
+    pub reported: Option<JsonObject>,
+    /// Events the backend asks for on success.
+    pub notices: Vec<Notice>,
+}
+
+pub struct DebugProvider {
+    broker: Broker,
+    calls: Mutex<Vec<Call>>,
+    script: Mutex<Script>,
+}
+
+impl DebugProvider {
+    /// A debug backend answering for `broker`.
+    pub fn new(broker: Broker) -> Self {
+        Self {
+            broker,
+            calls: Mutex::default(),
+            script: Mutex::default(),
+        }
+    }
+
+    pub fn script(&self, script: Script) {
+        *self.script.lock().unwrap_or_else(|p| p.into_inner()) = script;
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn record(&self, call: Call) -> Script {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(call);
+        self.script
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+fn thing_key(req: &DeviceRequest<'_>) -> String {
+    format!("{}/{}", req.namespace, req.name)
+}
+
+#[async_trait]
+impl IotProvider for DebugProvider {
+    fn broker(&self) -> Broker {
+        self.broker
+    }
+
+    async fn reconcile(
+        &self,
+        req: &DeviceRequest<'_>,
+        status: &mut ThingStatus,
+        outcome: &mut DeviceOutcome,
+    ) -> Result<(), ProviderError> {
+        let script = self.record(Call::Reconcile {
+            thing: thing_key(req),
+            backend_name: req.backend_name.clone(),
+        });
+        let now = Utc::now();
+        status.device = Some(DeviceStatus {
+            broker: Some(self.broker),
+            thing_name: Some(req.backend_name.clone()),
+            ..DeviceStatus::default()
+        });
+        if let Some(e) = script.fail {
+            status.conditions.set(
+                Condition::new(
+                    types::PROVISIONED,
+                    ConditionStatus::False,
+                    e.reason,
+                    e.to_string(),
+                ),
+                now,
+            );
+            return Err(e.into());
+        }
+        for t in [types::PROVISIONED, types::CREDENTIALS_READY, types::IN_SYNC] {
+            status.conditions.set(
+                Condition::new(t, ConditionStatus::True, "Debug", "debug backend"),
+                now,
+            );
+        }
+        status.reported = script.reported;
+        outcome.notices = script.notices;
+        Ok(())
+    }
+
+    async fn cleanup(
+        &self,
+        req: &DeviceRequest<'_>,
+        _status: &ThingStatus,
+        _outcome: &mut DeviceOutcome,
+    ) -> Result<(), ProviderError> {
+        let script = self.record(Call::Cleanup {
+            thing: thing_key(req),
+            backend_name: req.backend_name.clone(),
+        });
+        match script.fail {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+}
