@@ -91,9 +91,45 @@ pub struct RunArgs {
     pub status_write_interval: Duration,
 
     #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
     pub aws: AwsArgs,
     #[command(flatten)]
     pub mqtt: MqttArgs,
+}
+
+/// What a spec may ask for beyond the schema. Each interval is a rate of billed backend calls or
+/// certificate issuance shared by every namespace, so a spec may not go below these floors.
+#[derive(Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// Shortest `spec.shadow.pollInterval` accepted.
+    #[arg(long, env = "THING_OPERATOR_MIN_POLL_INTERVAL", value_parser = parse_duration, default_value = "10s")]
+    pub min_poll_interval: Duration,
+    /// Shortest `spec.credentials.rotateAfter` accepted.
+    #[arg(long, env = "THING_OPERATOR_MIN_ROTATE_AFTER", value_parser = parse_duration, default_value = "1h")]
+    pub min_rotate_after: Duration,
+    /// Shortest `spec.credentials.rotationOverlap` accepted.
+    #[arg(long, env = "THING_OPERATOR_MIN_ROTATION_OVERLAP", value_parser = parse_duration, default_value = "1m")]
+    pub min_rotation_overlap: Duration,
+    /// Let AWS policy templates allow any action on any resource. Off: only iot: actions on the
+    /// Thing's own client, thing, topics and shadow.
+    #[arg(
+        long,
+        env = "THING_OPERATOR_UNRESTRICTED_POLICIES",
+        default_value_t = false
+    )]
+    pub unrestricted_policies: bool,
+}
+
+impl LimitArgs {
+    pub fn spec_limits(&self) -> crate::api::validation::SpecLimits {
+        crate::api::validation::SpecLimits {
+            min_poll_interval: self.min_poll_interval,
+            min_rotate_after: self.min_rotate_after,
+            min_rotation_overlap: self.min_rotation_overlap,
+            unrestricted_policies: self.unrestricted_policies,
+        }
+    }
 }
 
 /// AWS IoT Core backend. Enabled when a region is known (flag, AWS_REGION or profile).
@@ -160,6 +196,16 @@ pub struct MqttArgs {
         default_value = "things"
     )]
     pub topic_prefix: String,
+    /// Extra topic prefix a namespace's Observers and Subscribers may use besides its own
+    /// subtree `{prefix}/namespaces/{namespace}/`, as `namespace=prefix` (repeatable), e.g. for a
+    /// bridge or a shared feed.
+    #[arg(
+        long = "mqtt-topic-grant",
+        env = "THING_OPERATOR_MQTT_TOPIC_GRANTS",
+        value_delimiter = ',',
+        value_parser = parse_topic_grant
+    )]
+    pub topic_grants: Vec<(String, String)>,
     /// `host:port` of the broker's mTLS listener (`require_certificate` and
     /// `use_identity_as_username`). When set, every Mosquitto device also gets a certificate
     /// from the operator's device CA, next to its password.
@@ -176,4 +222,39 @@ pub struct MqttArgs {
         default_value = "thing-operator-ca"
     )]
     pub ca_secret: String,
+}
+
+/// `namespace=prefix`, as `--mqtt-topic-grant` takes it.
+fn parse_topic_grant(s: &str) -> Result<(String, String), String> {
+    let (namespace, prefix) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not namespace=prefix"))?;
+    let prefix = prefix.trim_end_matches('/');
+    if namespace.is_empty()
+        || prefix.is_empty()
+        || prefix.starts_with('$')
+        || prefix.contains(['+', '#'])
+    {
+        return Err(format!(
+            "{s:?}: needs a namespace and a literal topic prefix (no wildcards, no $-topics)"
+        ));
+    }
+    Ok((namespace.to_string(), prefix.to_string()))
+}
+
+impl MqttArgs {
+    /// Where Observers and Subscribers of each namespace may publish and subscribe.
+    pub fn topic_scope(&self) -> crate::api::validation::TopicScope {
+        let mut grants = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for (namespace, prefix) in &self.topic_grants {
+            grants
+                .entry(namespace.clone())
+                .or_default()
+                .push(prefix.clone());
+        }
+        crate::api::validation::TopicScope {
+            prefix: self.topic_prefix.clone(),
+            grants,
+        }
+    }
 }

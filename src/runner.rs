@@ -229,6 +229,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         poll_interval: args.poll_interval,
         concurrency: args.concurrency,
         watch_namespace: args.watch_namespace.clone(),
+        limits: args.limits.spec_limits(),
+        topics: args.mqtt.topic_scope(),
     };
     let ctx = Arc::new(Context::new(ContextParts {
         recorder: Recorder::new(client.clone(), reporter),

@@ -109,6 +109,7 @@ async fn changed_by_filter_forwards_cloud_events_and_remembers_across_restarts()
 #[tokio::test]
 async fn thing_sink_mirrors_state_and_unconfigured_mqtt_sink_is_reported() {
     let s = Setup::new("obs-thing").await;
+    let ns = &s.ns;
     let op = s.operator().ready().await;
     let things = s.things();
     let observers: Api<Observer> = s.api();
@@ -146,7 +147,7 @@ async fn thing_sink_mirrors_state_and_unconfigured_mqtt_sink_is_reported() {
         "to-mqtt",
         json!({
             "source": {"matchLabels": {"room": "kitchen"}},
-            "sink": {"mqtt": {"topic": "alerts/kitchen"}},
+            "sink": {"mqtt": {"topic": format!("things/namespaces/{ns}/alerts/kitchen")}},
         }),
     )
     .await;
@@ -166,7 +167,7 @@ async fn mqtt_sink_publishes_to_the_broker() {
     let op = s.operator().mqtt(&format!("t-{ns}")).ready().await;
 
     // A listener on the sink topic, with the broker's admin account.
-    let topic = format!("alerts/{ns}");
+    let topic = format!("t-{ns}/namespaces/{ns}/alerts");
     let mut options = rumqttc::MqttOptions::new(
         format!("listener-{ns}"),
         "127.0.0.1",

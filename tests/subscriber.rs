@@ -135,7 +135,7 @@ async fn mqtt_storm_is_coalesced_and_the_latest_state_lands() {
         &subs,
         "sensors",
         json!({
-            "source": {"mqtt": {"topicFilter": format!("sensors/{ns}/+"), "qos": 1}},
+            "source": {"mqtt": {"topicFilter": format!("t-{ns}/namespaces/{ns}/sensors/+"), "qos": 1}},
             "target": {"thingName": "panel", "field": "Desired", "path": "/sensors"},
         }),
     )
@@ -163,7 +163,7 @@ async fn mqtt_storm_is_coalesced_and_the_latest_state_lands() {
         let payload = json!({ sensor: {"seq": i} }).to_string();
         device
             .publish(
-                format!("sensors/{ns}/{sensor}"),
+                format!("t-{ns}/namespaces/{ns}/sensors/{sensor}"),
                 rumqttc::QoS::AtLeastOnce,
                 false,
                 payload,
@@ -174,7 +174,7 @@ async fn mqtt_storm_is_coalesced_and_the_latest_state_lands() {
     // A malformed one in the middle of the stream changes nothing and is counted.
     device
         .publish(
-            format!("sensors/{ns}/a"),
+            format!("t-{ns}/namespaces/{ns}/sensors/a"),
             rumqttc::QoS::AtLeastOnce,
             false,
             "garbage",

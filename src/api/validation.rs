@@ -5,7 +5,7 @@
 //! rules compiled from the CRD schema itself, so the two can never disagree) and adds the rules
 //! no schema can express (encoded sizes, JSON depth, template syntax, topic grammar).
 
-use std::str::FromStr;
+use std::{str::FromStr, time::Duration};
 
 use serde_json::Value;
 
@@ -17,6 +17,31 @@ use super::{
 /// Deepest nesting accepted in a desired document. AWS IoT counts 8 levels for the whole
 /// shadow document, two of which are `state` and `desired`.
 pub const MAX_DOCUMENT_DEPTH: usize = 6;
+
+/// What the operator's configuration lets a spec do beyond the schema: floors for every interval
+/// a spec sets (each one is a rate of backend calls or certificate issuance, billed and
+/// rate-limited per account, so one namespace must not spend everybody's quota) and whether AWS
+/// policy templates may reach beyond the Thing's own identity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpecLimits {
+    pub min_poll_interval: Duration,
+    pub min_rotate_after: Duration,
+    pub min_rotation_overlap: Duration,
+    /// Allow policy templates any action on any resource (off: only the Thing's own client,
+    /// thing, topics and shadow).
+    pub unrestricted_policies: bool,
+}
+
+impl Default for SpecLimits {
+    fn default() -> Self {
+        Self {
+            min_poll_interval: Duration::from_secs(10),
+            min_rotate_after: Duration::from_secs(3600),
+            min_rotation_overlap: Duration::from_secs(60),
+            unrestricted_policies: false,
+        }
+    }
+}
 
 /// Every problem found in a spec, in a message a user can act on.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -140,8 +165,85 @@ pub fn check_policy_template(template: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Placeholders that stand for the Thing's own identity in a policy resource.
+const OWN_IDENTITY: [&str; 3] = ["${clientId}", "${thingName}", "${topicPrefix}"];
+
+/// Whether a policy resource names only the Thing's own client, thing, topics or shadow:
+/// `arn:aws:iot:${region}:${account}:<type>/<path>` where the path starts with an identity
+/// placeholder (optionally under `$aws/things/`) that ends the path or is followed by `/`, so
+/// neither a wildcard nor a longer name can reach another device's resources.
+fn is_own_resource(resource: &str) -> bool {
+    let Some(path) = resource
+        .strip_prefix("arn:aws:iot:${region}:${account}:")
+        .and_then(|r| r.split_once('/'))
+        .map(|(_, path)| path)
+    else {
+        return false;
+    };
+    let path = path.strip_prefix("$aws/things/").unwrap_or(path);
+    OWN_IDENTITY.iter().any(|own| {
+        path.strip_prefix(own)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
+/// Refuses Allow statements that reach beyond the Thing's own identity (another device's
+/// topics, `*`, control-plane actions on other resources).
+pub fn check_policy_scope(template: &str) -> Vec<String> {
+    let Ok(doc) = serde_json::from_str::<Value>(template) else {
+        return Vec::new(); // reported by check_policy_template
+    };
+    let strings = |v: Option<&Value>| -> Vec<String> {
+        match v {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let mut problems = Vec::new();
+    let statements = doc.get("Statement").and_then(Value::as_array);
+    for (i, s) in statements.into_iter().flatten().enumerate() {
+        if s.get("Effect").and_then(Value::as_str) != Some("Allow") {
+            continue; // Deny only takes away
+        }
+        for action in strings(s.get("Action")) {
+            if !action.starts_with("iot:") {
+                problems.push(format!(
+                    "policy.template Statement[{i}] allows {action:?}: only iot: actions are allowed"
+                ));
+            }
+        }
+        for resource in strings(s.get("Resource")) {
+            if !is_own_resource(&resource) {
+                problems.push(format!(
+                    "policy.template Statement[{i}] allows resource {resource:?}: resources must be \
+                     arn:aws:iot:${{region}}:${{account}}:<type>/ followed by ${{clientId}}, ${{thingName}} \
+                     or ${{topicPrefix}} (the Thing's own identity)"
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// Checks an interval a spec sets: a duration, and not below the operator's floor.
+fn check_interval(field: &str, value: Option<&str>, min: Duration, problems: &mut Vec<String>) {
+    let Some(value) = value else { return };
+    match parse_duration(value) {
+        Err(e) => problems.push(format!("{field}: {e}")),
+        Ok(d) if d < min => problems.push(format!(
+            "{field}: {value} is below this operator's minimum of {}",
+            humantime::format_duration(min)
+        )),
+        Ok(_) => {}
+    }
+}
+
 /// All of a Thing's rules. `Ok` means the operator may call its backend.
-pub fn validate_thing(thing: &Thing) -> Result<(), InvalidSpec> {
+pub fn validate_thing(thing: &Thing, limits: &SpecLimits) -> Result<(), InvalidSpec> {
     let mut problems = Vec::new();
     cel_problems(thing.validate_cel(), &mut problems);
     let spec = &thing.spec;
@@ -178,27 +280,34 @@ pub fn validate_thing(thing: &Thing) -> Result<(), InvalidSpec> {
     if let Some(desired) = &spec.desired {
         problems.extend(check_document("desired", desired, MAX_DESIRED_BYTES));
     }
-    for (field, value) in [
-        ("credentials.rotateAfter", &spec.credentials.rotate_after),
-        (
-            "credentials.rotationOverlap",
-            &spec.credentials.rotation_overlap,
-        ),
-        (
-            "shadow.pollInterval",
-            &spec.shadow.as_ref().and_then(|s| s.poll_interval.clone()),
-        ),
-    ] {
-        if let Some(v) = value
-            && let Err(e) = parse_duration(v)
-        {
-            problems.push(format!("{field}: {e}"));
-        }
-    }
+    check_interval(
+        "credentials.rotateAfter",
+        spec.credentials.rotate_after.as_deref(),
+        limits.min_rotate_after,
+        &mut problems,
+    );
+    check_interval(
+        "credentials.rotationOverlap",
+        spec.credentials.rotation_overlap.as_deref(),
+        limits.min_rotation_overlap,
+        &mut problems,
+    );
+    check_interval(
+        "shadow.pollInterval",
+        spec.shadow
+            .as_ref()
+            .and_then(|s| s.poll_interval.as_deref()),
+        limits.min_poll_interval,
+        &mut problems,
+    );
     if let Some(policy) = &spec.policy {
         if spec.broker == Broker::Aws {
-            if let Err(e) = check_policy_template(&policy.template) {
-                problems.push(e);
+            match check_policy_template(&policy.template) {
+                Err(e) => problems.push(e),
+                Ok(()) if !limits.unrestricted_policies => {
+                    problems.extend(check_policy_scope(&policy.template))
+                }
+                Ok(()) => {}
             }
         } else {
             problems.push(format!(
@@ -269,7 +378,57 @@ pub fn check_topic_filter(field: &str, filter: &str) -> Option<String> {
     None
 }
 
-pub fn validate_observer(observer: &Observer) -> Result<(), InvalidSpec> {
+/// Where a namespace's Observers and Subscribers may publish and subscribe on the operator's
+/// broker: their namespace's own subtree `{prefix}/namespaces/{namespace}/` (which holds its
+/// Things' topic trees too), plus prefixes the operator's configuration grants to named
+/// namespaces (bridges, shared feeds). `$`-topics (broker internals, the AWS shadow layout) and
+/// other namespaces' subtrees are out of reach.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicScope {
+    pub prefix: String,
+    /// Extra topic prefixes per namespace.
+    pub grants: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl Default for TopicScope {
+    fn default() -> Self {
+        Self {
+            prefix: "things".into(),
+            grants: Default::default(),
+        }
+    }
+}
+
+impl TopicScope {
+    /// The namespace's own subtree, with its trailing `/`.
+    pub fn subtree(&self, namespace: &str) -> String {
+        format!("{}/namespaces/{namespace}/", self.prefix)
+    }
+
+    /// Refuses a topic or filter outside the namespace's reach. A root matches literally, so a
+    /// wildcard can never stand in for the namespace level.
+    pub fn check(&self, field: &str, namespace: &str, topic: &str) -> Option<String> {
+        if topic.starts_with('$') {
+            return Some(format!(
+                "{field} {topic:?}: $-topics are reserved for the broker and the backends"
+            ));
+        }
+        let own = self.subtree(namespace);
+        let granted = self.grants.get(namespace).into_iter().flatten();
+        let inside = std::iter::once(own.as_str())
+            .chain(granted.map(String::as_str))
+            .any(|root| {
+                let root = root.trim_end_matches('/');
+                topic
+                    .strip_prefix(root)
+                    .is_some_and(|rest| rest.starts_with('/') && rest.len() > 1)
+            });
+        (!inside)
+            .then(|| format!("{field} {topic:?} must lie under this namespace's topic tree {own}"))
+    }
+}
+
+pub fn validate_observer(observer: &Observer, topics: &TopicScope) -> Result<(), InvalidSpec> {
     let mut problems = Vec::new();
     cel_problems(observer.validate_cel(), &mut problems);
     let spec = &observer.spec;
@@ -283,6 +442,8 @@ pub fn validate_observer(observer: &Observer) -> Result<(), InvalidSpec> {
     }
     if let Some(m) = &spec.sink.mqtt {
         problems.extend(check_publish_topic("sink.mqtt.topic", &m.topic));
+        let namespace = observer.metadata.namespace.as_deref().unwrap_or_default();
+        problems.extend(topics.check("sink.mqtt.topic", namespace, &m.topic));
         if m.qos > 2 {
             problems.push("sink.mqtt.qos must be 0, 1 or 2".into());
         }
@@ -305,7 +466,10 @@ pub fn validate_observer(observer: &Observer) -> Result<(), InvalidSpec> {
     InvalidSpec::from_problems(problems)
 }
 
-pub fn validate_subscriber(subscriber: &Subscriber) -> Result<(), InvalidSpec> {
+pub fn validate_subscriber(
+    subscriber: &Subscriber,
+    topics: &TopicScope,
+) -> Result<(), InvalidSpec> {
     let mut problems = Vec::new();
     cel_problems(subscriber.validate_cel(), &mut problems);
     let spec = &subscriber.spec;
@@ -314,6 +478,8 @@ pub fn validate_subscriber(subscriber: &Subscriber) -> Result<(), InvalidSpec> {
             "source.mqtt.topicFilter",
             &m.topic_filter,
         ));
+        let namespace = subscriber.metadata.namespace.as_deref().unwrap_or_default();
+        problems.extend(topics.check("source.mqtt.topicFilter", namespace, &m.topic_filter));
         if m.qos > 2 {
             problems.push("source.mqtt.qos must be 0, 1 or 2".into());
         }
@@ -337,25 +503,148 @@ mod tests {
         )
     }
 
+    fn validate_thing_default(t: &Thing) -> Result<(), InvalidSpec> {
+        validate_thing(t, &SpecLimits::default())
+    }
+
+    #[test]
+    fn intervals_below_the_floor_are_refused() {
+        let limits = SpecLimits::default();
+        let table = [
+            (
+                json!({"shadow": {"pollInterval": "0s"}}),
+                Some("shadow.pollInterval"),
+            ),
+            (
+                json!({"shadow": {"pollInterval": "9s"}}),
+                Some("shadow.pollInterval"),
+            ),
+            (json!({"shadow": {"pollInterval": "10s"}}), None),
+            (
+                json!({"credentials": {"rotateAfter": "1ms"}}),
+                Some("credentials.rotateAfter"),
+            ),
+            (
+                json!({"credentials": {"rotateAfter": "59m"}}),
+                Some("credentials.rotateAfter"),
+            ),
+            (json!({"credentials": {"rotateAfter": "720h"}}), None),
+            (
+                json!({"credentials": {"rotationOverlap": "1s"}}),
+                Some("credentials.rotationOverlap"),
+            ),
+            (json!({"credentials": {"rotationOverlap": "24h"}}), None),
+        ];
+        for (spec, refused) in table {
+            let result = validate_thing(&thing(spec.clone()), &limits);
+            match refused {
+                Some(field) => {
+                    let err = result.expect_err(&spec.to_string());
+                    assert!(err.to_string().contains(field), "{spec}: {err}");
+                    assert!(err.to_string().contains("minimum"), "{spec}: {err}");
+                }
+                None => assert_eq!(result, Ok(()), "{spec}"),
+            }
+        }
+        // The operator's configuration sets the floor.
+        let lowered = SpecLimits {
+            min_poll_interval: Duration::from_secs(1),
+            ..SpecLimits::default()
+        };
+        assert_eq!(
+            validate_thing(&thing(json!({"shadow": {"pollInterval": "1s"}})), &lowered),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn policy_templates_stay_on_the_things_own_identity() {
+        let template = |action: &str, resource: &str| {
+            json!({"broker": "AWS", "policy": {"template": json!({"Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": action, "Resource": resource}]}).to_string()}})
+        };
+        let own = [
+            (
+                "iot:Connect",
+                "arn:aws:iot:${region}:${account}:client/${clientId}",
+            ),
+            (
+                "iot:*",
+                "arn:aws:iot:${region}:${account}:client/${clientId}",
+            ),
+            (
+                "iot:Publish",
+                "arn:aws:iot:${region}:${account}:topic/${topicPrefix}/*",
+            ),
+            (
+                "iot:Subscribe",
+                "arn:aws:iot:${region}:${account}:topicfilter/$aws/things/${thingName}/shadow/*",
+            ),
+            (
+                "iot:GetThingShadow",
+                "arn:aws:iot:${region}:${account}:thing/${thingName}",
+            ),
+        ];
+        for (action, resource) in own {
+            assert_eq!(
+                validate_thing_default(&thing(template(action, resource))),
+                Ok(()),
+                "{action} {resource}"
+            );
+        }
+        let foreign = [
+            ("iot:*", "*"),
+            ("iot:Publish", "arn:aws:iot:${region}:${account}:topic/*"),
+            (
+                "iot:Publish",
+                "arn:aws:iot:${region}:${account}:topic/$aws/things/other/shadow/*",
+            ),
+            // A prefix match would reach every Thing whose name starts with this one's.
+            (
+                "iot:Connect",
+                "arn:aws:iot:${region}:${account}:client/${clientId}*",
+            ),
+            ("iot:Connect", "arn:aws:iot:*:*:client/${clientId}"),
+            (
+                "iam:PassRole",
+                "arn:aws:iot:${region}:${account}:client/${clientId}",
+            ),
+        ];
+        for (action, resource) in foreign {
+            let err = validate_thing_default(&thing(template(action, resource)))
+                .expect_err(&format!("{action} {resource}"));
+            assert!(err.to_string().contains("policy.template"), "{err}");
+            // Allowed when the operator's configuration says so.
+            let open = SpecLimits {
+                unrestricted_policies: true,
+                ..SpecLimits::default()
+            };
+            assert_eq!(
+                validate_thing(&thing(template(action, resource)), &open),
+                Ok(())
+            );
+        }
+    }
+
     #[test]
     fn minimal_thing_is_valid() {
-        assert_eq!(validate_thing(&thing(json!({}))), Ok(()));
+        assert_eq!(validate_thing_default(&thing(json!({}))), Ok(()));
         assert_eq!(thing(json!({})).spec.broker, Broker::Mosquitto);
     }
 
     #[test]
     fn oversized_and_deep_desired_is_rejected() {
         let big = "x".repeat(MAX_DESIRED_BYTES);
-        let err = validate_thing(&thing(json!({"desired": {"blob": big}}))).unwrap_err();
+        let err = validate_thing_default(&thing(json!({"desired": {"blob": big}}))).unwrap_err();
         assert!(err.to_string().contains("over the limit of 8192"), "{err}");
         let deep = json!({"desired": {"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}});
-        let err = validate_thing(&thing(deep)).unwrap_err();
+        let err = validate_thing_default(&thing(deep)).unwrap_err();
         assert!(err.to_string().contains("nests 7 levels"), "{err}");
     }
 
     #[test]
     fn bad_attributes_and_durations_are_reported_together() {
-        let err = validate_thing(&thing(json!({
+        let err = validate_thing_default(&thing(json!({
             "attributes": {"bad key!": "v", "ok": "spaces not allowed"},
             "credentials": {"rotateAfter": "forever"}
         })))
@@ -381,7 +670,7 @@ mod tests {
         );
         let t = thing(json!({"broker": "Mosquitto", "policy": {"template": "{}"}}));
         assert!(
-            validate_thing(&t)
+            validate_thing_default(&t)
                 .unwrap_err()
                 .to_string()
                 .contains("AWS only")
@@ -395,7 +684,7 @@ mod tests {
             "sink": {"mqtt": {"topic": "t"}, "http": {"url": "http://x"}}
         }))
         .unwrap();
-        let err = validate_observer(&Observer::new("o", spec)).unwrap_err();
+        let err = validate_observer(&Observer::new("o", spec), &TopicScope::default()).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("exactly one of thingName or matchLabels"),
@@ -415,8 +704,46 @@ mod tests {
             "target": {"thingName": "t", "path": "nope"}
         }))
         .unwrap();
-        let err = validate_subscriber(&Subscriber::new("s", spec)).unwrap_err();
-        assert_eq!(err.problems.len(), 2, "{err}");
+        let err =
+            validate_subscriber(&Subscriber::new("s", spec), &TopicScope::default()).unwrap_err();
+        // Bad filter grammar, outside the namespace, bad pointer.
+        assert_eq!(err.problems.len(), 3, "{err}");
+    }
+
+    #[test]
+    fn topics_stay_in_their_namespace() {
+        let scope = TopicScope {
+            prefix: "things".into(),
+            grants: [("bridge".to_string(), vec!["feeds/shared".to_string()])].into(),
+        };
+        let table = [
+            ("team-a", "things/namespaces/team-a/alerts", true),
+            ("team-a", "things/namespaces/team-a/#", true),
+            ("team-a", "things/namespaces/team-a/things/+/state", true),
+            ("team-a", "things/namespaces/team-b/alerts", false),
+            ("team-a", "things/namespaces/+/alerts", false),
+            ("team-a", "things/namespaces/#", false),
+            ("team-a", "things/#", false),
+            ("team-a", "#", false),
+            ("team-a", "things/namespaces/team-a", false),
+            ("team-a", "things/namespaces/team-a/", false),
+            // A longer namespace name is not this namespace.
+            ("team", "things/namespaces/team-a/alerts", false),
+            ("team-a", "$SYS/#", false),
+            ("team-a", "$aws/things/team-a_lamp/shadow/update", false),
+            ("team-a", "feeds/shared/x", false),
+            ("bridge", "feeds/shared/x", true),
+            ("bridge", "feeds/shared/#", true),
+            ("bridge", "feeds/sharedother/x", false),
+        ];
+        for (namespace, topic, allowed) in table {
+            let refused = scope.check("f", namespace, topic);
+            assert_eq!(
+                refused.is_none(),
+                allowed,
+                "{namespace} {topic}: {refused:?}"
+            );
+        }
     }
 
     #[test]

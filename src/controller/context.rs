@@ -12,7 +12,10 @@ use tokio::sync::mpsc;
 
 use super::{backoff::RetryBackoff, status::StatusMemory};
 use crate::{
-    api::Thing,
+    api::{
+        Thing,
+        validation::{SpecLimits, TopicScope},
+    },
     feed::StateFeed,
     forwarding::{ObserverManager, SubscriberManager},
     metrics::Metrics,
@@ -26,6 +29,10 @@ pub struct ControllerConfig {
     pub poll_interval: Duration,
     pub concurrency: u16,
     pub watch_namespace: Option<String>,
+    /// What a spec may ask for beyond the schema (interval floors, policy scope).
+    pub limits: SpecLimits,
+    /// Where Observers and Subscribers may publish and subscribe.
+    pub topics: TopicScope,
 }
 
 impl Default for ControllerConfig {
@@ -35,6 +42,8 @@ impl Default for ControllerConfig {
             poll_interval: Duration::from_secs(30),
             concurrency: 16,
             watch_namespace: None,
+            limits: SpecLimits::default(),
+            topics: TopicScope::default(),
         }
     }
 }

@@ -20,8 +20,8 @@ use crate::{
 
 #[async_trait::async_trait]
 impl task_kind::TaskKind for Subscriber {
-    fn validate(&self) -> Result<(), InvalidSpec> {
-        validate_subscriber(self)
+    fn validate(&self, ctx: &Context) -> Result<(), InvalidSpec> {
+        validate_subscriber(self, &ctx.config.topics)
     }
 
     fn core_status(&self) -> Option<&dyn HasStatusCore> {

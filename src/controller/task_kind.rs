@@ -54,7 +54,7 @@ pub trait TaskKind:
     + Sync
     + 'static
 {
-    fn validate(&self) -> Result<(), InvalidSpec>;
+    fn validate(&self, ctx: &Context) -> Result<(), InvalidSpec>;
     /// The kind's status, as far as the shared reconcile reads it.
     fn core_status(&self) -> Option<&dyn HasStatusCore>;
 
@@ -99,7 +99,7 @@ async fn apply<K: TaskKind>(obj: Arc<K>, ctx: &Context, api: &Api<K>) -> Result<
     let old = obj.status_core();
     let mut status = old.clone();
     let generation = obj.meta().generation;
-    let ready = match obj.validate() {
+    let ready = match obj.validate(ctx) {
         Ok(()) => obj.start(ctx).await,
         Err(invalid) => {
             tracing::info!(problems = %invalid, "invalid spec");

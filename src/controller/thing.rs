@@ -122,7 +122,9 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
     let now = Utc::now();
     let generation = thing.metadata.generation;
 
-    if let Err(invalid) = validate_thing(&thing).and_then(|()| check_against_status(&thing)) {
+    if let Err(invalid) =
+        validate_thing(&thing, &ctx.config.limits).and_then(|()| check_against_status(&thing))
+    {
         tracing::info!(problems = %invalid, "invalid spec");
         status.conditions.set(
             Condition::new(
@@ -222,7 +224,7 @@ async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
     // crash after creating them and before its first status write. The provider's cleanup
     // works from the derived names and the Secret and tolerates what does not exist. Only a
     // spec that never passed validation is known to have created nothing.
-    if !recorded && validate_thing(&thing).is_err() {
+    if !recorded && validate_thing(&thing, &ctx.config.limits).is_err() {
         return Ok(Action::await_change());
     }
     let req = device_request(&thing, ctx, &ns, &name);

@@ -537,6 +537,11 @@ impl OperatorBuilder {
             "2s",
             "--aws-orphan-grace",
             "2s",
+            // The tests poll and rotate fast; production floors are 10s and 1m.
+            "--min-poll-interval",
+            "1s",
+            "--min-rotation-overlap",
+            "1s",
         ])
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")

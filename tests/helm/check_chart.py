@@ -46,6 +46,27 @@ try:
 except Exception:  # noqa: BLE001
     pass
 
+# deploy/rbac.yaml (used by the test environment, so every integration test runs the operator
+# under it) grants exactly what the chart grants.
+def rules_of(docs, kind):
+    return [d["rules"] for d in docs if d and d.get("kind") == kind]
+
+
+import yaml  # noqa: E402 - a dependency of helm-python-sdk
+
+chart_rbac = list(yaml.safe_load_all(chart.render({}, name="x", namespace="x")["thing-operator/templates/rbac.yaml"]))
+with open(os.path.join(ROOT, "deploy", "rbac.yaml")) as f:
+    deploy_rbac = list(yaml.safe_load_all(f))
+check(rules_of(chart_rbac, "ClusterRole") == rules_of(deploy_rbac, "ClusterRole"),
+      "deploy/rbac.yaml and the chart's ClusterRole differ")
+
+# With watchNamespace the operator gets a Role in that namespace, no cluster-wide grant.
+scoped = list(yaml.safe_load_all(
+    chart.render({"watchNamespace": "team-a"}, name="x", namespace="x")["thing-operator/templates/rbac.yaml"]))
+kinds = sorted((d["kind"], d["metadata"].get("namespace", "")) for d in scoped if d)
+check(not any(k in ("ClusterRole", "ClusterRoleBinding") for k, _ in kinds), f"cluster-wide RBAC with watchNamespace: {kinds}")
+check(("Role", "team-a") in kinds and ("RoleBinding", "team-a") in kinds, f"no Role in the watched namespace: {kinds}")
+
 release = f"thop-{random.randrange(16**6):06x}"
 namespace = f"helm-{release}"
 cfg = helm_python.Config(kubeconfig_path=os.environ["KUBECONFIG"], namespace=namespace)
@@ -76,6 +97,10 @@ try:
                             ("create", "secrets", "yes"),
                             ("create", "events.events.k8s.io", "yes"),
                             ("delete", "things.iot.thing-operator.dev", "no"),
+                            ("list", "secrets", "no"),
+                            ("watch", "secrets", "no"),
+                            ("delete", "secrets", "no"),
+                            ("update", "secrets", "no"),
                             ("create", "pods", "no")]:
         code, out, _ = kubectl("auth", "can-i", verb, res, "--as", sa, "-n", "default")
         check(out.strip() == want, f"can-i {verb} {res}: {out.strip()} (want {want})")
