@@ -76,7 +76,9 @@ impl TestEnv {
             .unwrap_or_else(|| panic!("test env has no {key}"))
     }
 
+    /// A client from the kubeconfig named by the env variable `kubeconfig`.
     pub async fn client_from(&self, kubeconfig: &str) -> Client {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let kc = Kubeconfig::read_from(self.var(kubeconfig)).expect("kubeconfig readable");
         let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
             .await
@@ -86,8 +88,12 @@ impl TestEnv {
 
     /// A client with cluster-admin rights (the test's own view).
     pub async fn admin_client(&self) -> Client {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         self.client_from("KUBECONFIG").await
+    }
+
+    /// A client with the operator's service-account token (what `deploy/rbac.yaml` grants).
+    pub async fn operator_client(&self) -> Client {
+        self.client_from("OPERATOR_KUBECONFIG").await
     }
 
     /// The Mosquitto admin account's password (the user is `MQTT_ADMIN_USER`).
