@@ -128,10 +128,32 @@ fn events_mqtt_connection(
         tls,
         username: config.username,
         password: config.password,
-        client_id: format!("thing-operator-events-{}", std::process::id()),
+        // Unique per replica: in a pod every replica may well be pid 1, and the broker drops
+        // the older of two sessions with the same id.
+        client_id: format!(
+            "thing-operator-events-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ),
         last_will: None,
     });
     Ok(Some((client, eventloop, config.layout)))
+}
+
+/// Losing the lease means another replica may act: stop at once.
+fn stop_when_lease_lost(
+    mut leader: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        while leader.changed().await.is_ok() {
+            if !*leader.borrow_and_update() {
+                tracing::error!("leader lease lost, shutting down");
+                shutdown.cancel();
+                return;
+            }
+        }
+    });
 }
 
 /// Blocks until this replica holds the leader Lease. Returns the watch channel, which turns
@@ -219,6 +241,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
+    if args.leader_elect {
+        // A standby replica is ready (it serves health and metrics, and a rolling update must
+        // be able to complete while the old leader holds the lease); it turns unready only for
+        // the moment between winning the lease and its caches syncing.
+        readiness.set_ready(true);
+        let Some(leader) = acquire_leadership(client.clone(), &args, &shutdown).await? else {
+            return Ok(());
+        };
+        readiness.set_ready(false);
+        metrics.leader.set(1);
+        stop_when_lease_lost(leader, shutdown.clone());
+    }
+
+    // Backends start only once this replica leads: the Mosquitto backend then loads its shadows
+    // from the Things' status as they are now (loading them at boot would roll a standby's
+    // shadows back to what they were when it started), and a standby keeps no broker session
+    // whose last will could announce the leader's broker connection offline.
     let providers = build_providers(&args, &client, &metrics, &wiring).await?;
     let reporter = Reporter {
         controller: args.controller_name.clone(),
@@ -243,31 +282,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         observers,
         subscribers,
     }));
-
-    if args.leader_elect {
-        // A standby replica is ready (it serves health and metrics, and a rolling update must
-        // be able to complete while the old leader holds the lease); it turns unready only for
-        // the moment between winning the lease and its caches syncing.
-        readiness.set_ready(true);
-        match acquire_leadership(client.clone(), &args, &shutdown).await? {
-            None => return Ok(()),
-            Some(mut leader) => {
-                readiness.set_ready(false);
-                metrics.leader.set(1);
-                let lost = shutdown.clone();
-                tokio::spawn(async move {
-                    // Losing the lease means another replica may act: stop at once.
-                    while leader.changed().await.is_ok() {
-                        if !*leader.borrow_and_update() {
-                            tracing::error!("leader lease lost, shutting down");
-                            lost.cancel();
-                            return;
-                        }
-                    }
-                });
-            }
-        }
-    }
 
     tracing::info!(brokers = ?ctx.providers.brokers(), "starting controllers");
     ctx.subscribers.activate();
