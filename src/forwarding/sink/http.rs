@@ -2,11 +2,13 @@
 //! optional Secret, and tells retryable answers from final ones.
 //!
 //! Kept apart because it is where a user-chosen destination is reached from inside the cluster:
-//! the one place that builds the HTTP client and reads the header Secret, so destination checks
-//! (refusing inward addresses at connect time, not following redirects) and an opt-in for header
-//! Secrets can be added here without touching the other sinks.
+//! the one place that builds the HTTP client and reads the header Secret. The client is the
+//! egress policy's ([`crate::egress`]): inward addresses are refused at connect time, redirects
+//! are not followed, no proxy is used. A header Secret must opt in with the label
+//! [`HEADERS_OPT_IN_LABEL`]: otherwise anyone allowed to create an Observer could send any Secret
+//! of the namespace (one they may not read) to a URL of their choosing.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
@@ -16,7 +18,10 @@ use reqwest::{
 };
 use serde_json::Value;
 
-use crate::{api::observer::HttpSink, forwarding::DeliveryError};
+use crate::{api::observer::HttpSink, egress::EgressPolicy, forwarding::DeliveryError};
+
+/// The label a Secret needs (value `"true"`) before an Observer may send its keys as headers.
+pub const HEADERS_OPT_IN_LABEL: &str = "iot.thing-operator.dev/http-sink-headers";
 
 /// A request may take this long before it counts as failed (and is retried).
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,14 +39,19 @@ impl HttpEndpoint {
         spec: &HttpSink,
         namespace: &str,
         kube: &Client,
+        egress: &Arc<EgressPolicy>,
     ) -> Result<Self, DeliveryError> {
+        let url = url::Url::parse(&spec.url)
+            .map_err(|e| DeliveryError::permanent(format!("sink.http.url: {e}")))?;
+        egress
+            .check_url(&url)
+            .map_err(|e| DeliveryError::permanent(format!("DestinationRefused: {e}")))?;
         let headers = match &spec.headers_secret {
             Some(s) => headers_from_secret(kube, namespace, s).await?,
             None => HeaderMap::new(),
         };
-        let client = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .build()
+        let client = egress
+            .http_client(reqwest::Client::builder().timeout(TIMEOUT))
             .map_err(|e| DeliveryError::permanent(format!("building the HTTP client: {e}")))?;
         Ok(Self {
             client,
@@ -97,6 +107,18 @@ async fn headers_from_secret(
         .get(secret)
         .await
         .map_err(|e| DeliveryError::retryable(format!("reading header Secret {secret}: {e}")))?;
+    let opted_in = secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(HEADERS_OPT_IN_LABEL))
+        .is_some_and(|v| v == "true");
+    if !opted_in {
+        return Err(DeliveryError::permanent(format!(
+            "header Secret {} does not opt in: it needs the label {HEADERS_OPT_IN_LABEL}=true",
+            secret.metadata.name.as_deref().unwrap_or_default()
+        )));
+    }
     let mut headers = HeaderMap::new();
     for (key, value) in secret.data.unwrap_or_default() {
         let name = HeaderName::from_bytes(key.as_bytes()).map_err(|_| {

@@ -42,6 +42,7 @@ impl Sink {
         namespace: &str,
         client: &Client,
         mqtt: Option<&AsyncClient>,
+        egress: &std::sync::Arc<crate::egress::EgressPolicy>,
     ) -> Result<Sink, DeliveryError> {
         if let Some(m) = &spec.mqtt {
             let client = mqtt.ok_or_else(|| {
@@ -55,7 +56,9 @@ impl Sink {
             });
         }
         if let Some(h) = &spec.http {
-            return Ok(Sink::Http(HttpEndpoint::build(h, namespace, client).await?));
+            return Ok(Sink::Http(
+                HttpEndpoint::build(h, namespace, client, egress).await?,
+            ));
         }
         if let Some(t) = &spec.thing {
             return Ok(Sink::Thing {

@@ -118,7 +118,7 @@ impl BackendError for AwsError {
             AwsError::ThingNameChanged { .. }
             | AwsError::PolicyTemplate(_)
             | AwsError::KeyGeneration(_) => "BackendRejected",
-            AwsError::Secret(_) => "SecretError",
+            AwsError::Secret(e) => e.reason(),
         }
     }
 }

@@ -26,8 +26,9 @@ pub enum MosquittoError {
     /// The thing name is the operator's own broker account.
     #[error("thing name {0} is the operator's own broker account")]
     OperatorAccount(String),
-    /// Another Thing of this operator already uses the thing name.
-    #[error("thing name {thing_name} is already used by Thing {owner}")]
+    /// Another Thing of this operator already uses the thing name. The message names the name
+    /// only: the other Thing may belong to another tenant (its key stays in `owner` for logs).
+    #[error("thing name {thing_name} is already used by another Thing")]
     NameTaken { thing_name: String, owner: ThingKey },
     /// The operator's CA could not issue the device certificate.
     #[error("issuing the device certificate")]
@@ -60,13 +61,13 @@ impl BackendError for MosquittoError {
                 DynsecError::Timeout { .. } | DynsecError::Send { .. } => "BackendUnreachable",
                 DynsecError::Command { .. } => "BackendError",
                 // Not ours: only a spec change (another name) helps.
-                DynsecError::Foreign(_) => "BackendRejected",
+                DynsecError::Foreign(_) => "Conflict",
             },
-            MosquittoError::Topic(_)
-            | MosquittoError::OperatorAccount(_)
-            | MosquittoError::NameTaken { .. } => "BackendRejected",
+            MosquittoError::NameTaken { .. } => "Conflict",
+            MosquittoError::Topic(_) | MosquittoError::OperatorAccount(_) => "BackendRejected",
+            MosquittoError::Secret(e) => e.reason(),
             // Credential material for the device Secret, as the Secret's own failures.
-            MosquittoError::IssueCertificate(_) | MosquittoError::Secret(_) => "SecretError",
+            MosquittoError::IssueCertificate(_) => "SecretError",
         }
     }
 }
@@ -105,7 +106,7 @@ mod tests {
             ),
             (
                 dynsec(DynsecError::Foreign("ns_dev".into())),
-                "BackendRejected",
+                "Conflict",
                 false,
             ),
             (
@@ -118,7 +119,7 @@ mod tests {
                     thing_name: "n".into(),
                     owner: ThingKey::new("a", "b"),
                 },
-                "BackendRejected",
+                "Conflict",
                 false,
             ),
             (
