@@ -1,8 +1,9 @@
 //! Shadows restored from Thing status: the operator keeps Mosquitto shadows in memory only, so
 //! after a restart each provisioned Thing's shadow is rebuilt from what its status recorded
-//! (reported state, version, time) and its spec (desired state). Done once at start-up, so
-//! reports that arrive before the first reconcile are neither lost nor refused; a Thing the
-//! list missed is seeded the same way by its first reconcile.
+//! (reported state, version, time) and its spec (desired state). Done once, when the backend
+//! starts (after this replica won the lease, so the status is the last leader's), so reports
+//! that arrive before the first reconcile are neither lost nor refused; a Thing the list missed
+//! is seeded the same way by its first reconcile.
 
 use kube::{Api, ResourceExt};
 
