@@ -14,7 +14,10 @@ use serde_json::{Map, Value};
 
 use super::shadow::{DesiredChanged, Shadow};
 use crate::{
-    api::{JsonObject, ThingUpdate},
+    api::{
+        JsonObject, ThingUpdate,
+        update::{Documents, Subject},
+    },
     mqtt::topic::ShadowTarget,
     provider::ThingKey,
 };
@@ -134,17 +137,20 @@ impl TrackedThing {
 
     /// The Thing's state now, for the state feed.
     pub fn state_update(&self, key: &ThingKey, now: DateTime<Utc>) -> ThingUpdate {
-        let object = |m: Map<String, Value>| (!m.is_empty()).then_some(JsonObject(m));
-        ThingUpdate {
-            namespace: key.namespace.clone(),
-            name: key.name.clone(),
-            labels: self.labels.clone(),
-            desired: object(self.shadow.desired().clone()),
-            reported: object(self.shadow.reported().clone()),
-            delta: object(self.shadow.delta()),
-            version: Some(self.shadow.version()),
-            time: now,
-        }
+        ThingUpdate::new(
+            Subject {
+                namespace: &key.namespace,
+                name: &key.name,
+                labels: &self.labels,
+            },
+            Documents {
+                desired: Some(JsonObject(self.shadow.desired().clone())),
+                reported: Some(JsonObject(self.shadow.reported().clone())),
+                delta: Some(JsonObject(self.shadow.delta())),
+            },
+            Some(self.shadow.version()),
+            now,
+        )
     }
 }
 
