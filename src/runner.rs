@@ -222,10 +222,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let bus = StateBus::default();
     let (trigger, trigger_rx) = ThingTrigger::channel();
     let wiring = Arc::new(Wiring::new(bus.clone(), trigger));
+    // One policy: the Observer reconciler refuses literal addresses, the sinks check names at
+    // connect time.
+    let egress = Arc::new(args.egress_policy());
     let observers = ObserverManager::new(
         bus,
         client.clone(),
         events_mqtt.as_ref().map(|(c, _, _)| c.clone()),
+        egress.clone(),
         metrics.clone(),
         shutdown.clone(),
     );
@@ -273,7 +277,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         watch_namespace: args.watch_namespace.clone(),
         limits: args.limits.spec_limits(),
         topics: args.mqtt.topic_scope(),
-        egress: Arc::new(args.egress_policy()),
+        egress,
     };
     let ctx = Arc::new(Context::new(ContextParts {
         recorder: Recorder::new(client.clone(), reporter),

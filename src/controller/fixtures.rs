@@ -198,6 +198,7 @@ pub fn context(provider: Arc<DebugProvider>) -> (Arc<Context>, ApiServer) {
             StateBus::default(),
             client.clone(),
             None,
+            Arc::default(),
             metrics.clone(),
             shutdown.clone(),
         ),

@@ -25,6 +25,7 @@ use crate::{
         Observer, ThingUpdate, object_key,
         observer::{ObserverSpec, StateSection},
     },
+    egress::EgressPolicy,
     metrics::Metrics,
 };
 
@@ -38,6 +39,8 @@ pub struct ObserverManager {
     bus: StateBus,
     client: Client,
     mqtt: MqttAccess,
+    /// Where HTTP sinks may connect.
+    egress: Arc<EgressPolicy>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tasks: TaskRegistry,
@@ -48,6 +51,7 @@ impl ObserverManager {
         bus: StateBus,
         client: Client,
         mqtt: Option<AsyncClient>,
+        egress: Arc<EgressPolicy>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -55,6 +59,7 @@ impl ObserverManager {
             bus,
             client,
             mqtt: MqttAccess::shared(mqtt),
+            egress,
             metrics,
             shutdown,
             tasks: TaskRegistry::default(),
@@ -92,6 +97,7 @@ impl ObserverManager {
             api: Api::namespaced(self.client.clone(), &ns),
             client: self.client.clone(),
             mqtt: self.mqtt.client_for(&ns).cloned(),
+            egress: self.egress.clone(),
             bus: self.bus.clone(),
             metrics: self.metrics.clone(),
             cancel: cancel.clone(),
@@ -119,6 +125,7 @@ struct ObserverTask {
     client: Client,
     /// The client an MQTT sink publishes with: the one that acts for this namespace.
     mqtt: Option<AsyncClient>,
+    egress: Arc<EgressPolicy>,
     bus: StateBus,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
@@ -144,6 +151,7 @@ impl ObserverTask {
                 &self.namespace,
                 &self.client,
                 self.mqtt.as_ref(),
+                &self.egress,
             )
             .await
             {

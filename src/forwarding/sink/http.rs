@@ -2,11 +2,11 @@
 //! optional Secret, and tells retryable answers from final ones.
 //!
 //! Kept apart because it is where a user-chosen destination is reached from inside the cluster:
-//! the one place that builds the HTTP client and reads the header Secret, so destination checks
-//! (refusing inward addresses at connect time, not following redirects) and an opt-in for header
-//! Secrets can be added here without touching the other sinks.
+//! the one place that builds the HTTP client and reads the header Secret. The client is the
+//! [`EgressPolicy`]'s guarded one (every name checked when it resolves, no redirects, no proxy),
+//! and a destination the policy refuses is a permanent failure, never a request.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
@@ -16,7 +16,11 @@ use reqwest::{
 };
 use serde_json::Value;
 
-use crate::{api::observer::HttpSink, forwarding::DeliveryError};
+use crate::{
+    api::observer::HttpSink,
+    egress::{EgressPolicy, Refusal},
+    forwarding::DeliveryError,
+};
 
 /// A request may take this long before it counts as failed (and is retried).
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,14 +38,14 @@ impl HttpEndpoint {
         spec: &HttpSink,
         namespace: &str,
         kube: &Client,
+        egress: &Arc<EgressPolicy>,
     ) -> Result<Self, DeliveryError> {
         let headers = match &spec.headers_secret {
             Some(s) => headers_from_secret(kube, namespace, s).await?,
             None => HeaderMap::new(),
         };
-        let client = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .build()
+        let client = egress
+            .http_client(reqwest::Client::builder().timeout(TIMEOUT))
             .map_err(|e| DeliveryError::permanent(format!("building the HTTP client: {e}")))?;
         Ok(Self {
             client,
@@ -64,10 +68,23 @@ impl HttpEndpoint {
             .json(event)
             .send()
             .await
-            // Without the URL: reqwest's message would repeat it, and a query may hold a token.
-            .map_err(|e| DeliveryError::retryable(format!("POST {url}: {}", e.without_url())))?;
+            .map_err(|e| send_failure(url, e))?;
         answer(url, resp.status())
     }
+}
+
+/// A request that got no answer: refused by the egress policy (for good: the name resolves
+/// only to addresses sinks may not reach), or a network failure (may pass later).
+fn send_failure(url: &str, e: reqwest::Error) -> DeliveryError {
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        if let Some(refusal) = cause.downcast_ref::<Refusal>() {
+            return DeliveryError::permanent(format!("POST {url}: destination refused: {refusal}"));
+        }
+        source = cause.source();
+    }
+    // Without the URL: reqwest's message would repeat it, and a query may hold a token.
+    DeliveryError::retryable(format!("POST {url}: {}", e.without_url()))
 }
 
 /// What an HTTP answer means: 2xx delivered; 408, 429 and 5xx may pass later; anything else is
@@ -116,6 +133,22 @@ async fn headers_from_secret(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_name_resolving_inward_is_refused_for_good_without_a_request() {
+        // `localhost` is a name, so only the guarded resolver can catch it.
+        let egress = Arc::new(EgressPolicy::default());
+        let endpoint = HttpEndpoint {
+            client: egress
+                .http_client(reqwest::Client::builder().timeout(TIMEOUT))
+                .unwrap(),
+            url: "http://localhost:9/hook".into(),
+            headers: HeaderMap::new(),
+        };
+        let e = endpoint.post(&serde_json::json!({})).await.unwrap_err();
+        assert!(!e.retryable, "{e}");
+        assert!(e.message.contains("destination refused"), "{e}");
+    }
 
     #[test]
     fn only_answers_that_may_change_are_retried() {
