@@ -222,6 +222,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let bus = StateBus::default();
     let (trigger, trigger_rx) = ThingTrigger::channel();
     let wiring = Arc::new(Wiring::new(bus.clone(), trigger));
+    // One policy: the Observer reconciler refuses literal addresses, the sinks check names at
+    // connect time.
     let egress = Arc::new(args.egress_policy());
     let observers = ObserverManager::new(
         bus,

@@ -9,8 +9,8 @@
 //! - the tasks: [`observers`], [`subscribers`], and what both share in [`tasks`].
 //!
 //! Forwarding is fed by channels and trait objects the runner wires in (the state bus, the
-//! MQTT client, a [`ReportedStateWriter`](crate::feed::ReportedStateWriter)); it imports no
-//! backend, controller or runner code.
+//! MQTT client, a [`ReportedStateWriter`](crate::feed::ReportedStateWriter), the egress policy
+//! of HTTP sinks); it imports no backend, controller or runner code.
 
 mod bus;
 mod cloud_event;

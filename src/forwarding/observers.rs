@@ -39,6 +39,7 @@ pub struct ObserverManager {
     bus: StateBus,
     client: Client,
     mqtt: MqttAccess,
+    /// Where HTTP sinks may connect.
     egress: Arc<EgressPolicy>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -57,8 +58,8 @@ impl ObserverManager {
         Self {
             bus,
             client,
-            egress,
             mqtt: MqttAccess::shared(mqtt),
+            egress,
             metrics,
             shutdown,
             tasks: TaskRegistry::default(),
@@ -124,7 +125,6 @@ struct ObserverTask {
     client: Client,
     /// The client an MQTT sink publishes with: the one that acts for this namespace.
     mqtt: Option<AsyncClient>,
-    /// Where an HTTP sink may connect.
     egress: Arc<EgressPolicy>,
     bus: StateBus,
     metrics: Arc<Metrics>,

@@ -3,10 +3,11 @@
 //!
 //! Kept apart because it is where a user-chosen destination is reached from inside the cluster:
 //! the one place that builds the HTTP client and reads the header Secret. The client is the
-//! egress policy's ([`crate::egress`]): inward addresses are refused at connect time, redirects
-//! are not followed, no proxy is used. A header Secret must opt in with the label
-//! [`HEADERS_OPT_IN_LABEL`]: otherwise anyone allowed to create an Observer could send any Secret
-//! of the namespace (one they may not read) to a URL of their choosing.
+//! [`EgressPolicy`]'s guarded one (every name checked when it resolves, no redirects, no proxy),
+//! and a destination the policy refuses is a permanent failure, never a request. A header Secret
+//! must opt in with the label [`HEADERS_OPT_IN_LABEL`]: otherwise anyone allowed to create an
+//! Observer could send any Secret of the namespace (one they may not read) to a URL of their
+//! choosing.
 
 use std::{sync::Arc, time::Duration};
 
@@ -18,7 +19,11 @@ use reqwest::{
 };
 use serde_json::Value;
 
-use crate::{api::observer::HttpSink, egress::EgressPolicy, forwarding::DeliveryError};
+use crate::{
+    api::observer::HttpSink,
+    egress::{EgressPolicy, Refusal},
+    forwarding::DeliveryError,
+};
 
 /// The label a Secret needs (value `"true"`) before an Observer may send its keys as headers.
 pub const HEADERS_OPT_IN_LABEL: &str = "iot.thing-operator.dev/http-sink-headers";
@@ -41,11 +46,12 @@ impl HttpEndpoint {
         kube: &Client,
         egress: &Arc<EgressPolicy>,
     ) -> Result<Self, DeliveryError> {
+        // A literal address (or `localhost`) never reaches the resolver: checked here.
         let url = url::Url::parse(&spec.url)
             .map_err(|e| DeliveryError::permanent(format!("sink.http.url: {e}")))?;
         egress
             .check_url(&url)
-            .map_err(|e| DeliveryError::permanent(format!("DestinationRefused: {e}")))?;
+            .map_err(|e| DeliveryError::permanent(format!("destination refused: {e}")))?;
         let headers = match &spec.headers_secret {
             Some(s) => headers_from_secret(kube, namespace, s).await?,
             None => HeaderMap::new(),
@@ -74,10 +80,23 @@ impl HttpEndpoint {
             .json(event)
             .send()
             .await
-            // Without the URL: reqwest's message would repeat it, and a query may hold a token.
-            .map_err(|e| DeliveryError::retryable(format!("POST {url}: {}", e.without_url())))?;
+            .map_err(|e| send_failure(url, e))?;
         answer(url, resp.status())
     }
+}
+
+/// A request that got no answer: refused by the egress policy (for good: the name resolves
+/// only to addresses sinks may not reach), or a network failure (may pass later).
+fn send_failure(url: &str, e: reqwest::Error) -> DeliveryError {
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        if let Some(refusal) = cause.downcast_ref::<Refusal>() {
+            return DeliveryError::permanent(format!("POST {url}: destination refused: {refusal}"));
+        }
+        source = cause.source();
+    }
+    // Without the URL: reqwest's message would repeat it, and a query may hold a token.
+    DeliveryError::retryable(format!("POST {url}: {}", e.without_url()))
 }
 
 /// What an HTTP answer means: 2xx delivered; 408, 429 and 5xx may pass later; anything else is
@@ -138,6 +157,22 @@ async fn headers_from_secret(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_name_resolving_inward_is_refused_for_good_without_a_request() {
+        // `localhost` is a name, so only the guarded resolver can catch it.
+        let egress = Arc::new(EgressPolicy::default());
+        let endpoint = HttpEndpoint {
+            client: egress
+                .http_client(reqwest::Client::builder().timeout(TIMEOUT))
+                .unwrap(),
+            url: "http://localhost:9/hook".into(),
+            headers: HeaderMap::new(),
+        };
+        let e = endpoint.post(&serde_json::json!({})).await.unwrap_err();
+        assert!(!e.retryable, "{e}");
+        assert!(e.message.contains("destination refused"), "{e}");
+    }
 
     #[test]
     fn only_answers_that_may_change_are_retried() {

@@ -4,6 +4,8 @@
 
 mod http;
 
+use std::sync::Arc;
+
 use kube::{Api, Client};
 use rumqttc::{AsyncClient, QoS};
 use serde_json::Value;
@@ -15,7 +17,10 @@ use super::{
     json::set_pointer,
     mqtt::qos,
 };
-use crate::api::{Thing, ThingUpdate, observer::SinkSpec, observer::StateSection};
+use crate::{
+    api::{Thing, ThingUpdate, observer::SinkSpec, observer::StateSection},
+    egress::EgressPolicy,
+};
 
 pub use http::HttpEndpoint;
 
@@ -36,13 +41,14 @@ pub enum Sink {
 
 impl Sink {
     /// Builds the sink of `spec` for an Observer in `namespace`; `mqtt` is the client that acts
-    /// for that namespace, if a broker is configured.
+    /// for that namespace, if a broker is configured; `egress` says where an HTTP sink may
+    /// connect.
     pub async fn build(
         spec: &SinkSpec,
         namespace: &str,
         client: &Client,
         mqtt: Option<&AsyncClient>,
-        egress: &std::sync::Arc<crate::egress::EgressPolicy>,
+        egress: &Arc<EgressPolicy>,
     ) -> Result<Sink, DeliveryError> {
         if let Some(m) = &spec.mqtt {
             let client = mqtt.ok_or_else(|| {
