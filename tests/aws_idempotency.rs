@@ -219,7 +219,7 @@ async fn a_changed_thing_name_is_refused_not_leaked() {
     let s = setup("aws-rename").await;
     let op = s.operator().aws().ready().await;
     let api = s.things();
-    let tn = format!("{}-first", s.ns.replace('-', "_"));
+    let tn = format!("{}_first", s.ns);
     thing("dev")
         .broker("AWS")
         .field("thingName", json!(tn))

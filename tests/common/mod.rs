@@ -495,6 +495,9 @@ pub struct OperatorBuilder {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     failpoints_binary: bool,
+    /// Watch every namespace instead of the test's own (tests about tenants, which are
+    /// namespaces). Two such operators must never run at once.
+    cluster_wide: bool,
 }
 
 impl OperatorBuilder {
@@ -505,6 +508,7 @@ impl OperatorBuilder {
             args: Vec::new(),
             envs: Vec::new(),
             failpoints_binary: false,
+            cluster_wide: false,
         }
     }
 
@@ -574,6 +578,12 @@ impl OperatorBuilder {
         ])
     }
 
+    /// Watches every namespace (see the field's docs).
+    pub fn cluster_wide(mut self) -> Self {
+        self.cluster_wide = true;
+        self
+    }
+
     /// Runs a private copy of the binary under test, checked to have the `failpoints` feature
     /// (see [`failpoints_binary`]).
     pub fn failpoints_binary(mut self) -> Self {
@@ -602,10 +612,11 @@ impl OperatorBuilder {
         let mut cmd = Command::new(binary);
         cmd.arg("run")
             .arg("--http-addr")
-            .arg(format!("127.0.0.1:{http_port}"))
-            .arg("--watch-namespace")
-            .arg(&self.namespace)
-            .args(&self.args)
+            .arg(format!("127.0.0.1:{http_port}"));
+        if !self.cluster_wide {
+            cmd.arg("--watch-namespace").arg(&self.namespace);
+        }
+        cmd.args(&self.args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("KUBECONFIG", self.env.var("OPERATOR_KUBECONFIG"))

@@ -87,18 +87,6 @@ impl MosquittoProvider {
         let uid = req.thing.uid().unwrap_or_default();
         let generation = req.thing.metadata.generation;
         let secret_name = req.secret.name();
-        record_device(
-            status,
-            DeviceIdentity {
-                broker: Broker::Mosquitto,
-                thing_name,
-                client_id: thing_name,
-                endpoint: &self.config.device_endpoint,
-                topic: topic.base(),
-                secret_name,
-                policy_name: None,
-            },
-        );
 
         // The in-memory shadow: restored from status after a restart, desired from the spec.
         let desired = req
@@ -121,6 +109,20 @@ impl MosquittoProvider {
             let verified = tracked.is_verified(generation, secret_name, VERIFY_EVERY);
             (changed, verified)
         };
+        // Only once the name is this Thing's: a Thing that lost the name must not record it,
+        // or after a restart it could claim the name from the status it wrote.
+        record_device(
+            status,
+            DeviceIdentity {
+                broker: Broker::Mosquitto,
+                thing_name,
+                client_id: thing_name,
+                endpoint: &self.config.device_endpoint,
+                topic: topic.base(),
+                secret_name,
+                policy_name: None,
+            },
+        );
         if let Some(change) = changed {
             let aws_root = aws_shadow_root(thing_name)?;
             for root in [topic.shadow_root(), aws_root] {

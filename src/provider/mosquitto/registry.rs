@@ -183,6 +183,7 @@ impl Registry {
             .is_some_and(|t| t.uid == uid && t.thing_name == thing_name);
         if !current {
             self.remove(key);
+            // The name is free or this Thing's (checked above), so the record goes in.
             self.restore(
                 key.clone(),
                 TrackedThing::new(uid.to_string(), thing_name.to_string(), seed()),
@@ -194,10 +195,18 @@ impl Registry {
             .expect("tracked just above under the same key"))
     }
 
-    /// Adds a record as it was before a restart (from the Thing's status).
-    pub fn restore(&mut self, key: ThingKey, thing: TrackedThing) {
+    /// Adds a record as it was before a restart (from the Thing's status). The first Thing to
+    /// claim a device name keeps it: returns false (and records nothing) for another Thing
+    /// claiming the same name.
+    pub fn restore(&mut self, key: ThingKey, thing: TrackedThing) -> bool {
+        if let Some(owner) = self.by_name.get(&thing.thing_name)
+            && *owner != key
+        {
+            return false;
+        }
         self.by_name.insert(thing.thing_name.clone(), key.clone());
         self.by_key.insert(key, thing);
+        true
     }
 
     pub fn get_mut(&mut self, key: &ThingKey) -> Option<&mut TrackedThing> {
@@ -270,6 +279,24 @@ mod tests {
         assert_eq!(
             r.resolve(&ShadowTarget::AwsName("dev".into())),
             Some(key("b"))
+        );
+    }
+
+    #[test]
+    fn after_a_restart_the_first_claim_keeps_the_name() {
+        let mut r = Registry::default();
+        let tracked = |uid: &str| TrackedThing::new(uid.into(), "dev".into(), Shadow::default());
+        assert!(r.restore(key("owner"), tracked("uid-o")));
+        // A squatter whose status also names the device, restored later: refused.
+        assert!(!r.restore(key("squatter"), tracked("uid-s")));
+        assert_eq!(
+            r.resolve(&ShadowTarget::AwsName("dev".into())),
+            Some(key("owner"))
+        );
+        assert_eq!(
+            r.track(&key("squatter"), "uid-s", "dev", Shadow::default)
+                .unwrap_err(),
+            key("owner")
         );
     }
 

@@ -23,8 +23,18 @@ impl MosquittoProvider {
                 return;
             }
         };
+        // Oldest first: when two Things recorded the same device name (a squatter's status
+        // written by an operator before names were claimed ahead of recording them), the one
+        // that had it first keeps it, whatever order the list comes in.
+        let mut items = list.items;
+        items.sort_by(|a, b| {
+            let created = |t: &Thing| t.metadata.creation_timestamp.clone().map(|c| c.0);
+            created(a)
+                .cmp(&created(b))
+                .then_with(|| a.uid().cmp(&b.uid()))
+        });
         let mut registry = self.registry.lock();
-        for thing in list.items {
+        for thing in items {
             if thing.spec.broker != Broker::Mosquitto {
                 continue;
             }
@@ -41,7 +51,9 @@ impl MosquittoProvider {
                 seed_shadow(&thing, status),
             );
             tracked.set_labels(thing.labels());
-            registry.restore(key, tracked);
+            if !registry.restore(key.clone(), tracked) {
+                tracing::warn!(thing = %key, "device name already restored for an older Thing; not tracked");
+            }
         }
         tracing::info!(
             things = registry.len(),
