@@ -169,13 +169,16 @@ up() {
   install_deps
   rm -rf "$DIR"
   mkdir -p "$DIR/logs" "$DIR/etcd" "$DIR/mosquitto"
-  local admin_token operator_token mqtt_password
+  local admin_token operator_token tenant_token mqtt_password
   admin_token=$(openssl rand -hex 24)
   operator_token=$(openssl rand -hex 24)
+  # A plain user with no rights of its own: the hostile-tenant tests bind it to one namespace.
+  tenant_token=$(openssl rand -hex 24)
   mqtt_password=$(openssl rand -hex 16)
   cat >"$DIR/tokens.csv" <<T
 $admin_token,admin,admin-uid,"system:masters"
 $operator_token,system:serviceaccount:$OPERATOR_NS:$OPERATOR_SA,operator-uid,"system:serviceaccounts,system:serviceaccounts:$OPERATOR_NS,system:authenticated"
+$tenant_token,tenant-user,tenant-user-uid,"system:authenticated"
 T
   openssl genrsa -out "$DIR/sa.key" 2048 2>/dev/null
   cat >"$DIR/env" <<E
@@ -189,6 +192,8 @@ export ADMIN_TOKEN=$admin_token
 export OPERATOR_TOKEN=$operator_token
 export KUBECONFIG=$DIR/admin.kubeconfig
 export OPERATOR_KUBECONFIG=$DIR/operator.kubeconfig
+export TENANT_USER=tenant-user
+export TENANT_KUBECONFIG=$DIR/tenant.kubeconfig
 export KUBECTL=$K8S_BIN/kubectl
 export MQTT_ADMIN_USER=thing-operator
 export MQTT_ADMIN_PASSWORD_FILE=$DIR/mosquitto/admin-password
@@ -202,6 +207,7 @@ E
   } >>"$DIR/env"
   write_kubeconfig "$DIR/admin.kubeconfig" "$admin_token"
   write_kubeconfig "$DIR/operator.kubeconfig" "$operator_token"
+  write_kubeconfig "$DIR/tenant.kubeconfig" "$tenant_token"
 
   log "starting etcd on $ETCD_PORT"
   start_bg etcd "$DIR/logs/etcd.log" etcd --data-dir "$DIR/etcd" \

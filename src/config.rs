@@ -93,6 +93,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
+    pub egress: EgressArgs,
+    #[command(flatten)]
     pub aws: AwsArgs,
     #[command(flatten)]
     pub mqtt: MqttArgs,
@@ -128,6 +130,38 @@ impl LimitArgs {
             min_rotate_after: self.min_rotate_after,
             min_rotation_overlap: self.min_rotation_overlap,
             unrestricted_policies: self.unrestricted_policies,
+        }
+    }
+}
+
+/// Where Observer HTTP sinks may connect (docs/security.md). By default only public addresses.
+#[derive(Args, Debug, Clone, Default)]
+pub struct EgressArgs {
+    /// CIDR HTTP sinks may reach although it is not public (e.g. an in-cluster collector);
+    /// comma-separated or repeated.
+    #[arg(
+        long = "http-sink-allow-cidr",
+        env = "THING_OPERATOR_HTTP_SINK_ALLOW_CIDRS",
+        value_delimiter = ','
+    )]
+    pub allow: Vec<ipnet::IpNet>,
+    /// CIDR HTTP sinks may never reach although it is public (e.g. the cluster's service and
+    /// pod ranges); comma-separated or repeated.
+    #[arg(
+        long = "http-sink-deny-cidr",
+        env = "THING_OPERATOR_HTTP_SINK_DENY_CIDRS",
+        value_delimiter = ','
+    )]
+    pub deny: Vec<ipnet::IpNet>,
+}
+
+impl RunArgs {
+    /// The egress policy of HTTP sinks: the configured ranges, and the operator's own port.
+    pub fn egress_policy(&self) -> crate::egress::EgressPolicy {
+        crate::egress::EgressPolicy {
+            allowed: self.egress.allow.clone(),
+            denied: self.egress.deny.clone(),
+            own_ports: vec![self.http_addr.port()],
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod api;
 pub mod config;
 pub mod controller;
 pub mod credentials;
+pub mod egress;
 pub mod error;
 pub mod failpoints;
 pub mod feed;

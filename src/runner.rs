@@ -270,6 +270,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         watch_namespace: args.watch_namespace.clone(),
         limits: args.limits.spec_limits(),
         topics: args.mqtt.topic_scope(),
+        egress: Arc::new(args.egress_policy()),
     };
     let ctx = Arc::new(Context::new(ContextParts {
         recorder: Recorder::new(client.clone(), reporter),

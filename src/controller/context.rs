@@ -16,6 +16,7 @@ use crate::{
         Thing,
         validation::{SpecLimits, TopicScope},
     },
+    egress::EgressPolicy,
     feed::StateFeed,
     forwarding::{ObserverManager, SubscriberManager},
     metrics::Metrics,
@@ -33,6 +34,8 @@ pub struct ControllerConfig {
     pub limits: SpecLimits,
     /// Where Observers and Subscribers may publish and subscribe.
     pub topics: TopicScope,
+    /// Where HTTP sinks may connect.
+    pub egress: Arc<EgressPolicy>,
 }
 
 impl Default for ControllerConfig {
@@ -44,6 +47,7 @@ impl Default for ControllerConfig {
             watch_namespace: None,
             limits: SpecLimits::default(),
             topics: TopicScope::default(),
+            egress: Arc::default(),
         }
     }
 }

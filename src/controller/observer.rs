@@ -21,7 +21,21 @@ use crate::{
 #[async_trait::async_trait]
 impl task_kind::TaskKind for Observer {
     fn validate(&self, ctx: &Context) -> Result<(), InvalidSpec> {
-        validate_observer(self, &ctx.config.topics)
+        validate_observer(self, &ctx.config.topics)?;
+        // A URL whose literal address is refused never becomes a task; names are checked again
+        // at every connect.
+        match self
+            .spec
+            .sink
+            .http
+            .as_ref()
+            .map(|h| url::Url::parse(&h.url))
+        {
+            Some(Ok(url)) => ctx.config.egress.check_url(&url).map_err(|e| InvalidSpec {
+                problems: vec![format!("sink.http.url: {e}")],
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn core_status(&self) -> Option<&dyn HasStatusCore> {
