@@ -304,7 +304,17 @@ async fn malformed_payloads_are_rejected() {
 async fn observers_see_reports_before_status_does() {
     let (url, received) = common::http_receiver().await;
 
-    let s = setup("mq-observe", &["--status-write-interval", "30s"]).await;
+    // The sink is on loopback, which HTTP sinks may not reach by default.
+    let s = setup(
+        "mq-observe",
+        &[
+            "--status-write-interval",
+            "30s",
+            "--http-sink-allow-cidr",
+            "127.0.0.0/8",
+        ],
+    )
+    .await;
     thing("meter").desired(json!({})).create(&s.things).await;
     s.wait_ready(&s.things, "meter").await;
     let observers: kube::Api<thing_operator::api::Observer> = s.api();

@@ -39,6 +39,7 @@ async fn changed_by_filter_forwards_cloud_events_and_remembers_across_restarts()
     let s = Setup::new("obs-http").await;
     let ns = &s.ns;
     let (url, received) = http_receiver().await;
+    // The sink is on loopback, which HTTP sinks may not reach by default.
     let operator = s.operator().args(["--http-sink-allow-cidr", "127.0.0.0/8"]);
     let mut op = operator.ready().await;
     let things = s.things();
@@ -94,7 +95,7 @@ async fn changed_by_filter_forwards_cloud_events_and_remembers_across_restarts()
     // A crash and a restart: the replayed state (23) and a small move (24) stay filtered,
     // because the memory came back from status; 25.5 passes.
     op.kill();
-    let _op = s.operator().ready().await;
+    let _op = operator.ready().await;
     set_temp(&things, "t1", 24.0).await;
     set_temp(&things, "t1", 25.5).await;
     let events = wait_count(&s, &received, 3).await;
