@@ -110,16 +110,7 @@ async fn a_hostile_namespace_cannot_reach_another_namespaces_devices_secrets_or_
     s.wait_ready(&a_things, "lamp").await;
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), tenant_a);
     let a_secret = secrets.get("lamp-device").await.expect("lamp's Secret");
-    let a_data = a_secret.data.clone().expect("Secret data");
-    let text = |k: &str| String::from_utf8(a_data[k].0.clone()).expect("utf-8");
-    let creds = Credentials {
-        endpoint: text("endpoint"),
-        client_id: text("clientId"),
-        username: text("username"),
-        password: text("password"),
-        thing_name: text("thingName"),
-        topic: text("topic"),
-    };
+    let creds = Credentials::from_secret(&a_secret);
     let mut device = Device::start(&creds, vec![]);
     device.connected().await;
     let report = |temp: i64| json!({"state": {"reported": {"temp": temp}}}).to_string();
@@ -418,14 +409,7 @@ async fn a_hostile_namespace_cannot_reach_another_namespaces_devices_secrets_or_
         Some("Reconciled".into())
     );
     let mut watcher = Device::start(
-        &Credentials {
-            endpoint: format!("127.0.0.1:{}", env.var("MQTT_PORT")),
-            client_id: format!("hostile-watch-{:08x}", rand::random::<u32>()),
-            username: env.var("MQTT_ADMIN_USER"),
-            password: env.mqtt_admin_password(),
-            thing_name: String::new(),
-            topic: String::new(),
-        },
+        &Credentials::admin(env),
         vec![format!("{a_subtree}/things/lamp/state")],
     );
     watcher.connected().await;

@@ -13,7 +13,7 @@ use thing_operator::api::Thing;
 use tokio::sync::{mpsc, watch};
 
 pub use crate::common::WAIT;
-use crate::common::{OperatorBuilder, OperatorProcess, Setup};
+use crate::common::{OperatorBuilder, OperatorProcess, Setup, TestEnv};
 
 /// A test's `Setup` (reached through `Deref`) with an operator on the test broker.
 pub struct MosquittoSetup {
@@ -71,7 +71,28 @@ impl MosquittoSetup {
             .get(&format!("{name}-device"))
             .await
             .expect("device Secret exists");
-        let data = s.data.expect("Secret has data");
+        Credentials::from_secret(&s)
+    }
+
+    pub fn admin_credentials(&self) -> Credentials {
+        Credentials::admin(&self.env)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    pub endpoint: String,
+    pub client_id: String,
+    pub username: String,
+    pub password: String,
+    pub thing_name: String,
+    pub topic: String,
+}
+
+impl Credentials {
+    /// What a device reads from its Secret.
+    pub fn from_secret(secret: &Secret) -> Credentials {
+        let data = secret.data.as_ref().expect("Secret has data");
         let text = |k: &str| {
             String::from_utf8(
                 data.get(k)
@@ -91,29 +112,18 @@ impl MosquittoSetup {
         }
     }
 
-    pub fn admin_credentials(&self) -> Credentials {
+    /// The broker's admin account, with a client id of its own.
+    pub fn admin(env: &TestEnv) -> Credentials {
         Credentials {
-            endpoint: format!("127.0.0.1:{}", self.env.var("MQTT_PORT")),
+            endpoint: format!("127.0.0.1:{}", env.var("MQTT_PORT")),
             client_id: format!("test-admin-{:08x}", rand::random::<u32>()),
-            username: self.env.var("MQTT_ADMIN_USER"),
-            password: self.env.mqtt_admin_password(),
+            username: env.var("MQTT_ADMIN_USER"),
+            password: env.mqtt_admin_password(),
             thing_name: String::new(),
             topic: String::new(),
         }
     }
-}
 
-#[derive(Clone, Debug)]
-pub struct Credentials {
-    pub endpoint: String,
-    pub client_id: String,
-    pub username: String,
-    pub password: String,
-    pub thing_name: String,
-    pub topic: String,
-}
-
-impl Credentials {
     pub fn aws_root(&self) -> String {
         format!("$aws/things/{}/shadow", self.thing_name)
     }
