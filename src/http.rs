@@ -1,4 +1,7 @@
-//! The operator's HTTP server: /healthz, /readyz, /metrics.
+//! The operator's HTTP server: `/healthz`, `/readyz`, `/metrics`, and the HTTP endpoints of
+//! Subscribers (`POST /subscribers/<namespace>/<path>`). Only transport lives here: what a
+//! message is worth and whom it is for is decided in `forwarding::subscribers`, and this file
+//! turns the verdict into a status code.
 
 use std::{
     net::SocketAddr,
@@ -65,15 +68,23 @@ async fn subscriber_message(
         .await;
     let (code, message) = match verdict {
         Ok(()) => (StatusCode::ACCEPTED, "accepted".to_string()),
-        Err(e @ Rejection::NotFound) => (StatusCode::NOT_FOUND, e.to_string()),
-        Err(e @ Rejection::Unauthorized) => (StatusCode::UNAUTHORIZED, e.to_string()),
-        Err(e @ Rejection::TooLarge(..)) => (StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
-        Err(e @ (Rejection::Busy | Rejection::Standby)) => {
-            (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-        }
-        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => (rejection_status(&e), e.to_string()),
     };
     (code, axum::Json(serde_json::json!({"result": message})))
+}
+
+/// The status code of a refused message: 503 says "try again" (queue full, standby replica),
+/// every 4xx says the request itself is wrong.
+fn rejection_status(rejection: &Rejection) -> StatusCode {
+    match rejection {
+        Rejection::NotFound => StatusCode::NOT_FOUND,
+        Rejection::Unauthorized => StatusCode::UNAUTHORIZED,
+        Rejection::TooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
+        Rejection::Busy | Rejection::Standby => StatusCode::SERVICE_UNAVAILABLE,
+        Rejection::NotJson(_) | Rejection::NotObject | Rejection::Invalid(_) => {
+            StatusCode::BAD_REQUEST
+        }
+    }
 }
 
 async fn healthz() -> &'static str {
@@ -127,4 +138,26 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transient_refusals_ask_the_caller_to_retry() {
+        let cases = [
+            (Rejection::NotFound, 404),
+            (Rejection::Unauthorized, 401),
+            (Rejection::TooLarge(2, 1), 413),
+            (Rejection::NotJson("x".into()), 400),
+            (Rejection::NotObject, 400),
+            (Rejection::Invalid("deep".into()), 400),
+            (Rejection::Busy, 503),
+            (Rejection::Standby, 503),
+        ];
+        for (rejection, code) in cases {
+            assert_eq!(rejection_status(&rejection).as_u16(), code, "{rejection:?}");
+        }
+    }
 }

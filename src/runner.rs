@@ -18,7 +18,7 @@ use crate::{
     metrics::Metrics,
     mqtt::topic::TopicLayout,
     provider::ProviderRegistry,
-    rest_broker::StatePublisher,
+    rest_broker::{ShadowUpdateWriter, StatePublisher},
     telemetry,
     wiring::Wiring,
 };
@@ -212,17 +212,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let subscribers = Arc::new(SubscriberManager::new(
         client.clone(),
         events_mqtt.as_ref().map(|(c, _, _)| c.clone()),
-        events_mqtt.as_ref().map(|(_, _, l)| l.clone()),
+        // Reported state goes through the Thing's shadow topic, on the events connection.
+        Arc::new(ShadowUpdateWriter::new(
+            events_mqtt.as_ref().map(|(c, _, l)| (c.clone(), l.clone())),
+        )),
         metrics.clone(),
         shutdown.clone(),
     ));
     let bus = StateBus::default();
     let (trigger, trigger_rx) = ThingTrigger::channel();
     let wiring = Arc::new(Wiring::new(bus.clone(), trigger));
+    // One policy: the Observer reconciler refuses literal addresses, the sinks check names at
+    // connect time.
+    let egress = Arc::new(args.egress_policy());
     let observers = ObserverManager::new(
         bus,
         client.clone(),
         events_mqtt.as_ref().map(|(c, _, _)| c.clone()),
+        egress.clone(),
         metrics.clone(),
         shutdown.clone(),
     );
@@ -270,7 +277,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         watch_namespace: args.watch_namespace.clone(),
         limits: args.limits.spec_limits(),
         topics: args.mqtt.topic_scope(),
-        egress: Arc::new(args.egress_policy()),
+        egress,
     };
     let ctx = Arc::new(Context::new(ContextParts {
         recorder: Recorder::new(client.clone(), reporter),

@@ -5,19 +5,16 @@ mod aws_support;
 mod common;
 
 use aws_support::*;
-use common::{TestEnv, create_namespace, delete_namespace, wait_for};
-use kube::{Api, api::PostParams};
+use common::thing;
+use kube::api::PostParams;
 use serde_json::json;
-use thing_operator::api::{ConditionStatus, Thing};
+use thing_operator::api::ConditionStatus;
 
 #[tokio::test]
 async fn invalid_specs_get_invalid_spec_and_no_cloud_call() {
-    let env = TestEnv::load();
-    let client = env.admin_client().await;
-    let ns = create_namespace(&client, "aws-bad").await;
-    let op = start_operator(&env, &ns, &[], &[]);
-    op.wait_ready().await;
-    let api: Api<Thing> = Api::namespaced(client.clone(), &ns);
+    let s = setup("aws-bad").await;
+    let op = s.operator().aws().ready().await;
+    let api = s.things();
 
     let cases = [
         (
@@ -54,7 +51,10 @@ async fn invalid_specs_get_invalid_spec_and_no_cloud_call() {
     for (name, spec, _) in &cases {
         // Some rules are also in the CRD schema; the API server may refuse those at admission.
         let _ = api
-            .create(&PostParams::default(), &thing(name, spec.clone()))
+            .create(
+                &PostParams::default(),
+                &thing(name).spec(spec.clone()).build(),
+            )
             .await;
     }
     let mut checked = 0;
@@ -63,20 +63,12 @@ async fn invalid_specs_get_invalid_spec_and_no_cloud_call() {
             continue;
         };
         checked += 1;
-        let t = wait_for(&format!("{name} InvalidSpec"), WAIT, || async {
-            let t = api.get(name).await.ok()?;
-            (condition(&t, "Ready")? == (ConditionStatus::False, "InvalidSpec".to_string()))
-                .then_some(t)
-        })
-        .await;
-        let message = t
-            .status
-            .unwrap()
-            .conditions
-            .get("Ready")
-            .unwrap()
-            .message
-            .clone();
+        let message = s
+            .wait_condition(&api, name, "Ready", |c| {
+                c.status == ConditionStatus::False && c.reason == "InvalidSpec"
+            })
+            .await
+            .message;
         assert!(message.contains(needle), "{name}: {message}");
     }
     assert!(checked >= 5, "only {checked} cases got past admission");
@@ -84,16 +76,15 @@ async fn invalid_specs_get_invalid_spec_and_no_cloud_call() {
     let refused = api
         .create(
             &PostParams::default(),
-            &thing(
-                "bad-name",
-                json!({"broker": "AWS", "thingName": "bad name!"}),
-            ),
+            &thing("bad-name")
+                .spec(json!({"broker": "AWS", "thingName": "bad name!"}))
+                .build(),
         )
         .await;
     assert!(refused.is_err(), "the schema accepted an invalid thingName");
 
-    wait_for("InvalidSpec events", WAIT, || async {
-        events(&client, &ns)
+    s.wait_for("InvalidSpec events", || async {
+        events(&s.client, &s.ns)
             .await
             .iter()
             .any(|e| e.starts_with("InvalidSpec"))
@@ -104,23 +95,14 @@ async fn invalid_specs_get_invalid_spec_and_no_cloud_call() {
         .metric("thing_operator_backend_calls_total", &["backend=\"aws\""])
         .await;
     assert_eq!(calls, 0.0, "an invalid spec caused AWS calls");
-    let iot = iot(&env);
+    let iot = iot(&s.env);
     for (name, _, _) in &cases {
-        assert!(!thing_exists(&iot, &format!("{ns}_{name}")).await);
+        assert!(!thing_exists(&iot, &format!("{}_{name}", s.ns)).await);
     }
     // Delete while the operator runs, so the finalizers go and the namespace can follow.
     api.delete_collection(&Default::default(), &Default::default())
         .await
         .unwrap();
-    wait_for("Things deleted", WAIT, || async {
-        api.list(&Default::default())
-            .await
-            .ok()?
-            .items
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    s.wait_all_gone(&api).await;
     drop(op);
-    delete_namespace(&client, &ns).await;
 }

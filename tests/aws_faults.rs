@@ -28,8 +28,8 @@ use aws_smithy_runtime_api::{
 };
 use aws_smithy_types::{body::SdkBody, config_bag::ConfigBag};
 use aws_support::*;
-use common::{TestEnv, create_namespace, delete_namespace};
-use kube::{Api, Client, api::PostParams};
+use common::{Setup, TestEnv, thing};
+use kube::Client;
 use serde_json::json;
 use thing_operator::{
     api::{Thing, ThingStatus},
@@ -124,11 +124,8 @@ async fn provider(env: &TestEnv, faults: Option<Arc<Faults>>) -> AwsProvider {
     AwsProvider::new(settings, interceptors, None).await
 }
 
-async fn make_thing(client: &Client, ns: &str, name: &str, spec: serde_json::Value) -> Thing {
-    let api: Api<Thing> = Api::namespaced(client.clone(), ns);
-    api.create(&PostParams::default(), &thing(name, spec))
-        .await
-        .expect("Thing created")
+async fn make_thing(s: &Setup, name: &str, spec: serde_json::Value) -> Thing {
+    thing(name).spec(spec).create(&s.things()).await
 }
 
 fn request<'a>(client: &Client, t: &'a Thing, ns: &'a str, name: &'a str) -> DeviceRequest<'a> {
@@ -175,16 +172,10 @@ async fn cleanup(p: &AwsProvider, req: &DeviceRequest<'_>, status: &ThingStatus)
     panic!("cleanup of {} did not finish", req.name);
 }
 
-async fn assert_consistent(
-    env: &TestEnv,
-    client: &Client,
-    ns: &str,
-    name: &str,
-    status: &ThingStatus,
-) {
-    let iot = iot(env);
+async fn assert_consistent(s: &Setup, name: &str, status: &ThingStatus) {
+    let iot = iot(&s.env);
     let dev = status.device.as_ref().unwrap();
-    let secret = secret_data(client, ns, &format!("{name}-device"))
+    let secret = secret_data(&s.client, &s.ns, &format!("{name}-device"))
         .await
         .unwrap();
     assert_eq!(secret.get("certificateId"), dev.certificate_id.as_ref());
@@ -193,37 +184,28 @@ async fn assert_consistent(
     if secret["tls.key"].contains("BEGIN PRIVATE KEY") {
         assert!(pki::key_matches_certificate(&secret["tls.key"], &secret["tls.crt"]).unwrap());
     }
-    let principals = iot
-        .list_thing_principals()
-        .thing_name(dev.thing_name.as_deref().unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        principals.principals(),
-        [dev.certificate_arn.clone().unwrap()]
-    );
+    let principals = thing_principals(&iot, dev.thing_name.as_deref().unwrap()).await;
+    assert_eq!(principals, [dev.certificate_arn.clone().unwrap()]);
 }
 
 #[tokio::test]
 async fn throttling_and_5xx_converge_without_a_retry_storm() {
-    let env = TestEnv::load();
-    let client = env.admin_client().await;
-    let ns = create_namespace(&client, "aws-throttle").await;
+    let setup = aws_support::setup("aws-throttle").await;
+    let (env, client, ns) = (&setup.env, &setup.client, &setup.ns);
     const N: usize = 6;
     let spec = json!({"broker": "AWS", "attributes": {"k": "v"}, "desired": {"on": true}});
 
     // The floor: the same fleet without faults.
-    let clean = provider(&env, None).await;
+    let clean = provider(env, None).await;
     let mut things = Vec::new();
     for i in 0..N {
-        things.push(make_thing(&client, &ns, &format!("clean-{i}"), spec.clone()).await);
+        things.push(make_thing(&setup, &format!("clean-{i}"), spec.clone()).await);
     }
     let names: Vec<String> = (0..N).map(|i| format!("clean-{i}")).collect();
     let reqs: Vec<_> = things
         .iter()
         .zip(&names)
-        .map(|(t, n)| request(&client, t, &ns, n))
+        .map(|(t, n)| request(client, t, ns, n))
         .collect();
     let mut statuses = vec![ThingStatus::default(); N];
     futures::future::join_all(
@@ -244,16 +226,16 @@ async fn throttling_and_5xx_converge_without_a_retry_storm() {
             None
         }
     }));
-    let faulty = provider(&env, Some(faults.clone())).await;
+    let faulty = provider(env, Some(faults.clone())).await;
     let mut fthings = Vec::new();
     for i in 0..N {
-        fthings.push(make_thing(&client, &ns, &format!("faulty-{i}"), spec.clone()).await);
+        fthings.push(make_thing(&setup, &format!("faulty-{i}"), spec.clone()).await);
     }
     let fnames: Vec<String> = (0..N).map(|i| format!("faulty-{i}")).collect();
     let freqs: Vec<_> = fthings
         .iter()
         .zip(&fnames)
-        .map(|(t, n)| request(&client, t, &ns, n))
+        .map(|(t, n)| request(client, t, ns, n))
         .collect();
     let mut fstatuses = vec![ThingStatus::default(); N];
     futures::future::join_all(
@@ -279,21 +261,19 @@ async fn throttling_and_5xx_converge_without_a_retry_storm() {
     );
 
     for ((r, s), n) in freqs.iter().zip(&fstatuses).zip(&fnames) {
-        assert_consistent(&env, &client, &ns, n, s).await;
+        assert_consistent(&setup, n, s).await;
         cleanup(&clean, r, s).await;
     }
     for (r, s) in reqs.iter().zip(&statuses) {
         cleanup(&clean, r, s).await;
     }
-    delete_namespace(&client, &ns).await;
 }
 
 #[tokio::test]
 async fn aws_answers_moto_does_not_give_are_handled() {
-    let env = TestEnv::load();
-    let client = env.admin_client().await;
-    let ns = create_namespace(&client, "aws-answers").await;
-    let iot = iot(&env);
+    let setup = aws_support::setup("aws-answers").await;
+    let (env, client, ns) = (&setup.env, &setup.client, &setup.ns);
+    let iot = iot(env);
 
     // 1. AWS answers 409 when a thing exists with other attributes (moto replaces it silently).
     //    2. The first RegisterCertificateWithoutCA answer is lost (500 after moto registered it):
@@ -303,15 +283,14 @@ async fn aws_answers_moto_does_not_give_are_handled() {
         ("RegisterCertificateWithoutCA", 1) => Some((500, "InternalFailureException")),
         _ => None,
     }));
-    let p = provider(&env, Some(faults.clone())).await;
+    let p = provider(env, Some(faults.clone())).await;
     let t = make_thing(
-        &client,
-        &ns,
+        &setup,
         "existing",
         json!({"broker": "AWS", "attributes": {"model": "new"}}),
     )
     .await;
-    let thing_name = t.spec.backend_name(&ns, "existing");
+    let thing_name = t.spec.backend_name(ns, "existing");
     iot.create_thing()
         .thing_name(&thing_name)
         .attribute_payload(
@@ -323,7 +302,7 @@ async fn aws_answers_moto_does_not_give_are_handled() {
         .send()
         .await
         .unwrap();
-    let req = request(&client, &t, &ns, "existing");
+    let req = request(client, &t, ns, "existing");
     let mut status = ThingStatus::default();
     converge(&p, &req, &mut status).await;
     let d = iot
@@ -335,7 +314,7 @@ async fn aws_answers_moto_does_not_give_are_handled() {
     let attrs: std::collections::BTreeMap<_, _> =
         d.attributes().unwrap().clone().into_iter().collect();
     assert_eq!(attrs, [("model".to_string(), "new".to_string())].into());
-    assert_consistent(&env, &client, &ns, "existing", &status).await;
+    assert_consistent(&setup, "existing", &status).await;
     let seen = faults.seen.lock().unwrap().clone();
     assert_eq!(
         seen.get("RegisterCertificateWithoutCA"),
@@ -348,28 +327,25 @@ async fn aws_answers_moto_does_not_give_are_handled() {
     );
     cleanup(&p, &req, &status).await;
     assert!(!thing_exists(&iot, &thing_name).await);
-    delete_namespace(&client, &ns).await;
 }
 
 #[tokio::test]
 async fn a_lost_create_keys_answer_leaves_no_orphan() {
-    let env = TestEnv::load();
-    let client = env.admin_client().await;
-    let ns = create_namespace(&client, "aws-lostkeys").await;
-    let iot = iot(&env);
+    let setup = aws_support::setup("aws-lostkeys").await;
+    let (env, client, ns) = (&setup.env, &setup.client, &setup.ns);
+    let iot = iot(env);
     let faults = Faults::new(Box::new(|op, n| {
         (op == "CreateKeysAndCertificate" && n == 1).then_some((500, "InternalFailureException"))
     }));
-    let p = provider(&env, Some(faults.clone())).await;
+    let p = provider(env, Some(faults.clone())).await;
     let before = all_certificate_ids(&iot).await;
     let t = make_thing(
-        &client,
-        &ns,
+        &setup,
         "cloud",
         json!({"broker": "AWS", "credentials": {"source": "CloudIssued"}}),
     )
     .await;
-    let req = request(&client, &t, &ns, "cloud");
+    let req = request(client, &t, ns, "cloud");
     let mut status = ThingStatus::default();
     converge(&p, &req, &mut status).await;
     // The certificate moto created for the lost answer: never recorded, never attached. The
@@ -381,16 +357,9 @@ async fn a_lost_create_keys_answer_leaves_no_orphan() {
         .into_iter()
         .filter(|id| !before.contains(id))
     {
-        let Ok(d) = iot.describe_certificate().certificate_id(&id).send().await else {
+        let Some(subject) = certificate_subject(&iot, &id).await else {
             continue;
         };
-        let pem = d
-            .certificate_description()
-            .and_then(|d| d.certificate_pem())
-            .unwrap_or_default()
-            .to_string();
-        let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
-        let subject = parsed.parse_x509().unwrap().subject().to_string();
         if subject.contains("AWS IoT Certificate")
             && Some(&id) != status.device.as_ref().unwrap().certificate_id.as_ref()
         {
@@ -429,13 +398,12 @@ async fn a_lost_create_keys_answer_leaves_no_orphan() {
         swept,
         "the unrecorded certificate {lost_id} was not deleted"
     );
-    assert_consistent(&env, &client, &ns, "cloud", &status).await;
-    let secret = secret_data(&client, &ns, "cloud-device").await.unwrap();
+    assert_consistent(&setup, "cloud", &status).await;
+    let secret = secret_data(client, ns, "cloud-device").await.unwrap();
     assert!(
         !secret.contains_key("orphanWindow") && !secret.contains_key("pendingCertificateSince")
     );
     cleanup(&p, &req, &status).await;
-    delete_namespace(&client, &ns).await;
 }
 
 fn seen_count(f: &Faults, op: &str) -> u64 {

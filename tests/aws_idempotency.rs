@@ -6,12 +6,9 @@ mod aws_support;
 mod common;
 
 use aws_support::*;
-use common::{OperatorProcess, TestEnv, create_namespace, delete_namespace, wait_for};
+use common::{OperatorProcess, Setup, merge_patch, thing};
 use k8s_openapi::api::core::v1::Secret;
-use kube::{
-    Api, Client,
-    api::{DeleteParams, PostParams},
-};
+use kube::{Api, api::DeleteParams};
 use serde_json::json;
 use thing_operator::api::Thing;
 
@@ -63,10 +60,10 @@ async fn status_writes(op: &OperatorProcess) -> f64 {
 }
 
 /// Everything about one Thing that a write would change, in moto and in Kubernetes.
-async fn snapshot(env: &TestEnv, client: &Client, ns: &str, name: &str) -> String {
-    let iot = iot(env);
-    let data = data(env);
-    let thing_name = format!("{ns}_{name}");
+async fn snapshot(s: &Setup, name: &str) -> String {
+    let iot = iot(&s.env);
+    let data = data(&s.env);
+    let thing_name = format!("{}_{name}", s.ns);
     let d = iot
         .describe_thing()
         .thing_name(&thing_name)
@@ -79,26 +76,21 @@ async fn snapshot(env: &TestEnv, client: &Client, ns: &str, name: &str) -> Strin
         .send()
         .await
         .unwrap();
-    let principals = iot
-        .list_thing_principals()
-        .thing_name(&thing_name)
-        .send()
-        .await
-        .unwrap();
+    let principals = thing_principals(&iot, &thing_name).await;
     let mut certs = Vec::new();
-    for arn in principals.principals() {
+    for arn in principals {
         let id = arn.rsplit('/').next().unwrap();
         certs.push(format!("{id}={:?}", cert_status(&iot, id).await));
     }
     let sh = shadow(&data, &thing_name).await.unwrap();
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<Secret> = s.api();
     let secret_rv = secrets
         .get(&format!("{name}-device"))
         .await
         .unwrap()
         .metadata
         .resource_version;
-    let things: Api<Thing> = Api::namespaced(client.clone(), ns);
+    let things: Api<Thing> = s.api();
     let thing_rv = things.get(name).await.unwrap().metadata.resource_version;
     format!(
         "attrs={:?} thing_version={} policy_version={:?} certs={certs:?} shadow_version={} secret_rv={secret_rv:?} thing_rv={thing_rv:?}",
@@ -112,12 +104,9 @@ async fn snapshot(env: &TestEnv, client: &Client, ns: &str, name: &str) -> Strin
 
 #[tokio::test]
 async fn reconciling_again_changes_nothing() {
-    let env = TestEnv::load();
-    let client = env.admin_client().await;
-    let ns = create_namespace(&client, "aws-idem").await;
-    let mut op = start_operator(&env, &ns, &[], &[]);
-    op.wait_ready().await;
-    let api: Api<Thing> = Api::namespaced(client.clone(), &ns);
+    let s = setup("aws-idem").await;
+    let mut op = s.operator().aws().ready().await;
+    let api = s.things();
     let spec = |source: &str| {
         json!({
             "broker": "AWS",
@@ -127,13 +116,16 @@ async fn reconciling_again_changes_nothing() {
             "shadow": {"pollInterval": "1s"}
         })
     };
-    create(&api, "incluster", spec("InCluster")).await;
-    create(&api, "cloud", spec("CloudIssued")).await;
-    wait_ready(&api, "incluster").await;
-    wait_ready(&api, "cloud").await;
+    thing("incluster")
+        .spec(spec("InCluster"))
+        .create(&api)
+        .await;
+    thing("cloud").spec(spec("CloudIssued")).create(&api).await;
+    s.wait_ready(&api, "incluster").await;
+    s.wait_ready(&api, "cloud").await;
 
     // The CloudIssued key is stored and matches its certificate (openssl: moto's keys are PKCS#1).
-    let secret = secret_data(&client, &ns, "cloud-device").await.unwrap();
+    let secret = secret_data(&s.client, &s.ns, "cloud-device").await.unwrap();
     assert!(secret["tls.key"].contains("PRIVATE KEY"));
     assert!(!secret.contains_key("pendingCertificateSince"));
     assert_eq!(
@@ -143,14 +135,11 @@ async fn reconciling_again_changes_nothing() {
 
     // Let the status settle (the first reconciles write conditions), then look.
     let settle = reconciles(&op).await;
-    wait_for("a few reconciles", WAIT, || async {
+    s.wait_for("a few reconciles", || async {
         (reconciles(&op).await >= settle + 2.0).then_some(())
     })
     .await;
-    let before = (
-        snapshot(&env, &client, &ns, "incluster").await,
-        snapshot(&env, &client, &ns, "cloud").await,
-    );
+    let before = (snapshot(&s, "incluster").await, snapshot(&s, "cloud").await);
     let (writes, statuses, count) = (
         aws_writes(&op).await,
         status_writes(&op).await,
@@ -161,7 +150,7 @@ async fn reconciling_again_changes_nothing() {
         "provisioning two Things took only {writes} AWS writes: is the metric counted?"
     );
     // Resync is 2s: eight more reconciles include several full drift checks of each Thing.
-    wait_for("eight more reconciles", WAIT, || async {
+    s.wait_for("eight more reconciles", || async {
         (reconciles(&op).await >= count + 8.0).then_some(())
     })
     .await;
@@ -175,46 +164,35 @@ async fn reconciling_again_changes_nothing() {
         statuses,
         "an idle reconcile wrote status"
     );
-    let after = (
-        snapshot(&env, &client, &ns, "incluster").await,
-        snapshot(&env, &client, &ns, "cloud").await,
-    );
+    let after = (snapshot(&s, "incluster").await, snapshot(&s, "cloud").await);
     assert_eq!(before, after);
 
     // A new process knows nothing: it runs full checks and still writes nothing.
     op.terminate();
-    let op2 = start_operator(&env, &ns, &[], &[]);
-    op2.wait_ready().await;
-    wait_for("restarted operator reconciled both", WAIT, || async {
+    let op2 = s.operator().aws().ready().await;
+    s.wait_for("restarted operator reconciled both", || async {
         (reconciles(&op2).await >= 6.0).then_some(())
     })
     .await;
     assert_eq!(aws_writes(&op2).await, 0.0, "a restart wrote to AWS");
     assert_eq!(status_writes(&op2).await, 0.0, "a restart wrote status");
-    let after_restart = (
-        snapshot(&env, &client, &ns, "incluster").await,
-        snapshot(&env, &client, &ns, "cloud").await,
-    );
+    let after_restart = (snapshot(&s, "incluster").await, snapshot(&s, "cloud").await);
     assert_eq!(before, after_restart);
 
     // CloudIssued teardown leaves nothing behind either.
-    let iot = iot(&env);
+    let iot = iot(&s.env);
     let cloud_cert = secret["certificateId"].clone();
     for name in ["incluster", "cloud"] {
         api.delete(name, &DeleteParams::default()).await.unwrap();
     }
     for name in ["incluster", "cloud"] {
-        wait_for("Thing deleted", WAIT, || async {
-            api.get_opt(name).await.ok()?.is_none().then_some(())
-        })
-        .await;
-        let thing_name = format!("{ns}_{name}");
+        s.wait_gone(&api, name).await;
+        let thing_name = format!("{}_{name}", s.ns);
         assert!(!thing_exists(&iot, &thing_name).await);
         assert!(!policy_exists(&iot, &format!("{thing_name}-policy")).await);
     }
     assert!(cert_status(&iot, &cloud_cert).await.is_none());
     drop(op2);
-    delete_namespace(&client, &ns).await;
 }
 
 /// The RSA modulus of a PEM key or certificate, through openssl (independent of the operator).
@@ -238,43 +216,26 @@ fn key_modulus(pem: &str, is_key: bool) -> String {
 
 #[tokio::test]
 async fn a_changed_thing_name_is_refused_not_leaked() {
-    let env = TestEnv::load();
-    let client = env.admin_client().await;
-    let ns = create_namespace(&client, "aws-rename").await;
-    let op = start_operator(&env, &ns, &[], &[]);
-    op.wait_ready().await;
-    let api: Api<Thing> = Api::namespaced(client.clone(), &ns);
-    let tn = format!("{}-first", ns.replace('-', "_"));
-    api.create(
-        &PostParams::default(),
-        &thing("dev", json!({"broker": "AWS", "thingName": tn})),
-    )
-    .await
-    .unwrap();
-    wait_ready(&api, "dev").await;
-    let iot = iot(&env);
+    let s = setup("aws-rename").await;
+    let op = s.operator().aws().ready().await;
+    let api = s.things();
+    let tn = format!("{}_first", s.ns);
+    thing("dev")
+        .broker("AWS")
+        .field("thingName", json!(tn))
+        .create(&api)
+        .await;
+    s.wait_ready(&api, "dev").await;
+    let iot = iot(&s.env);
     let patch = json!({"spec": {"thingName": format!("{tn}-second")}});
-    api.patch(
-        "dev",
-        &kube::api::PatchParams::default(),
-        &kube::api::Patch::Merge(patch),
-    )
-    .await
-    .unwrap();
-    wait_for("rename refused", WAIT, || async {
-        let t = api.get("dev").await.ok()?;
-        (condition(&t, "Ready")?.1 == "BackendRejected").then_some(())
-    })
-    .await;
+    merge_patch(&api, "dev", patch).await;
+    s.wait_condition(&api, "dev", "Ready", |c| c.reason == "BackendRejected")
+        .await;
     assert!(thing_exists(&iot, &tn).await);
     assert!(!thing_exists(&iot, &format!("{tn}-second")).await);
     // Deleting still removes what was provisioned, under the recorded name.
     api.delete("dev", &DeleteParams::default()).await.unwrap();
-    wait_for("Thing deleted", WAIT, || async {
-        api.get_opt("dev").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    s.wait_gone(&api, "dev").await;
     assert!(!thing_exists(&iot, &tn).await);
     drop(op);
-    delete_namespace(&client, &ns).await;
 }

@@ -7,38 +7,31 @@ mod common;
 
 use aws_smithy_types::Blob;
 use aws_support::*;
-use common::{TestEnv, create_namespace, delete_namespace, wait_for};
-use kube::{
-    Api,
-    api::{DeleteParams, Patch, PatchParams},
-};
+use common::{is_ready, merge_patch, thing};
+use kube::{Api, api::DeleteParams};
 use serde_json::json;
-use thing_operator::{api::Thing, credentials::pki};
+use thing_operator::credentials::pki;
 
 #[tokio::test]
 async fn aws_thing_full_lifecycle() {
-    let env = TestEnv::load();
-    let client = env.admin_client().await;
-    let ns = create_namespace(&client, "aws-life").await;
-    let mut op = start_operator(&env, &ns, &[], &[]);
-    op.wait_ready().await;
-    let iot = iot(&env);
-    let data = data(&env);
-    let api: Api<Thing> = Api::namespaced(client.clone(), &ns);
+    let s = setup("aws-life").await;
+    let (client, ns) = (&s.client, &s.ns);
+    let mut op = s.operator().aws().ready().await;
+    let iot = iot(&s.env);
+    let data = data(&s.env);
+    let api = s.things();
 
-    create(
-        &api,
-        "pump",
-        json!({
+    thing("pump")
+        .spec(json!({
             "broker": "AWS",
             "attributes": {"model": "rpi4"},
             "desired": {"temp": 26},
             "credentials": {"rotationOverlap": "3s"},
             "shadow": {"pollInterval": "1s"}
-        }),
-    )
-    .await;
-    let t = wait_ready(&api, "pump").await;
+        }))
+        .create(&api)
+        .await;
+    let t = s.wait_ready(&api, "pump").await;
     let thing_name = format!("{ns}_pump");
     let st = t.status.clone().unwrap();
     let dev = st.device.clone().unwrap();
@@ -86,13 +79,8 @@ async fn aws_thing_full_lifecycle() {
     let doc = policy.policy_document().unwrap();
     assert!(doc.contains(&format!("client/{thing_name}")), "{doc}");
     assert!(doc.contains(&format!("topic/things/{ns}/pump/*")), "{doc}");
-    let principals = iot
-        .list_thing_principals()
-        .thing_name(&thing_name)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(principals.principals(), std::slice::from_ref(&cert_arn));
+    let principals = thing_principals(&iot, &thing_name).await;
+    assert_eq!(principals, std::slice::from_ref(&cert_arn));
     let attached = iot
         .list_attached_policies()
         .target(&cert_arn)
@@ -104,11 +92,11 @@ async fn aws_thing_full_lifecycle() {
     let sh = shadow(&data, &thing_name).await.unwrap();
     assert_eq!(sh["state"]["desired"], json!({"temp": 26}));
     // moto's own dump agrees.
-    let dump = moto_dump(&env).await.to_string();
+    let dump = moto_dump(&s.env).await.to_string();
     assert!(dump.contains(&thing_name));
 
     // The Secret: mountable keys, owned by the Thing, key matches the registered certificate.
-    let secret = secret_data(&client, &ns, "pump-device").await.unwrap();
+    let secret = secret_data(client, ns, "pump-device").await.unwrap();
     for k in [
         "tls.crt",
         "tls.key",
@@ -137,7 +125,7 @@ async fn aws_thing_full_lifecycle() {
         .to_string();
     assert_eq!(registered_pem.trim(), secret["tls.crt"].trim());
     assert_eq!(secret["ca.crt"].matches("BEGIN CERTIFICATE").count(), 2);
-    let sapi: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let sapi: Api<k8s_openapi::api::core::v1::Secret> = s.api();
     let owner = sapi
         .get("pump-device")
         .await
@@ -156,12 +144,13 @@ async fn aws_thing_full_lifecycle() {
         .send()
         .await
         .unwrap();
-    let t = wait_for("reported state in status", WAIT, || async {
-        let t = api.get("pump").await.ok()?;
-        let s = t.status.clone()?;
-        (s.reported.as_ref()?.0.get("temp")? == &json!(24)).then_some(t)
-    })
-    .await;
+    let t = s
+        .wait_for("reported state in status", || async {
+            let t = api.get("pump").await.ok()?;
+            let s = t.status.clone()?;
+            (s.reported.as_ref()?.0.get("temp")? == &json!(24)).then_some(t)
+        })
+        .await;
     let st = t.status.unwrap();
     assert_eq!(st.delta.unwrap().0.get("temp"), Some(&json!(26)));
     assert!(st.version.unwrap() >= 2);
@@ -169,19 +158,18 @@ async fn aws_thing_full_lifecycle() {
     assert_eq!(st.reported_summary.as_deref(), Some(r#"{"temp":24}"#));
 
     // A spec change reaches the shadow.
-    api.patch(
+    merge_patch(
+        &api,
         "pump",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"desired": {"temp": 27}, "attributes": {"model": "rpi5"}}})),
+        json!({"spec": {"desired": {"temp": 27}, "attributes": {"model": "rpi5"}}}),
     )
-    .await
-    .unwrap();
-    wait_for("desired 27 in the shadow", WAIT, || async {
+    .await;
+    s.wait_for("desired 27 in the shadow", || async {
         let sh = shadow(&data, &thing_name).await?;
         (sh["state"]["desired"] == json!({"temp": 27})).then_some(())
     })
     .await;
-    wait_for("attributes updated in place", WAIT, || async {
+    s.wait_for("attributes updated in place", || async {
         let d = iot
             .describe_thing()
             .thing_name(&thing_name)
@@ -205,7 +193,7 @@ async fn aws_thing_full_lifecycle() {
         .send()
         .await
         .unwrap();
-    wait_for("policy recreated and attached", WAIT, || async {
+    s.wait_for("policy recreated and attached", || async {
         let a = iot
             .list_attached_policies()
             .target(&cert_arn)
@@ -218,8 +206,8 @@ async fn aws_thing_full_lifecycle() {
             .then_some(())
     })
     .await;
-    wait_for("DriftRepaired event", WAIT, || async {
-        events(&client, &ns)
+    s.wait_for("DriftRepaired event", || async {
+        events(client, ns)
             .await
             .iter()
             .any(|e| e.starts_with("DriftRepaired"))
@@ -233,32 +221,31 @@ async fn aws_thing_full_lifecycle() {
         .send()
         .await
         .unwrap();
-    wait_for("certificate reactivated", WAIT, || async {
+    s.wait_for("certificate reactivated", || async {
         (cert_status(&iot, &cert_id).await.as_deref() == Some("ACTIVE")).then_some(())
     })
     .await;
 
     // Rotation on demand: a new certificate, the Secret follows, the old one is revoked after the overlap.
-    api.patch(
+    merge_patch(
+        &api,
         "pump",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"annotations": {"iot.thing-operator.dev/rotate": "1"}}})),
+        json!({"metadata": {"annotations": {"iot.thing-operator.dev/rotate": "1"}}}),
     )
-    .await
-    .unwrap();
-    let new_id = wait_for("rotated certificate in status", WAIT, || async {
-        let t = api.get("pump").await.ok()?;
-        let id = t.status.as_ref()?.device.as_ref()?.certificate_id.clone()?;
-        (id != cert_id && is_ready(&t)).then_some(id)
-    })
     .await;
-    let secret = secret_data(&client, &ns, "pump-device").await.unwrap();
+    let new_id = s
+        .wait_for("rotated certificate in status", || async {
+            let t = api.get("pump").await.ok()?;
+            let id = t.status.as_ref()?.device.as_ref()?.certificate_id.clone()?;
+            (id != cert_id && is_ready(&t)).then_some(id)
+        })
+        .await;
+    let secret = secret_data(client, ns, "pump-device").await.unwrap();
     assert_eq!(secret["certificateId"], new_id);
     assert!(pki::key_matches_certificate(&secret["tls.key"], &secret["tls.crt"]).unwrap());
     assert_eq!(cert_status(&iot, &new_id).await.as_deref(), Some("ACTIVE"));
-    wait_for(
+    s.wait_for(
         "old certificate revoked and deleted after the overlap",
-        WAIT,
         || async { cert_status(&iot, &cert_id).await.is_none().then_some(()) },
     )
     .await;
@@ -273,15 +260,10 @@ async fn aws_thing_full_lifecycle() {
         .certificate_arn
         .clone()
         .unwrap();
-    let principals = iot
-        .list_thing_principals()
-        .thing_name(&thing_name)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(principals.principals(), std::slice::from_ref(&new_arn));
+    let principals = thing_principals(&iot, &thing_name).await;
+    assert_eq!(principals, std::slice::from_ref(&new_arn));
     assert!(
-        events(&client, &ns)
+        events(client, ns)
             .await
             .iter()
             .any(|e| e.starts_with("CertificateRotated"))
@@ -293,7 +275,7 @@ async fn aws_thing_full_lifecycle() {
         .filter(|l| !l.starts_with("-----"))
         .collect();
     let status_json = serde_json::to_string(&api.get("pump").await.unwrap().status).unwrap();
-    let all_events = events(&client, &ns).await.join("\n");
+    let all_events = events(client, ns).await.join("\n");
     let logs = op.logs();
     for (what, text) in [
         ("status", &status_json),
@@ -309,10 +291,7 @@ async fn aws_thing_full_lifecycle() {
 
     // Deletion: everything of this Thing leaves moto, in an order moto accepts.
     api.delete("pump", &DeleteParams::default()).await.unwrap();
-    wait_for("Thing deleted", WAIT, || async {
-        api.get_opt("pump").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    s.wait_gone(&api, "pump").await;
     assert!(!thing_exists(&iot, &thing_name).await);
     assert!(!policy_exists(&iot, &policy_name).await);
     assert!(cert_status(&iot, &new_id).await.is_none());
@@ -342,37 +321,32 @@ async fn aws_thing_full_lifecycle() {
     );
 
     op.terminate();
-    delete_namespace(&client, &ns).await;
 }
 
 /// A named shadow and a user policy template, both changed in place.
 #[tokio::test]
 async fn aws_named_shadow_and_policy_template_changes() {
-    let env = TestEnv::load();
-    let client = env.admin_client().await;
-    let ns = create_namespace(&client, "aws-named").await;
-    let op = start_operator(&env, &ns, &[], &[]);
-    op.wait_ready().await;
-    let iot = iot(&env);
-    let data = data(&env);
-    let api: Api<Thing> = Api::namespaced(client.clone(), &ns);
+    let s = setup("aws-named").await;
+    let ns = &s.ns;
+    let op = s.operator().aws().ready().await;
+    let iot = iot(&s.env);
+    let data = data(&s.env);
+    let api = s.things();
     let template = |action: &str| {
         json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": action,
             "Resource": "arn:aws:iot:${region}:${account}:client/${clientId}"}]})
         .to_string()
     };
-    create(
-        &api,
-        "valve",
-        json!({
+    thing("valve")
+        .spec(json!({
             "broker": "AWS",
             "desired": {"open": false},
             "shadow": {"name": "config", "pollInterval": "1s"},
             "policy": {"template": template("iot:Connect")}
-        }),
-    )
-    .await;
-    wait_ready(&api, "valve").await;
+        }))
+        .create(&api)
+        .await;
+    s.wait_ready(&api, "valve").await;
     let thing_name = format!("{ns}_valve");
     let policy_name = format!("{thing_name}-policy");
     let named = || async {
@@ -414,17 +388,15 @@ async fn aws_named_shadow_and_policy_template_changes() {
         .send()
         .await
         .unwrap();
-    wait_for("named shadow reported state in status", WAIT, || async {
+    s.wait_for("named shadow reported state in status", || async {
         let t = api.get("valve").await.ok()?;
         (t.status?.reported?.0.get("open")? == &json!(true)).then_some(())
     })
     .await;
 
     let patch = json!({"spec": {"policy": {"template": template("iot:*")}}});
-    api.patch("valve", &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .unwrap();
-    wait_for("new policy version is the default", WAIT, || async {
+    merge_patch(&api, "valve", patch).await;
+    s.wait_for("new policy version is the default", || async {
         let p = iot
             .get_policy()
             .policy_name(&policy_name)
@@ -443,13 +415,9 @@ async fn aws_named_shadow_and_policy_template_changes() {
     assert!(versions.policy_versions().len() >= 2);
 
     api.delete("valve", &DeleteParams::default()).await.unwrap();
-    wait_for("Thing deleted", WAIT, || async {
-        api.get_opt("valve").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    s.wait_gone(&api, "valve").await;
     assert!(!thing_exists(&iot, &thing_name).await);
     assert!(!policy_exists(&iot, &policy_name).await);
     assert!(named().await.is_none(), "named shadow left");
     drop(op);
-    delete_namespace(&client, &ns).await;
 }

@@ -5,51 +5,39 @@ mod common;
 
 use std::time::Duration;
 
-use common::{OperatorProcess, TestEnv, create_namespace, delete_namespace, wait_for};
-use kube::{Api, api::PostParams};
-use serde_json::json;
-use thing_operator::api::Thing;
+use common::{Setup, thing};
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn thing(name: &str) -> Thing {
-    common::resource("Thing", name, json!({"broker": "Azure"}))
-}
-
 #[tokio::test]
 async fn one_leader_reconciles_and_a_standby_takes_over() {
-    let env = TestEnv::load();
-    let client = env.admin_client().await;
-    let ns = create_namespace(&client, "leader").await;
-    let lease = format!("lease-{ns}");
-    let args = [
+    let s = Setup::new("leader").await.timeout(WAIT);
+    let replica = s.operator().args([
         "--leader-elect",
         "--lease-name",
-        &lease,
+        &format!("lease-{}", s.ns),
         "--lease-duration",
         "4s",
         "--lease-namespace",
         "thing-operator-system",
-    ];
-    let mut a = OperatorProcess::start(&env, &ns, &args, &[("POD_NAME", "replica-a".to_string())]);
-    let mut b = OperatorProcess::start(&env, &ns, &args, &[("POD_NAME", "replica-b".to_string())]);
+    ]);
+    let mut a = replica.clone().env("POD_NAME", "replica-a").start();
+    let mut b = replica.env("POD_NAME", "replica-b").start();
     // Both are ready (a standby must not block a rolling update); exactly one leads.
     a.wait_ready().await;
     b.wait_ready().await;
     let leader_count = || async {
         a.metric("thing_operator_leader", &[]).await + b.metric("thing_operator_leader", &[]).await
     };
-    wait_for("a leader", WAIT, || async {
+    s.wait_for("a leader", || async {
         (leader_count().await == 1.0).then_some(())
     })
     .await;
     let a_leads = a.metric("thing_operator_leader", &[]).await == 1.0;
 
-    let api: Api<Thing> = Api::namespaced(client.clone(), &ns);
-    api.create(&PostParams::default(), &thing("one"))
-        .await
-        .unwrap();
-    common::wait_ready_condition(&api, "one", WAIT).await;
+    let api = s.things();
+    thing("one").broker("Azure").create(&api).await;
+    s.wait_condition(&api, "one", "Ready", |_| true).await;
     let standby = if a_leads { &b } else { &a };
     assert_eq!(
         standby.metric("thing_operator_reconciles_total", &[]).await,
@@ -64,10 +52,7 @@ async fn one_leader_reconciles_and_a_standby_takes_over() {
         (&mut b, &mut a)
     };
     dead.kill();
-    api.create(&PostParams::default(), &thing("two"))
-        .await
-        .unwrap();
-    common::wait_ready_condition(&api, "two", WAIT).await;
+    thing("two").broker("Azure").create(&api).await;
+    s.wait_condition(&api, "two", "Ready", |_| true).await;
     assert_eq!(survivor.metric("thing_operator_leader", &[]).await, 1.0);
-    delete_namespace(&client, &ns).await;
 }

@@ -20,6 +20,7 @@ use std::{
 
 use serde_json::json;
 
+use common::thing;
 use mosquitto_support::{Device, setup};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -33,12 +34,15 @@ async fn bench_mosquitto_shadow_service() {
     let interval = Duration::from_secs(1);
     let s = setup("mq-bench", &["--status-write-interval", "1s"]).await;
     for i in 0..DEVICES {
-        s.create_thing(&format!("d{i}"), json!({})).await;
+        thing(&format!("d{i}"))
+            .desired(json!({}))
+            .create(&s.things)
+            .await;
     }
     let mut devices = Vec::new();
     for i in 0..DEVICES {
         let name = format!("d{i}");
-        s.wait_ready(&name).await;
+        s.wait_ready(&s.things, &name).await;
         let c = s.credentials(&name).await;
         let mut d = Device::start(&c, vec![format!("{}/update/accepted", c.aws_root())]);
         d.connected().await;
@@ -211,5 +215,4 @@ async fn bench_mosquitto_shadow_service() {
         "bench: mosquitto loopback ceiling, QoS 1, one publisher -> one subscriber: {n} messages in {elapsed:?} = {:.0}/s",
         n as f64 / elapsed.as_secs_f64()
     );
-    common::delete_namespace(&s.client, &s.ns).await;
 }

@@ -6,6 +6,7 @@ mod mosquitto_support;
 
 use serde_json::json;
 
+use common::thing;
 use mosquitto_support::{Device, DeviceEvent, setup};
 
 fn reported_seq(t: &thing_operator::api::Thing) -> Option<i64> {
@@ -28,8 +29,8 @@ async fn operator_online(watcher: &mut Device, topic: &str) {
 #[tokio::test]
 async fn broker_restart_keeps_qos1_reports() {
     let s = setup("mq-restart", &["--status-write-interval", "300ms"]).await;
-    s.create_thing("meter", json!({})).await;
-    s.wait_ready("meter").await;
+    thing("meter").desired(json!({})).create(&s.things).await;
+    s.wait_ready(&s.things, "meter").await;
     let c = s.credentials("meter").await;
     let root = c.aws_root();
     let status_topic = format!("{}/_operator/status", s.prefix);
@@ -71,9 +72,11 @@ async fn broker_restart_keeps_qos1_reports() {
     operator_online(&mut watcher, &status_topic).await;
     dev.hold(false);
     dev.connected().await;
-    s.wait_thing("meter", "reports made during the outage in status", |t| {
-        reported_seq(t) == Some(5)
-    })
+    s.wait_until(
+        &s.things,
+        "meter",
+        "reports made during the outage in status",
+        |t| reported_seq(t) == Some(5),
+    )
     .await;
-    common::delete_namespace(&s.client, &s.ns).await;
 }

@@ -8,15 +8,19 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use mosquitto_support::{Device, DeviceEvent, setup, try_connect};
+use common::{create_resource, merge_patch, thing};
+use mosquitto_support::{Device, setup, try_connect};
 
 /// A device connects with its Secret, reports, and the status shows it; a desired edit reaches
 /// it as a delta; deleting the Thing removes its broker client.
 #[tokio::test]
 async fn device_reports_gets_delta_and_is_removed_on_delete() {
     let s = setup("mq-device", &["--status-write-interval", "500ms"]).await;
-    s.create_thing("lamp", json!({"on": false})).await;
-    let thing = s.wait_ready("lamp").await;
+    thing("lamp")
+        .desired(json!({"on": false}))
+        .create(&s.things)
+        .await;
+    let thing = s.wait_ready(&s.things, "lamp").await;
     let status = thing.status.unwrap();
     let device_status = status.device.unwrap();
     let creds = s.credentials("lamp").await;
@@ -45,15 +49,7 @@ async fn device_reports_gets_delta_and_is_removed_on_delete() {
     );
     dev.connected().await;
     // Subscriptions are granted (SUBACK success for all four).
-    let ok = dev
-        .next("SUBACK", |e| {
-            if let DeviceEvent::SubAck(ok) = e {
-                Some(ok.clone())
-            } else {
-                None
-            }
-        })
-        .await;
+    let ok = dev.suback().await;
     assert!(
         ok.iter().all(|b| *b),
         "device may subscribe to its own shadow topics"
@@ -74,7 +70,7 @@ async fn device_reports_gets_delta_and_is_removed_on_delete() {
     let acc = dev.message(&format!("{root}/update/accepted")).await;
     assert_eq!(acc["clientToken"], "r1");
     assert!(acc["metadata"]["reported"]["temp"]["timestamp"].is_i64());
-    s.wait_thing("lamp", "reported state in status", |t| {
+    s.wait_until(&s.things, "lamp", "reported state in status", |t| {
         t.status
             .as_ref()
             .and_then(|s| s.reported.as_ref())
@@ -83,10 +79,15 @@ async fn device_reports_gets_delta_and_is_removed_on_delete() {
     .await;
 
     // kubectl edit of desired reaches the device as a delta, and shows in status.
-    s.set_desired("lamp", json!({"on": true})).await;
+    merge_patch(
+        &s.things,
+        "lamp",
+        json!({"spec": {"desired": {"on": true}}}),
+    )
+    .await;
     let delta = dev.message(&format!("{root}/update/delta")).await;
     assert_eq!(delta["state"], json!({"on": true}));
-    s.wait_thing("lamp", "delta in status", |t| {
+    s.wait_until(&s.things, "lamp", "delta in status", |t| {
         t.status
             .as_ref()
             .and_then(|s| s.delta.as_ref())
@@ -101,7 +102,7 @@ async fn device_reports_gets_delta_and_is_removed_on_delete() {
     .await;
     dev.message(&format!("{root}/update/accepted")).await;
     let t = s
-        .wait_thing("lamp", "delta cleared", |t| {
+        .wait_until(&s.things, "lamp", "delta cleared", |t| {
             t.status.as_ref().is_some_and(|s| {
                 s.delta.is_none()
                     && s.reported
@@ -133,16 +134,7 @@ async fn device_reports_gets_delta_and_is_removed_on_delete() {
 
     // Deleting the Thing removes its broker client: its credentials stop working.
     s.things.delete("lamp", &Default::default()).await.unwrap();
-    common::wait_for("Thing gone", mosquitto_support::WAIT, || async {
-        s.things
-            .get_opt("lamp")
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    s.wait_gone(&s.things, "lamp").await;
     assert!(
         try_connect(&creds).await.is_err(),
         "deleted Thing's credentials still accepted"
@@ -167,17 +159,16 @@ async fn device_reports_gets_delta_and_is_removed_on_delete() {
     };
     assert!(ctrl("getClient", &creds.username).contains("not found"));
     assert!(ctrl("getRole", &format!("thing:{}", creds.thing_name)).contains("not found"));
-    common::delete_namespace(&s.client, &s.ns).await;
 }
 
 /// A device cannot reach another Thing's topics; bad credentials cannot connect.
 #[tokio::test]
 async fn acl_isolation_and_bad_credentials() {
     let s = setup("mq-acl", &[]).await;
-    s.create_thing("a", json!({})).await;
-    s.create_thing("b", json!({})).await;
-    s.wait_ready("a").await;
-    s.wait_ready("b").await;
+    thing("a").desired(json!({})).create(&s.things).await;
+    thing("b").desired(json!({})).create(&s.things).await;
+    s.wait_ready(&s.things, "a").await;
+    s.wait_ready(&s.things, "b").await;
     let (ca, cb) = (s.credentials("a").await, s.credentials("b").await);
 
     // Wrong password, unknown user, someone else's client id: refused at connect.
@@ -205,15 +196,7 @@ async fn acl_isolation_and_bad_credentials() {
         ],
     );
     dev.connected().await;
-    let acks = dev
-        .next("SUBACK", |e| {
-            if let DeviceEvent::SubAck(ok) = e {
-                Some(ok.clone())
-            } else {
-                None
-            }
-        })
-        .await;
+    let acks = dev.suback().await;
     assert_eq!(acks, vec![false, false, true]);
 
     // Publishing into b's shadow is dropped by the broker: a's own report, sent after it on the
@@ -240,15 +223,14 @@ async fn acl_isolation_and_bad_credentials() {
     let doc = devb.message(&format!("{rb}/get/accepted")).await;
     assert_eq!(doc["version"], 0, "b's shadow untouched: {doc}");
     assert!(doc["state"]["reported"].as_object().unwrap().is_empty());
-    common::delete_namespace(&s.client, &s.ns).await;
 }
 
 /// Malformed requests get a rejection with the right code and change nothing.
 #[tokio::test]
 async fn malformed_payloads_are_rejected() {
     let mut s = setup("mq-bad", &[]).await;
-    s.create_thing("m", json!({"x": 1})).await;
-    s.wait_ready("m").await;
+    thing("m").desired(json!({"x": 1})).create(&s.things).await;
+    s.wait_ready(&s.things, "m").await;
     let c = s.credentials("m").await;
     let root = c.aws_root();
     let mut dev = Device::start(
@@ -313,7 +295,6 @@ async fn malformed_payloads_are_rejected() {
         dev.message(&format!("{root}/update/accepted")).await["version"],
         2
     );
-    common::delete_namespace(&s.client, &s.ns).await;
 }
 
 /// Device reports reach Observers from memory at once, not through paced status writes: with a
@@ -321,44 +302,32 @@ async fn malformed_payloads_are_rejected() {
 /// status still shows the first.
 #[tokio::test]
 async fn observers_see_reports_before_status_does() {
-    use axum::{Json, Router, extract::State, routing::post};
-    use std::sync::{Arc, Mutex};
-    type Received = Arc<Mutex<Vec<serde_json::Value>>>;
-    async fn collect(
-        State(r): State<Received>,
-        Json(body): Json<serde_json::Value>,
-    ) -> &'static str {
-        r.lock().unwrap().push(body);
-        "ok"
-    }
-    let received: Received = Arc::default();
-    let port = common::free_port();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let app = Router::new()
-        .route("/events", post(collect))
-        .with_state(received.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (url, received) = common::http_receiver().await;
 
-    let s = setup("mq-observe", &["--status-write-interval", "30s"]).await;
-    s.create_thing("meter", json!({})).await;
-    s.wait_ready("meter").await;
-    let observers: kube::Api<thing_operator::api::Observer> =
-        kube::Api::namespaced(s.client.clone(), &s.ns);
-    let observer: thing_operator::api::Observer = common::resource(
-        "Observer",
+    // The sink is on loopback, which HTTP sinks may not reach by default.
+    let s = setup(
+        "mq-observe",
+        &[
+            "--status-write-interval",
+            "30s",
+            "--http-sink-allow-cidr",
+            "127.0.0.0/8",
+        ],
+    )
+    .await;
+    thing("meter").desired(json!({})).create(&s.things).await;
+    s.wait_ready(&s.things, "meter").await;
+    let observers: kube::Api<thing_operator::api::Observer> = s.api();
+    create_resource(
+        &observers,
         "o",
         json!({
             "source": {"thingName": "meter"},
             "filter": {"section": "Reported"},
-            "sink": {"http": {"url": format!("http://127.0.0.1:{port}/events")}},
+            "sink": {"http": {"url": url}},
         }),
-    );
-    observers
-        .create(&Default::default(), &observer)
-        .await
-        .unwrap();
+    )
+    .await;
 
     let c = s.credentials("meter").await;
     let root = c.aws_root();
@@ -393,5 +362,4 @@ async fn observers_see_reports_before_status_does() {
         Some(json!(10)),
         "status is paced: it cannot have the last report yet"
     );
-    common::delete_namespace(&s.client, &s.ns).await;
 }

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use mosquitto_support::{Device, DeviceEvent, setup};
+use common::thing;
+use mosquitto_support::{Device, DeviceEvent, MosquittoSetup, setup};
 
 /// The status-write counter once it stopped moving (bounded wait).
-async fn settled_writes(s: &mosquitto_support::Setup) -> f64 {
+async fn settled_writes(s: &MosquittoSetup) -> f64 {
     let mut before = metric(s).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -44,7 +45,7 @@ fn operator_rss_kib(ns: &str) -> Option<u64> {
     None
 }
 
-async fn metric(s: &mosquitto_support::Setup) -> f64 {
+async fn metric(s: &MosquittoSetup) -> f64 {
     s.operator
         .metric("thing_operator_status_writes_total", &["kind=\"Thing\""])
         .await
@@ -66,11 +67,14 @@ async fn telemetry_storm_keeps_status_writes_bounded() {
     let mut devices = Vec::new();
     for i in 0..THINGS {
         let name = format!("sensor-{i}");
-        s.create_thing(&name, json!({"rate": 1})).await;
+        thing(&name)
+            .desired(json!({"rate": 1}))
+            .create(&s.things)
+            .await;
     }
     for i in 0..THINGS {
         let name = format!("sensor-{i}");
-        s.wait_ready(&name).await;
+        s.wait_ready(&s.things, &name).await;
         let c = s.credentials(&name).await;
         let mut d = Device::start(&c, vec![]);
         d.connected().await;
@@ -102,9 +106,12 @@ async fn telemetry_storm_keeps_status_writes_bounded() {
     }
     let publishing = started.elapsed();
     for i in 0..THINGS {
-        s.wait_thing(&format!("sensor-{i}"), "latest report in status", |t| {
-            reported_seq(t) == Some(REPORTS)
-        })
+        s.wait_until(
+            &s.things,
+            &format!("sensor-{i}"),
+            "latest report in status",
+            |t| reported_seq(t) == Some(REPORTS),
+        )
         .await;
     }
     let landed = started.elapsed();
@@ -137,7 +144,6 @@ async fn telemetry_storm_keeps_status_writes_bounded() {
             "operator memory grew from {b} KiB to {a} KiB"
         );
     }
-    common::delete_namespace(&s.client, &s.ns).await;
 }
 
 /// The operator crashes: the new one restores each shadow from the Thing's status, so the
@@ -146,8 +152,11 @@ async fn telemetry_storm_keeps_status_writes_bounded() {
 #[tokio::test]
 async fn operator_restart_restores_shadows() {
     let mut s = setup("mq-oprestart", &["--status-write-interval", "300ms"]).await;
-    s.create_thing("valve", json!({"open": true})).await;
-    s.wait_ready("valve").await;
+    thing("valve")
+        .desired(json!({"open": true}))
+        .create(&s.things)
+        .await;
+    s.wait_ready(&s.things, "valve").await;
     let c = s.credentials("valve").await;
     let root = c.aws_root();
     let status_topic = format!("{}/_operator/status", s.prefix);
@@ -168,7 +177,7 @@ async fn operator_restart_restores_shadows() {
     let version = dev.message(&format!("{root}/update/accepted")).await["version"]
         .as_i64()
         .unwrap();
-    s.wait_thing("valve", "report in status", |t| {
+    s.wait_until(&s.things, "valve", "report in status", |t| {
         t.status
             .as_ref()
             .is_some_and(|st| st.version == Some(version) && st.reported.is_some())
@@ -208,7 +217,7 @@ async fn operator_restart_restores_shadows() {
         dev.message(&format!("{root}/update/accepted")).await["version"],
         version + 1
     );
-    s.wait_thing("valve", "merged report after restart", |t| {
+    s.wait_until(&s.things, "valve", "merged report after restart", |t| {
         t.status
             .as_ref()
             .and_then(|st| st.reported.as_ref())
@@ -217,5 +226,4 @@ async fn operator_restart_restores_shadows() {
             })
     })
     .await;
-    common::delete_namespace(&s.client, &s.ns).await;
 }

@@ -13,6 +13,7 @@ use kube::Api;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use serde_json::json;
 
+use common::thing;
 use mosquitto_support::{Credentials, Device, DeviceEvent, setup};
 
 fn tls_config(
@@ -47,8 +48,11 @@ async fn device_connects_with_its_certificate() {
     );
     let endpoint = format!("127.0.0.1:{tls_port}");
     let s = setup("mq-tls", &["--mqtt-device-tls-endpoint", &endpoint]).await;
-    s.create_thing("cam", json!({"res": "hd"})).await;
-    let thing = s.wait_ready("cam").await;
+    thing("cam")
+        .desired(json!({"res": "hd"}))
+        .create(&s.things)
+        .await;
+    let thing = s.wait_ready(&s.things, "cam").await;
     let issued = thing
         .status
         .unwrap()
@@ -90,12 +94,17 @@ async fn device_connects_with_its_certificate() {
     )
     .await;
     dev.message(&format!("{root}/update/accepted")).await;
-    s.wait_thing("cam", "certificate device's report in status", |t| {
-        t.status
-            .as_ref()
-            .and_then(|st| st.reported.as_ref())
-            .is_some_and(|r| r.0.get("res") == Some(&json!("hd")))
-    })
+    s.wait_until(
+        &s.things,
+        "cam",
+        "certificate device's report in status",
+        |t| {
+            t.status
+                .as_ref()
+                .and_then(|st| st.reported.as_ref())
+                .is_some_and(|r| r.0.get("res") == Some(&json!("hd")))
+        },
+    )
     .await;
     drop(dev);
 
@@ -107,5 +116,4 @@ async fn device_connects_with_its_certificate() {
         _ => None,
     })
     .await;
-    common::delete_namespace(&s.client, &s.ns).await;
 }

@@ -16,9 +16,7 @@ fn is_forbidden(result: Result<impl std::fmt::Debug, kube::Error>) -> bool {
 
 #[tokio::test]
 async fn the_operator_account_cannot_list_watch_or_delete_secrets() {
-    let env = common::TestEnv::load();
-    let _ = env.admin_client().await; // installs the TLS provider
-    let operator = env.client_from("OPERATOR_KUBECONFIG").await;
+    let operator = common::TestEnv::load().operator_client().await;
     let secrets: Api<Secret> = Api::namespaced(operator.clone(), "default");
 
     assert!(

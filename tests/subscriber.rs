@@ -5,35 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{OperatorProcess, TestEnv, create_namespace, delete_namespace, wait_for};
+use common::{OperatorProcess, Setup, create_resource, thing};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
-use thing_operator::api::{Subscriber, Thing};
-
-const WAIT: Duration = Duration::from_secs(60);
-
-fn thing(name: &str, spec: Value) -> Thing {
-    common::resource("Thing", name, spec)
-}
-
-fn subscriber(name: &str, spec: Value) -> Subscriber {
-    common::resource("Subscriber", name, spec)
-}
-
-fn mqtt_args(env: &TestEnv, ns: &str) -> Vec<String> {
-    vec![
-        "--mqtt-url".into(),
-        env.var("MQTT_URL"),
-        "--mqtt-username".into(),
-        env.var("MQTT_ADMIN_USER"),
-        "--mqtt-password-file".into(),
-        env.var("MQTT_ADMIN_PASSWORD_FILE"),
-        "--mqtt-topic-prefix".into(),
-        format!("t-{ns}"),
-    ]
-}
+use thing_operator::api::Subscriber;
 
 async fn post(op: &OperatorProcess, path: &str, body: &[u8], token: Option<&str>) -> (u16, Value) {
     let mut req = reqwest::Client::new()
@@ -50,36 +27,23 @@ async fn post(op: &OperatorProcess, path: &str, body: &[u8], token: Option<&str>
     )
 }
 
-async fn ready_reason(api: &Api<Subscriber>, name: &str) -> String {
-    wait_for("Subscriber condition", WAIT, || async {
-        api.get(name)
-            .await
-            .ok()?
-            .status?
-            .conditions
-            .get("Ready")
-            .map(|c| c.reason.clone())
-    })
-    .await
+async fn ready_reason(s: &Setup, api: &Api<Subscriber>, name: &str) -> String {
+    s.wait_condition(api, name, "Ready", |_| true).await.reason
 }
 
 #[tokio::test]
 async fn http_source_writes_desired_and_refuses_bad_input() {
-    let env = TestEnv::load();
-    let client = env.admin_client().await;
-    let ns = create_namespace(&client, "sub-http").await;
-    let op = OperatorProcess::start(&env, &ns, &[], &[]);
-    op.wait_ready().await;
-    let things: Api<Thing> = Api::namespaced(client.clone(), &ns);
-    let subs: Api<Subscriber> = Api::namespaced(client.clone(), &ns);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    things
-        .create(
-            &PostParams::default(),
-            &thing("lamp", json!({"broker": "Azure", "desired": {"on": false}})),
-        )
-        .await
-        .unwrap();
+    let s = Setup::new("sub-http").await;
+    let ns = &s.ns;
+    let op = s.operator().ready().await;
+    let things = s.things();
+    let subs: Api<Subscriber> = s.api();
+    let secrets: Api<Secret> = s.api();
+    thing("lamp")
+        .broker("Azure")
+        .desired(json!({"on": false}))
+        .create(&things)
+        .await;
     let mut secret = Secret::default();
     secret.metadata.name = Some("feed-token".into());
     secret.data = Some([("token".to_string(), ByteString(b"s3cret-token".to_vec()))].into());
@@ -87,20 +51,17 @@ async fn http_source_writes_desired_and_refuses_bad_input() {
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
-    subs.create(
-        &PostParams::default(),
-        &subscriber(
-            "feed",
-            json!({
-                "source": {"http": {"path": "lamp-feed", "tokenSecret": "feed-token"}},
-                "target": {"thingName": "lamp", "field": "Desired", "path": "/schedule"},
-                "maxMessageBytes": 256,
-            }),
-        ),
+    create_resource(
+        &subs,
+        "feed",
+        json!({
+            "source": {"http": {"path": "lamp-feed", "tokenSecret": "feed-token"}},
+            "target": {"thingName": "lamp", "field": "Desired", "path": "/schedule"},
+            "maxMessageBytes": 256,
+        }),
     )
-    .await
-    .unwrap();
-    assert_eq!(ready_reason(&subs, "feed").await, "Running");
+    .await;
+    assert_eq!(ready_reason(&s, &subs, "feed").await, "Running");
     let path = format!("/subscribers/{ns}/lamp-feed");
 
     assert_eq!(post(&op, &path, br#"{"at":"07:00"}"#, None).await.0, 401);
@@ -139,56 +100,47 @@ async fn http_source_writes_desired_and_refuses_bad_input() {
     .await;
     assert_eq!(code, 202);
 
-    wait_for("desired written", WAIT, || async {
+    s.wait_for("desired written", || async {
         let d = things.get("lamp").await.ok()?.spec.desired?;
         (d.0.get("schedule")? == &json!({"at": "07:00", "days": ["mon"]})
             && d.0.get("on")? == &json!(false))
             .then_some(())
     })
     .await;
-    let status = wait_for("counters in status", WAIT, || async {
-        let s = subs.get("feed").await.ok()?.status?;
-        (s.received == Some(1) && s.rejected == Some(3)).then_some(s)
-    })
-    .await;
+    let status = s
+        .wait_for("counters in status", || async {
+            let st = subs.get("feed").await.ok()?.status?;
+            (st.received == Some(1) && st.rejected == Some(3)).then_some(st)
+        })
+        .await;
     // Rejections say why, and never echo the payload.
     let last_error = status.last_error.unwrap_or_default();
     assert!(last_error.contains("over the limit"), "{last_error}");
     assert!(!last_error.contains("xxxx"));
-    delete_namespace(&client, &ns).await;
 }
 
 #[tokio::test]
 async fn mqtt_storm_is_coalesced_and_the_latest_state_lands() {
-    let env = TestEnv::load();
-    let client = env.admin_client().await;
-    let ns = create_namespace(&client, "sub-mqtt").await;
-    let args = mqtt_args(&env, &ns);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let op = OperatorProcess::start(&env, &ns, &args, &[]);
-    op.wait_ready().await;
-    let things: Api<Thing> = Api::namespaced(client.clone(), &ns);
-    let subs: Api<Subscriber> = Api::namespaced(client.clone(), &ns);
-    things
-        .create(
-            &PostParams::default(),
-            &thing("panel", json!({"broker": "Azure", "desired": {}})),
-        )
-        .await
-        .unwrap();
-    subs.create(
-        &PostParams::default(),
-        &subscriber(
-            "sensors",
-            json!({
-                "source": {"mqtt": {"topicFilter": format!("t-{ns}/namespaces/{ns}/sensors/+"), "qos": 1}},
-                "target": {"thingName": "panel", "field": "Desired", "path": "/sensors"},
-            }),
-        ),
+    let s = Setup::new("sub-mqtt").await;
+    let ns = &s.ns;
+    let op = s.operator().mqtt(&format!("t-{ns}")).ready().await;
+    let things = s.things();
+    let subs: Api<Subscriber> = s.api();
+    thing("panel")
+        .broker("Azure")
+        .desired(json!({}))
+        .create(&things)
+        .await;
+    create_resource(
+        &subs,
+        "sensors",
+        json!({
+            "source": {"mqtt": {"topicFilter": format!("t-{ns}/namespaces/{ns}/sensors/+"), "qos": 1}},
+            "target": {"thingName": "panel", "field": "Desired", "path": "/sensors"},
+        }),
     )
-    .await
-    .unwrap();
-    assert_eq!(ready_reason(&subs, "sensors").await, "Running");
+    .await;
+    assert_eq!(ready_reason(&s, &subs, "sensors").await, "Running");
     let generation_before = things
         .get("panel")
         .await
@@ -197,13 +149,12 @@ async fn mqtt_storm_is_coalesced_and_the_latest_state_lands() {
         .generation
         .unwrap();
 
-    let password = std::fs::read_to_string(env.var("MQTT_ADMIN_PASSWORD_FILE")).unwrap();
     let mut options = rumqttc::MqttOptions::new(
         format!("storm-{ns}"),
         "127.0.0.1",
-        env.var("MQTT_PORT").parse().unwrap(),
+        s.env.var("MQTT_PORT").parse().unwrap(),
     );
-    options.set_credentials(env.var("MQTT_ADMIN_USER"), password.trim());
+    options.set_credentials(s.env.var("MQTT_ADMIN_USER"), s.env.mqtt_admin_password());
     let (device, mut eventloop) = rumqttc::AsyncClient::new(options, 1024);
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
     const MESSAGES: i64 = 300;
@@ -231,17 +182,19 @@ async fn mqtt_storm_is_coalesced_and_the_latest_state_lands() {
         .await
         .unwrap();
 
-    let t = wait_for("latest state of both sensors", WAIT, || async {
-        let t = things.get("panel").await.ok()?;
-        let s = t.spec.desired.as_ref()?.0.get("sensors")?.clone();
-        (s == json!({"a": {"seq": MESSAGES}, "b": {"seq": MESSAGES - 1}})).then_some(t)
-    })
-    .await;
-    let status = wait_for("all messages counted", WAIT, || async {
-        let s = subs.get("sensors").await.ok()?.status?;
-        (s.received == Some(MESSAGES) && s.rejected == Some(1)).then_some(s)
-    })
-    .await;
+    let t = s
+        .wait_for("latest state of both sensors", || async {
+            let t = things.get("panel").await.ok()?;
+            let sensors = t.spec.desired.as_ref()?.0.get("sensors")?.clone();
+            (sensors == json!({"a": {"seq": MESSAGES}, "b": {"seq": MESSAGES - 1}})).then_some(t)
+        })
+        .await;
+    let status = s
+        .wait_for("all messages counted", || async {
+            let st = subs.get("sensors").await.ok()?.status?;
+            (st.received == Some(MESSAGES) && st.rejected == Some(1)).then_some(st)
+        })
+        .await;
     let writes = t.metadata.generation.unwrap() - generation_before;
     assert!(
         (1..=20).contains(&writes),
@@ -249,65 +202,36 @@ async fn mqtt_storm_is_coalesced_and_the_latest_state_lands() {
     );
     assert!(status.last_error.unwrap_or_default().contains("not JSON"));
     drop(op);
-    delete_namespace(&client, &ns).await;
 }
 
 #[tokio::test]
 async fn reported_target_goes_through_the_mosquitto_shadow() {
-    let env = TestEnv::load();
-    let client = env.admin_client().await;
-    let ns = create_namespace(&client, "sub-rep").await;
-    let args = mqtt_args(&env, &ns);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let op = OperatorProcess::start(&env, &ns, &args, &[]);
-    op.wait_ready().await;
-    let things: Api<Thing> = Api::namespaced(client.clone(), &ns);
-    let subs: Api<Subscriber> = Api::namespaced(client.clone(), &ns);
-    things
-        .create(
-            &PostParams::default(),
-            &thing(
-                "meter",
-                json!({"broker": "Mosquitto", "desired": {"unit": "kWh"}}),
-            ),
-        )
-        .await
-        .unwrap();
-    things
-        .create(
-            &PostParams::default(),
-            &thing("cloudy", json!({"broker": "Azure"})),
-        )
-        .await
-        .unwrap();
-    wait_for("Mosquitto Thing Ready", WAIT, || async {
-        things
-            .get("meter")
-            .await
-            .ok()?
-            .status?
-            .conditions
-            .is_true("Ready")
-            .then_some(())
-    })
-    .await;
+    let s = Setup::new("sub-rep").await;
+    let ns = &s.ns;
+    let op = s.operator().mqtt(&format!("t-{ns}")).ready().await;
+    let things = s.things();
+    let subs: Api<Subscriber> = s.api();
+    thing("meter")
+        .broker("Mosquitto")
+        .desired(json!({"unit": "kWh"}))
+        .create(&things)
+        .await;
+    thing("cloudy").broker("Azure").create(&things).await;
+    s.wait_ready(&things, "meter").await;
     for (name, target, path) in [
         ("to-meter", "meter", "meter-in"),
         ("to-cloudy", "cloudy", "cloudy-in"),
     ] {
-        subs.create(
-            &PostParams::default(),
-            &subscriber(
-                name,
-                json!({
-                    "source": {"http": {"path": path}},
-                    "target": {"thingName": target, "field": "Reported"},
-                }),
-            ),
+        create_resource(
+            &subs,
+            name,
+            json!({
+                "source": {"http": {"path": path}},
+                "target": {"thingName": target, "field": "Reported"},
+            }),
         )
-        .await
-        .unwrap();
-        assert_eq!(ready_reason(&subs, name).await, "Running");
+        .await;
+        assert_eq!(ready_reason(&s, &subs, name).await, "Running");
     }
     let (code, _) = post(
         &op,
@@ -317,11 +241,12 @@ async fn reported_target_goes_through_the_mosquitto_shadow() {
     )
     .await;
     assert_eq!(code, 202);
-    let status = wait_for("reported state from the Subscriber", WAIT, || async {
-        let s = things.get("meter").await.ok()?.status?;
-        (s.reported.as_ref()?.0.get("energy")? == &json!(42.5)).then_some(s)
-    })
-    .await;
+    let status = s
+        .wait_for("reported state from the Subscriber", || async {
+            let st = things.get("meter").await.ok()?.status?;
+            (st.reported.as_ref()?.0.get("energy")? == &json!(42.5)).then_some(st)
+        })
+        .await;
     assert!(status.version.unwrap_or(0) >= 1);
     // A Thing whose backend has no shadow here: the Subscriber says why instead of losing data silently.
     assert_eq!(
@@ -335,13 +260,13 @@ async fn reported_target_goes_through_the_mosquitto_shadow() {
         .0,
         202
     );
-    let s = wait_for("error on the Subscriber", WAIT, || async {
-        let s = subs.get("to-cloudy").await.ok()?.status?;
-        (s.rejected == Some(1)).then_some(s)
-    })
-    .await;
-    let err = s.last_error.unwrap_or_default();
+    let st = s
+        .wait_for("error on the Subscriber", || async {
+            let st = subs.get("to-cloudy").await.ok()?.status?;
+            (st.rejected == Some(1)).then_some(st)
+        })
+        .await;
+    let err = st.last_error.unwrap_or_default();
     assert!(err.contains("needs a Mosquitto Thing"), "{err}");
     drop(op);
-    delete_namespace(&client, &ns).await;
 }

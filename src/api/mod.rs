@@ -22,6 +22,19 @@ pub const VERSION: &str = "v1alpha1";
 /// Finalizer put on every object whose deletion needs work from the operator.
 pub const FINALIZER: &str = "iot.thing-operator.dev/cleanup";
 
+/// `namespace/name`: the one way the operator keys and names an object in its maps and logs (the
+/// form `kubectl` and kube's `ObjectRef` print), so a key built in one module finds the entry
+/// another module made.
+pub fn object_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// The Kubernetes path of a Thing. It is the Thing's REST identity: the `url` of its state
+/// document, the `source` of the CloudEvents Observers send, and what its topic tree mirrors.
+pub fn thing_url(namespace: &str, name: &str) -> String {
+    format!("/apis/{GROUP}/{VERSION}/namespaces/{namespace}/things/{name}")
+}
+
 /// Every CRD this operator owns, in the order they are printed by `thing-operator crds`.
 pub fn all_crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
@@ -57,4 +70,19 @@ fn render_crds(
         out.push_str(&serde_yaml::to_string(&crd)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thing_url_is_its_kubernetes_path() {
+        // The form docs/broker.md documents and clients rely on.
+        assert_eq!(
+            thing_url("prod", "lamp"),
+            "/apis/iot.thing-operator.dev/v1alpha1/namespaces/prod/things/lamp"
+        );
+        assert_eq!(object_key("prod", "lamp"), "prod/lamp");
+    }
 }

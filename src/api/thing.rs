@@ -281,6 +281,37 @@ impl ThingSpec {
     }
 }
 
+impl CredentialsSpec {
+    /// `rotateAfter`, parsed: `None` when unset. A value that does not parse never reaches a
+    /// backend (validation refuses it first), so here it counts as unset.
+    pub fn rotate_after_duration(&self) -> Option<std::time::Duration> {
+        parse_optional(self.rotate_after.as_deref())
+    }
+
+    /// `rotationOverlap`, parsed: `None` when unset (the backend's default applies).
+    pub fn rotation_overlap_duration(&self) -> Option<std::time::Duration> {
+        parse_optional(self.rotation_overlap.as_deref())
+    }
+
+    /// When a certificate issued at `issued_at` falls due for rotation by `rotateAfter`;
+    /// `None` when it never does.
+    pub fn rotation_due_at(&self, issued_at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let after = chrono::Duration::from_std(self.rotate_after_duration()?).ok()?;
+        issued_at.checked_add_signed(after)
+    }
+}
+
+impl ShadowSpec {
+    /// `pollInterval`, parsed: `None` when unset (the backend's default applies).
+    pub fn poll_interval_duration(&self) -> Option<std::time::Duration> {
+        parse_optional(self.poll_interval.as_deref())
+    }
+}
+
+fn parse_optional(value: Option<&str>) -> Option<std::time::Duration> {
+    value.and_then(|v| super::validation::parse_duration(v).ok())
+}
+
 /// A short, single-line rendering of a JSON object for a printer column.
 pub fn summarize(obj: &JsonObject, max_chars: usize) -> String {
     let full = serde_json::to_string(&obj.0).unwrap_or_default();
@@ -308,6 +339,34 @@ mod tests {
         let n = spec.backend_name("ns", &long);
         assert_eq!(n.len(), 128);
         assert_ne!(n, spec.backend_name("ns", &format!("{long}y")));
+    }
+
+    #[test]
+    fn durations_are_parsed_once_here() {
+        let creds = CredentialsSpec {
+            rotate_after: Some("1h30m".into()),
+            rotation_overlap: Some("not a duration".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            creds.rotate_after_duration(),
+            Some(std::time::Duration::from_secs(5400))
+        );
+        assert_eq!(creds.rotation_overlap_duration(), None);
+        let issued = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        assert_eq!(
+            creds.rotation_due_at(issued),
+            DateTime::from_timestamp(1_700_005_400, 0)
+        );
+        assert_eq!(CredentialsSpec::default().rotation_due_at(issued), None);
+        let shadow = ShadowSpec {
+            poll_interval: Some("90s".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            shadow.poll_interval_duration(),
+            Some(std::time::Duration::from_secs(90))
+        );
     }
 
     #[test]

@@ -40,20 +40,59 @@ impl ThingUpdate {
     }
 }
 
+/// Which Thing an update is about.
+pub struct Subject<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// The three state documents of an update; an empty document counts as absent.
+pub struct Documents {
+    pub desired: Option<JsonObject>,
+    pub reported: Option<JsonObject>,
+    pub delta: Option<JsonObject>,
+}
+
 impl ThingUpdate {
+    /// The one constructor every producer goes through.
+    pub fn new(
+        subject: Subject<'_>,
+        documents: Documents,
+        version: Option<i64>,
+        time: DateTime<Utc>,
+    ) -> Self {
+        let present = |d: Option<JsonObject>| d.filter(|o| !o.is_empty());
+        ThingUpdate {
+            namespace: subject.namespace.to_string(),
+            name: subject.name.to_string(),
+            labels: subject.labels.clone(),
+            desired: present(documents.desired),
+            reported: present(documents.reported),
+            delta: present(documents.delta),
+            version,
+            time,
+        }
+    }
+
     /// The state of `thing` as its status shows it. `time` is when the state was reported
     /// (now, when nothing was reported yet).
     pub fn of_thing(thing: &super::Thing, status: &super::ThingStatus) -> Self {
         use kube::ResourceExt;
-        ThingUpdate {
-            namespace: thing.namespace().unwrap_or_default(),
-            name: thing.name_any(),
-            labels: thing.labels().clone(),
-            desired: thing.spec.desired.clone(),
-            reported: status.reported.clone(),
-            delta: status.delta.clone(),
-            version: status.version,
-            time: status.last_reported_time.unwrap_or_else(Utc::now),
-        }
+        let (namespace, name) = (thing.namespace().unwrap_or_default(), thing.name_any());
+        ThingUpdate::new(
+            Subject {
+                namespace: &namespace,
+                name: &name,
+                labels: thing.labels(),
+            },
+            Documents {
+                desired: thing.spec.desired.clone(),
+                reported: status.reported.clone(),
+                delta: status.delta.clone(),
+            },
+            status.version,
+            status.last_reported_time.unwrap_or_else(Utc::now),
+        )
     }
 }

@@ -259,6 +259,18 @@ pub fn validate_thing(thing: &Thing, limits: &SpecLimits) -> Result<(), InvalidS
             "thingName {name:?} must be 1-128 characters of letters, digits, ':', '_' or '-'"
         ));
     }
+    // `_` separates namespace and name in the names the operator derives: a thingName that
+    // looks like another namespace's derived name would squat on that namespace's devices.
+    if let Some(name) = &spec.thing_name
+        && let Some((prefix, _)) = name.split_once('_')
+    {
+        let namespace = thing.metadata.namespace.as_deref().unwrap_or_default();
+        if prefix != namespace {
+            problems.push(format!(
+                "thingName {name:?}: '_' is reserved for derived names (<namespace>_<name>); a thingName with '_' must start with \"{namespace}_\""
+            ));
+        }
+    }
     if spec.attributes.len() > 50 {
         problems.push(format!(
             "attributes has {} entries, over the limit of 50",
@@ -505,6 +517,19 @@ mod tests {
 
     fn validate_thing_default(t: &Thing) -> Result<(), InvalidSpec> {
         validate_thing(t, &SpecLimits::default())
+    }
+
+    #[test]
+    fn a_thing_name_cannot_look_like_another_namespaces_derived_name() {
+        let in_ns = |spec: Value| {
+            let mut t = thing(spec);
+            t.metadata.namespace = Some("team-b".into());
+            validate_thing_default(&t)
+        };
+        assert!(in_ns(json!({"thingName": "team-a_lamp"})).is_err());
+        assert!(in_ns(json!({"thingName": "_lamp"})).is_err());
+        assert_eq!(in_ns(json!({"thingName": "team-b_lamp"})), Ok(()));
+        assert_eq!(in_ns(json!({"thingName": "shared-lamp-7"})), Ok(()));
     }
 
     #[test]

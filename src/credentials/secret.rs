@@ -2,7 +2,8 @@
 //!
 //! Written with server-side apply, owned by its Thing (controller ownerReference), so Kubernetes
 //! garbage-collects it with the Thing. Its contents never reach logs: errors name the Secret,
-//! never its data.
+//! never its data. What the keys hold is [`super::codec`]'s business; this module only moves
+//! the bytes.
 
 use std::collections::BTreeMap;
 
@@ -16,29 +17,53 @@ use kube::{
     api::{Patch, PatchParams},
 };
 
-use crate::{api::Thing, provider::BackendFailure};
-
-/// Key names inside the device Secret, chosen to be mountable as-is.
-pub mod keys {
-    /// PEM device certificate.
-    pub const CERTIFICATE: &str = "tls.crt";
-    /// PEM private key.
-    pub const PRIVATE_KEY: &str = "tls.key";
-    /// PEM root CA(s) of the server the device connects to.
-    pub const CA: &str = "ca.crt";
-    /// Host (and port) of the MQTT endpoint.
-    pub const ENDPOINT: &str = "endpoint";
-    pub const THING_NAME: &str = "thingName";
-    pub const CLIENT_ID: &str = "clientId";
-    pub const USERNAME: &str = "username";
-    pub const PASSWORD: &str = "password";
-    /// Id of the certificate in `tls.crt` as the backend knows it.
-    pub const CERTIFICATE_ID: &str = "certificateId";
-}
+use super::codec::SecretData;
+use crate::api::Thing;
 
 /// Label put on every device Secret, naming its Thing.
 pub const THING_LABEL: &str = "iot.thing-operator.dev/thing";
 const FIELD_MANAGER: &str = "thing-operator";
+
+/// Reading or writing a device Secret failed. The Kubernetes error is kept as the source; the
+/// message names the Secret only.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("reading the device Secret {name}")]
+    Read {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("writing the device Secret {name}")]
+    Write {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("encoding the device Secret {name}")]
+    Encode {
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A Secret of that name exists and is not this Thing's: the operator neither reads nor
+    /// writes it (it may be a database password, or another Thing's credentials).
+    #[error(
+        "Secret {name} exists and was not created by the operator for this Thing; choose another credentials.secretName or delete that Secret"
+    )]
+    Conflict { name: String },
+}
+
+impl SecretError {
+    /// The condition reason: `SecretConflict` for a Secret that is not this Thing's,
+    /// `SecretError` for a failed read or write.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SecretError::Conflict { .. } => "SecretConflict",
+            _ => "SecretError",
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct DeviceSecret {
@@ -46,6 +71,20 @@ pub struct DeviceSecret {
     name: String,
     owner: Option<OwnerReference>,
     thing_name: String,
+}
+
+/// Whether `secret` is the device Secret of the Thing `owner` points to: it carries a controller
+/// ownerReference to that Thing's uid. A label alone proves nothing (anyone who may create a
+/// Secret may label it); an ownerReference to a Thing's uid is only ever put there by the
+/// operator or by someone who may already write that namespace's Secrets.
+fn is_owned_by(secret: &Secret, owner: Option<&OwnerReference>) -> bool {
+    let Some(owner) = owner else { return false };
+    secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|r| r.controller == Some(true) && r.uid == owner.uid)
 }
 
 impl DeviceSecret {
@@ -62,12 +101,29 @@ impl DeviceSecret {
         &self.name
     }
 
-    /// The Secret's data, or `None` when it does not exist.
-    pub async fn read(&self) -> Result<Option<BTreeMap<String, Vec<u8>>>, BackendFailure> {
-        let secret =
-            self.api.get_opt(&self.name).await.map_err(|e| {
-                BackendFailure::Secret(format!("reading Secret {}: {}", self.name, e))
+    /// The Secret as it is now, refusing one that is not this Thing's.
+    async fn get_own(&self) -> Result<Option<Secret>, SecretError> {
+        let secret = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|source| SecretError::Read {
+                name: self.name.clone(),
+                source,
             })?;
+        match secret {
+            Some(s) if !is_owned_by(&s, self.owner.as_ref()) => Err(SecretError::Conflict {
+                name: self.name.clone(),
+            }),
+            other => Ok(other),
+        }
+    }
+
+    /// The Secret's data, or `None` when it does not exist. A Secret of that name that is not
+    /// this Thing's is a [`SecretError::Conflict`]: its data is never read, so its keys can never
+    /// become this Thing's credentials.
+    pub async fn read(&self) -> Result<Option<SecretData>, SecretError> {
+        let secret = self.get_own().await?;
         Ok(secret.map(|s| {
             s.data
                 .unwrap_or_default()
@@ -77,14 +133,11 @@ impl DeviceSecret {
         }))
     }
 
-    /// One key as UTF-8 text.
-    pub fn text(data: &BTreeMap<String, Vec<u8>>, key: &str) -> Option<String> {
-        data.get(key)
-            .and_then(|v| String::from_utf8(v.clone()).ok())
-    }
-
     /// Replaces the Secret's data with `data` (server-side apply; keys not given are removed).
-    pub async fn write(&self, data: BTreeMap<String, Vec<u8>>) -> Result<(), BackendFailure> {
+    /// Refuses to touch a Secret of that name that is not this Thing's (checked just before the
+    /// write; the window between the check and the write is one request long).
+    pub async fn write(&self, data: SecretData) -> Result<(), SecretError> {
+        self.get_own().await?;
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
@@ -102,8 +155,10 @@ impl DeviceSecret {
             data: Some(data.into_iter().map(|(k, v)| (k, ByteString(v))).collect()),
             ..Secret::default()
         };
-        let mut value = serde_json::to_value(&secret)
-            .map_err(|e| BackendFailure::Secret(format!("encoding Secret {}: {}", self.name, e)))?;
+        let mut value = serde_json::to_value(&secret).map_err(|source| SecretError::Encode {
+            name: self.name.clone(),
+            source,
+        })?;
         if let Some(obj) = value.as_object_mut() {
             obj.insert("apiVersion".into(), "v1".into());
             obj.insert("kind".into(), "Secret".into());
@@ -115,7 +170,54 @@ impl DeviceSecret {
                 &Patch::Apply(value),
             )
             .await
-            .map_err(|e| BackendFailure::Secret(format!("writing Secret {}: {}", self.name, e)))?;
+            .map_err(|source| SecretError::Write {
+                name: self.name.clone(),
+                source,
+            })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret_with(owners: serde_json::Value) -> Secret {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s", "ownerReferences": owners}
+        }))
+        .expect("a Secret")
+    }
+
+    fn owner(uid: &str) -> OwnerReference {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "iot.thing-operator.dev/v1alpha1", "kind": "Thing", "name": "lamp",
+            "uid": uid, "controller": true
+        }))
+        .expect("an owner")
+    }
+
+    #[test]
+    fn only_a_secret_controlled_by_this_things_uid_is_its_own() {
+        let me = owner("uid-1");
+        let mine = secret_with(serde_json::json!([me]));
+        assert!(is_owned_by(&mine, Some(&me)));
+        // Another Thing's (same name, other uid), a non-controller reference, none at all.
+        assert!(!is_owned_by(
+            &secret_with(serde_json::json!([owner("uid-2")])),
+            Some(&me)
+        ));
+        let mut weak = owner("uid-1");
+        weak.controller = None;
+        assert!(!is_owned_by(
+            &secret_with(serde_json::json!([weak])),
+            Some(&me)
+        ));
+        assert!(!is_owned_by(&secret_with(serde_json::json!([])), Some(&me)));
+        assert!(!is_owned_by(&mine, None));
+        assert_eq!(
+            SecretError::Conflict { name: "s".into() }.reason(),
+            "SecretConflict"
+        );
     }
 }

@@ -10,12 +10,7 @@ use std::{
 
 use tokio::sync::broadcast;
 
-pub use crate::api::ThingUpdate;
-
-/// Key of a Thing in the bus: `namespace/name`.
-pub fn thing_key(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
-}
+use crate::api::{ThingUpdate, object_key};
 
 #[derive(Clone)]
 pub struct StateBus {
@@ -40,7 +35,7 @@ impl StateBus {
 
     /// Publishes `update` unless the Thing's state did not change. Returns whether it was new.
     pub fn publish(&self, update: ThingUpdate) -> bool {
-        let key = thing_key(&update.namespace, &update.name);
+        let key = object_key(&update.namespace, &update.name);
         let update = Arc::new(update);
         {
             let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
@@ -59,7 +54,7 @@ impl StateBus {
         self.latest
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&thing_key(namespace, name));
+            .remove(&object_key(namespace, name));
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<ThingUpdate>> {

@@ -1,11 +1,16 @@
-//! Observer filters: which updates pass, and what an Observer remembers between them.
-//! Pure functions; the memory is what survives a restart (kept in the Observer's status).
+//! Observer filters: which Things an Observer watches, which of their updates pass, and what it
+//! remembers between them. Pure functions; the memory is what survives a restart (kept in the
+//! Observer's status).
 
 use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use crate::api::{JsonObject, observer::FilterSpec};
+use super::json::set_pointer;
+use crate::api::{
+    JsonObject, ThingUpdate,
+    observer::{FilterSpec, ThingSelector},
+};
 
 /// Last forwarded value per JSON pointer (`""` stands for the whole section).
 pub type Memory = BTreeMap<String, Value>;
@@ -29,30 +34,34 @@ fn moved(old: Option<&Value>, new: &Value, threshold: Option<f64>) -> bool {
     }
 }
 
-/// Sets `value` at `pointer` inside `target`, creating objects on the way.
-pub fn set_pointer(target: &mut Value, pointer: &str, value: Value) {
-    if pointer.is_empty() {
-        *target = value;
-        return;
+/// The memories of an Observer as `status.lastForwarded` keeps them: per Thing, JSON pointer to
+/// last forwarded value.
+pub fn memories_from_status(saved: BTreeMap<String, JsonObject>) -> BTreeMap<String, Memory> {
+    saved
+        .into_iter()
+        .map(|(thing, m)| (thing, m.0.into_iter().collect()))
+        .collect()
+}
+
+/// The inverse of [`memories_from_status`].
+pub fn memories_to_status(memories: &BTreeMap<String, Memory>) -> BTreeMap<String, JsonObject> {
+    memories
+        .iter()
+        .map(|(thing, m)| (thing.clone(), JsonObject(m.clone().into_iter().collect())))
+        .collect()
+}
+
+/// Whether an Observer in `namespace` watching `selector` watches the Thing of `update`: only
+/// Things of its own namespace, by name or by all of the labels.
+pub fn selects(selector: &ThingSelector, namespace: &str, update: &ThingUpdate) -> bool {
+    if update.namespace != namespace {
+        return false;
     }
-    let mut current = target;
-    let segments: Vec<String> = pointer
-        .split('/')
-        .skip(1)
-        .map(|s| s.replace("~1", "/").replace("~0", "~"))
-        .collect();
-    for (i, seg) in segments.iter().enumerate() {
-        if !current.is_object() {
-            *current = Value::Object(Map::new());
-        }
-        let Value::Object(map) = current else { return };
-        if i == segments.len() - 1 {
-            map.insert(seg.clone(), value);
-            return;
-        }
-        current = map
-            .entry(seg.clone())
-            .or_insert_with(|| Value::Object(Map::new()));
+    match (&selector.thing_name, &selector.match_labels) {
+        (Some(name), _) => &update.name == name,
+        (None, Some(labels)) => labels.iter().all(|(k, v)| update.labels.get(k) == Some(v)),
+        // Refused by the schema (exactly one must be set); selects nothing if it gets through.
+        (None, None) => false,
     }
 }
 
@@ -196,9 +205,69 @@ mod tests {
     }
 
     #[test]
-    fn set_pointer_unescapes_and_creates_objects() {
-        let mut v = json!({});
-        set_pointer(&mut v, "/a~1b/c~0d", json!(1));
-        assert_eq!(v, json!({"a/b": {"c~d": 1}}));
+    fn memories_survive_the_round_trip_through_status() {
+        let memories = BTreeMap::from([
+            (
+                "lamp".to_string(),
+                Memory::from([("/temp".to_string(), json!(20.5))]),
+            ),
+            (
+                "fan".to_string(),
+                Memory::from([(String::new(), json!({"on": true}))]),
+            ),
+        ]);
+        let saved = memories_to_status(&memories);
+        assert_eq!(saved["lamp"], obj(json!({"/temp": 20.5})));
+        assert_eq!(memories_from_status(saved), memories);
+    }
+
+    #[test]
+    fn an_observer_selects_by_name_or_by_every_label_in_its_own_namespace() {
+        let update = |ns: &str, name: &str, labels: &[(&str, &str)]| ThingUpdate {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            desired: None,
+            reported: None,
+            delta: None,
+            version: None,
+            time: chrono::Utc::now(),
+        };
+        let by_name = ThingSelector {
+            thing_name: Some("lamp".into()),
+            match_labels: None,
+        };
+        let by_labels = ThingSelector {
+            thing_name: None,
+            match_labels: Some(BTreeMap::from([
+                ("room".to_string(), "hall".to_string()),
+                ("kind".to_string(), "light".to_string()),
+            ])),
+        };
+        let lamp = update(
+            "ns",
+            "lamp",
+            &[("room", "hall"), ("kind", "light"), ("x", "y")],
+        );
+        assert!(selects(&by_name, "ns", &lamp));
+        assert!(selects(&by_labels, "ns", &lamp));
+        assert!(
+            !selects(&by_name, "other", &lamp),
+            "never across namespaces"
+        );
+        assert!(
+            !selects(&by_labels, "other", &lamp),
+            "never across namespaces"
+        );
+        assert!(!selects(&by_name, "ns", &update("ns", "lamp2", &[])));
+        assert!(!selects(
+            &by_labels,
+            "ns",
+            &update("ns", "fan", &[("room", "hall")])
+        ));
+        assert!(!selects(&ThingSelector::default(), "ns", &lamp));
     }
 }

@@ -1,46 +1,55 @@
-//! Events brought to Things: the in-memory state stream ([`bus`]), Observer filters
-//! ([`filter`]), destinations ([`sink`]) and the tasks that connect them ([`observers`]).
+//! Forwarding: Thing state carried to and from the world outside the cluster's API, by
+//! Observers (Thing state out to a sink) and Subscribers (messages in, into a Thing).
+//!
+//! - [`bus`]: the in-memory stream of Thing state Observers read;
+//! - pure rules and codecs: [`filter`] (which updates an Observer forwards), [`json`] (placing
+//!   and coalescing JSON), [`cloud_event`] (what sinks send);
+//! - I/O: [`sink`] (where Observers deliver), [`desired`] (writing a Thing's `spec.desired`),
+//!   [`mqtt`] (the MQTT client a namespace's tasks act with);
+//! - the tasks: [`observers`], [`subscribers`], and what both share in [`tasks`].
+//!
+//! Forwarding is fed by channels and trait objects the runner wires in (the state bus, the
+//! MQTT client, a [`ReportedStateWriter`](crate::feed::ReportedStateWriter), the egress policy
+//! of HTTP sinks); it imports no backend, controller or runner code.
 
-pub mod bus;
-pub mod filter;
-pub mod observers;
-pub mod sink;
+mod bus;
+mod cloud_event;
+mod desired;
+mod filter;
+mod json;
+mod mqtt;
+mod observers;
+mod sink;
 pub mod subscribers;
+mod tasks;
 
-pub use bus::{StateBus, ThingUpdate};
+pub use bus::StateBus;
 pub use observers::ObserverManager;
 pub use subscribers::SubscriberManager;
 
-use kube::{
-    Api, Resource,
-    api::{Patch, PatchParams},
-};
+/// Why a delivery (an Observer's sink) or a write (a Subscriber's target Thing) failed. The
+/// message goes to the task's `status.lastError` and logs, so it never carries a payload or a
+/// header value (they may be tokens).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DeliveryError {
+    /// Whether trying again may succeed; a permanent failure is dropped and counted.
+    pub retryable: bool,
+    pub message: String,
+}
 
-use crate::metrics::Metrics;
-
-/// Merge-patches a task's own status fields (counters, memory) into its object. Returns whether
-/// the write went through; a failed write is retried by the task's next flush.
-pub(crate) async fn write_task_status<K>(
-    api: &Api<K>,
-    name: &str,
-    status: serde_json::Value,
-    metrics: &Metrics,
-) -> bool
-where
-    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let patch = serde_json::json!({ "status": status });
-    match api
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-    {
-        Ok(_) => {
-            metrics.count_status_write(&K::kind(&()));
-            true
+impl DeliveryError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            retryable: true,
+            message: message.into(),
         }
-        Err(e) => {
-            tracing::debug!(kind = %K::kind(&()), %name, error = %e, "status flush failed; retrying later");
-            false
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            retryable: false,
+            message: message.into(),
         }
     }
 }

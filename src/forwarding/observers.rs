@@ -3,11 +3,7 @@
 //! at most one write per flush interval), so the memory of "changed by more than X" survives a
 //! restart of the operator.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use kube::{Api, Client, ResourceExt};
@@ -18,12 +14,18 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    StateBus, ThingUpdate,
-    filter::{Decision, Memory, evaluate},
-    sink::{Sink, SinkError},
+    DeliveryError, StateBus,
+    filter::{Decision, Memory, evaluate, memories_from_status, memories_to_status, selects},
+    mqtt::MqttAccess,
+    sink::Sink,
+    tasks::{TaskRegistry, write_task_status},
 };
 use crate::{
-    api::{JsonObject, Observer, observer::ObserverSpec},
+    api::{
+        Observer, ThingUpdate, object_key,
+        observer::{ObserverSpec, StateSection},
+    },
+    egress::EgressPolicy,
     metrics::Metrics,
 };
 
@@ -32,23 +34,16 @@ const MAX_ATTEMPTS: u32 = 5;
 /// Status counters and filter memory are written at most this often per Observer.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 
-struct Running {
-    generation: Option<i64>,
-    cancel: CancellationToken,
-}
-
 /// Starts, restarts and stops Observer tasks.
 pub struct ObserverManager {
     bus: StateBus,
     client: Client,
-    mqtt: Option<AsyncClient>,
+    mqtt: MqttAccess,
+    /// Where HTTP sinks may connect.
+    egress: Arc<EgressPolicy>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-    tasks: Mutex<HashMap<String, Running>>,
-}
-
-fn key(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
+    tasks: TaskRegistry,
 }
 
 impl ObserverManager {
@@ -56,16 +51,18 @@ impl ObserverManager {
         bus: StateBus,
         client: Client,
         mqtt: Option<AsyncClient>,
+        egress: Arc<EgressPolicy>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             bus,
             client,
-            mqtt,
+            mqtt: MqttAccess::shared(mqtt),
+            egress,
             metrics,
             shutdown,
-            tasks: Mutex::default(),
+            tasks: TaskRegistry::default(),
         }
     }
 
@@ -75,7 +72,7 @@ impl ObserverManager {
 
     /// Whether an MQTT sink can be served.
     pub fn has_mqtt(&self) -> bool {
-        self.mqtt.is_some()
+        self.mqtt.is_configured()
     }
 
     /// Makes sure a task runs for this generation of the Observer (restarting it on spec change).
@@ -83,39 +80,24 @@ impl ObserverManager {
         let ns = observer.namespace().unwrap_or_default();
         let name = observer.name_any();
         let generation = observer.metadata.generation;
-        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        if tasks
-            .get(&key(&ns, &name))
-            .is_some_and(|r| r.generation == generation && !r.cancel.is_cancelled())
-        {
+        if self.tasks.is_current(&ns, &name, generation) {
             return;
         }
-        if let Some(old) = tasks.remove(&key(&ns, &name)) {
-            old.cancel.cancel();
-        }
+        // The old generation stops before the new one starts: never two tasks delivering.
+        self.tasks.stop(&ns, &name);
+        let status = observer.status.clone().unwrap_or_default();
         let cancel = self.shutdown.child_token();
-        let memory = observer
-            .status
-            .as_ref()
-            .and_then(|s| s.last_forwarded.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(thing, m)| (thing, m.0.into_iter().collect::<Memory>()))
-            .collect();
         let task = ObserverTask {
             namespace: ns.clone(),
             name: name.clone(),
             spec: observer.spec.clone(),
-            forwarded: observer
-                .status
-                .as_ref()
-                .and_then(|s| s.forwarded)
-                .unwrap_or(0),
-            failed: observer.status.as_ref().and_then(|s| s.failed).unwrap_or(0),
-            memory,
+            forwarded: status.forwarded.unwrap_or(0),
+            failed: status.failed.unwrap_or(0),
+            memory: memories_from_status(status.last_forwarded.unwrap_or_default()),
             api: Api::namespaced(self.client.clone(), &ns),
             client: self.client.clone(),
-            mqtt: self.mqtt.clone(),
+            mqtt: self.mqtt.client_for(&ns).cloned(),
+            egress: self.egress.clone(),
             bus: self.bus.clone(),
             metrics: self.metrics.clone(),
             cancel: cancel.clone(),
@@ -124,18 +106,11 @@ impl ObserverManager {
             last_error: None,
         };
         tokio::spawn(task.run());
-        tasks.insert(key(&ns, &name), Running { generation, cancel });
+        self.tasks.insert(&ns, &name, generation, cancel);
     }
 
     pub fn stop(&self, namespace: &str, name: &str) {
-        if let Some(r) = self
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key(namespace, name))
-        {
-            r.cancel.cancel();
-        }
+        self.tasks.stop(namespace, name);
     }
 }
 
@@ -148,7 +123,9 @@ struct ObserverTask {
     memory: BTreeMap<String, Memory>,
     api: Api<Observer>,
     client: Client,
+    /// The client an MQTT sink publishes with: the one that acts for this namespace.
     mqtt: Option<AsyncClient>,
+    egress: Arc<EgressPolicy>,
     bus: StateBus,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
@@ -158,17 +135,6 @@ struct ObserverTask {
 }
 
 impl ObserverTask {
-    fn matches(&self, update: &ThingUpdate) -> bool {
-        if update.namespace != self.namespace {
-            return false;
-        }
-        match (&self.spec.source.thing_name, &self.spec.source.match_labels) {
-            (Some(name), _) => &update.name == name,
-            (None, Some(labels)) => labels.iter().all(|(k, v)| update.labels.get(k) == Some(v)),
-            (None, None) => false,
-        }
-    }
-
     /// Waits up to `d`, returning false when the task is cancelled meanwhile.
     async fn pause(&self, d: Duration) -> bool {
         tokio::select! {
@@ -185,12 +151,13 @@ impl ObserverTask {
                 &self.namespace,
                 &self.client,
                 self.mqtt.as_ref(),
+                &self.egress,
             )
             .await
             {
                 Ok(sink) => return Some(sink),
                 Err(e) => {
-                    tracing::warn!(observer = %key(&self.namespace, &self.name), error = %e, "sink not ready");
+                    tracing::warn!(observer = %object_key(&self.namespace, &self.name), error = %e, "sink not ready");
                     self.last_error = Some(e.message.clone());
                     self.dirty = true;
                     self.flush().await;
@@ -208,18 +175,15 @@ impl ObserverTask {
         }
     }
 
+    /// Delivers with up to [`MAX_ATTEMPTS`] tries, backing off with jitter so that many
+    /// Observers of one failing sink do not retry in step.
     async fn deliver(
         &mut self,
         sink: &Sink,
         update: &ThingUpdate,
+        section: StateSection,
         data: &Value,
-    ) -> Result<(), SinkError> {
-        let section = self
-            .spec
-            .filter
-            .as_ref()
-            .map(|f| f.section)
-            .unwrap_or_default();
+    ) -> Result<(), DeliveryError> {
         let mut delay = Duration::from_millis(200);
         let mut attempt = 1;
         loop {
@@ -239,7 +203,7 @@ impl ObserverTask {
     }
 
     async fn handle(&mut self, sink: &Sink, update: &ThingUpdate) {
-        if !self.matches(update) {
+        if !selects(&self.spec.source, &self.namespace, update) {
             return;
         }
         let filter = self.spec.filter.as_ref();
@@ -249,8 +213,8 @@ impl ObserverTask {
         else {
             return;
         };
-        let observer = key(&self.namespace, &self.name);
-        match self.deliver(sink, update, &data).await {
+        let observer = object_key(&self.namespace, &self.name);
+        match self.deliver(sink, update, section, &data).await {
             Ok(()) => {
                 self.memory.insert(update.name.clone(), memory);
                 self.forwarded += 1;
@@ -276,19 +240,14 @@ impl ObserverTask {
         if !self.dirty {
             return;
         }
-        let last_forwarded: BTreeMap<String, JsonObject> = self
-            .memory
-            .iter()
-            .map(|(thing, m)| (thing.clone(), JsonObject(m.clone().into_iter().collect())))
-            .collect();
         let status = json!({
             "forwarded": self.forwarded,
             "failed": self.failed,
             "lastForwardedTime": self.last_forwarded_time,
             "lastError": self.last_error,
-            "lastForwarded": last_forwarded,
+            "lastForwarded": memories_to_status(&self.memory),
         });
-        if super::write_task_status(&self.api, &self.name, status, &self.metrics).await {
+        if write_task_status(&self.api, &self.name, status, &self.metrics).await {
             self.dirty = false;
         }
     }
@@ -311,7 +270,7 @@ impl ObserverTask {
                 msg = rx.recv() => match msg {
                     Ok(update) => self.handle(&sink, &update).await,
                     Err(RecvError::Lagged(missed)) => {
-                        tracing::debug!(observer = %key(&self.namespace, &self.name), missed, "fell behind; resuming from the latest state");
+                        tracing::debug!(observer = %object_key(&self.namespace, &self.name), missed, "fell behind; resuming from the latest state");
                         for update in self.bus.latest(&self.namespace) {
                             self.handle(&sink, &update).await;
                         }

@@ -5,11 +5,13 @@
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use chrono::Utc;
 
-use super::{BackendError, DeviceOutcome, DeviceRequest, IotProvider, Notice, ProviderError};
+use super::{
+    BackendError, DeviceOutcome, DeviceRequest, IotProvider, Notice, ProviderError,
+    status::{record_failure, set_condition},
+};
 use crate::api::{
-    Condition, ConditionStatus, JsonObject, ThingStatus,
+    JsonObject, ThingStatus,
     conditions::types,
     thing::{Broker, DeviceStatus},
 };
@@ -86,10 +88,6 @@ impl DebugProvider {
     }
 }
 
-fn thing_key(req: &DeviceRequest<'_>) -> String {
-    format!("{}/{}", req.namespace, req.name)
-}
-
 #[async_trait]
 impl IotProvider for DebugProvider {
     fn broker(&self) -> Broker {
@@ -103,32 +101,19 @@ impl IotProvider for DebugProvider {
         outcome: &mut DeviceOutcome,
     ) -> Result<(), ProviderError> {
         let script = self.record(Call::Reconcile {
-            thing: thing_key(req),
+            thing: req.key().to_string(),
             backend_name: req.backend_name.clone(),
         });
-        let now = Utc::now();
         status.device = Some(DeviceStatus {
             broker: Some(self.broker),
             thing_name: Some(req.backend_name.clone()),
             ..DeviceStatus::default()
         });
         if let Some(e) = script.fail {
-            status.conditions.set(
-                Condition::new(
-                    types::PROVISIONED,
-                    ConditionStatus::False,
-                    e.reason,
-                    e.to_string(),
-                ),
-                now,
-            );
-            return Err(e.into());
+            return Err(record_failure(status, types::PROVISIONED, e).into());
         }
         for t in [types::PROVISIONED, types::CREDENTIALS_READY, types::IN_SYNC] {
-            status.conditions.set(
-                Condition::new(t, ConditionStatus::True, "Debug", "debug backend"),
-                now,
-            );
+            set_condition(status, t, true, "Debug", "debug backend");
         }
         status.reported = script.reported;
         outcome.notices = script.notices;
@@ -142,7 +127,7 @@ impl IotProvider for DebugProvider {
         _outcome: &mut DeviceOutcome,
     ) -> Result<(), ProviderError> {
         let script = self.record(Call::Cleanup {
-            thing: thing_key(req),
+            thing: req.key().to_string(),
             backend_name: req.backend_name.clone(),
         });
         match script.fail {

@@ -6,6 +6,12 @@
 //! which condition reason?), so a new backend plugs in without touching the controller.
 //! Messages carry operations, status and error codes, never request or response bodies (which
 //! may hold keys).
+//!
+//! A backend error's own message names what failed (`aws DescribeThing: throttled`, `reading
+//! the device Secret x`) and keeps the cause as its `source`, not in its text. A condition or
+//! an Event has room for one line only, so [`ProviderError`] renders the whole chain there
+//! (`reading the device Secret x: ApiError: ...`), and [`chain`] does the same for a backend's
+//! own conditions.
 
 use std::fmt;
 
@@ -51,10 +57,30 @@ impl<E: BackendError> From<E> for ProviderError {
     }
 }
 
-// Transparent: the message and the source chain are the backend error's own.
+// The backend error's message followed by its causes: this is what conditions and Events show.
+// `source()` below still hands out the same chain to code that walks it.
 impl fmt::Display for ProviderError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
+        fmt::Display::fmt(&Chain(&*self.0), f)
+    }
+}
+
+/// An error and its causes on one line, `error: cause: cause`, as conditions show them.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    Chain(error).to_string()
+}
+
+struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
     }
 }
 
@@ -85,58 +111,38 @@ impl BackendError for NotConfigured {
     }
 }
 
-/// TRANSITIONAL: the single error enum both backends shared before each got its own type.
-/// Being replaced by `AwsError` and `MosquittoError`; do not add uses.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum BackendFailure {
-    /// The backend asked us to slow down (HTTP 429, ThrottlingException).
-    #[error("{backend} {operation}: throttled")]
-    Throttled {
-        backend: &'static str,
-        operation: &'static str,
-    },
-    /// The backend answered with an error.
-    #[error("{backend} {operation}: {code}: {message}")]
-    Service {
-        backend: &'static str,
-        operation: &'static str,
-        code: String,
-        message: String,
-        retryable: bool,
-    },
-    /// The backend could not be reached.
-    #[error("{backend} {operation}: unreachable: {message}")]
-    Transport {
-        backend: &'static str,
-        operation: &'static str,
-        message: String,
-    },
-    /// The spec asks for something the backend refuses; retrying will not help until it changes.
-    #[error("{0}")]
-    Rejected(String),
-    /// Reading or writing the device Secret failed.
-    #[error("device secret: {0}")]
-    Secret(String),
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl BackendError for BackendFailure {
-    fn is_retryable(&self) -> bool {
-        match self {
-            BackendFailure::Throttled { .. }
-            | BackendFailure::Transport { .. }
-            | BackendFailure::Secret(_) => true,
-            BackendFailure::Service { retryable, .. } => *retryable,
-            BackendFailure::Rejected(_) => false,
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading the device Secret s")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("forbidden")]
+    struct Inner;
+
+    impl BackendError for Outer {
+        fn is_retryable(&self) -> bool {
+            true
+        }
+
+        fn reason(&self) -> &'static str {
+            "SecretError"
         }
     }
 
-    fn reason(&self) -> &'static str {
-        match self {
-            BackendFailure::Throttled { .. } => "Throttled",
-            BackendFailure::Service { .. } => "BackendError",
-            BackendFailure::Transport { .. } => "BackendUnreachable",
-            BackendFailure::Rejected(_) => "BackendRejected",
-            BackendFailure::Secret(_) => "SecretError",
-        }
+    #[test]
+    fn provider_error_shows_the_chain_and_keeps_the_classification() {
+        let e = ProviderError::from(Outer(Inner));
+        assert_eq!(e.to_string(), "reading the device Secret s: forbidden");
+        assert_eq!(e.reason(), "SecretError");
+        assert!(e.is_retryable());
+        assert!(e.downcast_ref::<Outer>().is_some());
+        assert_eq!(
+            std::error::Error::source(&e).unwrap().to_string(),
+            "forbidden"
+        );
     }
 }

@@ -1,13 +1,22 @@
 //! IoT backends behind one trait. Each backend is a module of its own; the controller picks one
 //! by `spec.broker` from the [`ProviderRegistry`]. Nothing outside this module talks to a backend.
+//!
+//! - [`error`]: how a backend's failure reaches the controller ([`BackendError`], [`ProviderError`]);
+//! - `status`: what every backend writes into a Thing's status the same way;
+//! - [`aws`], [`mosquitto`]: one folder per backend, split by job;
+//! - `debug` (tests only): a backend that records calls, for the reconciler tests.
+//!
+//! A backend may use `api`, `credentials`, `feed`, `failpoints`, `metrics`, `mqtt` and `config`,
+//! never the controller or the event tasks: they reach it through this module's types only.
 
 pub mod aws;
 #[cfg(test)]
 pub mod debug;
-mod error;
+pub mod error;
 pub mod mosquitto;
+mod status;
 
-pub use error::{BackendError, BackendFailure, NotConfigured, ProviderError};
+pub use error::{BackendError, NotConfigured, ProviderError};
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -54,6 +63,28 @@ impl Notice {
     }
 }
 
+/// A Thing within this operator (`namespace/name`): the key a backend's per-Thing memory uses.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ThingKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ThingKey {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for ThingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 /// Everything a backend needs to know about one Thing.
 pub struct DeviceRequest<'a> {
     pub thing: &'a Thing,
@@ -63,6 +94,12 @@ pub struct DeviceRequest<'a> {
     pub backend_name: String,
     /// The Secret that holds (or will hold) the device credentials.
     pub secret: DeviceSecret,
+}
+
+impl DeviceRequest<'_> {
+    pub fn key(&self) -> ThingKey {
+        ThingKey::new(self.namespace, self.name)
+    }
 }
 
 /// What a backend did during one reconcile.

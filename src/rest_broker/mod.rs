@@ -2,8 +2,11 @@
 //!
 //! The pure mapping between the two is `crate::mqtt::topic` (shared with the Mosquitto backend
 //! and the Observer/Subscriber tasks); `publisher` publishes each Thing's state, retained, under
-//! its topic, for any backend.
+//! its topic, for any backend; `shadow_update` writes reported state into a Thing through its
+//! shadow topic, for Subscribers.
 
 pub mod publisher;
+pub mod shadow_update;
 
 pub use publisher::StatePublisher;
+pub use shadow_update::ShadowUpdateWriter;

@@ -40,7 +40,7 @@ pub fn state_document(thing: &Thing, status: &ThingStatus) -> Value {
         "kind": "Thing",
         "namespace": ns,
         "name": name,
-        "url": format!("/apis/{}/{}/namespaces/{ns}/things/{name}", crate::api::GROUP, crate::api::VERSION),
+        "url": crate::api::thing_url(&ns, &name),
         "broker": thing.spec.broker,
         "ready": status.conditions.is_true(types::READY),
         "desired": thing.spec.desired,

@@ -1,21 +1,24 @@
-//! Helpers of the AWS integration tests: SDK clients pointed at the test environment's moto,
-//! an operator process with the AWS backend on, Thing manifests and bounded waits.
+//! Helpers of the AWS integration tests, on top of `tests/common`: a `Setup` with the AWS
+//! tests' longer waits, SDK clients pointed at the test environment's moto, and readers of
+//! what the operator left in Kubernetes (Secrets, Events) and in moto.
 #![allow(dead_code)]
 
 use std::time::Duration;
 
 use aws_sdk_iot::config::{BehaviorVersion, Credentials, Region};
 use k8s_openapi::api::{core::v1::Secret, events::v1::Event};
-use kube::{
-    Api, Client,
-    api::{ListParams, PostParams},
-};
-use serde_json::{Value, json};
-use thing_operator::api::{ConditionStatus, Thing};
+use kube::{Api, Client, api::ListParams};
+use serde_json::Value;
 
-use crate::common::{OperatorProcess, TestEnv, wait_for};
+use crate::common::{Setup, TestEnv};
 
+/// AWS work takes longer than the operator's own: every wait of these tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(90);
+
+/// A `Setup` whose waits are bounded by [`WAIT`].
+pub async fn setup(prefix: &str) -> Setup {
+    Setup::new(prefix).await.timeout(WAIT)
+}
 
 pub fn moto_url(env: &TestEnv) -> String {
     env.var("MOTO_URL")
@@ -45,83 +48,6 @@ pub fn data(env: &TestEnv) -> aws_sdk_iotdataplane::Client {
         .endpoint_url(moto_url(env))
         .build();
     aws_sdk_iotdataplane::Client::from_conf(conf)
-}
-
-pub fn aws_env() -> Vec<(&'static str, String)> {
-    vec![
-        ("AWS_ACCESS_KEY_ID", "testing".to_string()),
-        ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
-        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
-    ]
-}
-
-/// The operator with the AWS backend against moto; fast polls so the tests need not wait long.
-pub fn start_operator(
-    env: &TestEnv,
-    ns: &str,
-    extra_args: &[&str],
-    extra_env: &[(&'static str, String)],
-) -> OperatorProcess {
-    let moto = moto_url(env);
-    let mut args: Vec<&str> = vec![
-        "--aws",
-        "--aws-region",
-        "us-east-1",
-        "--aws-iot-endpoint",
-        &moto,
-        "--aws-data-endpoint",
-        &moto,
-        "--aws-device-endpoint",
-        "device.example.com:8883",
-        "--poll-interval",
-        "1s",
-        "--resync-interval",
-        "2s",
-        "--aws-orphan-grace",
-        "2s",
-        // The tests poll and rotate fast; production floors are 10s and 1m.
-        "--min-poll-interval",
-        "1s",
-        "--min-rotation-overlap",
-        "1s",
-    ];
-    args.extend_from_slice(extra_args);
-    let mut envs = aws_env();
-    envs.extend(extra_env.iter().cloned());
-    OperatorProcess::start(env, ns, &args, &envs)
-}
-
-pub fn thing(name: &str, spec: Value) -> Thing {
-    serde_json::from_value(json!({
-        "apiVersion": "iot.thing-operator.dev/v1alpha1",
-        "kind": "Thing",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))
-    .expect("valid Thing")
-}
-
-pub async fn create(api: &Api<Thing>, name: &str, spec: Value) {
-    api.create(&PostParams::default(), &thing(name, spec))
-        .await
-        .expect("Thing created");
-}
-
-pub fn condition(t: &Thing, type_: &str) -> Option<(ConditionStatus, String)> {
-    let c = t.status.as_ref()?.conditions.get(type_)?;
-    Some((c.status, c.reason.clone()))
-}
-
-pub fn is_ready(t: &Thing) -> bool {
-    matches!(condition(t, "Ready"), Some((ConditionStatus::True, _)))
-}
-
-pub async fn wait_ready(api: &Api<Thing>, name: &str) -> Thing {
-    wait_for(&format!("Thing {name} Ready"), WAIT, || async {
-        let t = api.get(name).await.ok()?;
-        is_ready(&t).then_some(t)
-    })
-    .await
 }
 
 pub async fn secret_data(
@@ -168,6 +94,17 @@ pub async fn policy_exists(iot: &aws_sdk_iot::Client, name: &str) -> bool {
     iot.get_policy().policy_name(name).send().await.is_ok()
 }
 
+/// The principals (certificate ARNs) attached to the thing `thing_name` in moto.
+pub async fn thing_principals(iot: &aws_sdk_iot::Client, thing_name: &str) -> Vec<String> {
+    iot.list_thing_principals()
+        .thing_name(thing_name)
+        .send()
+        .await
+        .expect("list thing principals")
+        .principals()
+        .to_vec()
+}
+
 pub async fn cert_status(iot: &aws_sdk_iot::Client, id: &str) -> Option<String> {
     let out = iot
         .describe_certificate()
@@ -212,4 +149,21 @@ pub async fn all_certificate_ids(iot: &aws_sdk_iot::Client) -> Vec<String> {
         .iter()
         .filter_map(|c| c.certificate_id().map(str::to_string))
         .collect()
+}
+
+/// The subject of the certificate `id` in moto (`None` when moto does not describe it).
+pub async fn certificate_subject(iot: &aws_sdk_iot::Client, id: &str) -> Option<String> {
+    let d = iot
+        .describe_certificate()
+        .certificate_id(id)
+        .send()
+        .await
+        .ok()?;
+    let pem = d
+        .certificate_description()
+        .and_then(|d| d.certificate_pem())
+        .unwrap_or_default()
+        .to_string();
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("PEM");
+    Some(parsed.parse_x509().expect("X.509").subject().to_string())
 }

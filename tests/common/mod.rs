@@ -1,21 +1,41 @@
 //! Shared harness of the integration tests: the local test environment started by
-//! `scripts/testenv.sh up`, an operator process per test, and bounded waits.
+//! `scripts/testenv.sh up`, one `Setup` per test (admin client, a namespace deleted on drop, a
+//! builder for operator processes), a `thing()` builder, and bounded waits.
+//!
+//! ```ignore
+//! let s = Setup::new("found").await;
+//! let op = s.operator().aws().arg("--status-write-interval").arg("1s").ready().await;
+//! let things = s.things();
+//! thing("dev1").broker("AWS").desired(json!({"temp": 21})).create(&things).await;
+//! let t = s.wait_ready(&things, "dev1").await;
+//! let ready = s.wait_condition(&things, "dev1", "Ready", |c| c.reason == "Reconciled").await;
+//! ```
 #![allow(dead_code)]
 
 use std::{
     collections::BTreeMap,
+    fmt,
     future::Future,
+    ops::Deref,
     path::{Path, PathBuf},
     process::{Child, Command},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
-use k8s_openapi::api::core::v1::Namespace;
+use axum::{Json, Router, extract::State, routing::post};
+use k8s_openapi::{NamespaceResourceScope, api::core::v1::Namespace};
 use kube::{
-    Api, Client, Config,
-    api::{DeleteParams, PostParams},
+    Api, Client, Config, Resource,
+    api::{Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::{Map, Value, json};
+use thing_operator::api::{Condition, ConditionStatus, Thing};
+
+/// How long a test waits for something that should happen, unless it says otherwise.
+pub const WAIT: Duration = Duration::from_secs(60);
 
 /// Where the environment's `env` file lives: $THING_OPERATOR_TESTENV or `<repo>/.testenv`.
 pub fn testenv_dir() -> PathBuf {
@@ -56,7 +76,9 @@ impl TestEnv {
             .unwrap_or_else(|| panic!("test env has no {key}"))
     }
 
+    /// A client from the kubeconfig named by the env variable `kubeconfig`.
     pub async fn client_from(&self, kubeconfig: &str) -> Client {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let kc = Kubeconfig::read_from(self.var(kubeconfig)).expect("kubeconfig readable");
         let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
             .await
@@ -66,8 +88,20 @@ impl TestEnv {
 
     /// A client with cluster-admin rights (the test's own view).
     pub async fn admin_client(&self) -> Client {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         self.client_from("KUBECONFIG").await
+    }
+
+    /// A client with the operator's service-account token (what `deploy/rbac.yaml` grants).
+    pub async fn operator_client(&self) -> Client {
+        self.client_from("OPERATOR_KUBECONFIG").await
+    }
+
+    /// The Mosquitto admin account's password (the user is `MQTT_ADMIN_USER`).
+    pub fn mqtt_admin_password(&self) -> String {
+        std::fs::read_to_string(self.var("MQTT_ADMIN_PASSWORD_FILE"))
+            .expect("Mosquitto admin password readable")
+            .trim()
+            .to_string()
     }
 
     /// Runs `scripts/testenv.sh CMD DIR` (restart-apiserver, restart-mosquitto, ...).
@@ -98,13 +132,201 @@ impl TestEnv {
     }
 }
 
-/// A `iot.thing-operator.dev/v1alpha1` object of `kind` with `spec`, e.g. `resource::<Thing>("Thing", "t1", json!({..}))`.
-pub fn resource<K: serde::de::DeserializeOwned>(
-    kind: &str,
-    name: &str,
-    spec: serde_json::Value,
-) -> K {
-    serde_json::from_value(serde_json::json!({
+/// What one test stands on: the environment, an admin client, a namespace of its own (deleted
+/// when the `Setup` is dropped, also when the test fails), and operators started through
+/// [`Setup::operator`]. Waits on objects are bounded by `timeout`.
+pub struct Setup {
+    pub env: TestEnv,
+    pub client: Client,
+    pub ns: TestNamespace,
+    /// The bound of every `wait_*` of this `Setup`; [`WAIT`] unless set with [`Setup::timeout`].
+    pub timeout: Duration,
+}
+
+impl Setup {
+    /// Loads the environment and creates a namespace named `{prefix}-{random}`.
+    pub async fn new(prefix: &str) -> Setup {
+        let env = TestEnv::load();
+        let client = env.admin_client().await;
+        let ns = TestNamespace::create(&env, &client, prefix).await;
+        Setup {
+            env,
+            client,
+            ns,
+            timeout: WAIT,
+        }
+    }
+
+    /// The same `Setup` with another bound for its waits.
+    pub fn timeout(mut self, timeout: Duration) -> Setup {
+        self.timeout = timeout;
+        self
+    }
+
+    /// An `Api` of kind `K` in this test's namespace.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn things(&self) -> Api<Thing> {
+        self.api()
+    }
+
+    /// A builder for an operator watching this namespace, with no backend configured.
+    pub fn operator(&self) -> OperatorBuilder {
+        OperatorBuilder::new(&self.env, &self.ns)
+    }
+
+    /// Polls `check` until it returns `Some`, at most `self.timeout`.
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        wait_for(what, self.timeout, check).await
+    }
+
+    /// Waits until the object `name` exists and `check` holds on it; returns it.
+    pub async fn wait_until<K>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        what: &str,
+        check: impl Fn(&K) -> bool,
+    ) -> K
+    where
+        K: Resource + Clone + DeserializeOwned + fmt::Debug,
+    {
+        wait_for(what, self.timeout, || async {
+            let obj = api.get_opt(name).await.ok().flatten()?;
+            check(&obj).then_some(obj)
+        })
+        .await
+    }
+
+    /// Waits until the object `name` has a condition `type_` that `accept` takes; returns it.
+    /// `|_| true` waits for the condition to be there at all.
+    pub async fn wait_condition<K>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        type_: &str,
+        accept: impl Fn(&Condition) -> bool,
+    ) -> Condition
+    where
+        K: Resource + Clone + DeserializeOwned + Serialize + fmt::Debug,
+    {
+        let what = format!("condition {type_} of {name}");
+        let obj = self
+            .wait_until(api, name, &what, |o| {
+                condition(o, type_).is_some_and(|c| accept(&c))
+            })
+            .await;
+        condition(&obj, type_).expect("the condition just seen")
+    }
+
+    /// Waits until the object `name` is Ready (condition `Ready` True); returns it.
+    pub async fn wait_ready<K>(&self, api: &Api<K>, name: &str) -> K
+    where
+        K: Resource + Clone + DeserializeOwned + Serialize + fmt::Debug,
+    {
+        self.wait_until(api, name, &format!("{name} Ready"), is_ready)
+            .await
+    }
+
+    /// Waits until the object `name` no longer exists.
+    pub async fn wait_gone<K>(&self, api: &Api<K>, name: &str)
+    where
+        K: Resource + Clone + DeserializeOwned + fmt::Debug,
+    {
+        wait_for(&format!("{name} deleted"), self.timeout, || async {
+            api.get_opt(name).await.ok()?.is_none().then_some(())
+        })
+        .await
+    }
+
+    /// Waits until `api` lists no object at all (e.g. after deleting every Thing).
+    pub async fn wait_all_gone<K>(&self, api: &Api<K>)
+    where
+        K: Resource + Clone + DeserializeOwned + fmt::Debug,
+    {
+        wait_for("every object deleted", self.timeout, || async {
+            api.list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        })
+        .await
+    }
+}
+
+/// A namespace of one test. Dropping it asks the API server to delete it (without waiting, and
+/// without failing: it also runs while a failed test unwinds).
+pub struct TestNamespace {
+    name: String,
+    kubectl: String,
+    kubeconfig: String,
+}
+
+impl TestNamespace {
+    pub async fn create(env: &TestEnv, client: &Client, prefix: &str) -> TestNamespace {
+        let api: Api<Namespace> = Api::all(client.clone());
+        let name = format!("{prefix}-{:08x}", rand::random::<u32>());
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        api.create(&PostParams::default(), &ns)
+            .await
+            .expect("namespace created");
+        TestNamespace {
+            name,
+            kubectl: env.var("KUBECTL"),
+            kubeconfig: env.var("KUBECONFIG"),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Deref for TestNamespace {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Display for TestNamespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        // Synchronous (Drop cannot await) and bounded (the API server may be the thing that failed).
+        let _ = Command::new(&self.kubectl)
+            .args(["delete", "namespace", &self.name])
+            .args([
+                "--wait=false",
+                "--ignore-not-found",
+                "--request-timeout=10s",
+            ])
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// A `iot.thing-operator.dev/v1alpha1` object of `kind` with `spec`, e.g. `resource::<Observer>("Observer", "o", json!({..}))`.
+pub fn resource<K: DeserializeOwned>(kind: &str, name: &str, spec: Value) -> K {
+    serde_json::from_value(json!({
         "apiVersion": "iot.thing-operator.dev/v1alpha1",
         "kind": kind,
         "metadata": {"name": name},
@@ -113,45 +335,129 @@ pub fn resource<K: serde::de::DeserializeOwned>(
     .unwrap_or_else(|e| panic!("invalid {kind} {name}: {e}"))
 }
 
-/// Waits until the object has a `Ready` condition (any status) and returns it.
-pub async fn wait_ready_condition<K>(
-    api: &kube::Api<K>,
-    name: &str,
-    timeout: Duration,
-) -> thing_operator::api::Condition
+/// Creates a [`resource`] of `api`'s kind (the test fails if the API server refuses it) and
+/// returns it, e.g. `create_resource(&observers, "o1", json!({..}))`.
+pub async fn create_resource<K>(api: &Api<K>, name: &str, spec: Value) -> K
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + serde::Serialize,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + fmt::Debug,
 {
-    wait_for(&format!("Ready condition on {name}"), timeout, || async {
-        let obj = serde_json::to_value(api.get(name).await.ok()?).ok()?;
-        let conditions = obj.get("status")?.get("conditions")?.as_array()?.clone();
-        conditions
-            .into_iter()
-            .find(|c| c.get("type").and_then(|t| t.as_str()) == Some("Ready"))
-            .and_then(|c| serde_json::from_value(c).ok())
-    })
-    .await
-}
-
-/// A namespace of its own for one test, deleted on drop (best effort).
-pub async fn create_namespace(client: &Client, prefix: &str) -> String {
-    let api: Api<Namespace> = Api::all(client.clone());
-    let name = format!("{prefix}-{:08x}", rand::random::<u32>());
-    let ns: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
-    api.create(&PostParams::default(), &ns)
+    let kind = K::kind(&());
+    api.create(&PostParams::default(), &resource(&kind, name, spec))
         .await
-        .expect("namespace created");
-    name
+        .unwrap_or_else(|e| panic!("{kind} {name} created: {e}"))
 }
 
-pub async fn delete_namespace(client: &Client, name: &str) {
-    let api: Api<Namespace> = Api::all(client.clone());
-    let _ = api.delete(name, &DeleteParams::default()).await;
+/// A Thing to build: `thing("lamp").broker("AWS").desired(json!({"on": true})).build()`.
+pub fn thing(name: &str) -> ThingBuilder {
+    ThingBuilder {
+        name: name.to_string(),
+        spec: Map::new(),
+        labels: BTreeMap::new(),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ThingBuilder {
+    name: String,
+    spec: Map<String, Value>,
+    labels: BTreeMap<String, String>,
+}
+
+impl ThingBuilder {
+    /// `spec.broker`: "AWS", "Mosquitto", "Azure" (no backend in the tests).
+    pub fn broker(self, broker: &str) -> Self {
+        self.field("broker", json!(broker))
+    }
+
+    /// `spec.desired`.
+    pub fn desired(self, desired: Value) -> Self {
+        self.field("desired", desired)
+    }
+
+    /// Every top-level field of `spec` (a JSON object) into the spec.
+    pub fn spec(mut self, spec: Value) -> Self {
+        let Value::Object(fields) = spec else {
+            panic!("a Thing spec is a JSON object: {spec}");
+        };
+        self.spec.extend(fields);
+        self
+    }
+
+    /// One field of the spec.
+    pub fn field(mut self, key: &str, value: Value) -> Self {
+        self.spec.insert(key.to_string(), value);
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    pub fn build(self) -> Thing {
+        let mut t: Thing = resource("Thing", &self.name, Value::Object(self.spec));
+        if !self.labels.is_empty() {
+            t.metadata.labels = Some(self.labels);
+        }
+        t
+    }
+
+    /// Creates the Thing (the test fails if the API server refuses it) and returns it.
+    pub async fn create(self, api: &Api<Thing>) -> Thing {
+        let name = self.name.clone();
+        api.create(&PostParams::default(), &self.build())
+            .await
+            .unwrap_or_else(|e| panic!("Thing {name} created: {e}"))
+    }
+}
+
+/// The condition `type_` of any kind's status (read through its JSON, so Things, Observers and
+/// Subscribers alike).
+pub fn condition<K: Serialize>(obj: &K, type_: &str) -> Option<Condition> {
+    let obj = serde_json::to_value(obj).ok()?;
+    obj.get("status")?
+        .get("conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some(type_))
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+}
+
+/// Whether the object's `Ready` condition is True.
+pub fn is_ready<K: Serialize>(obj: &K) -> bool {
+    condition(obj, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+}
+
+/// A merge patch of the object `name`.
+pub async fn merge_patch<K>(api: &Api<K>, name: &str, patch: Value) -> K
+where
+    K: Resource + Clone + DeserializeOwned + fmt::Debug,
+{
+    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap_or_else(|e| panic!("{name} patched: {e}"))
+}
+
+/// What an [`http_receiver`] was sent: every JSON body, in order.
+pub type Received = Arc<Mutex<Vec<Value>>>;
+
+/// A local HTTP endpoint that records every JSON body (an Observer's CloudEvent) POSTed to it;
+/// returns its URL.
+pub async fn http_receiver() -> (String, Received) {
+    async fn collect(State(r): State<Received>, Json(body): Json<Value>) -> &'static str {
+        r.lock().unwrap().push(body);
+        "ok"
+    }
+    let received: Received = Arc::default();
+    let port = free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let app = Router::new()
+        .route("/events", post(collect))
+        .with_state(received.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://127.0.0.1:{port}/events"), received)
 }
 
 pub fn free_port() -> u16 {
@@ -180,41 +486,144 @@ where
     }
 }
 
-/// One operator process, run with the service account's RBAC, watching one namespace.
-pub struct OperatorProcess {
-    child: Option<Child>,
-    pub http_port: u16,
-    pub log_path: PathBuf,
+/// How to start an operator watching one namespace: backends, flags, environment, binary. Kept
+/// after `start`, so the same operator can be started again (after a crash, a kill).
+#[derive(Clone, Debug)]
+pub struct OperatorBuilder {
+    env: TestEnv,
+    namespace: String,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    failpoints_binary: bool,
+    /// Watch every namespace instead of the test's own (tests about tenants, which are
+    /// namespaces). Two such operators must never run at once.
+    cluster_wide: bool,
 }
 
-impl OperatorProcess {
-    pub fn start(
-        env: &TestEnv,
-        namespace: &str,
-        extra_args: &[&str],
-        extra_env: &[(&str, String)],
-    ) -> Self {
+impl OperatorBuilder {
+    pub fn new(env: &TestEnv, namespace: &str) -> OperatorBuilder {
+        OperatorBuilder {
+            env: env.clone(),
+            namespace: namespace.to_string(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            failpoints_binary: false,
+            cluster_wide: false,
+        }
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.envs.push((key.to_string(), value.into()));
+        self
+    }
+
+    /// The AWS backend against the test environment's moto, with fast polls so the tests need
+    /// not wait long.
+    pub fn aws(self) -> Self {
+        let moto = self.env.var("MOTO_URL");
+        self.args([
+            "--aws",
+            "--aws-region",
+            "us-east-1",
+            "--aws-iot-endpoint",
+            &moto,
+            "--aws-data-endpoint",
+            &moto,
+            "--aws-device-endpoint",
+            "device.example.com:8883",
+            "--poll-interval",
+            "1s",
+            "--resync-interval",
+            "2s",
+            "--aws-orphan-grace",
+            "2s",
+            // The tests poll and rotate fast; production floors are 10s and 1m.
+            "--min-poll-interval",
+            "1s",
+            "--min-rotation-overlap",
+            "1s",
+        ])
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+    }
+
+    /// The Mosquitto backend (and MQTT for Observers and Subscribers) on the test broker, as its
+    /// admin, under the topic prefix `prefix`.
+    pub fn mqtt(self, prefix: &str) -> Self {
+        let (url, user, password_file) = (
+            self.env.var("MQTT_URL"),
+            self.env.var("MQTT_ADMIN_USER"),
+            self.env.var("MQTT_ADMIN_PASSWORD_FILE"),
+        );
+        self.args([
+            "--mqtt-url",
+            &url,
+            "--mqtt-username",
+            &user,
+            "--mqtt-password-file",
+            &password_file,
+            "--mqtt-topic-prefix",
+            prefix,
+        ])
+    }
+
+    /// Watches every namespace (see the field's docs).
+    pub fn cluster_wide(mut self) -> Self {
+        self.cluster_wide = true;
+        self
+    }
+
+    /// Runs a private copy of the binary under test, checked to have the `failpoints` feature
+    /// (see [`failpoints_binary`]).
+    pub fn failpoints_binary(mut self) -> Self {
+        self.failpoints_binary = true;
+        self
+    }
+
+    /// `FAILPOINTS=<spec>`, e.g. `aws-after-create-thing=return` (exits the process like a crash
+    /// when reached); runs the failpoints binary.
+    pub fn failpoint(self, spec: &str) -> Self {
+        self.failpoints_binary().env("FAILPOINTS", spec)
+    }
+
+    /// Starts the process and returns at once.
+    pub fn start(&self) -> OperatorProcess {
         let http_port = free_port();
-        let log_dir = env.dir.join("logs");
+        let log_dir = self.env.dir.join("logs");
         std::fs::create_dir_all(&log_dir).unwrap();
-        let log_path = log_dir.join(format!("operator-{namespace}-{http_port}.log"));
+        let log_path = log_dir.join(format!("operator-{}-{http_port}.log", self.namespace));
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_thing-operator"));
+        let binary = if self.failpoints_binary {
+            failpoints_binary()
+        } else {
+            Path::new(env!("CARGO_BIN_EXE_thing-operator"))
+        };
+        let mut cmd = Command::new(binary);
         cmd.arg("run")
             .arg("--http-addr")
-            .arg(format!("127.0.0.1:{http_port}"))
-            .arg("--watch-namespace")
-            .arg(namespace)
-            .args(extra_args)
+            .arg(format!("127.0.0.1:{http_port}"));
+        if !self.cluster_wide {
+            cmd.arg("--watch-namespace").arg(&self.namespace);
+        }
+        cmd.args(&self.args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("KUBECONFIG", env.var("OPERATOR_KUBECONFIG"))
+            .env("KUBECONFIG", self.env.var("OPERATOR_KUBECONFIG"))
             .env("RUST_LOG", "info,thing_operator=debug,kube_runtime=warn")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
         let child = cmd.spawn().expect("operator starts");
         OperatorProcess {
             child: Some(child),
@@ -223,6 +632,45 @@ impl OperatorProcess {
         }
     }
 
+    /// Starts the process and waits until it answers /readyz.
+    pub async fn ready(&self) -> OperatorProcess {
+        let op = self.start();
+        op.wait_ready().await;
+        op
+    }
+}
+
+/// The binary under test (`CARGO_BIN_EXE_thing-operator`, i.e. this build's), copied once per
+/// test process: a concurrent `cargo build` without the `failpoints` feature writes the same
+/// path, and an operator without failpoints never crashes where it is told to. Panics when the
+/// binary has no failpoints.
+pub fn failpoints_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let src = PathBuf::from(env!("CARGO_BIN_EXE_thing-operator"));
+        let dst = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("thing-operator-failpoints-{}", std::process::id()));
+        std::fs::copy(&src, &dst).expect("copy the operator binary");
+        let bytes = std::fs::read(&dst).expect("read the operator binary");
+        let marker = b"exiting like a crash";
+        assert!(
+            bytes.windows(marker.len()).any(|w| w == marker),
+            "{} was built without the failpoints feature (a concurrent build?); rerun with --features failpoints",
+            src.display()
+        );
+        dst
+    })
+}
+
+/// One operator process, run with the service account's RBAC, watching one namespace. Killed
+/// when dropped.
+pub struct OperatorProcess {
+    child: Option<Child>,
+    pub http_port: u16,
+    pub log_path: PathBuf,
+}
+
+impl OperatorProcess {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
@@ -231,6 +679,16 @@ impl OperatorProcess {
         self.child
             .as_mut()
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Waits (at most `timeout`) for the process to exit by itself; returns its exit code.
+    pub async fn wait_exit(&mut self, what: &str, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut().expect("the operator was started");
+        wait_for(what, timeout, || {
+            let status = child.try_wait().ok().flatten();
+            async move { status.map(|s| s.code()) }
+        })
+        .await
     }
 
     /// GET on the operator's HTTP server; `None` when it does not answer.

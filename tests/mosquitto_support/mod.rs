@@ -1,128 +1,98 @@
-//! Shared helpers of the Mosquitto integration tests: an operator wired to the test broker, a
-//! Thing, and a device (a rumqttc client using the Thing's Secret).
+//! Helpers of the Mosquitto integration tests, on top of `tests/common`: a `Setup` with an
+//! operator wired to the test broker under a topic prefix of its own, and a device (a rumqttc
+//! client using the Thing's Secret).
 #![allow(dead_code)]
 
-use std::time::Duration;
+use std::{ops::Deref, time::Duration};
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::{
-    Api, Client,
-    api::{Patch, PatchParams, PostParams},
-};
+use kube::Api;
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, Incoming, MqttOptions, QoS, SubscribeFilter};
-use serde_json::{Value, json};
+use serde_json::Value;
 use thing_operator::api::Thing;
 use tokio::sync::{mpsc, watch};
 
-use crate::common::{OperatorProcess, TestEnv, wait_for};
+pub use crate::common::WAIT;
+use crate::common::{OperatorBuilder, OperatorProcess, Setup, TestEnv};
 
-pub const WAIT: Duration = Duration::from_secs(60);
-
-pub struct Setup {
-    pub env: TestEnv,
-    pub client: Client,
-    pub ns: String,
+/// A test's `Setup` (reached through `Deref`) with an operator on the test broker.
+pub struct MosquittoSetup {
+    /// First, so that the namespace is deleted while the operator still runs.
+    setup: Setup,
     pub prefix: String,
     pub operator: OperatorProcess,
     pub things: Api<Thing>,
-    /// The operator's command line, to start it again.
-    pub args: Vec<String>,
+    /// How the operator was started, to start it again.
+    builder: OperatorBuilder,
+}
+
+impl Deref for MosquittoSetup {
+    type Target = Setup;
+
+    fn deref(&self) -> &Setup {
+        &self.setup
+    }
+}
+
+/// A topic prefix of one test: operators and devices of other tests never see its topics.
+pub fn topic_prefix() -> String {
+    format!("t{:08x}", rand::random::<u32>())
 }
 
 /// A namespace, and an operator on the test broker with a topic prefix of its own.
-pub async fn setup(test: &str, extra_args: &[&str]) -> Setup {
-    let env = TestEnv::load();
-    let client = env.admin_client().await;
-    let ns = crate::common::create_namespace(&client, test).await;
-    let prefix = format!("t{:08x}", rand::random::<u32>());
-    let mut args: Vec<String> = vec![
-        "--mqtt-url".into(),
-        env.var("MQTT_URL"),
-        "--mqtt-username".into(),
-        env.var("MQTT_ADMIN_USER"),
-        "--mqtt-password-file".into(),
-        env.var("MQTT_ADMIN_PASSWORD_FILE"),
-        "--mqtt-topic-prefix".into(),
-        prefix.clone(),
-    ];
-    args.extend(extra_args.iter().map(|s| s.to_string()));
-    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let operator = OperatorProcess::start(&env, &ns, &arg_refs, &[]);
-    operator.wait_ready().await;
-    let things = Api::namespaced(client.clone(), &ns);
-    Setup {
-        env,
-        client,
-        ns,
+pub async fn setup(test: &str, extra_args: &[&str]) -> MosquittoSetup {
+    let setup = Setup::new(test).await;
+    let prefix = topic_prefix();
+    let builder = setup
+        .operator()
+        .mqtt(&prefix)
+        .args(extra_args.iter().copied());
+    let operator = builder.ready().await;
+    let things = setup.things();
+    MosquittoSetup {
+        setup,
         prefix,
         operator,
         things,
-        args,
+        builder,
     }
 }
 
-impl Setup {
+impl MosquittoSetup {
     /// Kills the operator (SIGKILL, a crash) and starts a new one with the same arguments.
     pub async fn restart_operator(&mut self) {
         self.operator.kill();
-        let arg_refs: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.operator = OperatorProcess::start(&self.env, &self.ns, &arg_refs, &[]);
-        self.operator.wait_ready().await;
-    }
-
-    pub async fn create_thing(&self, name: &str, desired: Value) -> Thing {
-        let thing: Thing = serde_json::from_value(json!({
-            "apiVersion": "iot.thing-operator.dev/v1alpha1",
-            "kind": "Thing",
-            "metadata": {"name": name},
-            "spec": {"desired": desired},
-        }))
-        .unwrap();
-        self.things
-            .create(&PostParams::default(), &thing)
-            .await
-            .expect("Thing created")
-    }
-
-    pub async fn set_desired(&self, name: &str, desired: Value) {
-        self.things
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"desired": desired}})),
-            )
-            .await
-            .expect("desired patched");
-    }
-
-    /// Waits until `check` holds on the Thing.
-    pub async fn wait_thing<F>(&self, name: &str, what: &str, check: F) -> Thing
-    where
-        F: Fn(&Thing) -> bool,
-    {
-        wait_for(what, WAIT, || async {
-            let t = self.things.get_opt(name).await.ok().flatten()?;
-            check(&t).then_some(t)
-        })
-        .await
-    }
-
-    pub async fn wait_ready(&self, name: &str) -> Thing {
-        self.wait_thing(name, &format!("Thing {name} Ready"), |t| {
-            t.status
-                .as_ref()
-                .is_some_and(|s| s.conditions.is_true("Ready"))
-        })
-        .await
+        self.operator = self.builder.ready().await;
     }
 
     pub async fn credentials(&self, name: &str) -> Credentials {
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+        let secrets: Api<Secret> = self.api();
         let s = secrets
             .get(&format!("{name}-device"))
             .await
             .expect("device Secret exists");
-        let data = s.data.expect("Secret has data");
+        Credentials::from_secret(&s)
+    }
+
+    pub fn admin_credentials(&self) -> Credentials {
+        Credentials::admin(&self.env)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    pub endpoint: String,
+    pub client_id: String,
+    pub username: String,
+    pub password: String,
+    pub thing_name: String,
+    pub topic: String,
+}
+
+impl Credentials {
+    /// What a device reads from its Secret.
+    pub fn from_secret(secret: &Secret) -> Credentials {
+        let data = secret.data.as_ref().expect("Secret has data");
         let text = |k: &str| {
             String::from_utf8(
                 data.get(k)
@@ -142,30 +112,18 @@ impl Setup {
         }
     }
 
-    pub fn admin_credentials(&self) -> Credentials {
-        let password = std::fs::read_to_string(self.env.var("MQTT_ADMIN_PASSWORD_FILE")).unwrap();
+    /// The broker's admin account, with a client id of its own.
+    pub fn admin(env: &TestEnv) -> Credentials {
         Credentials {
-            endpoint: format!("127.0.0.1:{}", self.env.var("MQTT_PORT")),
+            endpoint: format!("127.0.0.1:{}", env.var("MQTT_PORT")),
             client_id: format!("test-admin-{:08x}", rand::random::<u32>()),
-            username: self.env.var("MQTT_ADMIN_USER"),
-            password: password.trim().to_string(),
+            username: env.var("MQTT_ADMIN_USER"),
+            password: env.mqtt_admin_password(),
             thing_name: String::new(),
             topic: String::new(),
         }
     }
-}
 
-#[derive(Clone, Debug)]
-pub struct Credentials {
-    pub endpoint: String,
-    pub client_id: String,
-    pub username: String,
-    pub password: String,
-    pub thing_name: String,
-    pub topic: String,
-}
-
-impl Credentials {
     pub fn aws_root(&self) -> String {
         format!("$aws/things/{}/shadow", self.thing_name)
     }
@@ -311,6 +269,15 @@ impl Device {
         self.next("CONNACK", |e| match e {
             DeviceEvent::Connected => Some(()),
             DeviceEvent::Refused(c) => panic!("connection refused: {c}"),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The next SUBACK: whether each filter of the subscription was granted.
+    pub async fn suback(&mut self) -> Vec<bool> {
+        self.next("SUBACK", |e| match e {
+            DeviceEvent::SubAck(ok) => Some(ok.clone()),
             _ => None,
         })
         .await

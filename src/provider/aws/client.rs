@@ -1,10 +1,9 @@
-//! The SDK clients, client-side rate limiting and retries, and the mapping of SDK errors to
-//! [`BackendFailure`].
+//! The SDK clients, client-side rate limiting and retries.
 //!
 //! The SDK's own retries are switched off: every attempt goes through a per-API-family token
 //! bucket first, so a fleet of Things never exceeds AWS's published rates, and retries of
-//! throttled or 5xx answers back off exponentially with full jitter. Errors keep the HTTP status
-//! and the AWS error code only, never a body (bodies of some calls hold keys).
+//! throttled or 5xx answers back off exponentially with full jitter. Which answers are worth a
+//! retry is the error's own business ([`super::error`]).
 
 use std::{
     num::NonZeroU32,
@@ -20,9 +19,11 @@ use aws_smithy_runtime_api::client::{interceptors::SharedInterceptor, orchestrat
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 
-use crate::{metrics::Metrics, provider::BackendFailure};
+use super::error::{AlreadyExistsIds, AwsError, CallError};
+use crate::{metrics::Metrics, provider::BackendError};
 
-pub(crate) const BACKEND: &str = "aws";
+/// The backend label of metrics.
+const BACKEND: &str = "aws";
 
 /// API families that share a rate limit. AWS IoT Core's default per-account limits
 /// (Service Quotas, "AWS IoT Core API throttling limits"): registry writes ~10-15 TPS,
@@ -156,150 +157,6 @@ impl RetryPolicy {
             .saturating_mul(1u32 << attempt.min(16))
             .min(self.cap);
         rand::rng().random_range(Duration::ZERO..=exp)
-    }
-}
-
-/// How a failed call is seen by the provider logic.
-#[derive(Debug, Clone)]
-pub enum CallError {
-    NotFound,
-    /// ResourceAlreadyExistsException (409); AWS names the existing resource.
-    AlreadyExists {
-        resource_id: Option<String>,
-        resource_arn: Option<String>,
-    },
-    Failed(BackendFailure),
-}
-
-impl CallError {
-    /// The AWS error code of a failed call, when there is one.
-    pub fn code(&self) -> Option<&str> {
-        match self {
-            CallError::NotFound => Some("ResourceNotFoundException"),
-            CallError::AlreadyExists { .. } => Some("ResourceAlreadyExistsException"),
-            CallError::Failed(BackendFailure::Service { code, .. }) => Some(code),
-            CallError::Failed(_) => None,
-        }
-    }
-
-    pub fn into_provider(self, operation: &'static str) -> BackendFailure {
-        match self {
-            CallError::Failed(e) => e,
-            CallError::NotFound => {
-                service_error(operation, "ResourceNotFoundException", 404, false)
-            }
-            CallError::AlreadyExists { .. } => {
-                service_error(operation, "ResourceAlreadyExistsException", 409, false)
-            }
-        }
-    }
-}
-
-fn service_error(
-    operation: &'static str,
-    code: &str,
-    status: u16,
-    retryable: bool,
-) -> BackendFailure {
-    BackendFailure::Service {
-        backend: BACKEND,
-        operation,
-        code: code.to_string(),
-        message: format!("HTTP {status}"),
-        retryable,
-    }
-}
-
-const THROTTLING_CODES: &[&str] = &[
-    "ThrottlingException",
-    "TooManyRequestsException",
-    "Throttling",
-    "RequestLimitExceeded",
-    "SlowDown",
-];
-
-enum Classified {
-    Final(CallError),
-    Retry(BackendFailure),
-}
-
-/// Maps an SDK error to what the provider acts on. Reads status and code only.
-fn classify<E>(operation: &'static str, err: &SdkError<E, HttpResponse>) -> Classified
-where
-    E: ProvideErrorMetadata,
-{
-    match err {
-        SdkError::ServiceError(se) => {
-            let status = se.raw().status().as_u16();
-            let code = se.err().code().unwrap_or("Unknown").to_string();
-            if code == "ResourceNotFoundException" || status == 404 {
-                return Classified::Final(CallError::NotFound);
-            }
-            if code == "ResourceAlreadyExistsException" {
-                return Classified::Final(CallError::AlreadyExists {
-                    resource_id: None,
-                    resource_arn: None,
-                });
-            }
-            if status == 429 || THROTTLING_CODES.contains(&code.as_str()) {
-                return Classified::Retry(BackendFailure::Throttled {
-                    backend: BACKEND,
-                    operation,
-                });
-            }
-            let retryable = status >= 500
-                || matches!(
-                    code.as_str(),
-                    "InternalFailureException" | "ServiceUnavailableException"
-                );
-            let e = service_error(operation, &code, status, retryable);
-            if retryable {
-                Classified::Retry(e)
-            } else {
-                Classified::Final(CallError::Failed(e))
-            }
-        }
-        SdkError::ResponseError(re) => {
-            // An answer the SDK could not parse (moto answers unimplemented calls with HTML 500).
-            let status = re.raw().status().as_u16();
-            if status == 429 {
-                return Classified::Retry(BackendFailure::Throttled {
-                    backend: BACKEND,
-                    operation,
-                });
-            }
-            let e = service_error(operation, "UnparseableResponse", status, status >= 500);
-            if status >= 500 {
-                Classified::Retry(e)
-            } else {
-                Classified::Final(CallError::Failed(e))
-            }
-        }
-        SdkError::TimeoutError(_) => Classified::Retry(BackendFailure::Transport {
-            backend: BACKEND,
-            operation,
-            message: "timed out".into(),
-        }),
-        SdkError::DispatchFailure(d) => {
-            let message = if d.is_timeout() {
-                "timed out"
-            } else if d.is_io() {
-                "connection failed"
-            } else {
-                "request could not be sent"
-            };
-            Classified::Retry(BackendFailure::Transport {
-                backend: BACKEND,
-                operation,
-                message: message.into(),
-            })
-        }
-        _ => Classified::Final(CallError::Failed(service_error(
-            operation,
-            "ClientError",
-            0,
-            false,
-        ))),
     }
 }
 
@@ -441,119 +298,42 @@ impl AwsClients {
         let mut attempt = 0u32;
         loop {
             self.limiters.get(family).until_ready().await;
-            match f().await {
+            let err = match f().await {
                 Ok(v) => {
                     self.count(operation, "ok");
                     return Ok(v);
                 }
-                Err(err) => match classify(operation, &err) {
-                    Classified::Final(CallError::AlreadyExists { .. }) => {
-                        self.count(operation, "conflict");
-                        let (resource_id, resource_arn) = match &err {
-                            SdkError::ServiceError(se) => se.err().already_exists_ids(),
-                            _ => (None, None),
-                        };
-                        return Err(CallError::AlreadyExists {
-                            resource_id,
-                            resource_arn,
-                        });
-                    }
-                    Classified::Final(e) => {
-                        self.count(
-                            operation,
-                            if matches!(e, CallError::NotFound) {
-                                "not_found"
-                            } else {
-                                "error"
-                            },
-                        );
-                        return Err(e);
-                    }
-                    Classified::Retry(e) => {
-                        let throttled = matches!(e, BackendFailure::Throttled { .. });
-                        self.count(operation, if throttled { "throttled" } else { "retryable" });
-                        if throttled {
-                            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-                        }
-                        attempt += 1;
-                        if attempt >= max_attempts {
-                            tracing::debug!(operation, error = %e, "giving up after {attempt} attempts");
-                            return Err(CallError::Failed(e));
-                        }
-                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                        let delay = self.retry.delay(attempt);
-                        tracing::debug!(operation, error = %e, ?delay, "retrying");
-                        tokio::time::sleep(delay).await;
-                    }
-                },
+                Err(err) => CallError::from_sdk(operation, err),
+            };
+            let e = match err {
+                CallError::Failed(e) if e.is_retryable() => e,
+                final_answer => {
+                    let outcome = match &final_answer {
+                        CallError::NotFound => "not_found",
+                        CallError::AlreadyExists { .. } => "conflict",
+                        CallError::Failed(_) => "error",
+                    };
+                    self.count(operation, outcome);
+                    return Err(final_answer);
+                }
+            };
+            let throttled = matches!(e, AwsError::Throttled { .. });
+            self.count(operation, if throttled { "throttled" } else { "retryable" });
+            if throttled {
+                self.stats.throttled.fetch_add(1, Ordering::Relaxed);
             }
+            attempt += 1;
+            if attempt >= max_attempts {
+                tracing::debug!(operation, error = %e, "giving up after {attempt} attempts");
+                return Err(CallError::Failed(e));
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            let delay = self.retry.delay(attempt);
+            tracing::debug!(operation, error = %e, ?delay, "retrying");
+            tokio::time::sleep(delay).await;
         }
     }
 }
-
-/// The existing resource named by a ResourceAlreadyExistsException (RegisterCertificateWithoutCA
-/// answers with the id of the certificate already registered, which makes a retry idempotent).
-pub trait AlreadyExistsIds {
-    fn already_exists_ids(&self) -> (Option<String>, Option<String>) {
-        (None, None)
-    }
-}
-
-macro_rules! no_ids {
-    ($($t:ty),* $(,)?) => { $(impl AlreadyExistsIds for $t {})* };
-}
-
-macro_rules! with_ids {
-    ($($t:ty),* $(,)?) => {
-        $(impl AlreadyExistsIds for $t {
-            fn already_exists_ids(&self) -> (Option<String>, Option<String>) {
-                match self {
-                    Self::ResourceAlreadyExistsException(e) => {
-                        (e.resource_id().map(str::to_string), e.resource_arn().map(str::to_string))
-                    }
-                    _ => (None, None),
-                }
-            }
-        })*
-    };
-}
-
-use aws_sdk_iot::operation as iot_op;
-use aws_sdk_iotdataplane::operation as data_op;
-
-with_ids!(
-    iot_op::create_thing::CreateThingError,
-    iot_op::create_policy::CreatePolicyError,
-    iot_op::register_certificate_without_ca::RegisterCertificateWithoutCAError,
-);
-
-no_ids!(
-    iot_op::describe_thing::DescribeThingError,
-    iot_op::update_thing::UpdateThingError,
-    iot_op::delete_thing::DeleteThingError,
-    iot_op::get_policy::GetPolicyError,
-    iot_op::create_policy_version::CreatePolicyVersionError,
-    iot_op::list_policy_versions::ListPolicyVersionsError,
-    iot_op::delete_policy_version::DeletePolicyVersionError,
-    iot_op::delete_policy::DeletePolicyError,
-    iot_op::create_keys_and_certificate::CreateKeysAndCertificateError,
-    iot_op::describe_certificate::DescribeCertificateError,
-    iot_op::update_certificate::UpdateCertificateError,
-    iot_op::delete_certificate::DeleteCertificateError,
-    iot_op::list_certificates::ListCertificatesError,
-    iot_op::attach_policy::AttachPolicyError,
-    iot_op::detach_policy::DetachPolicyError,
-    iot_op::list_attached_policies::ListAttachedPoliciesError,
-    iot_op::list_targets_for_policy::ListTargetsForPolicyError,
-    iot_op::attach_thing_principal::AttachThingPrincipalError,
-    iot_op::detach_thing_principal::DetachThingPrincipalError,
-    iot_op::list_thing_principals::ListThingPrincipalsError,
-    iot_op::list_principal_things::ListPrincipalThingsError,
-    iot_op::describe_endpoint::DescribeEndpointError,
-    data_op::get_thing_shadow::GetThingShadowError,
-    data_op::update_thing_shadow::UpdateThingShadowError,
-    data_op::delete_thing_shadow::DeleteThingShadowError,
-);
 
 #[cfg(test)]
 mod tests {

@@ -7,8 +7,11 @@ use std::collections::{BTreeMap, HashMap};
 use aws_sdk_iot::types::AttributePayload;
 use serde_json::Value;
 
-use super::client::{AwsClients, CallError, Family};
-use crate::provider::{BackendFailure, Notice};
+use super::{
+    client::{AwsClients, Family},
+    error::{AwsError, CallError},
+};
+use crate::provider::Notice;
 
 /// Makes the thing exist with exactly the spec's attributes. Returns its ARN.
 pub async fn ensure_thing(
@@ -17,7 +20,7 @@ pub async fn ensure_thing(
     attributes: &BTreeMap<String, String>,
     was_provisioned: bool,
     notices: &mut Vec<Notice>,
-) -> Result<String, BackendFailure> {
+) -> Result<String, AwsError> {
     let want: HashMap<String, String> = attributes
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
@@ -76,13 +79,13 @@ pub async fn ensure_thing(
                             c.iot.describe_thing().thing_name(thing_name).send()
                         })
                         .await
-                        .map_err(|e| e.into_provider("DescribeThing"))?;
+                        .map_err(|e| e.into_error("DescribeThing"))?;
                     Ok(out.thing_arn().unwrap_or_default().to_string())
                 }
-                Err(e) => Err(e.into_provider("CreateThing")),
+                Err(e) => Err(e.into_error("CreateThing")),
             }
         }
-        Err(e) => Err(e.into_provider("DescribeThing")),
+        Err(e) => Err(e.into_error("DescribeThing")),
     }
 }
 
@@ -90,7 +93,7 @@ async fn update_attributes(
     c: &AwsClients,
     thing_name: &str,
     want: &HashMap<String, String>,
-) -> Result<(), BackendFailure> {
+) -> Result<(), AwsError> {
     // merge=false replaces the whole set, so attributes removed from the spec go too.
     let payload = AttributePayload::builder()
         .set_attributes(Some(want.clone()))
@@ -105,7 +108,7 @@ async fn update_attributes(
     })
     .await
     .map(|_| ())
-    .map_err(|e| e.into_provider("UpdateThing"))
+    .map_err(|e| e.into_error("UpdateThing"))
 }
 
 /// Makes the policy exist with `document` as its default version.
@@ -115,7 +118,7 @@ pub async fn ensure_policy(
     document: &Value,
     was_provisioned: bool,
     notices: &mut Vec<Notice>,
-) -> Result<(), BackendFailure> {
+) -> Result<(), AwsError> {
     let text = document.to_string();
     let got = c
         .call(Family::Policy, "GetPolicy", || {
@@ -162,10 +165,10 @@ pub async fn ensure_policy(
                 }
                 // Created between our read and write: the next reconcile compares documents.
                 Err(CallError::AlreadyExists { .. }) => Ok(()),
-                Err(e) => Err(e.into_provider("CreatePolicy")),
+                Err(e) => Err(e.into_error("CreatePolicy")),
             }
         }
-        Err(e) => Err(e.into_provider("GetPolicy")),
+        Err(e) => Err(e.into_error("GetPolicy")),
     }
 }
 
@@ -174,13 +177,13 @@ async fn replace_policy_version(
     c: &AwsClients,
     policy_name: &str,
     text: &str,
-) -> Result<(), BackendFailure> {
+) -> Result<(), AwsError> {
     let versions = c
         .call(Family::Policy, "ListPolicyVersions", || {
             c.iot.list_policy_versions().policy_name(policy_name).send()
         })
         .await
-        .map_err(|e| e.into_provider("ListPolicyVersions"))?;
+        .map_err(|e| e.into_error("ListPolicyVersions"))?;
     let mut old: Vec<String> = versions
         .policy_versions()
         .iter()
@@ -202,7 +205,7 @@ async fn replace_policy_version(
             .await
         {
             Ok(_) | Err(CallError::NotFound) => {}
-            Err(e) => return Err(e.into_provider("DeletePolicyVersion")),
+            Err(e) => return Err(e.into_error("DeletePolicyVersion")),
         }
     }
     c.call(Family::Policy, "CreatePolicyVersion", || {
@@ -215,7 +218,7 @@ async fn replace_policy_version(
     })
     .await
     .map(|_| ())
-    .map_err(|e| e.into_provider("CreatePolicyVersion"))
+    .map_err(|e| e.into_error("CreatePolicyVersion"))
 }
 
 /// Attaches the policy to the certificate and the certificate to the thing, when missing.
@@ -226,13 +229,13 @@ pub async fn ensure_attachments(
     cert_arn: &str,
     was_provisioned: bool,
     notices: &mut Vec<Notice>,
-) -> Result<(), BackendFailure> {
+) -> Result<(), AwsError> {
     let attached = c
         .call(Family::Policy, "ListAttachedPolicies", || {
             c.iot.list_attached_policies().target(cert_arn).send()
         })
         .await
-        .map_err(|e| e.into_provider("ListAttachedPolicies"))?;
+        .map_err(|e| e.into_error("ListAttachedPolicies"))?;
     if !attached
         .policies()
         .iter()
@@ -247,7 +250,7 @@ pub async fn ensure_attachments(
                 .send()
         })
         .await
-        .map_err(|e| e.into_provider("AttachPolicy"))?;
+        .map_err(|e| e.into_error("AttachPolicy"))?;
         if was_provisioned {
             notices.push(Notice::warning(
                 "DriftRepaired",
@@ -266,7 +269,7 @@ pub async fn ensure_attachments(
                 .send()
         })
         .await
-        .map_err(|e| e.into_provider("AttachThingPrincipal"))?;
+        .map_err(|e| e.into_error("AttachThingPrincipal"))?;
         if was_provisioned {
             notices.push(Notice::warning(
                 "DriftRepaired",
@@ -282,7 +285,7 @@ pub async fn ensure_attachments(
 pub async fn list_thing_principals(
     c: &AwsClients,
     thing_name: &str,
-) -> Result<Vec<String>, BackendFailure> {
+) -> Result<Vec<String>, AwsError> {
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {
@@ -304,7 +307,7 @@ pub async fn list_thing_principals(
                 }
             }
             Err(CallError::NotFound) => return Ok(out),
-            Err(e) => return Err(e.into_provider("ListThingPrincipals")),
+            Err(e) => return Err(e.into_error("ListThingPrincipals")),
         }
     }
 }

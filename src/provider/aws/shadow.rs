@@ -7,11 +7,11 @@ use aws_smithy_types::Blob;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
-use super::client::{AwsClients, CallError, Family};
-use crate::{
-    api::{JsonObject, ThingStatus},
-    provider::BackendFailure,
+use super::{
+    client::{AwsClients, Family},
+    error::{AwsError, CallError},
 };
+use crate::api::{JsonObject, ThingStatus};
 
 /// What the provider learnt from one sync.
 #[derive(Debug, Default, PartialEq)]
@@ -24,7 +24,7 @@ async fn get(
     c: &AwsClients,
     thing_name: &str,
     shadow: Option<&str>,
-) -> Result<Option<Value>, BackendFailure> {
+) -> Result<Option<Value>, AwsError> {
     let res = c
         .call(Family::Shadow, "GetThingShadow", || {
             c.data
@@ -40,17 +40,11 @@ async fn get(
                 .payload()
                 .map(|b| b.as_ref().to_vec())
                 .unwrap_or_default();
-            let doc = serde_json::from_slice(&bytes).map_err(|_| BackendFailure::Service {
-                backend: super::client::BACKEND,
-                operation: "GetThingShadow",
-                code: "InvalidShadowDocument".into(),
-                message: "the shadow document is not JSON".into(),
-                retryable: true,
-            })?;
+            let doc = serde_json::from_slice(&bytes).map_err(AwsError::InvalidShadowDocument)?;
             Ok(Some(doc))
         }
         Err(CallError::NotFound) => Ok(None),
-        Err(e) => Err(e.into_provider("GetThingShadow")),
+        Err(e) => Err(e.into_error("GetThingShadow")),
     }
 }
 
@@ -141,7 +135,7 @@ pub async fn sync(
     shadow: Option<&str>,
     desired: Option<&JsonObject>,
     status: &mut ThingStatus,
-) -> Result<SyncResult, BackendFailure> {
+) -> Result<SyncResult, AwsError> {
     let mut doc = get(c, thing_name, shadow).await?;
     let mut result = SyncResult::default();
     if let Some(want) = desired {
@@ -163,7 +157,7 @@ pub async fn sync(
                     .send()
             })
             .await
-            .map_err(|e| e.into_provider("UpdateThingShadow"))?;
+            .map_err(|e| e.into_error("UpdateThingShadow"))?;
             result.pushed = true;
             // The update's answer lacks reported and delta: read the whole document back.
             doc = get(c, thing_name, shadow).await?;
@@ -178,7 +172,7 @@ pub async fn delete(
     c: &AwsClients,
     thing_name: &str,
     shadow: Option<&str>,
-) -> Result<(), BackendFailure> {
+) -> Result<(), AwsError> {
     let res = c
         .call(Family::Shadow, "DeleteThingShadow", || {
             c.data
@@ -190,7 +184,7 @@ pub async fn delete(
         .await;
     match res {
         Ok(_) | Err(CallError::NotFound) => Ok(()),
-        Err(e) => Err(e.into_provider("DeleteThingShadow")),
+        Err(e) => Err(e.into_error("DeleteThingShadow")),
     }
 }
 

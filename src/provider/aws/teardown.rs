@@ -4,71 +4,55 @@
 //! teardown interrupted at any step completes when run again.
 
 use super::{
-    certs::{self, CredCtx},
-    client::{AwsClients, CallError, Family},
+    certs::{
+        CertContext,
+        certificate::{self, tolerate_gone},
+        orphans,
+    },
+    client::{AwsClients, Family},
+    error::{AwsError, CallError},
     provision::list_thing_principals,
     shadow,
 };
 use crate::failpoints::step;
-use crate::provider::{BackendFailure, Notice};
-
-fn tolerate_gone<T>(r: Result<T, CallError>, op: &'static str) -> Result<(), BackendFailure> {
-    match r {
-        Ok(_) | Err(CallError::NotFound) => Ok(()),
-        Err(e) => Err(e.into_provider(op)),
-    }
-}
+use crate::provider::Notice;
 
 pub async fn teardown(
-    x: &CredCtx<'_>,
+    ctx: &CertContext<'_>,
     recorded_cert_ids: &[String],
     shadow_name: Option<&str>,
     notices: &mut Vec<Notice>,
-) -> Result<(), BackendFailure> {
-    let c = x.c;
-    let thing_name = x.thing_name;
-    let policy_name = x.policy_name;
-    let mut state = x.load().await?;
+) -> Result<(), AwsError> {
+    let c = ctx.clients;
+    let thing_name = ctx.thing_name;
+    let policy_name = ctx.policy_name;
+    let mut state = ctx.load().await?;
 
     // Certificates this Thing issued: the Secret's, the status's, and any interrupted issuance.
     let mut ids: Vec<String> = recorded_cert_ids.to_vec();
     ids.extend(state.cert_id.iter().cloned());
     ids.extend(state.previous_cert_id.iter().cloned());
     if state.cert_id.is_none()
-        && !x.cloud_issued
+        && !ctx.cloud_issued
         && let Some(pem) = state.cert_pem.as_deref()
     {
         // A crash between writing an in-cluster certificate and recording its id: it may be
         // registered. Only AWS knows the id (moto even derives it differently), so ask it.
-        ids.extend(certs::registered_id(c, pem).await?);
+        ids.extend(certificate::registered_id(c, pem).await?);
     }
     ids.sort();
     ids.dedup();
     for id in &ids {
-        certs::remove_certificate(c, id, None).await?;
+        certificate::remove(c, id, None).await?;
     }
     if state.pending_since.is_some() || state.orphan_window.is_some() {
-        if let Some(since) = state.pending_since.take() {
-            let start = since - chrono::Duration::seconds(10);
-            let start = state
-                .orphan_window
-                .map(|(a, _)| a.min(start))
-                .unwrap_or(start);
-            state.orphan_window = Some((start, chrono::Utc::now() + chrono::Duration::seconds(10)));
-            x.save(&state).await?;
+        if state.close_pending(chrono::Utc::now()) {
+            ctx.save(&state).await?;
         }
         // Deleting the Thing must not leave an unrecorded certificate behind, and must not take
         // another Thing's fresh certificate either: wait out the grace period, then sweep.
-        if certs::sweep_orphans(x, &mut state).await? {
-            return Err(BackendFailure::Service {
-                backend: super::client::BACKEND,
-                operation: "Teardown",
-                code: "OrphanGracePending".into(),
-                message:
-                    "an interrupted certificate issuance is swept once its grace period has passed"
-                        .into(),
-                retryable: true,
-            });
+        if orphans::sweep(ctx, &mut state).await? {
+            return Err(AwsError::OrphanGracePending);
         }
     }
 
@@ -105,7 +89,7 @@ pub async fn teardown(
     Ok(())
 }
 
-async fn delete_policy(c: &AwsClients, policy_name: &str) -> Result<(), BackendFailure> {
+async fn delete_policy(c: &AwsClients, policy_name: &str) -> Result<(), AwsError> {
     let mut marker: Option<String> = None;
     let mut targets = Vec::new();
     loop {
@@ -127,7 +111,7 @@ async fn delete_policy(c: &AwsClients, policy_name: &str) -> Result<(), BackendF
                 }
             }
             Err(CallError::NotFound) => return Ok(()),
-            Err(e) => return Err(e.into_provider("ListTargetsForPolicy")),
+            Err(e) => return Err(e.into_error("ListTargetsForPolicy")),
         }
     }
     for target in targets {
@@ -168,7 +152,7 @@ async fn delete_policy(c: &AwsClients, policy_name: &str) -> Result<(), BackendF
             }
         }
         Err(CallError::NotFound) => return Ok(()),
-        Err(e) => return Err(e.into_provider("ListPolicyVersions")),
+        Err(e) => return Err(e.into_error("ListPolicyVersions")),
     }
     step!("aws-before-delete-policy");
     let r = c

@@ -20,6 +20,9 @@ pub enum DynsecError {
         command: &'static str,
         timeout: Duration,
     },
+    /// The command could not be handed to the connection, or the connection went away before
+    /// the answer came. Only the text of the client's error is kept: its `Debug` carries the
+    /// request, and the request may hold a password.
     #[error("dynsec {command}: not sent: {message}")]
     Send {
         command: &'static str,
@@ -373,21 +376,19 @@ impl Dynsec {
         if existing.get("textname").and_then(Value::as_str) != Some(owner_mark) {
             return Err(DynsecError::Foreign(username.to_string()));
         }
-        match self
-            .command("deleteClient", json!({"username": username}))
+        self.delete("deleteClient", json!({"username": username}))
             .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_not_found() => Ok(()),
-            Err(e) => Err(e),
-        }
     }
 
+    /// Deletes a role; gone already is fine.
     pub async fn delete_role(&self, rolename: &str) -> Result<(), DynsecError> {
-        match self
-            .command("deleteRole", json!({"rolename": rolename}))
+        self.delete("deleteRole", json!({"rolename": rolename}))
             .await
-        {
+    }
+
+    /// A delete command whose target may already be gone: that counts as done.
+    async fn delete(&self, command: &'static str, body: Value) -> Result<(), DynsecError> {
+        match self.command(command, body).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e),

@@ -11,6 +11,8 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
+use crate::api::validation::{MAX_DOCUMENT_DEPTH, json_depth};
+
 /// Limits on device requests; AWS IoT's shadow limits by default.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -27,7 +29,7 @@ impl Default for Limits {
         Self {
             max_payload: 8 * 1024,
             max_state: 8 * 1024,
-            max_depth: 6,
+            max_depth: MAX_DOCUMENT_DEPTH,
         }
     }
 }
@@ -87,15 +89,6 @@ pub struct Shadow {
     last_reported: Option<DateTime<Utc>>,
 }
 
-/// Nesting depth of a JSON value: scalars 0, `{}`/`[]` 1, each level one more.
-pub fn depth(v: &Value) -> usize {
-    match v {
-        Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
-        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
-        _ => 0,
-    }
-}
-
 /// `{"a":{"b":1},"c":2}` -> `{"a":{"b":{"timestamp":t}},"c":{"timestamp":t}}`.
 fn stamp(v: &Value, ts: i64) -> Value {
     match v {
@@ -103,19 +96,6 @@ fn stamp(v: &Value, ts: i64) -> Value {
             Value::Object(m.iter().map(|(k, v)| (k.clone(), stamp(v, ts))).collect())
         }
         _ => json!({ "timestamp": ts }),
-    }
-}
-
-/// Removes null leaves (a null in an update means "delete this key").
-fn strip_nulls(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .filter(|(_, v)| !v.is_null())
-                .map(|(k, v)| (k.clone(), strip_nulls(v)))
-                .collect(),
-        ),
-        other => other.clone(),
     }
 }
 
@@ -138,22 +118,16 @@ pub fn normalize_numbers(v: &mut Value) {
     }
 }
 
-/// AWS shadow merge: objects merge key by key, null deletes, anything else (arrays too) replaces.
-pub fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
+/// The AWS shadow merge, which is JSON Merge Patch (RFC 7386): objects merge key by key, null
+/// deletes, anything else (arrays too) replaces, and nulls inside a value that lands where no
+/// object was are dropped. `json_patch::merge` implements exactly that on a `Value`; this is its
+/// top level on a `Map`.
+fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
     for (k, v) in patch {
-        match v {
-            Value::Null => {
-                target.remove(k);
-            }
-            Value::Object(p) => match target.get_mut(k) {
-                Some(Value::Object(t)) => merge(t, p),
-                _ => {
-                    target.insert(k.clone(), strip_nulls(v));
-                }
-            },
-            other => {
-                target.insert(k.clone(), other.clone());
-            }
+        if v.is_null() {
+            target.remove(k);
+        } else {
+            json_patch::merge(target.entry(k.clone()).or_insert(Value::Null), v);
         }
     }
 }
@@ -284,10 +258,10 @@ impl Shadow {
         desired: Map<String, Value>,
         now: DateTime<Utc>,
     ) -> Option<DesiredChanged> {
-        let desired = match strip_nulls(&Value::Object(desired)) {
-            Value::Object(m) => m,
-            _ => Map::new(),
-        };
+        // A null in desired state means "no such key" (it cannot be reported back).
+        let mut stripped = Map::new();
+        merge(&mut stripped, &desired);
+        let desired = stripped;
         if desired == self.desired {
             return None;
         }
@@ -352,7 +326,7 @@ impl Shadow {
             None => return Err(reject(400, "Missing required node: state.reported")),
             Some(Value::Null) => None,
             Some(r @ Value::Object(m)) => {
-                if depth(r) > limits.max_depth {
+                if json_depth(r) > limits.max_depth {
                     return Err(reject(
                         400,
                         &format!(
@@ -565,6 +539,54 @@ mod tests {
         // What the API server returns for it compares equal.
         let back: Value = serde_json::from_str(r#"{"t":21,"u":21.5,"n":{"x":[1,2.5]}}"#).unwrap();
         assert_eq!(Value::Object(s.reported().clone()), back);
+    }
+
+    #[test]
+    fn merge_is_json_merge_patch() {
+        // (target, patch, result): RFC 7386's examples that apply to an object target.
+        let cases = [
+            (json!({"a": "b"}), json!({"a": "c"}), json!({"a": "c"})),
+            (
+                json!({"a": "b"}),
+                json!({"b": "c"}),
+                json!({"a": "b", "b": "c"}),
+            ),
+            (json!({"a": "b"}), json!({"a": null}), json!({})),
+            (
+                json!({"a": "b", "b": "c"}),
+                json!({"a": null}),
+                json!({"b": "c"}),
+            ),
+            (json!({"a": ["b"]}), json!({"a": "c"}), json!({"a": "c"})),
+            (json!({"a": "c"}), json!({"a": ["b"]}), json!({"a": ["b"]})),
+            (
+                json!({"a": {"b": "c"}}),
+                json!({"a": {"b": "d", "c": null}}),
+                json!({"a": {"b": "d"}}),
+            ),
+            (
+                json!({"a": [{"b": "c"}]}),
+                json!({"a": [1]}),
+                json!({"a": [1]}),
+            ),
+            (
+                json!({"e": null}),
+                json!({"a": 1}),
+                json!({"e": null, "a": 1}),
+            ),
+            (
+                json!({}),
+                json!({"a": {"bb": {"ccc": null}}}),
+                json!({"a": {"bb": {}}}),
+            ),
+            // Arrays replace whole, nulls inside them included.
+            (json!({}), json!({"a": [null, 1]}), json!({"a": [null, 1]})),
+        ];
+        for (target, patch, want) in cases {
+            let mut t = obj(target.clone());
+            merge(&mut t, &obj(patch.clone()));
+            assert_eq!(Value::Object(t), want, "{target} + {patch}");
+        }
     }
 
     #[test]

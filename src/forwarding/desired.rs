@@ -1,0 +1,33 @@
+//! Writing into a Thing's `spec.desired`: what an Observer's `thing` sink and a Subscriber with
+//! `target.field: Desired` both do. A JSON merge patch, so it changes only the keys it names
+//! and a null deletes; the Thing controller takes it from there like any user edit.
+
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
+use serde_json::{Value, json};
+
+use crate::api::Thing;
+
+/// Merge-patches `desired` into the `spec.desired` of Thing `name`.
+pub async fn merge_into_desired(
+    things: &Api<Thing>,
+    name: &str,
+    desired: Value,
+) -> Result<(), kube::Error> {
+    things
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"desired": desired}})),
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Whether the API server refused the patch itself (400, 422: invalid, too deep, over a
+/// limit): sending the same patch again can never succeed.
+pub fn refused(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 400 || s.code == 422)
+}

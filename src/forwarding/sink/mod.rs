@@ -1,0 +1,134 @@
+//! Where an Observer sends what passes its filter: an MQTT topic or an HTTP endpoint (as a
+//! CloudEvent), or another Thing's desired state. Built once per task from the spec (reading
+//! what the spec refers to, such as a header Secret), then used for every delivery.
+
+mod http;
+
+use std::sync::Arc;
+
+use kube::{Api, Client};
+use rumqttc::{AsyncClient, QoS};
+use serde_json::Value;
+
+use super::{
+    DeliveryError,
+    cloud_event::cloud_event,
+    desired::{merge_into_desired, refused},
+    json::set_pointer,
+    mqtt::qos,
+};
+use crate::{
+    api::{Thing, ThingUpdate, observer::SinkSpec, observer::StateSection},
+    egress::EgressPolicy,
+};
+
+pub use http::HttpEndpoint;
+
+pub enum Sink {
+    Mqtt {
+        client: AsyncClient,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+    },
+    Http(HttpEndpoint),
+    Thing {
+        api: Api<Thing>,
+        name: String,
+        path: Option<String>,
+    },
+}
+
+impl Sink {
+    /// Builds the sink of `spec` for an Observer in `namespace`; `mqtt` is the client that acts
+    /// for that namespace, if a broker is configured; `egress` says where an HTTP sink may
+    /// connect.
+    pub async fn build(
+        spec: &SinkSpec,
+        namespace: &str,
+        client: &Client,
+        mqtt: Option<&AsyncClient>,
+        egress: &Arc<EgressPolicy>,
+    ) -> Result<Sink, DeliveryError> {
+        if let Some(m) = &spec.mqtt {
+            let client = mqtt.ok_or_else(|| {
+                DeliveryError::permanent("sink.mqtt needs the operator's MQTT broker (--mqtt-url), which is not configured")
+            })?;
+            return Ok(Sink::Mqtt {
+                client: client.clone(),
+                topic: m.topic.clone(),
+                qos: qos(m.qos),
+                retain: m.retain,
+            });
+        }
+        if let Some(h) = &spec.http {
+            return Ok(Sink::Http(
+                HttpEndpoint::build(h, namespace, client, egress).await?,
+            ));
+        }
+        if let Some(t) = &spec.thing {
+            return Ok(Sink::Thing {
+                api: Api::namespaced(client.clone(), namespace),
+                name: t.name.clone(),
+                path: t.path.clone(),
+            });
+        }
+        Err(DeliveryError::permanent("no sink set"))
+    }
+
+    /// The sink's kind, as metrics label it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Sink::Mqtt { .. } => "mqtt",
+            Sink::Http(_) => "http",
+            Sink::Thing { .. } => "thing",
+        }
+    }
+
+    /// Delivers one update. At-least-once: the caller retries retryable errors.
+    pub async fn deliver(
+        &self,
+        update: &ThingUpdate,
+        section: StateSection,
+        data: &Value,
+    ) -> Result<(), DeliveryError> {
+        match self {
+            Sink::Mqtt {
+                client,
+                topic,
+                qos,
+                retain,
+            } => {
+                let payload = serde_json::to_vec(&cloud_event(update, section, data))
+                    .map_err(|e| DeliveryError::permanent(format!("encoding: {e}")))?;
+                client
+                    .publish(topic.clone(), *qos, *retain, payload)
+                    .await
+                    .map_err(|e| DeliveryError::retryable(format!("MQTT publish to {topic}: {e}")))
+            }
+            Sink::Http(endpoint) => endpoint.post(&cloud_event(update, section, data)).await,
+            Sink::Thing { api, name, path } => {
+                let mut desired = Value::Object(Default::default());
+                set_pointer(&mut desired, path.as_deref().unwrap_or(""), data.clone());
+                if !desired.is_object() {
+                    return Err(DeliveryError::permanent(
+                        "sink.thing without path needs an object to merge",
+                    ));
+                }
+                merge_into_desired(api, name, desired)
+                    .await
+                    .map_err(|e| match &e {
+                        kube::Error::Api(s) if s.code == 404 => {
+                            // The target may be created later: keep trying within the attempts.
+                            DeliveryError::retryable(format!("target Thing {name} not found"))
+                        }
+                        kube::Error::Api(s) if refused(&e) => DeliveryError::permanent(format!(
+                            "target Thing {name} refused the update: {}",
+                            s.message
+                        )),
+                        _ => DeliveryError::retryable(format!("patching Thing {name}: {e}")),
+                    })
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! What a Subscriber receives and how a message is judged: size, JSON, an object, within the
+//! depth and size rules every stored document follows. Pure, so the checks that stand between a
+//! sender and a Thing are tested on their own.
+
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::{
+    api::{JsonObject, validation::check_document},
+    forwarding::json::{coalesce, set_pointer},
+};
+
+/// Default `maxMessageBytes`.
+pub const DEFAULT_MAX_MESSAGE: usize = 64 * 1024;
+
+/// A message for a Subscriber; HTTP callers get the verdict back.
+pub struct Inbound {
+    pub payload: Vec<u8>,
+    pub reply: Option<oneshot::Sender<Result<(), Rejection>>>,
+}
+
+/// Why a message was refused. Shown to the sender (HTTP) and in status; never echoes payloads.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    #[error("message is {0} bytes, over the limit of {1}")]
+    TooLarge(usize, usize),
+    #[error("message is not JSON: {0}")]
+    NotJson(String),
+    #[error("message is not a JSON object")]
+    NotObject,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the Subscriber is busy; retry later")]
+    Busy,
+    #[error("unauthorized")]
+    Unauthorized,
+    #[error("no Subscriber serves this path")]
+    NotFound,
+    #[error("this replica is on standby; retry (the leader serves Subscribers)")]
+    Standby,
+}
+
+/// Parses and checks one message.
+pub fn parse_message(payload: &[u8], max_bytes: usize) -> Result<JsonObject, Rejection> {
+    if payload.len() > max_bytes {
+        return Err(Rejection::TooLarge(payload.len(), max_bytes));
+    }
+    let value: Value =
+        serde_json::from_slice(payload).map_err(|e| Rejection::NotJson(e.to_string()))?;
+    let Value::Object(map) = value else {
+        return Err(Rejection::NotObject);
+    };
+    let doc = JsonObject(map);
+    let problems = check_document("message", &doc, max_bytes);
+    if !problems.is_empty() {
+        return Err(Rejection::Invalid(problems.join("; ")));
+    }
+    Ok(doc)
+}
+
+/// Folds an accepted message into the pending write: placed at the target's `path` (the whole
+/// document without one), later messages winning key by key.
+pub fn add_to_pending(pending: &mut Option<Value>, path: Option<&str>, message: JsonObject) {
+    let mut placed = Value::Object(Default::default());
+    set_pointer(&mut placed, path.unwrap_or(""), message.into_value());
+    coalesce(
+        pending.get_or_insert_with(|| Value::Object(Default::default())),
+        &placed,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn messages_are_checked_before_anything_is_written() {
+        assert!(parse_message(br#"{"temp": 21}"#, 100).is_ok());
+        assert_eq!(parse_message(b"[1,2]", 100), Err(Rejection::NotObject));
+        assert!(matches!(
+            parse_message(b"{nope", 100),
+            Err(Rejection::NotJson(_))
+        ));
+        assert_eq!(
+            parse_message(&[b' '; 101], 100),
+            Err(Rejection::TooLarge(101, 100))
+        );
+        let deep = br#"{"a":{"b":{"c":{"d":{"e":{"f":{"g":1}}}}}}}"#;
+        assert!(matches!(
+            parse_message(deep, 1000),
+            Err(Rejection::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn messages_are_placed_at_the_path_and_later_ones_win() {
+        let msg = |v: Value| parse_message(v.to_string().as_bytes(), 1000).unwrap();
+        let mut pending = None;
+        add_to_pending(
+            &mut pending,
+            Some("/meter"),
+            msg(json!({"kwh": 1, "v": 230})),
+        );
+        add_to_pending(&mut pending, Some("/meter"), msg(json!({"kwh": 2})));
+        assert_eq!(pending, Some(json!({"meter": {"kwh": 2, "v": 230}})));
+        let mut pending = None;
+        add_to_pending(&mut pending, None, msg(json!({"on": true})));
+        add_to_pending(&mut pending, None, msg(json!({"level": 3})));
+        assert_eq!(pending, Some(json!({"on": true, "level": 3})));
+    }
+}

@@ -1,0 +1,180 @@
+//! Subscribers: messages that arrive on an MQTT topic filter (through the operator's events
+//! connection) or at an HTTP endpoint the operator serves, checked and written into a Thing.
+//!
+//! By job: [`message`] judges a message (pure); [`routes`] finds the Subscriber a message is for;
+//! [`auth`] guards HTTP endpoints with a bearer token; [`task`] is the per-Subscriber loop that
+//! coalesces and paces writes; [`write`] puts them into the target Thing. The
+//! [`SubscriberManager`] here starts and stops tasks and keeps the routes in step with them.
+
+mod auth;
+pub mod message;
+mod routes;
+mod task;
+mod write;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use kube::{Api, Client, ResourceExt};
+use rumqttc::AsyncClient;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+pub use message::Rejection;
+
+use message::Inbound;
+
+use self::{
+    auth::read_token,
+    routes::{MqttRouter, Routes},
+    task::SubscriberTask,
+    write::TargetWriter,
+};
+use super::{
+    mqtt::{MqttAccess, qos},
+    tasks::TaskRegistry,
+};
+use crate::{
+    api::{Subscriber, object_key},
+    feed::ReportedStateWriter,
+    metrics::Metrics,
+    mqtt::connection::Handler,
+};
+
+/// Messages queued per Subscriber before new ones are refused (the task merges them quickly).
+const QUEUE: usize = 1024;
+
+/// Starts and stops Subscriber tasks and routes MQTT messages and HTTP requests to them.
+pub struct SubscriberManager {
+    client: Client,
+    mqtt: MqttAccess,
+    /// Where `target.field: Reported` writes go (wired by the runner: forwarding does not know
+    /// which backend takes reported state, or how).
+    reported: Arc<dyn ReportedStateWriter>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    routes: Routes,
+    tasks: TaskRegistry,
+    /// False on a standby replica (leader election): it has no routes and says so.
+    active: AtomicBool,
+}
+
+impl SubscriberManager {
+    pub fn new(
+        client: Client,
+        mqtt: Option<AsyncClient>,
+        reported: Arc<dyn ReportedStateWriter>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            client,
+            mqtt: MqttAccess::shared(mqtt),
+            reported,
+            metrics,
+            shutdown,
+            routes: Routes::default(),
+            tasks: TaskRegistry::default(),
+            active: AtomicBool::new(false),
+        }
+    }
+
+    /// Called when this replica starts its controllers (it is the leader, or there is no election).
+    pub fn activate(&self) {
+        self.active.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether an MQTT source can be served.
+    pub fn has_mqtt(&self) -> bool {
+        self.mqtt.is_configured()
+    }
+
+    /// The MQTT handler that feeds Subscribers (install it on the events connection).
+    pub fn mqtt_handler(&self) -> Arc<dyn Handler> {
+        Arc::new(MqttRouter(self.routes.clone()))
+    }
+
+    /// Makes sure a task runs for this generation of the Subscriber.
+    pub async fn ensure(&self, subscriber: &Subscriber) -> Result<(), String> {
+        let ns = subscriber.namespace().unwrap_or_default();
+        let name = subscriber.name_any();
+        let generation = subscriber.metadata.generation;
+        if self.tasks.is_current(&ns, &name, generation) {
+            return Ok(());
+        }
+        self.stop(&ns, &name);
+        let spec = &subscriber.spec;
+        let token = match spec
+            .source
+            .http
+            .as_ref()
+            .and_then(|h| h.token_secret.as_deref())
+        {
+            Some(secret) => Some(read_token(&self.client, &ns, secret).await?),
+            None => None,
+        };
+        let (tx, rx) = mpsc::channel(QUEUE);
+        if let Some(m) = &spec.source.mqtt {
+            self.routes.add_mqtt(
+                object_key(&ns, &name),
+                &m.topic_filter,
+                qos(m.qos),
+                tx.clone(),
+                self.mqtt.client_for(&ns),
+            );
+        }
+        if let Some(h) = &spec.source.http {
+            self.routes
+                .add_http(object_key(&ns, &name), &ns, &h.path, token, tx)?;
+        }
+        let cancel = self.shutdown.child_token();
+        let target = TargetWriter {
+            things: Api::namespaced(self.client.clone(), &ns),
+            thing_name: spec.target.thing_name.clone(),
+            field: spec.target.field,
+            reported: self.reported.clone(),
+        };
+        let task = SubscriberTask::new(
+            subscriber,
+            target,
+            self.client.clone(),
+            self.metrics.clone(),
+            cancel.clone(),
+        );
+        tokio::spawn(task.run(rx));
+        self.tasks.insert(&ns, &name, generation, cancel);
+        Ok(())
+    }
+
+    pub fn stop(&self, namespace: &str, name: &str) {
+        self.tasks.stop(namespace, name);
+        self.routes.remove(
+            &object_key(namespace, name),
+            self.mqtt.client_for(namespace),
+        );
+    }
+
+    /// Hands an HTTP request body to the Subscriber serving `namespace`/`path`.
+    pub async fn http_message(
+        &self,
+        namespace: &str,
+        path: &str,
+        bearer: Option<&str>,
+        payload: Vec<u8>,
+    ) -> Result<(), Rejection> {
+        if !self.active.load(Ordering::SeqCst) {
+            return Err(Rejection::Standby);
+        }
+        let queue = self.routes.http_queue(namespace, path, bearer)?;
+        let (reply, verdict) = oneshot::channel();
+        queue
+            .try_send(Inbound {
+                payload,
+                reply: Some(reply),
+            })
+            .map_err(|_| Rejection::Busy)?;
+        verdict.await.unwrap_or(Err(Rejection::Busy))
+    }
+}

@@ -1,0 +1,191 @@
+//! One task per Subscriber: takes the messages routed to its queue, checks them, coalesces the
+//! accepted ones and writes them into the target Thing at most every [`WRITE_INTERVAL`], and
+//! keeps its counters in the Subscriber's status (at most every [`STATUS_INTERVAL`]).
+//!
+//! Coalescing makes a telemetry storm cost at most one API write per interval per Subscriber
+//! while the latest state always lands. A failed write keeps its messages (under anything
+//! newer) and backs off, unless it can never succeed: then they are dropped and counted as
+//! rejected, so a misconfigured target never becomes a retry loop.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    message::{DEFAULT_MAX_MESSAGE, Inbound, add_to_pending, parse_message},
+    write::TargetWriter,
+};
+use crate::{
+    api::{Subscriber, object_key, subscriber::SubscriberSpec},
+    forwarding::{json::coalesce, tasks::write_task_status},
+    metrics::Metrics,
+};
+
+/// Pending messages are written to the target at most this often.
+const WRITE_INTERVAL: Duration = Duration::from_millis(500);
+/// Counters go to the Subscriber's status at most this often.
+const STATUS_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest wait between attempts of a failing write.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+
+pub struct SubscriberTask {
+    namespace: String,
+    name: String,
+    spec: SubscriberSpec,
+    api: Api<Subscriber>,
+    target: TargetWriter,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    received: i64,
+    rejected: i64,
+    last_received_time: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+    /// Merged, not yet written messages.
+    pending: Option<Value>,
+    /// Counters changed since the last status write.
+    dirty: bool,
+    /// While a failed write backs off: no write before this instant.
+    retry_at: Option<tokio::time::Instant>,
+    retry_delay: Duration,
+}
+
+impl SubscriberTask {
+    /// The task of `subscriber`, counting on from the counters its status holds.
+    pub fn new(
+        subscriber: &Subscriber,
+        target: TargetWriter,
+        client: Client,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Self {
+        let namespace = subscriber.namespace().unwrap_or_default();
+        let status = subscriber.status.clone().unwrap_or_default();
+        Self {
+            api: Api::namespaced(client, &namespace),
+            namespace,
+            name: subscriber.name_any(),
+            spec: subscriber.spec.clone(),
+            target,
+            metrics,
+            cancel,
+            received: status.received.unwrap_or(0),
+            rejected: status.rejected.unwrap_or(0),
+            last_received_time: status.last_received_time,
+            // Not carried over: the first status write of this task clears the previous one's.
+            last_error: None,
+            pending: None,
+            dirty: false,
+            retry_at: None,
+            retry_delay: WRITE_INTERVAL,
+        }
+    }
+
+    fn max_bytes(&self) -> usize {
+        self.spec
+            .max_message_bytes
+            .map(|b| b as usize)
+            .unwrap_or(DEFAULT_MAX_MESSAGE)
+    }
+
+    fn accept(&mut self, msg: Inbound) {
+        self.last_received_time = Some(Utc::now());
+        let verdict = parse_message(&msg.payload, self.max_bytes()).map(|doc| {
+            add_to_pending(&mut self.pending, self.spec.target.path.as_deref(), doc);
+        });
+        match &verdict {
+            Ok(()) => {
+                self.received += 1;
+                self.metrics.count_event("Subscriber", "received");
+            }
+            Err(e) => {
+                self.rejected += 1;
+                self.last_error = Some(e.to_string());
+                self.metrics.count_event("Subscriber", "rejected");
+            }
+        }
+        self.dirty = true;
+        if let Some(reply) = msg.reply {
+            let _ = reply.send(verdict);
+        }
+    }
+
+    /// Writes the merged pending messages into the target Thing, unless a failed write is
+    /// still backing off.
+    async fn write(&mut self) {
+        if self
+            .retry_at
+            .is_some_and(|at| tokio::time::Instant::now() < at)
+        {
+            return;
+        }
+        let Some(doc) = self.pending.take() else {
+            return;
+        };
+        match self.target.write(&doc).await {
+            Ok(()) => {
+                self.retry_at = None;
+                self.retry_delay = WRITE_INTERVAL;
+            }
+            Err(e) => {
+                tracing::warn!(subscriber = %object_key(&self.namespace, &self.name), error = %e.message, retryable = e.retryable, "write failed");
+                self.last_error = Some(e.message);
+                self.dirty = true;
+                if e.retryable {
+                    // What arrived meanwhile is newer: it goes on top.
+                    let mut retry = doc;
+                    if let Some(newer) = self.pending.take() {
+                        coalesce(&mut retry, &newer);
+                    }
+                    self.pending = Some(retry);
+                    self.retry_at = Some(tokio::time::Instant::now() + self.retry_delay);
+                    self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
+                } else {
+                    self.rejected += 1;
+                }
+            }
+        }
+    }
+
+    async fn flush_status(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        let status = json!({
+            "received": self.received,
+            "rejected": self.rejected,
+            "lastReceivedTime": self.last_received_time,
+            "lastError": self.last_error,
+        });
+        if write_task_status(&self.api, &self.name, status, &self.metrics).await {
+            self.dirty = false;
+        }
+    }
+
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Inbound>) {
+        let mut write = tokio::time::interval(WRITE_INTERVAL);
+        write.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut status = tokio::time::interval(STATUS_INTERVAL);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                msg = rx.recv() => match msg {
+                    Some(m) => self.accept(m),
+                    None => break,
+                },
+                _ = write.tick() => self.write().await,
+                _ = status.tick() => self.flush_status().await,
+            }
+        }
+        // Deliver what is pending before going away (spec change or shutdown).
+        while let Ok(m) = rx.try_recv() {
+            self.accept(m);
+        }
+        self.write().await;
+        self.flush_status().await;
+    }
+}

@@ -1,0 +1,90 @@
+//! Device certificates: issuance (in-cluster key or CloudIssued) and repair ([`issue`]),
+//! rotation with an overlap ([`rotation`]), the sweep of certificates a crash left unrecorded
+//! ([`orphans`]), and the calls on one certificate they share ([`certificate`]).
+//!
+//! The device Secret is the source of truth for which certificate is the device's: it is
+//! written before any call that creates a certificate (InCluster: the key and certificate;
+//! CloudIssued: a marker with the time of the call), so after a crash at any point the next
+//! reconcile knows what may exist in AWS. Its layout is `credentials::codec`'s
+//! [`CertificateState`].
+
+pub mod certificate;
+pub mod issue;
+pub mod orphans;
+pub mod rotation;
+
+use super::{client::AwsClients, error::AwsError};
+use crate::{
+    api::{ThingStatus, thing::CredentialStatus},
+    credentials::{
+        DeviceSecret,
+        codec::{CertificateState, DeviceFacts},
+        pki,
+    },
+};
+
+/// What every certificate flow of one device works with.
+pub struct CertContext<'a> {
+    pub clients: &'a AwsClients,
+    /// The device Secret: the flows' journal.
+    pub secret: &'a DeviceSecret,
+    /// Written into the Secret with the credentials.
+    pub facts: DeviceFacts,
+    pub cloud_issued: bool,
+    pub thing_name: &'a str,
+    pub policy_name: &'a str,
+    pub key_validity_days: i64,
+    pub orphan_grace: chrono::Duration,
+    /// The rotate annotation's current value: a first issuance counts as handling it.
+    pub rotation_token: Option<String>,
+}
+
+impl CertContext<'_> {
+    /// The journal as the Secret holds it (empty when there is no Secret yet).
+    pub async fn load(&self) -> Result<CertificateState, AwsError> {
+        Ok(self
+            .secret
+            .read()
+            .await?
+            .map(|d| CertificateState::from_data(&d))
+            .unwrap_or_default())
+    }
+
+    /// Writes the Secret (the operator's journal: a write always precedes the AWS call it
+    /// protects).
+    pub async fn save(&self, state: &CertificateState) -> Result<(), AwsError> {
+        Ok(self.secret.write(state.to_data(&self.facts)).await?)
+    }
+}
+
+/// The certificate the device uses now.
+#[derive(Clone, Debug)]
+pub struct ActiveCert {
+    pub id: String,
+    pub arn: String,
+}
+
+/// Mirrors the Secret's identifiers into status (never its key).
+pub fn mirror(status: &mut ThingStatus, state: &CertificateState, active: Option<&ActiveCert>) {
+    let device = status.device.get_or_insert_with(Default::default);
+    if let Some(a) = active {
+        device.certificate_id = Some(a.id.clone());
+        device.certificate_arn = Some(a.arn.clone());
+    } else if state.cert_id.is_some() {
+        device.certificate_id = state.cert_id.clone();
+    }
+    let not_after = state
+        .cert_pem
+        .as_deref()
+        .and_then(|p| pki::inspect_certificate(p).ok())
+        .and_then(|i| i.not_after);
+    let creds = CredentialStatus {
+        issued_at: state.issued_at,
+        not_after,
+        previous_certificate_id: state.previous_cert_id.clone(),
+        previous_revoke_at: state.previous_revoke_at,
+    };
+    if creds != CredentialStatus::default() {
+        status.credentials = Some(creds);
+    }
+}

@@ -1,0 +1,291 @@
+//! Reconcile and cleanup of one AWS Thing (the [`IotProvider`] implementation): the order of
+//! the steps within a full check ([`AwsProvider::converge`]), the shadow read every reconcile
+//! does, and when to look again.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::{
+    AwsError, AwsProvider, FullCheck,
+    certs::{self, orphans, rotation::rotation_token},
+    fingerprint,
+    naming::{self, ArnParts, PolicyVars},
+    provision, shadow, teardown,
+};
+use crate::{
+    api::{ThingStatus, conditions::types, thing::Broker},
+    provider::{
+        DeviceOutcome, DeviceRequest, IotProvider, ProviderError,
+        status::{DeviceIdentity, record_device, record_failure, set_condition},
+    },
+};
+
+impl AwsProvider {
+    /// The full check: thing, policy, credentials, attachments, rotation, orphan sweep.
+    /// Returns the earliest deadline that needs another full check.
+    async fn converge(
+        &self,
+        req: &DeviceRequest<'_>,
+        thing_name: &str,
+        policy_name: &str,
+        endpoint: String,
+        status: &mut ThingStatus,
+        outcome: &mut DeviceOutcome,
+    ) -> Result<Option<DateTime<Utc>>, AwsError> {
+        let c = &self.clients;
+        let spec = &req.thing.spec;
+        // "Was complete once": a recorded certificate ARN means thing, policy and certificate all
+        // existed; the conditions alone would forget that after one failed step (a repair that
+        // fails half-way must still be reported as drift when it succeeds).
+        let completed_once = status
+            .device
+            .as_ref()
+            .is_some_and(|d| d.certificate_arn.is_some());
+        let was_provisioned = completed_once || status.conditions.is_true(types::PROVISIONED);
+        let was_ready = completed_once || status.conditions.is_true(types::CREDENTIALS_READY);
+        let notices = &mut outcome.notices;
+
+        let thing_arn =
+            provision::ensure_thing(c, thing_name, &spec.attributes, was_provisioned, notices)
+                .await
+                .map_err(|e| record_failure(status, types::PROVISIONED, e))?;
+        if let Some(d) = status.device.as_mut()
+            && d.thing_arn.as_deref() != Some(thing_arn.as_str())
+        {
+            d.thing_arn = Some(thing_arn.clone());
+        }
+        let arn = naming::parse_arn(&thing_arn).unwrap_or_else(|| ArnParts {
+            partition: "aws".into(),
+            region: self.settings.client.region.clone().unwrap_or_default(),
+            account: "*".into(),
+        });
+        let topic = naming::topic_prefix(req.namespace, req.name);
+        let vars = PolicyVars {
+            thing_name,
+            client_id: thing_name,
+            topic_prefix: &topic,
+            arn: &arn,
+        };
+        let document =
+            naming::render_policy(spec.policy.as_ref().map(|p| p.template.as_str()), &vars)
+                .map_err(|m| {
+                    record_failure(status, types::PROVISIONED, AwsError::PolicyTemplate(m))
+                })?;
+        provision::ensure_policy(c, policy_name, &document, was_provisioned, notices)
+            .await
+            .map_err(|e| record_failure(status, types::PROVISIONED, e))?;
+
+        let ctx = self.cert_context(req, thing_name, policy_name, endpoint);
+        let mut state = ctx
+            .load()
+            .await
+            .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
+        let mut active =
+            certs::issue::ensure_credentials(&ctx, &mut state, status, was_ready, notices)
+                .await
+                .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
+        provision::ensure_attachments(
+            c,
+            thing_name,
+            policy_name,
+            &active.arn,
+            was_provisioned,
+            notices,
+        )
+        .await
+        .map_err(|e| record_failure(status, types::PROVISIONED, e))?;
+        set_condition(
+            status,
+            types::PROVISIONED,
+            true,
+            "Provisioned",
+            format!("thing {thing_name} and policy {policy_name} in place"),
+        );
+
+        let overlap = spec
+            .credentials
+            .rotation_overlap_duration()
+            .unwrap_or(self.settings.default_rotation_overlap);
+        let token = rotation_token(req.thing);
+        if let Some(reason) =
+            certs::rotation::rotation_due(&state, &spec.credentials, token.as_deref(), Utc::now())
+        {
+            active = certs::rotation::rotate(&ctx, &mut state, status, overlap, &reason, notices)
+                .await
+                .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
+            provision::ensure_attachments(c, thing_name, policy_name, &active.arn, false, notices)
+                .await
+                .map_err(|e| record_failure(status, types::PROVISIONED, e))?;
+        }
+        certs::rotation::finish_overlap(&ctx, &mut state, status, notices)
+            .await
+            .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
+        let sweep_pending = orphans::sweep(&ctx, &mut state)
+            .await
+            .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
+        certs::mirror(status, &state, Some(&active));
+        set_condition(
+            status,
+            types::CREDENTIALS_READY,
+            true,
+            "CertificateActive",
+            format!(
+                "certificate {} is active; Secret {} holds its key",
+                active.id,
+                req.secret.name()
+            ),
+        );
+
+        let deadlines = [
+            state.previous_revoke_at,
+            state
+                .issued_at
+                .and_then(|at| spec.credentials.rotation_due_at(at)),
+            sweep_pending
+                .then(|| orphans::sweep_due_at(&ctx, &state))
+                .flatten(),
+        ];
+        Ok(deadlines.into_iter().flatten().min())
+    }
+}
+
+#[async_trait]
+impl IotProvider for AwsProvider {
+    fn broker(&self) -> Broker {
+        Broker::Aws
+    }
+
+    async fn reconcile(
+        &self,
+        req: &DeviceRequest<'_>,
+        status: &mut ThingStatus,
+        outcome: &mut DeviceOutcome,
+    ) -> Result<(), ProviderError> {
+        let thing_name = req.backend_name.clone();
+        if let Some(recorded) = status.device.as_ref().and_then(|d| d.thing_name.as_ref())
+            && *recorded != thing_name
+        {
+            // A new name would create a second thing and orphan the first.
+            let e = AwsError::ThingNameChanged {
+                recorded: recorded.clone(),
+                wanted: thing_name,
+            };
+            return Err(record_failure(status, types::PROVISIONED, e).into());
+        }
+        let policy_name = naming::policy_name(&thing_name);
+        let poll = self.poll_interval(req);
+        let endpoint = self
+            .device_endpoint()
+            .await
+            .map_err(|e| record_failure(status, types::PROVISIONED, e))?;
+        let topic = naming::topic_prefix(req.namespace, req.name);
+        record_device(
+            status,
+            DeviceIdentity {
+                broker: Broker::Aws,
+                thing_name: &thing_name,
+                client_id: &thing_name,
+                endpoint: &endpoint,
+                topic: &topic,
+                secret_name: req.secret.name(),
+                policy_name: Some(&policy_name),
+            },
+        );
+
+        let mut next = Utc::now() + chrono::Duration::from_std(poll).unwrap_or_default();
+        if self.needs_full_check(req, status) {
+            let due = self
+                .converge(req, &thing_name, &policy_name, endpoint, status, outcome)
+                .await?;
+            if let Some(d) = due {
+                next = next.min(d);
+            }
+            self.checks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    req.key(),
+                    FullCheck {
+                        at: Instant::now(),
+                        fingerprint: fingerprint(req),
+                        due,
+                    },
+                );
+        }
+
+        let shadow_name = shadow_name(req);
+        match shadow::sync(
+            &self.clients,
+            &thing_name,
+            shadow_name,
+            req.thing.spec.desired.as_ref(),
+            status,
+        )
+        .await
+        {
+            Ok(_) => set_condition(
+                status,
+                types::IN_SYNC,
+                true,
+                "ShadowInSync",
+                "shadow desired state matches the spec",
+            ),
+            Err(e) => return Err(record_failure(status, types::IN_SYNC, e).into()),
+        }
+        // A deadline slightly in the past still waits a moment: no hot loop on a skewed clock.
+        let wait = (next - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_millis(500));
+        outcome.requeue_after = Some(wait.min(poll));
+        Ok(())
+    }
+
+    async fn cleanup(
+        &self,
+        req: &DeviceRequest<'_>,
+        status: &ThingStatus,
+        outcome: &mut DeviceOutcome,
+    ) -> Result<(), ProviderError> {
+        let device = status.device.clone().unwrap_or_default();
+        let thing_name = device
+            .thing_name
+            .clone()
+            .unwrap_or_else(|| req.backend_name.clone());
+        let policy_name = device
+            .policy_name
+            .clone()
+            .unwrap_or_else(|| naming::policy_name(&thing_name));
+        let endpoint = device.endpoint.clone().unwrap_or_default();
+        let ctx = self.cert_context(req, &thing_name, &policy_name, endpoint);
+        let recorded: Vec<String> = device
+            .certificate_id
+            .iter()
+            .chain(
+                status
+                    .credentials
+                    .as_ref()
+                    .and_then(|c| c.previous_certificate_id.as_ref()),
+            )
+            .cloned()
+            .collect();
+        let shadow_name = shadow_name(req);
+        teardown::teardown(&ctx, &recorded, shadow_name, &mut outcome.notices).await?;
+        self.checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&req.key());
+        Ok(())
+    }
+}
+
+/// The named shadow the spec asks for; `None`: the classic one.
+fn shadow_name<'a>(req: &DeviceRequest<'a>) -> Option<&'a str> {
+    req.thing
+        .spec
+        .shadow
+        .as_ref()
+        .and_then(|s| s.name.as_deref())
+}
