@@ -380,6 +380,14 @@ async fn a_hostile_namespace_cannot_reach_another_namespaces_devices_secrets_or_
         "tenant-a's device record changed"
     );
 
+    // Deleting the squatter leaves tenant-a's broker client and role alone (the report below
+    // needs the role's ACLs).
+    b_things
+        .delete("squat", &Default::default())
+        .await
+        .expect("tenant-b deletes squat");
+    s.wait_gone(&b_admin_things, "squat").await;
+
     // The device keeps reporting through all of it.
     device
         .publish(&format!("{}/shadow/update", creds.topic), report(21))

@@ -5,7 +5,7 @@
 
 use super::{
     MosquittoProvider,
-    dynsec::{Acl, ClientSpec},
+    dynsec::{Acl, ClientSpec, DynsecError},
     error::MosquittoError,
     naming::{owner_mark, role_name},
 };
@@ -43,6 +43,21 @@ fn thing_acls(
 
 impl MosquittoProvider {
     /// Secret, role and client, in that order; sets `CredentialsReady` and `Provisioned`.
+    /// `Err(Foreign)` when a broker client named `username` exists with another owner mark.
+    async fn check_client_owner(&self, username: &str, mark: &str) -> Result<(), MosquittoError> {
+        let existing = self
+            .dynsec
+            .get_client(username)
+            .await
+            .map_err(MosquittoError::dynsec("getClient"))?;
+        match existing {
+            Some(client) if client.get("textname").and_then(|t| t.as_str()) != Some(mark) => Err(
+                MosquittoError::dynsec("getClient")(DynsecError::Foreign(username.to_string())),
+            ),
+            _ => Ok(()),
+        }
+    }
+
     pub(super) async fn provision(
         &self,
         req: &DeviceRequest<'_>,
@@ -50,6 +65,13 @@ impl MosquittoProvider {
         status: &mut ThingStatus,
     ) -> Result<(), MosquittoError> {
         let thing_name = &req.backend_name;
+        let mark = owner_mark(req.namespace, req.name);
+        // Before anything is issued or changed: a broker client of that name that is not this
+        // Thing's gets no password or certificate for its username (with the mTLS listener a
+        // certificate *is* the login) and keeps its role.
+        self.check_client_owner(thing_name, &mark)
+            .await
+            .map_err(|e| record_failure(status, types::PROVISIONED, e))?;
         let password = self.ensure_secret(req, topic.base(), status).await?;
         step!("mosquitto-after-secret-written");
         set_condition(
@@ -66,7 +88,6 @@ impl MosquittoProvider {
                 .ensure_role(&role, &acls)
                 .await
                 .map_err(MosquittoError::dynsec("ensureRole"))?;
-            let mark = owner_mark(req.namespace, req.name);
             let spec = ClientSpec {
                 username: thing_name,
                 password: &password,

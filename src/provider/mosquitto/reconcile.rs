@@ -178,9 +178,11 @@ impl MosquittoProvider {
         let result = async {
             match self.dynsec.delete_client(&thing_name, &mark).await {
                 Ok(()) => {}
-                // Not ours: nothing of ours is left under that name.
+                // Not ours: nothing of ours is left under that name, and the role belongs to
+                // the client's owner (another Thing's device would lose its ACLs).
                 Err(DynsecError::Foreign(_)) => {
-                    tracing::warn!(client = %thing_name, "broker client not managed by this Thing, left alone")
+                    tracing::warn!(client = %thing_name, "broker client not managed by this Thing, left alone with its role");
+                    return Ok(());
                 }
                 Err(e) => return Err(MosquittoError::dynsec("deleteClient")(e)),
             }
