@@ -200,6 +200,14 @@ pub struct AwsArgs {
         default_value_t = 1.0
     )]
     pub rate_multiplier: f64,
+    /// Adopt an existing AWS thing that carries no owner record (one made outside this
+    /// operator). Off: such a thing is a `Conflict`, left untouched.
+    #[arg(
+        long = "aws-adopt-unowned",
+        env = "THING_OPERATOR_AWS_ADOPT_UNOWNED",
+        default_value_t = false
+    )]
+    pub adopt_unowned: bool,
 }
 
 /// The operator's MQTT broker: Mosquitto Things, the REST message broker, MQTT sinks and sources.

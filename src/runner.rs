@@ -101,6 +101,7 @@ async fn build_providers(
             poll_interval: args.poll_interval,
             resync_interval: args.resync_interval,
             orphan_grace: args.aws.orphan_grace,
+            adopt_unowned: args.aws.adopt_unowned,
             ..AwsSettings::default()
         };
         let provider = AwsProvider::new(settings, Vec::new(), Some(metrics.clone())).await;

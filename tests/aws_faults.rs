@@ -105,6 +105,15 @@ impl Intercept for Shared {
 }
 
 async fn provider(env: &TestEnv, faults: Option<Arc<Faults>>) -> AwsProvider {
+    provider_with(env, faults, false).await
+}
+
+/// `adopt_unowned`: whether an existing thing without an owner record may be adopted.
+async fn provider_with(
+    env: &TestEnv,
+    faults: Option<Arc<Faults>>,
+    adopt_unowned: bool,
+) -> AwsProvider {
     let moto = moto_url(env);
     let settings = AwsSettings {
         client: ClientSettings {
@@ -116,6 +125,7 @@ async fn provider(env: &TestEnv, faults: Option<Arc<Faults>>) -> AwsProvider {
         },
         device_endpoint: Some("device.example.com:8883".into()),
         orphan_grace: Duration::from_secs(1),
+        adopt_unowned,
         ..AwsSettings::default()
     };
     let interceptors = faults
@@ -283,7 +293,7 @@ async fn aws_answers_moto_does_not_give_are_handled() {
         ("RegisterCertificateWithoutCA", 1) => Some((500, "InternalFailureException")),
         _ => None,
     }));
-    let p = provider(env, Some(faults.clone())).await;
+    let p = provider_with(env, Some(faults.clone()), true).await;
     let t = make_thing(
         &setup,
         "existing",
@@ -304,6 +314,30 @@ async fn aws_answers_moto_does_not_give_are_handled() {
         .unwrap();
     let req = request(client, &t, ns, "existing");
     let mut status = ThingStatus::default();
+    // A thing without an owner record is not adopted unless the configuration says so: the
+    // reconcile is refused and the thing keeps its attributes.
+    let strict = provider(env, None).await;
+    let refused = strict
+        .reconcile(&req, &mut status, &mut DeviceOutcome::default())
+        .await
+        .expect_err("an unowned thing is a conflict");
+    assert_eq!(refused.reason(), "Conflict");
+    assert!(!refused.is_retryable());
+    let untouched = iot
+        .describe_thing()
+        .thing_name(&thing_name)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        untouched
+            .attributes()
+            .unwrap()
+            .get("model")
+            .map(String::as_str),
+        Some("old")
+    );
+    let mut status = ThingStatus::default();
     converge(&p, &req, &mut status).await;
     let d = iot
         .describe_thing()
@@ -313,7 +347,18 @@ async fn aws_answers_moto_does_not_give_are_handled() {
         .unwrap();
     let attrs: std::collections::BTreeMap<_, _> =
         d.attributes().unwrap().clone().into_iter().collect();
-    assert_eq!(attrs, [("model".to_string(), "new".to_string())].into());
+    let owner = format!(
+        "{ns}/existing/{}",
+        t.metadata.uid.clone().unwrap_or_default()
+    );
+    assert_eq!(
+        attrs,
+        [
+            ("model".to_string(), "new".to_string()),
+            ("thing-operator-owner".to_string(), owner)
+        ]
+        .into()
+    );
     assert_consistent(&setup, "existing", &status).await;
     let seen = faults.seen.lock().unwrap().clone();
     assert_eq!(

@@ -7,6 +7,7 @@
 //! One test function: the operator watches every namespace (tenants are namespaces), so two
 //! such operators must never run at once.
 
+mod aws_support;
 mod common;
 mod mosquitto_support;
 
@@ -93,6 +94,7 @@ async fn a_hostile_namespace_cannot_reach_another_namespaces_devices_secrets_or_
     let builder = s
         .operator()
         .cluster_wide()
+        .aws()
         .mqtt(&prefix)
         .args(["--http-sink-allow-cidr", "127.0.0.2/32"]);
     let operator = builder.ready().await;
@@ -127,6 +129,33 @@ async fn a_hostile_namespace_cannot_reach_another_namespaces_devices_secrets_or_
     .await;
     let before = a_things.get("lamp").await.unwrap();
     let a_device = before.status.as_ref().and_then(|st| st.device.clone());
+
+    // tenant-a also has an AWS device, under a name of its own choosing.
+    let meter_device = format!("{prefix}-meter");
+    thing("meter")
+        .broker("AWS")
+        .field("thingName", json!(meter_device))
+        .field("attributes", json!({"model": "m1"}))
+        .create(&a_things)
+        .await;
+    s.wait_ready(&a_things, "meter").await;
+    let iot = aws_support::iot(env);
+    let describe_meter = || async {
+        let d = iot
+            .describe_thing()
+            .thing_name(&meter_device)
+            .send()
+            .await
+            .expect("tenant-a's AWS thing exists");
+        let attributes: std::collections::BTreeMap<_, _> = d
+            .attributes()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        (attributes, d.version())
+    };
+    let meter_before = describe_meter().await;
 
     // A Secret in tenant-b the tenant user may not read (say, a database password).
     let b_secrets_admin: Api<Secret> = Api::namespaced(admin.clone(), &tenant_b);
@@ -234,6 +263,16 @@ async fn a_hostile_namespace_cannot_reach_another_namespaces_devices_secrets_or_
         .create(&PostParams::default(), &squat)
         .await
         .expect("tenant-b creates squat");
+    // The same on AWS: tenant-a's thing, by name.
+    let steal: Thing = resource(
+        "Thing",
+        "steal-meter",
+        json!({"broker": "AWS", "thingName": meter_device}),
+    );
+    b_things
+        .create(&PostParams::default(), &steal)
+        .await
+        .expect("tenant-b creates steal-meter");
     // A name shaped like tenant-a's derived device names is refused outright.
     let derived: Thing = resource(
         "Thing",
@@ -379,6 +418,28 @@ async fn a_hostile_namespace_cannot_reach_another_namespaces_devices_secrets_or_
         a_device,
         "tenant-a's device record changed"
     );
+
+    let stolen = s
+        .wait_condition(&b_admin_things, "steal-meter", "Ready", |c| {
+            c.reason == "Conflict"
+        })
+        .await;
+    assert!(
+        !stolen.message.contains(tenant_a.name()),
+        "{}",
+        stolen.message
+    );
+    b_things
+        .delete("steal-meter", &Default::default())
+        .await
+        .expect("tenant-b deletes steal-meter");
+    s.wait_gone(&b_admin_things, "steal-meter").await;
+    assert_eq!(
+        describe_meter().await,
+        meter_before,
+        "tenant-a's AWS thing changed"
+    );
+    assert!(common::is_ready(&a_things.get("meter").await.unwrap()));
 
     // Deleting the squatter leaves tenant-a's broker client and role alone (the report below
     // needs the role's ACLs).

@@ -14,6 +14,10 @@ use super::{
     thing::{Broker, MAX_DESIRED_BYTES},
 };
 
+/// The AWS thing attribute that records which Thing owns the thing (`provider::aws::ownership`
+/// sets and checks it); a spec may not set it.
+pub const OWNER_ATTRIBUTE: &str = "thing-operator-owner";
+
 /// Deepest nesting accepted in a desired document. AWS IoT counts 8 levels for the whole
 /// shadow document, two of which are `state` and `desired`.
 pub const MAX_DOCUMENT_DEPTH: usize = 6;
@@ -275,6 +279,11 @@ pub fn validate_thing(thing: &Thing, limits: &SpecLimits) -> Result<(), InvalidS
         problems.push(format!(
             "attributes has {} entries, over the limit of 50",
             spec.attributes.len()
+        ));
+    }
+    if spec.attributes.contains_key(OWNER_ATTRIBUTE) {
+        problems.push(format!(
+            "attribute {OWNER_ATTRIBUTE:?} is reserved: the operator records the thing's owner there"
         ));
     }
     for (key, value) in &spec.attributes {

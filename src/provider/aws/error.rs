@@ -78,6 +78,13 @@ pub enum AwsError {
         "thingName cannot change after provisioning: provisioned as {recorded}, the spec now gives {wanted}"
     )]
     ThingNameChanged { recorded: String, wanted: String },
+    /// The thing exists and is not this Thing's: another Thing's owner record is on it, or none
+    /// (and adopting unowned things is off). Names the device only, never the other owner.
+    #[error("thing {thing_name} exists and {why}; it is left untouched")]
+    NotOwner {
+        thing_name: String,
+        why: &'static str,
+    },
     /// The policy template does not render into a policy document.
     #[error("{0}")]
     PolicyTemplate(String),
@@ -101,6 +108,7 @@ impl BackendError for AwsError {
             | AwsError::OrphanGracePending
             | AwsError::Secret(_) => true,
             AwsError::ThingNameChanged { .. }
+            | AwsError::NotOwner { .. }
             | AwsError::PolicyTemplate(_)
             | AwsError::KeyGeneration(_) => false,
         }
@@ -108,6 +116,7 @@ impl BackendError for AwsError {
 
     fn reason(&self) -> &'static str {
         match self {
+            AwsError::NotOwner { .. } => "Conflict",
             AwsError::Throttled { .. } => "Throttled",
             AwsError::Service { .. }
             | AwsError::MissingCertificateId { .. }

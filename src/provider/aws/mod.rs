@@ -16,6 +16,7 @@ pub mod certs;
 pub mod client;
 pub mod error;
 pub mod naming;
+pub mod ownership;
 pub mod provision;
 mod reconcile;
 pub mod shadow;
@@ -60,6 +61,8 @@ pub struct AwsSettings {
     pub key_validity_days: i64,
     /// How long a rotated-out certificate stays valid when the spec sets no overlap.
     pub default_rotation_overlap: Duration,
+    /// Adopt an existing thing that carries no owner record (off: such a thing is a conflict).
+    pub adopt_unowned: bool,
 }
 
 impl Default for AwsSettings {
@@ -72,6 +75,7 @@ impl Default for AwsSettings {
             orphan_grace: Duration::from_secs(60),
             key_validity_days: 3650,
             default_rotation_overlap: Duration::from_secs(3600),
+            adopt_unowned: false,
         }
     }
 }

@@ -10,21 +10,67 @@ use serde_json::Value;
 use super::{
     client::{AwsClients, Family},
     error::{AwsError, CallError},
+    ownership::{self, Claim, OWNER_ATTRIBUTE},
 };
 use crate::provider::Notice;
 
-/// Makes the thing exist with exactly the spec's attributes. Returns its ARN.
+/// Who is asking for a thing, and what it may claim (see [`ownership`]).
+pub struct Owner<'a> {
+    /// This Thing's owner record.
+    pub record: String,
+    /// The thing ARN this Thing's status recorded, if any.
+    pub recorded_arn: Option<&'a str>,
+    pub adopt_unowned: bool,
+}
+
+impl Owner<'_> {
+    /// Checks an existing thing's owner record; `Err` leaves the thing untouched.
+    fn check(
+        &self,
+        thing_name: &str,
+        arn: &str,
+        have: &HashMap<String, String>,
+        notices: &mut Vec<Notice>,
+    ) -> Result<(), AwsError> {
+        match ownership::claim(
+            have,
+            arn,
+            &self.record,
+            self.recorded_arn,
+            self.adopt_unowned,
+        ) {
+            Claim::Ours => Ok(()),
+            Claim::Adopt => {
+                notices.push(Notice::normal(
+                    "Adopted",
+                    format!("thing {thing_name} had no owner record; it now names this Thing"),
+                ));
+                Ok(())
+            }
+            Claim::Refuse(why) => Err(AwsError::NotOwner {
+                thing_name: thing_name.to_string(),
+                why,
+            }),
+        }
+    }
+}
+
+/// Makes the thing exist with exactly the spec's attributes and this Thing's owner record.
+/// Returns its ARN. An existing thing another Thing owns (or nobody, unless adopting is allowed)
+/// is refused before anything is changed.
 pub async fn ensure_thing(
     c: &AwsClients,
     thing_name: &str,
     attributes: &BTreeMap<String, String>,
+    owner: &Owner<'_>,
     was_provisioned: bool,
     notices: &mut Vec<Notice>,
 ) -> Result<String, AwsError> {
-    let want: HashMap<String, String> = attributes
+    let mut want: HashMap<String, String> = attributes
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    want.insert(OWNER_ATTRIBUTE.to_string(), owner.record.clone());
     let described = c
         .call(Family::ThingRead, "DescribeThing", || {
             c.iot.describe_thing().thing_name(thing_name).send()
@@ -34,6 +80,7 @@ pub async fn ensure_thing(
         Ok(out) => {
             let arn = out.thing_arn().unwrap_or_default().to_string();
             let have = out.attributes().cloned().unwrap_or_default();
+            owner.check(thing_name, &arn, &have, notices)?;
             if have != want {
                 update_attributes(c, thing_name, &want).await?;
                 notices.push(Notice::normal(
@@ -71,16 +118,19 @@ pub async fn ensure_thing(
                     Ok(out.thing_arn().unwrap_or_default().to_string())
                 }
                 // AWS answers 409 when the thing exists with other attributes (created
-                // concurrently, or by someone else): converge it in place.
+                // concurrently, by someone else): converge it in place only if it is ours.
                 Err(CallError::AlreadyExists { .. }) => {
-                    update_attributes(c, thing_name, &want).await?;
                     let out = c
                         .call(Family::ThingRead, "DescribeThing", || {
                             c.iot.describe_thing().thing_name(thing_name).send()
                         })
                         .await
                         .map_err(|e| e.into_error("DescribeThing"))?;
-                    Ok(out.thing_arn().unwrap_or_default().to_string())
+                    let arn = out.thing_arn().unwrap_or_default().to_string();
+                    let have = out.attributes().cloned().unwrap_or_default();
+                    owner.check(thing_name, &arn, &have, notices)?;
+                    update_attributes(c, thing_name, &want).await?;
+                    Ok(arn)
                 }
                 Err(e) => Err(e.into_error("CreateThing")),
             }
@@ -282,6 +332,31 @@ pub async fn ensure_attachments(
 }
 
 /// Every principal attached to the thing (all pages). A thing that is gone has none.
+/// Whether the thing may be torn down by this Thing: it is gone (`Ok(true)`: nothing to guard),
+/// or carries this Thing's record, or carries none and this Thing's status recorded it.
+pub async fn may_tear_down(
+    c: &AwsClients,
+    thing_name: &str,
+    owner: &Owner<'_>,
+) -> Result<bool, AwsError> {
+    match c
+        .call(Family::ThingRead, "DescribeThing", || {
+            c.iot.describe_thing().thing_name(thing_name).send()
+        })
+        .await
+    {
+        Ok(out) => {
+            let arn = out.thing_arn().unwrap_or_default();
+            let have = out.attributes().cloned().unwrap_or_default();
+            // Adopting is for provisioning: a Thing never takes a stranger's thing down.
+            let claim = ownership::claim(&have, arn, &owner.record, owner.recorded_arn, false);
+            Ok(!matches!(claim, Claim::Refuse(_)))
+        }
+        Err(CallError::NotFound) => Ok(true),
+        Err(e) => Err(e.into_error("DescribeThing")),
+    }
+}
+
 pub async fn list_thing_principals(
     c: &AwsClients,
     thing_name: &str,

@@ -6,23 +6,39 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use kube::ResourceExt;
 
 use super::{
     AwsError, AwsProvider, FullCheck,
     certs::{self, orphans, rotation::rotation_token},
     fingerprint,
     naming::{self, ArnParts, PolicyVars},
-    provision, shadow, teardown,
+    ownership,
+    provision::{self, Owner},
+    shadow, teardown,
 };
 use crate::{
     api::{ThingStatus, conditions::types, thing::Broker},
     provider::{
-        DeviceOutcome, DeviceRequest, IotProvider, ProviderError,
+        DeviceOutcome, DeviceRequest, IotProvider, Notice, ProviderError,
         status::{DeviceIdentity, record_device, record_failure, set_condition},
     },
 };
 
 impl AwsProvider {
+    /// This Thing as an owner of AWS things.
+    fn owner<'a>(&self, req: &DeviceRequest<'_>, recorded_arn: Option<&'a str>) -> Owner<'a> {
+        Owner {
+            record: ownership::owner_record(
+                req.namespace,
+                req.name,
+                &req.thing.uid().unwrap_or_default(),
+            ),
+            recorded_arn,
+            adopt_unowned: self.settings.adopt_unowned,
+        }
+    }
+
     /// The full check: thing, policy, credentials, attachments, rotation, orphan sweep.
     /// Returns the earliest deadline that needs another full check.
     async fn converge(
@@ -47,10 +63,18 @@ impl AwsProvider {
         let was_ready = completed_once || status.conditions.is_true(types::CREDENTIALS_READY);
         let notices = &mut outcome.notices;
 
-        let thing_arn =
-            provision::ensure_thing(c, thing_name, &spec.attributes, was_provisioned, notices)
-                .await
-                .map_err(|e| record_failure(status, types::PROVISIONED, e))?;
+        let recorded_arn = status.device.as_ref().and_then(|d| d.thing_arn.clone());
+        let owner = self.owner(req, recorded_arn.as_deref());
+        let thing_arn = provision::ensure_thing(
+            c,
+            thing_name,
+            &spec.attributes,
+            &owner,
+            was_provisioned,
+            notices,
+        )
+        .await
+        .map_err(|e| record_failure(status, types::PROVISIONED, e))?;
         if let Some(d) = status.device.as_mut()
             && d.thing_arn.as_deref() != Some(thing_arn.as_str())
         {
@@ -272,7 +296,17 @@ impl IotProvider for AwsProvider {
             .cloned()
             .collect();
         let shadow_name = shadow_name(req);
-        teardown::teardown(&ctx, &recorded, shadow_name, &mut outcome.notices).await?;
+        let owner = self.owner(req, device.thing_arn.as_deref());
+        if provision::may_tear_down(&self.clients, &thing_name, &owner).await? {
+            teardown::teardown(&ctx, &recorded, shadow_name, &mut outcome.notices).await?;
+        } else {
+            // Another Thing's (or nobody's): this Thing never provisioned anything under that
+            // name, so there is nothing of its own to delete.
+            outcome.notices.push(Notice::warning(
+                "LeftAlone",
+                format!("thing {thing_name} is not this Thing's; nothing was deleted"),
+            ));
+        }
         self.checks
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -14,8 +14,11 @@ use super::{
     provision::list_thing_principals,
     shadow,
 };
-use crate::failpoints::step;
-use crate::provider::Notice;
+use crate::{
+    credentials::{SecretError, codec::CertificateState},
+    failpoints::step,
+    provider::Notice,
+};
 
 pub async fn teardown(
     ctx: &CertContext<'_>,
@@ -26,7 +29,12 @@ pub async fn teardown(
     let c = ctx.clients;
     let thing_name = ctx.thing_name;
     let policy_name = ctx.policy_name;
-    let mut state = ctx.load().await?;
+    let mut state = match ctx.load().await {
+        // A Secret that is not this Thing's holds nothing of this Thing's: no certificate to
+        // find there (and it must not be read, let alone written).
+        Err(AwsError::Secret(SecretError::Conflict { .. })) => CertificateState::default(),
+        other => other?,
+    };
 
     // Certificates this Thing issued: the Secret's, the status's, and any interrupted issuance.
     let mut ids: Vec<String> = recorded_cert_ids.to_vec();
