@@ -12,15 +12,7 @@ const WAIT: Duration = Duration::from_secs(90);
 #[tokio::test]
 async fn one_leader_reconciles_and_a_standby_takes_over() {
     let s = Setup::new("leader").await.timeout(WAIT);
-    let replica = s.operator().args([
-        "--leader-elect",
-        "--lease-name",
-        &format!("lease-{}", s.ns),
-        "--lease-duration",
-        "4s",
-        "--lease-namespace",
-        "thing-operator-system",
-    ]);
+    let replica = s.operator().leader_elect(&format!("lease-{}", s.ns));
     let mut a = replica.clone().env("POD_NAME", "replica-a").start();
     let mut b = replica.env("POD_NAME", "replica-b").start();
     // Both are ready (a standby must not block a rolling update); exactly one leads.

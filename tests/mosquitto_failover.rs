@@ -25,15 +25,10 @@ async fn leads(op: &OperatorProcess) -> bool {
 async fn failover_keeps_the_shadow_and_a_standby_death_keeps_the_operator_online() {
     let s = Setup::new("failover").await.timeout(WAIT);
     let prefix = topic_prefix();
-    let replica = s.operator().mqtt(&prefix).args([
-        "--leader-elect",
-        "--lease-name",
-        &format!("lease-{}", s.ns),
-        "--lease-duration",
-        "4s",
-        "--lease-namespace",
-        "thing-operator-system",
-    ]);
+    let replica = s
+        .operator()
+        .mqtt(&prefix)
+        .leader_elect(&format!("lease-{}", s.ns));
     let mut leader = replica.clone().env("POD_NAME", "replica-a").start();
     leader.wait_ready().await;
     s.wait_for("replica-a leads", || async {

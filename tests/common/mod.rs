@@ -578,6 +578,20 @@ impl OperatorBuilder {
         ])
     }
 
+    /// Leader election on the Lease `name` in the operator's namespace, with a short lease so
+    /// failover tests need not wait long.
+    pub fn leader_elect(self, lease: &str) -> Self {
+        self.args([
+            "--leader-elect",
+            "--lease-name",
+            lease,
+            "--lease-duration",
+            "4s",
+            "--lease-namespace",
+            "thing-operator-system",
+        ])
+    }
+
     /// Watches every namespace (see the field's docs).
     pub fn cluster_wide(mut self) -> Self {
         self.cluster_wide = true;
