@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     api::{
-        Observer, ThingUpdate, object_key,
+        Observer, ThingUpdate,
         observer::{ObserverSpec, StateSection},
     },
     egress::EgressPolicy,
@@ -105,7 +105,9 @@ impl ObserverManager {
             last_forwarded_time: None,
             last_error: None,
         };
-        tokio::spawn(task.run());
+        // Every log line of the task names its Observer through this span.
+        let span = tracing::info_span!("observer", namespace = %ns, name = %name);
+        tokio::spawn(tracing::Instrument::instrument(task.run(), span));
         self.tasks.insert(&ns, &name, generation, cancel);
     }
 
@@ -157,7 +159,7 @@ impl ObserverTask {
             {
                 Ok(sink) => return Some(sink),
                 Err(e) => {
-                    tracing::warn!(observer = %object_key(&self.namespace, &self.name), error = %e, "sink not ready");
+                    tracing::warn!(error = %e, "sink not ready");
                     self.last_error = Some(e.message.clone());
                     self.dirty = true;
                     self.flush().await;
@@ -213,7 +215,6 @@ impl ObserverTask {
         else {
             return;
         };
-        let observer = object_key(&self.namespace, &self.name);
         match self.deliver(sink, update, section, &data).await {
             Ok(()) => {
                 self.memory.insert(update.name.clone(), memory);
@@ -226,7 +227,7 @@ impl ObserverTask {
             Err(e) => {
                 // Dead letter: the update is dropped and counted; the next change (or a restart,
                 // which replays the latest state) delivers the then-current state.
-                tracing::warn!(%observer, thing = %update.name, error = %e, "delivery failed, update dropped");
+                tracing::warn!(thing = %update.name, error = %e, "delivery failed, update dropped");
                 self.failed += 1;
                 self.last_error = Some(e.message);
                 self.metrics
@@ -270,7 +271,7 @@ impl ObserverTask {
                 msg = rx.recv() => match msg {
                     Ok(update) => self.handle(&sink, &update).await,
                     Err(RecvError::Lagged(missed)) => {
-                        tracing::debug!(observer = %object_key(&self.namespace, &self.name), missed, "fell behind; resuming from the latest state");
+                        tracing::debug!(missed, "fell behind; resuming from the latest state");
                         for update in self.bus.latest(&self.namespace) {
                             self.handle(&sink, &update).await;
                         }

@@ -143,7 +143,9 @@ impl SubscriberManager {
             self.metrics.clone(),
             cancel.clone(),
         );
-        tokio::spawn(task.run(rx));
+        // Every log line of the task names its Subscriber through this span.
+        let span = tracing::info_span!("subscriber", namespace = %ns, name = %name);
+        tokio::spawn(tracing::Instrument::instrument(task.run(rx), span));
         self.tasks.insert(&ns, &name, generation, cancel);
         Ok(())
     }

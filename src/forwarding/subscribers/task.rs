@@ -20,7 +20,7 @@ use super::{
     write::TargetWriter,
 };
 use crate::{
-    api::{Subscriber, object_key, subscriber::SubscriberSpec},
+    api::{Subscriber, subscriber::SubscriberSpec},
     forwarding::{json::coalesce, tasks::write_task_status},
     metrics::Metrics,
 };
@@ -33,7 +33,6 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(2);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
 pub struct SubscriberTask {
-    namespace: String,
     name: String,
     spec: SubscriberSpec,
     api: Api<Subscriber>,
@@ -66,7 +65,6 @@ impl SubscriberTask {
         let status = subscriber.status.clone().unwrap_or_default();
         Self {
             api: Api::namespaced(client, &namespace),
-            namespace,
             name: subscriber.name_any(),
             spec: subscriber.spec.clone(),
             target,
@@ -131,7 +129,7 @@ impl SubscriberTask {
                 self.retry_delay = WRITE_INTERVAL;
             }
             Err(e) => {
-                tracing::warn!(subscriber = %object_key(&self.namespace, &self.name), error = %e.message, retryable = e.retryable, "write failed");
+                tracing::warn!(error = %e.message, retryable = e.retryable, "write failed");
                 self.last_error = Some(e.message);
                 self.dirty = true;
                 if e.retryable {

@@ -130,7 +130,7 @@ impl MosquittoProvider {
         let issued = ca
             .issue_client(&req.backend_name, Duration::days(CERT_VALIDITY_DAYS), now)
             .map_err(MosquittoError::IssueCertificate)?;
-        tracing::info!(thing = %req.key(), "device certificate issued");
+        tracing::info!("device certificate issued");
         let creds = status.credentials.get_or_insert_with(Default::default);
         creds.issued_at = Some(now);
         creds.not_after = Some(issued.not_after);

@@ -105,7 +105,7 @@ impl MosquittoProvider {
         let created = result.map_err(|e| record_failure(status, types::PROVISIONED, e))?;
         step!("mosquitto-after-client-created");
         if created {
-            tracing::info!(thing = %req.key(), client = %thing_name, "broker client created");
+            tracing::info!(client = %thing_name, "broker client created");
         }
         set_condition(
             status,

@@ -155,7 +155,7 @@ impl MosquittoProvider {
             .map(|t| t.snapshot().clone())
             .unwrap_or_default();
         if status.version != Some(snapshot.version) {
-            tracing::debug!(thing = %key, from = ?status.version, to = snapshot.version, "shadow snapshot to status");
+            tracing::debug!(from = ?status.version, to = snapshot.version, "shadow snapshot to status");
         }
         let message = copy_snapshot(snapshot, status);
         set_condition(status, types::IN_SYNC, true, "DesiredPublished", message);
