@@ -48,6 +48,11 @@ pub struct RunArgs {
     /// Log filter in RUST_LOG syntax.
     #[arg(long, env = "RUST_LOG", default_value = "info,kube_runtime=warn")]
     pub log_filter: String,
+    /// Identifies this cluster in every derived device name (`<cluster>:<namespace>_<name>`), so
+    /// clusters sharing an AWS account or a broker never collide. Set it once, at install:
+    /// changing it renames every derived device, which provisioned Things refuse.
+    #[arg(long, env = "THING_OPERATOR_CLUSTER_ID", value_parser = parse_cluster_id)]
+    pub cluster_id: Option<String>,
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "THING_OPERATOR_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
@@ -299,4 +304,16 @@ impl MqttArgs {
             grants,
         }
     }
+}
+
+/// A cluster id: 1-32 lowercase letters, digits and inner `-` (a DNS label, short enough to
+/// leave room for the rest of a 128-character device name).
+fn parse_cluster_id(s: &str) -> Result<String, String> {
+    let ok = (1..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    ok.then(|| s.to_string())
+        .ok_or_else(|| format!("{s:?}: 1-32 lowercase letters, digits and inner '-'"))
 }

@@ -102,6 +102,7 @@ async fn build_providers(
             resync_interval: args.resync_interval,
             orphan_grace: args.aws.orphan_grace,
             adopt_unowned: args.aws.adopt_unowned,
+            cluster_id: args.cluster_id.clone(),
             ..AwsSettings::default()
         };
         let provider = AwsProvider::new(settings, Vec::new(), Some(metrics.clone())).await;
@@ -279,6 +280,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         limits: args.limits.spec_limits(),
         topics: args.mqtt.topic_scope(),
         egress,
+        cluster_id: args.cluster_id.clone(),
     };
     let ctx = Arc::new(Context::new(ContextParts {
         recorder: Recorder::new(client.clone(), reporter),

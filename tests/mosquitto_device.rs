@@ -363,3 +363,30 @@ async fn observers_see_reports_before_status_does() {
         "status is paced: it cannot have the last report yet"
     );
 }
+
+#[tokio::test]
+async fn a_cluster_id_goes_into_the_derived_device_name() {
+    let s = setup("mq-cluster", &["--cluster-id", "east-1"]).await;
+    thing("lamp").create(&s.things).await;
+    let t = s.wait_ready(&s.things, "lamp").await;
+    let expected = format!("east-1:{}_lamp", s.ns);
+    let device = t.status.and_then(|st| st.device).expect("device status");
+    assert_eq!(device.thing_name.as_deref(), Some(expected.as_str()));
+    let creds = s.credentials("lamp").await;
+    assert_eq!(creds.thing_name, expected);
+    // The device logs in and is served under that name (its AWS-layout shadow topics).
+    let root = creds.aws_root();
+    let mut dev = Device::start(&creds, vec![format!("{root}/update/accepted")]);
+    dev.connected().await;
+    dev.publish(
+        &format!("{root}/update"),
+        r#"{"state":{"reported":{"on":true}}}"#,
+    )
+    .await;
+    let accepted = dev.message(&format!("{root}/update/accepted")).await;
+    assert_eq!(
+        accepted["state"]["reported"]["on"],
+        json!(true),
+        "{accepted}"
+    );
+}

@@ -260,10 +260,21 @@ impl ThingSpec {
     /// dots mapped to colons (Kubernetes names never contain `_` or `:`, so the mapping is
     /// injective), cut to 128 characters with a hash suffix when longer.
     pub fn backend_name(&self, namespace: &str, name: &str) -> String {
+        self.backend_name_in(None, namespace, name)
+    }
+
+    /// [`Self::backend_name`] for an operator with a cluster id: derived names become
+    /// `<cluster>:<namespace>_<name>`, so two clusters sharing an AWS account or a broker never
+    /// derive the same name (`:` never appears in a namespace, so the mapping stays injective).
+    pub fn backend_name_in(&self, cluster_id: Option<&str>, namespace: &str, name: &str) -> String {
         if let Some(explicit) = &self.thing_name {
             return explicit.clone();
         }
-        let full = format!("{namespace}_{}", name.replace('.', ":"));
+        let local = format!("{namespace}_{}", name.replace('.', ":"));
+        let full = match cluster_id {
+            Some(cluster) => format!("{cluster}:{local}"),
+            None => local,
+        };
         if full.len() <= 128 {
             return full;
         }
@@ -331,6 +342,11 @@ mod tests {
     fn backend_name_is_injective_and_bounded() {
         let spec = ThingSpec::default();
         assert_eq!(spec.backend_name("ns", "a.b"), "ns_a:b");
+        assert_eq!(spec.backend_name_in(Some("c1"), "ns", "a.b"), "c1:ns_a:b");
+        assert_ne!(
+            spec.backend_name_in(Some("c1"), "ns", "a"),
+            spec.backend_name_in(Some("c2"), "ns", "a")
+        );
         assert_ne!(
             spec.backend_name("ns", "a.b"),
             spec.backend_name("ns", "a-b")

@@ -36,6 +36,8 @@ pub struct ControllerConfig {
     pub topics: TopicScope,
     /// Where HTTP sinks may connect.
     pub egress: Arc<EgressPolicy>,
+    /// Goes into every derived device name (`--cluster-id`).
+    pub cluster_id: Option<String>,
 }
 
 impl Default for ControllerConfig {
@@ -48,6 +50,7 @@ impl Default for ControllerConfig {
             limits: SpecLimits::default(),
             topics: TopicScope::default(),
             egress: Arc::default(),
+            cluster_id: None,
         }
     }
 }

@@ -77,7 +77,9 @@ fn device_request<'a>(
     ns: &'a str,
     name: &'a str,
 ) -> DeviceRequest<'a> {
-    let backend_name = thing.spec.backend_name(ns, name);
+    let backend_name = thing
+        .spec
+        .backend_name_in(ctx.config.cluster_id.as_deref(), ns, name);
     let secret_name = thing.spec.secret_name(name);
     DeviceRequest {
         thing,

@@ -63,6 +63,8 @@ pub struct AwsSettings {
     pub default_rotation_overlap: Duration,
     /// Adopt an existing thing that carries no owner record (off: such a thing is a conflict).
     pub adopt_unowned: bool,
+    /// `--cluster-id`: goes into the device topic prefix.
+    pub cluster_id: Option<String>,
 }
 
 impl Default for AwsSettings {
@@ -76,6 +78,7 @@ impl Default for AwsSettings {
             key_validity_days: 3650,
             default_rotation_overlap: Duration::from_secs(3600),
             adopt_unowned: false,
+            cluster_id: None,
         }
     }
 }

@@ -20,9 +20,13 @@ pub fn policy_name(thing_name: &str) -> String {
     format!("{}-{}", &mapped[..110], &digest[..10])
 }
 
-/// The device's MQTT topic prefix (no trailing slash).
-pub fn topic_prefix(namespace: &str, name: &str) -> String {
-    format!("{TOPIC_ROOT}/{namespace}/{name}")
+/// The device's MQTT topic prefix (no trailing slash); with a cluster id, under it, so devices
+/// of two clusters sharing an account never share topics.
+pub fn topic_prefix(cluster_id: Option<&str>, namespace: &str, name: &str) -> String {
+    match cluster_id {
+        Some(cluster) => format!("{TOPIC_ROOT}/{cluster}/{namespace}/{name}"),
+        None => format!("{TOPIC_ROOT}/{namespace}/{name}"),
+    }
 }
 
 /// Partition, region and account parsed from an ARN like `arn:aws:iot:us-east-1:123:thing/x`.

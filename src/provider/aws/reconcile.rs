@@ -85,7 +85,8 @@ impl AwsProvider {
             region: self.settings.client.region.clone().unwrap_or_default(),
             account: "*".into(),
         });
-        let topic = naming::topic_prefix(req.namespace, req.name);
+        let topic =
+            naming::topic_prefix(self.settings.cluster_id.as_deref(), req.namespace, req.name);
         let vars = PolicyVars {
             thing_name,
             client_id: thing_name,
@@ -204,7 +205,8 @@ impl IotProvider for AwsProvider {
             .device_endpoint()
             .await
             .map_err(|e| record_failure(status, types::PROVISIONED, e))?;
-        let topic = naming::topic_prefix(req.namespace, req.name);
+        let topic =
+            naming::topic_prefix(self.settings.cluster_id.as_deref(), req.namespace, req.name);
         record_device(
             status,
             DeviceIdentity {
