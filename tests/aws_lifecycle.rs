@@ -10,7 +10,7 @@ use aws_support::*;
 use common::{is_ready, merge_patch, thing};
 use kube::{Api, api::DeleteParams};
 use serde_json::json;
-use thing_operator::credentials::pki;
+use thing_operator::{api::Thing, credentials::pki};
 
 #[tokio::test]
 async fn aws_thing_full_lifecycle() {
@@ -420,4 +420,80 @@ async fn aws_named_shadow_and_policy_template_changes() {
     assert!(!policy_exists(&iot, &policy_name).await);
     assert!(named().await.is_none(), "named shadow left");
     drop(op);
+}
+
+#[tokio::test]
+async fn a_renamed_or_deleted_device_secret_leaves_no_usable_certificate() {
+    let s = setup("aws-secret").await;
+    let _op = s.operator().aws().ready().await;
+    let iot = iot(&s.env);
+    let api = s.things();
+    thing("valve").broker("AWS").create(&api).await;
+    let t = s.wait_ready(&api, "valve").await;
+    let first = t.status.unwrap().device.unwrap().certificate_id.unwrap();
+    assert_eq!(cert_status(&iot, &first).await.as_deref(), Some("ACTIVE"));
+
+    // A new Secret name: a new certificate there, the old one revoked (an Event says so).
+    merge_patch(
+        &api,
+        "valve",
+        json!({"spec": {"credentials": {"secretName": "valve-creds-2"}}}),
+    )
+    .await;
+    let t = s
+        .wait_until(
+            &api,
+            "valve",
+            "a certificate in the new Secret",
+            |t: &Thing| {
+                let d = t.status.as_ref().and_then(|st| st.device.as_ref());
+                d.and_then(|d| d.certificate_id.as_deref())
+                    .is_some_and(|id| id != first)
+                    && is_ready(t)
+            },
+        )
+        .await;
+    let second = t.status.unwrap().device.unwrap().certificate_id.unwrap();
+    assert_eq!(cert_status(&iot, &second).await.as_deref(), Some("ACTIVE"));
+    assert_eq!(
+        cert_status(&iot, &first).await,
+        None,
+        "the old certificate is still there"
+    );
+    s.wait_for("a CredentialRevoked Event", || async {
+        events(&s.client, &s.ns)
+            .await
+            .iter()
+            .any(|e| e.contains("CredentialRevoked"))
+            .then_some(())
+    })
+    .await;
+
+    // The device Secret deleted: reissued, and the certificate it held revoked.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = s.api();
+    secrets
+        .delete("valve-creds-2", &DeleteParams::default())
+        .await
+        .expect("Secret deleted");
+    merge_patch(
+        &api,
+        "valve",
+        json!({"metadata": {"annotations": {"poke": "1"}}}),
+    )
+    .await;
+    let t = s
+        .wait_until(&api, "valve", "a reissued certificate", |t: &Thing| {
+            let d = t.status.as_ref().and_then(|st| st.device.as_ref());
+            d.and_then(|d| d.certificate_id.as_deref())
+                .is_some_and(|id| id != second)
+                && is_ready(t)
+        })
+        .await;
+    let third = t.status.unwrap().device.unwrap().certificate_id.unwrap();
+    assert_eq!(cert_status(&iot, &third).await.as_deref(), Some("ACTIVE"));
+    assert_eq!(
+        cert_status(&iot, &second).await,
+        None,
+        "the deleted Secret's certificate is still there"
+    );
 }

@@ -390,3 +390,35 @@ async fn a_cluster_id_goes_into_the_derived_device_name() {
         "{accepted}"
     );
 }
+
+#[tokio::test]
+async fn a_renamed_device_secret_leaves_no_usable_password() {
+    let s = setup("mq-secret", &[]).await;
+    thing("lamp").create(&s.things).await;
+    s.wait_ready(&s.things, "lamp").await;
+    let old = s.credentials("lamp").await;
+    try_connect(&old).await.expect("the first password works");
+
+    merge_patch(
+        &s.things,
+        "lamp",
+        json!({"spec": {"credentials": {"secretName": "lamp-creds-2"}}}),
+    )
+    .await;
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = s.api();
+    let renewed = s
+        .wait_for("the new Secret", || async {
+            secrets.get_opt("lamp-creds-2").await.ok().flatten()
+        })
+        .await;
+    let new = mosquitto_support::Credentials::from_secret(&renewed);
+    assert_ne!(new.password, old.password);
+    s.wait_for("the new password to work", || async {
+        try_connect(&new).await.ok()
+    })
+    .await;
+    assert!(
+        try_connect(&old).await.is_err(),
+        "the old Secret's password still logs in"
+    );
+}

@@ -19,6 +19,7 @@ use super::{
 };
 use crate::{
     api::{ThingStatus, conditions::types, thing::Broker},
+    failpoints::step,
     provider::{
         DeviceOutcome, DeviceRequest, IotProvider, Notice, ProviderError,
         status::{DeviceIdentity, record_device, record_failure, set_condition},
@@ -107,6 +108,23 @@ impl AwsProvider {
             .load()
             .await
             .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
+        // Certificates the status recorded that the device Secret no longer holds (the Secret
+        // was renamed or deleted) are revoked before anything new is issued, so no usable
+        // credential is left behind. A crash in between repeats it; one already gone is skipped.
+        for stale in certs::stale_certificates(status, &state) {
+            step!("aws-before-revoke-stale-certificate");
+            certs::certificate::remove(c, &stale, None)
+                .await
+                .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
+            certs::forget_certificate(status, &stale);
+            notices.push(Notice::normal(
+                "CredentialRevoked",
+                format!(
+                    "certificate {stale} is not in the device Secret {}; revoked",
+                    req.secret.name()
+                ),
+            ));
+        }
         let mut active =
             certs::issue::ensure_credentials(&ctx, &mut state, status, was_ready, notices)
                 .await

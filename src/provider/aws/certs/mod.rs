@@ -64,6 +64,49 @@ pub struct ActiveCert {
     pub arn: String,
 }
 
+/// The certificates the status records that the device Secret does not hold: the Secret the
+/// status describes was renamed or deleted, so those certificates belong to nobody's Secret and
+/// must not stay usable. The Secret is the journal (written before every AWS call that makes a
+/// certificate), so a certificate the Thing is using or rotating away from is always in it.
+pub fn stale_certificates(status: &ThingStatus, state: &CertificateState) -> Vec<String> {
+    let in_secret = |id: &String| {
+        state.cert_id.as_ref() == Some(id) || state.previous_cert_id.as_ref() == Some(id)
+    };
+    let recorded = [
+        status
+            .device
+            .as_ref()
+            .and_then(|d| d.certificate_id.clone()),
+        status
+            .credentials
+            .as_ref()
+            .and_then(|c| c.previous_certificate_id.clone()),
+    ];
+    let mut stale: Vec<String> = recorded
+        .into_iter()
+        .flatten()
+        .filter(|id| !in_secret(id))
+        .collect();
+    stale.dedup();
+    stale
+}
+
+/// Drops a revoked certificate from status.
+pub fn forget_certificate(status: &mut ThingStatus, id: &str) {
+    if let Some(d) = status.device.as_mut()
+        && d.certificate_id.as_deref() == Some(id)
+    {
+        d.certificate_id = None;
+        d.certificate_arn = None;
+    }
+    if let Some(c) = status.credentials.as_mut()
+        && c.previous_certificate_id.as_deref() == Some(id)
+    {
+        c.previous_certificate_id = None;
+        c.previous_revoke_at = None;
+    }
+}
+
 /// Mirrors the Secret's identifiers into status (never its key).
 pub fn mirror(status: &mut ThingStatus, state: &CertificateState, active: Option<&ActiveCert>) {
     let device = status.device.get_or_insert_with(Default::default);
@@ -86,5 +129,54 @@ pub fn mirror(status: &mut ThingStatus, state: &CertificateState, active: Option
     };
     if creds != CredentialStatus::default() {
         status.credentials = Some(creds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::thing::{CredentialStatus, DeviceStatus};
+
+    fn status(current: Option<&str>, previous: Option<&str>) -> ThingStatus {
+        ThingStatus {
+            device: Some(DeviceStatus {
+                certificate_id: current.map(String::from),
+                ..DeviceStatus::default()
+            }),
+            credentials: Some(CredentialStatus {
+                previous_certificate_id: previous.map(String::from),
+                ..CredentialStatus::default()
+            }),
+            ..ThingStatus::default()
+        }
+    }
+
+    fn secret(current: Option<&str>, previous: Option<&str>) -> CertificateState {
+        CertificateState {
+            cert_id: current.map(String::from),
+            previous_cert_id: previous.map(String::from),
+            ..CertificateState::default()
+        }
+    }
+
+    #[test]
+    fn certificates_missing_from_the_secret_are_stale() {
+        // A new (renamed or recreated) Secret: everything the status recorded goes.
+        assert_eq!(
+            stale_certificates(&status(Some("a"), Some("p")), &secret(None, None)),
+            vec!["a".to_string(), "p".to_string()]
+        );
+        // The Secret holds them (also mid-rotation, the old one as previous): nothing is stale.
+        assert!(stale_certificates(&status(Some("a"), None), &secret(Some("a"), None)).is_empty());
+        assert!(
+            stale_certificates(&status(Some("a"), None), &secret(Some("b"), Some("a"))).is_empty()
+        );
+        // Nothing recorded: nothing to revoke.
+        assert!(stale_certificates(&ThingStatus::default(), &secret(None, None)).is_empty());
+
+        let mut s = status(Some("a"), Some("p"));
+        forget_certificate(&mut s, "a");
+        forget_certificate(&mut s, "p");
+        assert!(stale_certificates(&s, &secret(None, None)).is_empty());
     }
 }
