@@ -529,6 +529,22 @@ mod tests {
     }
 
     #[test]
+    fn the_owner_attribute_is_reserved() {
+        let err = validate_thing_default(&thing(json!({
+            "broker": "AWS",
+            "attributes": {OWNER_ATTRIBUTE: "team-a/lamp/uid-1"}
+        })))
+        .unwrap_err();
+        assert!(err.to_string().contains("reserved"), "{err}");
+        assert_eq!(
+            validate_thing_default(&thing(
+                json!({"broker": "AWS", "attributes": {"owner": "me"}})
+            )),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn a_thing_name_cannot_look_like_another_namespaces_derived_name() {
         let in_ns = |spec: Value| {
             let mut t = thing(spec);

@@ -331,7 +331,6 @@ pub async fn ensure_attachments(
     Ok(())
 }
 
-/// Every principal attached to the thing (all pages). A thing that is gone has none.
 /// Whether the thing may be torn down by this Thing: it is gone (`Ok(true)`: nothing to guard),
 /// or carries this Thing's record, or carries none and this Thing's status recorded it.
 pub async fn may_tear_down(
@@ -357,6 +356,7 @@ pub async fn may_tear_down(
     }
 }
 
+/// Every principal attached to the thing (all pages). A thing that is gone has none.
 pub async fn list_thing_principals(
     c: &AwsClients,
     thing_name: &str,
