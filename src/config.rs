@@ -302,6 +302,7 @@ impl MqttArgs {
         crate::api::validation::TopicScope {
             prefix: self.topic_prefix.clone(),
             grants,
+            unchecked: false,
         }
     }
 }

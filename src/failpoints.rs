@@ -20,6 +20,21 @@ macro_rules! step {
 
 pub(crate) use step;
 
+/// Whether a test switched a check off (`FAILPOINTS="<name>=return"`): only for tests that
+/// prove a second line of defence holds when the first one is gone. Always false without the
+/// `failpoints` feature.
+pub fn check_disabled(name: &'static str) -> bool {
+    #[cfg(feature = "failpoints")]
+    {
+        fail::eval(name, |_| ()).is_some()
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        let _ = name;
+        false
+    }
+}
+
 /// Reads `FAILPOINTS` (`name=action;name=action`) into the fail registry. Called once at start-up.
 pub fn configure_from_env() {
     #[cfg(feature = "failpoints")]

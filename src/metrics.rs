@@ -32,6 +32,11 @@ pub struct BackendCallLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabels {
+    pub namespace: String,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     pub reconciles: Family<OutcomeLabels, Counter>,
@@ -40,6 +45,7 @@ pub struct Metrics {
     pub status_writes: Family<KindLabels, Counter>,
     pub events: Family<OutcomeLabels, Counter>,
     pub backend_calls: Family<BackendCallLabels, Counter>,
+    pub mqtt_subscriptions_refused: Family<NamespaceLabels, Counter>,
     pub leader: Gauge,
 }
 
@@ -88,6 +94,12 @@ impl Default for Metrics {
             "Calls to IoT backends",
             backend_calls.clone(),
         );
+        let mqtt_subscriptions_refused = Family::<NamespaceLabels, Counter>::default();
+        registry.register(
+            "mqtt_subscriptions_refused",
+            "Subscriptions the broker refused to a namespace's account (its ACL), by namespace",
+            mqtt_subscriptions_refused.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -102,6 +114,7 @@ impl Default for Metrics {
             status_writes,
             events,
             backend_calls,
+            mqtt_subscriptions_refused,
             leader,
         }
     }

@@ -13,7 +13,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::RunArgs,
     controller::{self, Context, ContextParts, ControllerConfig, ThingTrigger},
-    forwarding::{ObserverManager, StateBus, SubscriberManager},
+    forwarding::{
+        ObserverManager, StateBus, SubscriberManager,
+        mqtt::{BrokerEndpoint, MqttAccess},
+    },
     http::{self, Readiness},
     metrics::Metrics,
     mqtt::topic::TopicLayout,
@@ -58,6 +61,7 @@ async fn build_providers(
     client: &Client,
     metrics: &Arc<Metrics>,
     wiring: &Arc<Wiring>,
+    mqtt_access: &MqttAccess,
 ) -> anyhow::Result<ProviderRegistry> {
     let mut registry = ProviderRegistry::default();
     // Mosquitto: on when --mqtt-url is set. Its connection also carries the REST message
@@ -84,6 +88,8 @@ async fn build_providers(
             None => kube::Api::all(client.clone()),
         };
         provider.seed_from(things).await;
+        // Observers and Subscribers act for their namespace with accounts this backend makes.
+        mqtt_access.install_identities(provider.namespace_accounts(args.cluster_id.clone()));
         registry.register(Arc::new(provider));
     }
     if args.aws.enabled {
@@ -111,12 +117,18 @@ async fn build_providers(
     Ok(registry)
 }
 
-/// The MQTT connection of Observers (publishing) and Subscribers (subscribing): its own client
-/// id, so a slow sink never stalls the shadow service's connection. Returned unpolled: the
-/// caller starts it with the Subscribers' message router. `None` when no broker is configured.
-fn events_mqtt_connection(
-    args: &RunArgs,
-) -> anyhow::Result<Option<(rumqttc::AsyncClient, rumqttc::EventLoop, TopicLayout)>> {
+/// What forwarding needs of the broker: the connection Subscribers write reported state through
+/// (its own client id, so a slow write never stalls the shadow service's connection; returned
+/// unpolled), its topic layout, and where the namespaces' own connections go. `None` when no
+/// broker is configured.
+type EventsMqtt = (
+    rumqttc::AsyncClient,
+    rumqttc::EventLoop,
+    TopicLayout,
+    BrokerEndpoint,
+);
+
+fn events_mqtt_connection(args: &RunArgs) -> anyhow::Result<Option<EventsMqtt>> {
     use crate::{mqtt::connection, provider::mosquitto::MosquittoConfig};
     let Some(config) = MosquittoConfig::from_args(args)? else {
         return Ok(None);
@@ -124,6 +136,10 @@ fn events_mqtt_connection(
     let tls = match config.address.tls {
         true => Some(connection::tls_config(config.ca_file.as_deref())?),
         false => None,
+    };
+    let endpoint = BrokerEndpoint {
+        address: config.address.clone(),
+        tls: tls.clone(),
     };
     let (client, eventloop) = connection::build(connection::ConnectionSettings {
         address: config.address,
@@ -139,7 +155,7 @@ fn events_mqtt_connection(
         ),
         last_will: None,
     });
-    Ok(Some((client, eventloop, config.layout)))
+    Ok(Some((client, eventloop, config.layout, endpoint)))
 }
 
 /// Losing the lease means another replica may act: stop at once.
@@ -211,12 +227,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     spawn_signal_handler(shutdown.clone());
 
     let events_mqtt = events_mqtt_connection(&args).context("MQTT configuration")?;
+    let mqtt_access = match &events_mqtt {
+        Some((_, _, _, endpoint)) => MqttAccess::new(
+            endpoint.clone(),
+            args.mqtt.topic_scope(),
+            metrics.clone(),
+            shutdown.clone(),
+        ),
+        None => MqttAccess::default(),
+    };
     let subscribers = Arc::new(SubscriberManager::new(
         client.clone(),
-        events_mqtt.as_ref().map(|(c, _, _)| c.clone()),
-        // Reported state goes through the Thing's shadow topic, on the events connection.
+        mqtt_access.clone(),
+        // Reported state goes through the Thing's shadow topic, on the events connection: the
+        // target is always a Thing of the Subscriber's own namespace.
         Arc::new(ShadowUpdateWriter::new(
-            events_mqtt.as_ref().map(|(c, _, l)| (c.clone(), l.clone())),
+            events_mqtt
+                .as_ref()
+                .map(|(c, _, l, _)| (c.clone(), l.clone())),
         )),
         metrics.clone(),
         shutdown.clone(),
@@ -230,16 +258,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let observers = ObserverManager::new(
         bus,
         client.clone(),
-        events_mqtt.as_ref().map(|(c, _, _)| c.clone()),
+        mqtt_access.clone(),
         egress.clone(),
         metrics.clone(),
         shutdown.clone(),
     );
-    if let Some((mqtt, eventloop, _)) = events_mqtt {
+    if let Some((mqtt, eventloop, _, _)) = events_mqtt {
         crate::mqtt::connection::spawn_driver(
             eventloop,
             mqtt,
-            subscribers.mqtt_handler(),
+            Arc::new(crate::mqtt::connection::IgnoreMessages),
             shutdown.clone(),
         );
     }
@@ -267,7 +295,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // from the Things' status as they are now (loading them at boot would roll a standby's
     // shadows back to what they were when it started), and a standby keeps no broker session
     // whose last will could announce the leader's broker connection offline.
-    let providers = build_providers(&args, &client, &metrics, &wiring).await?;
+    let providers = build_providers(&args, &client, &metrics, &wiring, &mqtt_access).await?;
     let reporter = Reporter {
         controller: args.controller_name.clone(),
         instance: args.pod_name.clone(),
@@ -278,7 +306,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         watch_namespace: args.watch_namespace.clone(),
         limits: args.limits.spec_limits(),
-        topics: args.mqtt.topic_scope(),
+        topics: crate::api::validation::TopicScope {
+            unchecked: crate::failpoints::check_disabled("validation-topic-scope-off"),
+            ..args.mqtt.topic_scope()
+        },
         egress,
         cluster_id: args.cluster_id.clone(),
     };

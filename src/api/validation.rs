@@ -409,6 +409,9 @@ pub struct TopicScope {
     pub prefix: String,
     /// Extra topic prefixes per namespace.
     pub grants: std::collections::BTreeMap<String, Vec<String>>,
+    /// Accept every topic. Only the failpoint `validation-topic-scope-off` sets it, for the test
+    /// that proves the broker's ACL still confines a namespace when validation fails to.
+    pub unchecked: bool,
 }
 
 impl Default for TopicScope {
@@ -416,6 +419,7 @@ impl Default for TopicScope {
         Self {
             prefix: "things".into(),
             grants: Default::default(),
+            unchecked: false,
         }
     }
 }
@@ -429,6 +433,9 @@ impl TopicScope {
     /// Refuses a topic or filter outside the namespace's reach. A root matches literally, so a
     /// wildcard can never stand in for the namespace level.
     pub fn check(&self, field: &str, namespace: &str, topic: &str) -> Option<String> {
+        if self.unchecked {
+            return None;
+        }
         if topic.starts_with('$') {
             return Some(format!(
                 "{field} {topic:?}: $-topics are reserved for the broker and the backends"
@@ -765,6 +772,7 @@ mod tests {
         let scope = TopicScope {
             prefix: "things".into(),
             grants: [("bridge".to_string(), vec!["feeds/shared".to_string()])].into(),
+            unchecked: false,
         };
         let table = [
             ("team-a", "things/namespaces/team-a/alerts", true),

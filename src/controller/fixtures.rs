@@ -197,14 +197,14 @@ pub fn context(provider: Arc<DebugProvider>) -> (Arc<Context>, ApiServer) {
         observers: ObserverManager::new(
             StateBus::default(),
             client.clone(),
-            None,
+            Default::default(),
             Arc::default(),
             metrics.clone(),
             shutdown.clone(),
         ),
         subscribers: Arc::new(SubscriberManager::new(
             client.clone(),
-            None,
+            Default::default(),
             Arc::new(NoFeed),
             metrics.clone(),
             shutdown,

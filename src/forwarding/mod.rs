@@ -17,7 +17,7 @@ mod cloud_event;
 mod desired;
 mod filter;
 mod json;
-mod mqtt;
+pub mod mqtt;
 mod observers;
 mod sink;
 pub mod subscribers;

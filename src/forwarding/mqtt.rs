@@ -1,22 +1,93 @@
-//! The MQTT access of Observer and Subscriber tasks: which client acts for a namespace, and the
-//! QoS a spec's level means.
+//! The MQTT access of Observer and Subscriber tasks: which connection acts for a namespace, and
+//! the QoS a spec's level means.
 //!
-//! Today every namespace shares the operator's one events connection (its own client id, so a
-//! slow sink never stalls the shadow service). Giving each namespace a broker identity whose
-//! ACL covers only its own topics (issue 8) changes [`MqttAccess::client_for`], not the tasks.
+//! Each namespace gets its own connection, logged in with a broker account whose ACL covers
+//! only that namespace's topic roots (its subtree plus any `--mqtt-topic-grant`). Validation
+//! already refuses topics outside them; the broker refusing them too means a bug in validation
+//! cannot become a cross-tenant read or write. Connections are made on first use and kept for
+//! the life of the process (one per namespace that ever used MQTT: bounded by the namespaces).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock},
+};
 
 use rumqttc::{AsyncClient, QoS};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
 
-/// The MQTT clients the forwarding tasks may use; empty without a configured broker.
+use crate::{
+    api::validation::TopicScope,
+    metrics::{Metrics, NamespaceLabels},
+    mqtt::{
+        connection::{self, BrokerAddress, Handler},
+        identity::{IdentityError, NamespaceIdentities},
+    },
+};
+
+/// Routes the messages arriving on one namespace's connection.
+pub trait NamespaceRouter: Send + Sync {
+    /// The handler of `namespace`'s connection: it renews that namespace's subscriptions on
+    /// every connect and hands its messages to that namespace's Subscribers only.
+    fn handler_for(&self, namespace: &str) -> Arc<dyn Handler>;
+}
+
+/// Where the broker is and how to reach it; the login comes per namespace.
+#[derive(Clone)]
+pub struct BrokerEndpoint {
+    pub address: BrokerAddress,
+    pub tls: Option<rustls::ClientConfig>,
+}
+
+/// Why a namespace has no MQTT connection.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AccessError {
+    #[error("no MQTT broker is configured (--mqtt-url)")]
+    NotConfigured,
+    #[error("the broker's account administration is not running yet")]
+    NotReady,
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+struct Shared {
+    endpoint: BrokerEndpoint,
+    scope: TopicScope,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    /// Installed once the backend that administers the broker runs (after winning the lease).
+    identities: OnceLock<Arc<dyn NamespaceIdentities>>,
+    /// Installed by the Subscriber manager.
+    router: OnceLock<Arc<dyn NamespaceRouter>>,
+    connections: Mutex<HashMap<String, Arc<OnceCell<AsyncClient>>>>,
+}
+
+/// The MQTT connections the forwarding tasks may use; clones share them. Empty without a
+/// configured broker.
 #[derive(Clone, Default)]
 pub struct MqttAccess {
-    shared: Option<AsyncClient>,
+    shared: Option<Arc<Shared>>,
 }
 
 impl MqttAccess {
-    /// Every namespace acts through `client` (or nobody has MQTT, with `None`).
-    pub fn shared(client: Option<AsyncClient>) -> Self {
-        Self { shared: client }
+    /// Connections to `endpoint`, one per namespace, confined to `scope`.
+    pub fn new(
+        endpoint: BrokerEndpoint,
+        scope: TopicScope,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            shared: Some(Arc::new(Shared {
+                endpoint,
+                scope,
+                metrics,
+                shutdown,
+                identities: OnceLock::new(),
+                router: OnceLock::new(),
+                connections: Mutex::new(HashMap::new()),
+            })),
+        }
     }
 
     /// Whether MQTT sources and sinks can be served at all.
@@ -24,9 +95,110 @@ impl MqttAccess {
         self.shared.is_some()
     }
 
-    /// The client that acts for `namespace`'s Observers and Subscribers.
-    pub fn client_for(&self, _namespace: &str) -> Option<&AsyncClient> {
-        self.shared.as_ref()
+    /// Lets connections be made: `identities` issues each namespace's account.
+    pub fn install_identities(&self, identities: Arc<dyn NamespaceIdentities>) {
+        if let Some(shared) = &self.shared {
+            let _ = shared.identities.set(identities);
+        }
+    }
+
+    /// Where the messages of each namespace's connection go.
+    pub fn install_router(&self, router: Arc<dyn NamespaceRouter>) {
+        if let Some(shared) = &self.shared {
+            let _ = shared.router.set(router);
+        }
+    }
+
+    fn cell(shared: &Shared, namespace: &str) -> Arc<OnceCell<AsyncClient>> {
+        let mut connections = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections
+            .entry(namespace.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The connection that acts for `namespace`, made (account and all) on first use.
+    pub async fn client_for(&self, namespace: &str) -> Result<AsyncClient, AccessError> {
+        let shared = self.shared.as_ref().ok_or(AccessError::NotConfigured)?;
+        let cell = Self::cell(shared, namespace);
+        cell.get_or_try_init(|| connect(shared, namespace))
+            .await
+            .cloned()
+    }
+
+    /// The connection of `namespace` if one was made (for unsubscribing: never makes one).
+    pub fn existing_client(&self, namespace: &str) -> Option<AsyncClient> {
+        let shared = self.shared.as_ref()?;
+        let connections = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections.get(namespace)?.get().cloned()
+    }
+}
+
+/// Makes `namespace`'s account and starts its connection.
+async fn connect(shared: &Shared, namespace: &str) -> Result<AsyncClient, AccessError> {
+    let identities = shared.identities.get().ok_or(AccessError::NotReady)?;
+    let mut roots = vec![shared.scope.subtree(namespace)];
+    roots.extend(
+        shared
+            .scope
+            .grants
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .cloned(),
+    );
+    let roots: Vec<String> = roots
+        .into_iter()
+        .map(|r| r.trim_end_matches('/').to_string())
+        .collect();
+    let login = identities.ensure(namespace, &roots).await?;
+    let (client, eventloop) = connection::build(connection::ConnectionSettings {
+        address: shared.endpoint.address.clone(),
+        tls: shared.endpoint.tls.clone(),
+        username: login.username,
+        password: login.password,
+        client_id: login.client_id,
+        last_will: None,
+    });
+    let inner = match shared.router.get() {
+        Some(router) => router.handler_for(namespace),
+        None => Arc::new(connection::IgnoreMessages),
+    };
+    let handler = Arc::new(CountRefusals {
+        inner,
+        metrics: shared.metrics.clone(),
+        namespace: namespace.to_string(),
+    });
+    connection::spawn_driver(eventloop, client.clone(), handler, shared.shutdown.clone());
+    tracing::info!(%namespace, "namespace broker connection started");
+    Ok(client)
+}
+
+/// Counts what the broker's ACL refused a namespace: a refusal means validation let a topic
+/// through that the broker did not (or a grant changed), which an operator wants to see.
+struct CountRefusals {
+    inner: Arc<dyn Handler>,
+    metrics: Arc<Metrics>,
+    namespace: String,
+}
+
+impl Handler for CountRefusals {
+    fn on_connected(&self, client: &AsyncClient) {
+        self.inner.on_connected(client)
+    }
+
+    fn on_message(&self, client: &AsyncClient, topic: &str, payload: &[u8]) {
+        self.inner.on_message(client, topic, payload)
+    }
+
+    fn on_subscriptions_refused(&self, count: usize) {
+        tracing::warn!(namespace = %self.namespace, count, "the broker refused subscriptions of this namespace");
+        self.metrics
+            .mqtt_subscriptions_refused
+            .get_or_create(&NamespaceLabels {
+                namespace: self.namespace.clone(),
+            })
+            .inc_by(count as u64);
     }
 }
 

@@ -8,7 +8,6 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use chrono::{DateTime, Utc};
 use kube::{Api, Client, ResourceExt};
 use rand::Rng;
-use rumqttc::AsyncClient;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -50,7 +49,7 @@ impl ObserverManager {
     pub fn new(
         bus: StateBus,
         client: Client,
-        mqtt: Option<AsyncClient>,
+        mqtt: MqttAccess,
         egress: Arc<EgressPolicy>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
@@ -58,7 +57,7 @@ impl ObserverManager {
         Self {
             bus,
             client,
-            mqtt: MqttAccess::shared(mqtt),
+            mqtt,
             egress,
             metrics,
             shutdown,
@@ -96,7 +95,7 @@ impl ObserverManager {
             memory: memories_from_status(status.last_forwarded.unwrap_or_default()),
             api: Api::namespaced(self.client.clone(), &ns),
             client: self.client.clone(),
-            mqtt: self.mqtt.client_for(&ns).cloned(),
+            mqtt: self.mqtt.clone(),
             egress: self.egress.clone(),
             bus: self.bus.clone(),
             metrics: self.metrics.clone(),
@@ -125,8 +124,8 @@ struct ObserverTask {
     memory: BTreeMap<String, Memory>,
     api: Api<Observer>,
     client: Client,
-    /// The client an MQTT sink publishes with: the one that acts for this namespace.
-    mqtt: Option<AsyncClient>,
+    /// Where an MQTT sink gets its connection: the one that acts for this namespace.
+    mqtt: MqttAccess,
     egress: Arc<EgressPolicy>,
     bus: StateBus,
     metrics: Arc<Metrics>,
@@ -152,7 +151,7 @@ impl ObserverTask {
                 &self.spec.sink,
                 &self.namespace,
                 &self.client,
-                self.mqtt.as_ref(),
+                &self.mqtt,
                 &self.egress,
             )
             .await

@@ -103,6 +103,16 @@ pub trait Handler: Send + Sync + 'static {
     fn on_connected(&self, client: &AsyncClient);
     /// Every incoming PUBLISH. Must not block: it runs on the event loop.
     fn on_message(&self, client: &AsyncClient, topic: &str, payload: &[u8]);
+    /// A SUBACK refused `count` filters (the account's ACL does not allow them).
+    fn on_subscriptions_refused(&self, _count: usize) {}
+}
+
+/// The handler of a connection that only publishes.
+pub struct IgnoreMessages;
+
+impl Handler for IgnoreMessages {
+    fn on_connected(&self, _client: &AsyncClient) {}
+    fn on_message(&self, _client: &AsyncClient, _topic: &str, _payload: &[u8]) {}
 }
 
 pub struct ConnectionSettings {
@@ -183,6 +193,17 @@ async fn drive(
             }
             Ok(Event::Incoming(Incoming::Publish(p))) => {
                 handler.on_message(&client, &p.topic, &p.payload)
+            }
+            Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    .count();
+                if refused > 0 {
+                    tracing::warn!(refused, "the broker refused a subscription");
+                    handler.on_subscriptions_refused(refused);
+                }
             }
             Ok(_) => {}
             Err(e) => {

@@ -15,7 +15,7 @@ use super::{
     cloud_event::cloud_event,
     desired::{merge_into_desired, refused},
     json::set_pointer,
-    mqtt::qos,
+    mqtt::{AccessError, MqttAccess, qos},
 };
 use crate::{
     api::{Thing, ThingUpdate, observer::SinkSpec, observer::StateSection},
@@ -40,22 +40,27 @@ pub enum Sink {
 }
 
 impl Sink {
-    /// Builds the sink of `spec` for an Observer in `namespace`; `mqtt` is the client that acts
-    /// for that namespace, if a broker is configured; `egress` says where an HTTP sink may
-    /// connect.
+    /// Builds the sink of `spec` for an Observer in `namespace`; an MQTT sink publishes with the
+    /// connection that acts for that namespace; `egress` says where an HTTP sink may connect.
     pub async fn build(
         spec: &SinkSpec,
         namespace: &str,
         client: &Client,
-        mqtt: Option<&AsyncClient>,
+        mqtt: &MqttAccess,
         egress: &Arc<EgressPolicy>,
     ) -> Result<Sink, DeliveryError> {
         if let Some(m) = &spec.mqtt {
-            let client = mqtt.ok_or_else(|| {
-                DeliveryError::permanent("sink.mqtt needs the operator's MQTT broker (--mqtt-url), which is not configured")
-            })?;
+            let client = match mqtt.client_for(namespace).await {
+                Ok(client) => client,
+                Err(e @ AccessError::NotConfigured) => {
+                    return Err(DeliveryError::permanent(format!("sink.mqtt: {e}")));
+                }
+                // The account may be made later (the backend is still starting, the broker is
+                // unreachable): retried with backoff.
+                Err(e) => return Err(DeliveryError::retryable(format!("sink.mqtt: {e}"))),
+            };
             return Ok(Sink::Mqtt {
-                client: client.clone(),
+                client,
                 topic: m.topic.clone(),
                 qos: qos(m.qos),
                 retain: m.retain,

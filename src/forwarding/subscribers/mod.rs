@@ -1,5 +1,5 @@
-//! Subscribers: messages that arrive on an MQTT topic filter (through the operator's events
-//! connection) or at an HTTP endpoint the operator serves, checked and written into a Thing.
+//! Subscribers: messages that arrive on an MQTT topic filter (through the connection that acts
+//! for the Subscriber's namespace) or at an HTTP endpoint the operator serves, checked and written into a Thing.
 //!
 //! By job: [`message`] judges a message (pure); [`routes`] finds the Subscriber a message is for;
 //! [`auth`] guards HTTP endpoints with a bearer token; [`task`] is the per-Subscriber loop that
@@ -18,7 +18,6 @@ use std::sync::{
 };
 
 use kube::{Api, Client, ResourceExt};
-use rumqttc::AsyncClient;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -26,12 +25,7 @@ pub use message::Rejection;
 
 use message::Inbound;
 
-use self::{
-    auth::read_token,
-    routes::{MqttRouter, Routes},
-    task::SubscriberTask,
-    write::TargetWriter,
-};
+use self::{auth::read_token, routes::Routes, task::SubscriberTask, write::TargetWriter};
 use super::{
     mqtt::{MqttAccess, qos},
     tasks::TaskRegistry,
@@ -40,7 +34,6 @@ use crate::{
     api::{Subscriber, object_key},
     feed::ReportedStateWriter,
     metrics::Metrics,
-    mqtt::connection::Handler,
 };
 
 /// Messages queued per Subscriber before new ones are refused (the task merges them quickly).
@@ -64,18 +57,20 @@ pub struct SubscriberManager {
 impl SubscriberManager {
     pub fn new(
         client: Client,
-        mqtt: Option<AsyncClient>,
+        mqtt: MqttAccess,
         reported: Arc<dyn ReportedStateWriter>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
+        let routes = Routes::default();
+        mqtt.install_router(Arc::new(routes.clone()));
         Self {
             client,
-            mqtt: MqttAccess::shared(mqtt),
+            mqtt,
             reported,
             metrics,
             shutdown,
-            routes: Routes::default(),
+            routes,
             tasks: TaskRegistry::default(),
             active: AtomicBool::new(false),
         }
@@ -89,11 +84,6 @@ impl SubscriberManager {
     /// Whether an MQTT source can be served.
     pub fn has_mqtt(&self) -> bool {
         self.mqtt.is_configured()
-    }
-
-    /// The MQTT handler that feeds Subscribers (install it on the events connection).
-    pub fn mqtt_handler(&self) -> Arc<dyn Handler> {
-        Arc::new(MqttRouter(self.routes.clone()))
     }
 
     /// Makes sure a task runs for this generation of the Subscriber.
@@ -117,12 +107,13 @@ impl SubscriberManager {
         };
         let (tx, rx) = mpsc::channel(QUEUE);
         if let Some(m) = &spec.source.mqtt {
+            let client = self.mqtt.client_for(&ns).await.map_err(|e| e.to_string())?;
             self.routes.add_mqtt(
                 object_key(&ns, &name),
                 &m.topic_filter,
                 qos(m.qos),
                 tx.clone(),
-                self.mqtt.client_for(&ns),
+                Some(&client),
             );
         }
         if let Some(h) = &spec.source.http {
@@ -154,7 +145,7 @@ impl SubscriberManager {
         self.tasks.stop(namespace, name);
         self.routes.remove(
             &object_key(namespace, name),
-            self.mqtt.client_for(namespace),
+            self.mqtt.existing_client(namespace).as_ref(),
         );
     }
 

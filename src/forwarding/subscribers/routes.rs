@@ -2,8 +2,9 @@
 //! loop) and HTTP paths (`POST /subscribers/<namespace>/<path>`), each leading to the queue of
 //! one Subscriber task.
 //!
-//! The table is shared between the manager (which adds and removes routes), the MQTT connection
-//! (which renews subscriptions on reconnect and routes every message) and the HTTP handler.
+//! The table is shared between the manager (which adds and removes routes), each namespace's MQTT
+//! connection (which renews that namespace's subscriptions on reconnect and routes its messages
+//! to that namespace's Subscribers only) and the HTTP handler.
 
 use std::{
     collections::HashMap,
@@ -17,7 +18,15 @@ use super::{
     auth::authorized,
     message::{Inbound, Rejection},
 };
-use crate::mqtt::{connection::Handler, topic::filter_matches};
+use crate::{
+    forwarding::mqtt::NamespaceRouter,
+    mqtt::{connection::Handler, topic::filter_matches},
+};
+
+/// Whether the Subscriber `key` (`namespace/name`) lives in `namespace`.
+fn in_namespace(key: &str, namespace: &str) -> bool {
+    key.split_once('/').is_some_and(|(ns, _)| ns == namespace)
+}
 
 struct MqttRoute {
     filter: String,
@@ -99,13 +108,17 @@ impl Routes {
         Ok(())
     }
 
-    /// Drops the routes of Subscriber `key`, unsubscribing `client` from its MQTT filter unless
-    /// another route still uses it.
+    /// Drops the routes of Subscriber `key`, unsubscribing `client` (its namespace's
+    /// connection) from its MQTT filter unless another route of that namespace still uses it.
     pub fn remove(&self, key: &str, client: Option<&AsyncClient>) {
         let mut table = self.lock();
+        let namespace = key.split_once('/').map_or(key, |(ns, _)| ns);
         if let Some(route) = table.mqtt.remove(key)
             && let Some(client) = client
-            && !table.mqtt.values().any(|r| r.filter == route.filter)
+            && !table
+                .mqtt
+                .iter()
+                .any(|(k, r)| in_namespace(k, namespace) && r.filter == route.filter)
         {
             let _ = client.try_unsubscribe(route.filter);
         }
@@ -133,13 +146,36 @@ impl Routes {
     }
 }
 
-/// Routes MQTT messages to Subscribers by topic filter. Runs on the event loop: never blocks.
-pub struct MqttRouter(pub Routes);
+impl NamespaceRouter for Routes {
+    fn handler_for(&self, namespace: &str) -> Arc<dyn Handler> {
+        Arc::new(MqttRouter {
+            routes: self.clone(),
+            namespace: namespace.to_string(),
+        })
+    }
+}
+
+/// Routes the MQTT messages of one namespace's connection to that namespace's Subscribers by
+/// topic filter. Runs on the event loop: never blocks.
+pub struct MqttRouter {
+    routes: Routes,
+    namespace: String,
+}
+
+impl MqttRouter {
+    fn routes<'t>(&self, table: &'t Table) -> impl Iterator<Item = (&'t String, &'t MqttRoute)> {
+        let namespace = self.namespace.clone();
+        table
+            .mqtt
+            .iter()
+            .filter(move |(key, _)| in_namespace(key, &namespace))
+    }
+}
 
 impl Handler for MqttRouter {
     fn on_connected(&self, client: &AsyncClient) {
-        let table = self.0.lock();
-        for route in table.mqtt.values() {
+        let table = self.routes.lock();
+        for (_, route) in self.routes(&table) {
             if let Err(e) = client.try_subscribe(route.filter.clone(), route.qos) {
                 tracing::warn!(filter = %route.filter, error = %e, "cannot queue subscription");
             }
@@ -147,8 +183,8 @@ impl Handler for MqttRouter {
     }
 
     fn on_message(&self, _client: &AsyncClient, topic: &str, payload: &[u8]) {
-        let table = self.0.lock();
-        for (name, route) in &table.mqtt {
+        let table = self.routes.lock();
+        for (name, route) in self.routes(&table) {
             if filter_matches(&route.filter, topic)
                 && route
                     .tx
@@ -247,7 +283,7 @@ mod tests {
         routes.add_mqtt("ns/b".into(), "meters/#", QoS::AtLeastOnce, b, None);
         let (client, _eventloop) =
             AsyncClient::new(rumqttc::MqttOptions::new("test", "localhost", 1883), 4);
-        let router = MqttRouter(routes.clone());
+        let router = routes.handler_for("ns");
         router.on_message(&client, "meters/m1/kwh", b"{}");
         router.on_message(&client, "meters/m1/volts", b"{}");
         assert!(a_rx.try_recv().is_ok());
@@ -258,5 +294,25 @@ mod tests {
         router.on_message(&client, "meters/m1/kwh", b"{}");
         assert!(a_rx.try_recv().is_err());
         assert!(b_rx.try_recv().is_ok());
+    }
+
+    #[test]
+    fn a_namespace_connection_feeds_only_that_namespaces_subscribers() {
+        let routes = Routes::default();
+        let (a, mut a_rx) = mpsc::channel(4);
+        let (b, mut b_rx) = mpsc::channel(4);
+        // Both namespaces were granted the same shared feed.
+        routes.add_mqtt("team-a/s".into(), "feeds/#", QoS::AtLeastOnce, a, None);
+        routes.add_mqtt("team-b/s".into(), "feeds/#", QoS::AtLeastOnce, b, None);
+        let (client, _eventloop) =
+            AsyncClient::new(rumqttc::MqttOptions::new("test", "localhost", 1883), 4);
+        routes
+            .handler_for("team-a")
+            .on_message(&client, "feeds/weather", b"{}");
+        assert!(a_rx.try_recv().is_ok());
+        assert!(
+            b_rx.try_recv().is_err(),
+            "team-b gets its copy on its own connection, not team-a's"
+        );
     }
 }

@@ -126,6 +126,17 @@ impl MosquittoProvider {
     pub fn mqtt_client(&self) -> AsyncClient {
         self.client.clone()
     }
+
+    /// Issues the broker accounts namespaces' Observers and Subscribers act with.
+    pub fn namespace_accounts(
+        &self,
+        cluster_id: Option<String>,
+    ) -> std::sync::Arc<dyn crate::mqtt::identity::NamespaceIdentities> {
+        std::sync::Arc::new(super::namespace_accounts::NamespaceAccounts::new(
+            self.dynsec.clone(),
+            cluster_id,
+        ))
+    }
 }
 
 /// Makes sure the operator may publish on its topic trees (the admin account `dynsec init`

@@ -58,6 +58,8 @@ pub struct Acl {
     pub acltype: &'static str,
     pub topic: String,
     pub allow: bool,
+    /// Higher is checked first; the first matching ACL decides.
+    pub priority: i64,
 }
 
 impl Acl {
@@ -66,11 +68,23 @@ impl Acl {
             acltype,
             topic: topic.into(),
             allow: true,
+            priority: 0,
+        }
+    }
+
+    /// A refusal checked after every allow of the role: it makes the role deny what it does not
+    /// allow even on a broker whose default ACL access is permissive.
+    pub fn deny_rest(acltype: &'static str) -> Self {
+        Self {
+            acltype,
+            topic: "#".into(),
+            allow: false,
+            priority: -1,
         }
     }
 
     fn to_json(&self) -> Value {
-        json!({"acltype": self.acltype, "topic": self.topic, "allow": self.allow, "priority": 0})
+        json!({"acltype": self.acltype, "topic": self.topic, "allow": self.allow, "priority": self.priority})
     }
 }
 

@@ -15,6 +15,8 @@
 //! - [`reconcile`]: reconcile and cleanup of one Thing;
 //! - [`registry`]: the in-memory shadows; [`service`]: device shadow requests and the pacing
 //!   of status writes; [`shadow`]: shadow document semantics, pure;
+//! - [`namespace_accounts`]: the broker account each namespace's Observers and Subscribers
+//!   act with (ACL: that namespace's topic roots only);
 //! - [`error`]: [`MosquittoError`] and its classification.
 
 pub mod config;
@@ -22,6 +24,7 @@ pub mod connect;
 pub mod credentials;
 pub mod dynsec;
 pub mod error;
+pub mod namespace_accounts;
 pub mod naming;
 pub mod provision;
 pub mod reconcile;

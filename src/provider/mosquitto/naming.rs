@@ -1,5 +1,6 @@
 //! Names the Mosquitto backend derives: the role of a Thing's broker client, the mark that
-//! says which Thing a client belongs to, and the operator's own role. Kept in one place: the
+//! says which Thing a client belongs to, the operator's own role, and the account that acts for
+//! a namespace's Observers and Subscribers. Kept in one place: the
 //! mark is how the operator recognises what it may change or delete on a shared broker.
 
 /// The role that lets the operator's own account publish replies and state. One fixed name for
@@ -15,4 +16,39 @@ pub fn owner_mark(namespace: &str, name: &str) -> String {
 /// The role holding a Thing's ACLs.
 pub fn role_name(thing_name: &str) -> String {
     format!("thing:{thing_name}")
+}
+
+/// The broker account (and its role) acting for `namespace`'s Observers and Subscribers. The
+/// `/` keeps it out of every device's reach: a thingName may not contain one, so no Thing can
+/// claim this name. The cluster id keeps clusters sharing a broker apart.
+pub fn namespace_account(cluster_id: Option<&str>, namespace: &str) -> String {
+    match cluster_id {
+        Some(cluster) => format!("thing-operator/{cluster}/namespace/{namespace}"),
+        None => format!("thing-operator/namespace/{namespace}"),
+    }
+}
+
+/// What marks a broker client as a namespace's account.
+pub fn namespace_mark(cluster_id: Option<&str>, namespace: &str) -> String {
+    format!(
+        "thing-operator namespace {}",
+        namespace_account(cluster_id, namespace)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_accounts_cannot_be_a_thing_name_and_differ_per_cluster() {
+        let plain = namespace_account(None, "team-a");
+        assert!(
+            plain.contains('/'),
+            "thingName forbids '/', so no Thing can claim {plain}"
+        );
+        assert_ne!(plain, namespace_account(Some("eu1"), "team-a"));
+        assert_ne!(plain, namespace_account(None, "team-b"));
+        assert_ne!(namespace_mark(None, "team-a"), owner_mark("team-a", "x"));
+    }
 }
