@@ -422,3 +422,84 @@ async fn a_renamed_device_secret_leaves_no_usable_password() {
         "the old Secret's password still logs in"
     );
 }
+
+/// Ownership on the broker is per Thing uid, and roles carry it too: a Thing deleted with
+/// `deletionPolicy: Orphan` and created again under the same name does not take its
+/// predecessor's broker client, and a role of the device's name made by someone else keeps its
+/// ACLs. Both are `Conflict`, with no credential issued.
+#[tokio::test]
+async fn a_recreated_thing_or_a_foreign_role_is_a_conflict_not_a_takeover() {
+    let s = setup("mq-owner", &[]).await;
+    thing("lamp")
+        .field("deletionPolicy", json!("Orphan"))
+        .create(&s.things)
+        .await;
+    s.wait_ready(&s.things, "lamp").await;
+    let orphaned = s.credentials("lamp").await;
+    s.things.delete("lamp", &Default::default()).await.unwrap();
+    s.wait_gone(&s.things, "lamp").await;
+    try_connect(&orphaned)
+        .await
+        .expect("an orphaned device keeps working");
+
+    thing("lamp").create(&s.things).await;
+    let ready = s
+        .wait_condition(&s.things, "lamp", "Ready", |c| c.reason == "Conflict")
+        .await;
+    assert!(
+        ready.message.contains(&orphaned.username),
+        "{}",
+        ready.message
+    );
+    try_connect(&orphaned)
+        .await
+        .expect("the predecessor's password was not replaced");
+
+    // A role named as the next device's would be, made by another tool with its own mark.
+    let admin = s.admin_credentials();
+    let role = format!("thing:{}_heater", s.ns);
+    let publisher = Device::start(&admin, vec![]);
+    let create_role = json!({"commands": [{
+        "command": "createRole", "rolename": role, "textname": "another tool",
+        "acls": [{"acltype": "subscribePattern", "topic": "elsewhere/#", "allow": true}],
+    }]});
+    publisher
+        .publish("$CONTROL/dynamic-security/v1", create_role.to_string())
+        .await;
+    let get_role = || {
+        let out = std::process::Command::new("mosquitto_ctrl")
+            .args(["-h", "127.0.0.1", "-p", &s.env.var("MQTT_PORT")])
+            .args(["-u", &admin.username, "-P", &admin.password])
+            .args(["dynsec", "getRole", &role])
+            .output()
+            .expect("mosquitto_ctrl runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    s.wait_for("the other tool's role", || async {
+        get_role().contains("elsewhere/#").then_some(())
+    })
+    .await;
+    thing("heater").create(&s.things).await;
+    let ready = s
+        .wait_condition(&s.things, "heater", "Ready", |c| c.reason == "Conflict")
+        .await;
+    assert!(ready.message.contains(&role), "{}", ready.message);
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = s.api();
+    assert!(
+        secrets.get_opt("heater-device").await.unwrap().is_none(),
+        "no credential is issued for a name someone else holds"
+    );
+    let after = get_role();
+    assert!(after.contains("elsewhere/#"), "{after}");
+    assert!(
+        !after.contains("shadow"),
+        "the role got the Thing's ACLs: {after}"
+    );
+    // Deleting the Thing leaves the other tool's role alone.
+    s.things
+        .delete("heater", &Default::default())
+        .await
+        .unwrap();
+    s.wait_gone(&s.things, "heater").await;
+    assert!(get_role().contains("elsewhere/#"));
+}

@@ -148,6 +148,7 @@ async fn grant_operator_acls(dynsec: &Dynsec, username: &str) -> Result<(), Dyns
         Acl::allow("publishClientSend", "$aws/things/#"),
         Acl::allow("subscribePattern", "$aws/things/#"),
     ];
-    dynsec.ensure_role(SERVICE_ROLE, &acls).await?;
+    // Shared by every operator on the broker, whatever its cluster: no owner mark.
+    dynsec.ensure_role(SERVICE_ROLE, &acls, None).await?;
     dynsec.ensure_client_role(username, SERVICE_ROLE).await
 }

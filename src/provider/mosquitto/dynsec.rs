@@ -36,6 +36,48 @@ pub enum DynsecError {
     /// A broker client of that name exists and was not made for this Thing.
     #[error("broker client {0} exists and is not managed by this Thing")]
     Foreign(String),
+    /// A broker role of that name exists and is marked as someone else's.
+    #[error("broker role {0} exists and is not managed by this Thing")]
+    ForeignRole(String),
+}
+
+/// How the operator recognises what is its own on a shared broker: the `textname` of a client or
+/// role it made. A mark written by an older version (without the Thing's uid) is still
+/// recognised, and replaced by the current one.
+#[derive(Debug, Clone, Copy)]
+pub struct OwnerMark<'a> {
+    pub current: &'a str,
+    pub legacy: Option<&'a str>,
+}
+
+/// What a found `textname` means for an [`OwnerMark`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkMatch {
+    Current,
+    /// Ours under an older mark: to be rewritten.
+    Legacy,
+    Other,
+}
+
+impl<'a> OwnerMark<'a> {
+    pub fn new(current: &'a str) -> Self {
+        Self {
+            current,
+            legacy: None,
+        }
+    }
+
+    pub fn check(&self, found: Option<&str>) -> MarkMatch {
+        match found {
+            Some(f) if f == self.current => MarkMatch::Current,
+            Some(f) if Some(f) == self.legacy => MarkMatch::Legacy,
+            _ => MarkMatch::Other,
+        }
+    }
+}
+
+fn textname(value: &Value) -> Option<&str> {
+    value.get("textname").and_then(Value::as_str)
 }
 
 impl DynsecError {
@@ -94,9 +136,9 @@ pub struct ClientSpec<'a> {
     pub password: &'a str,
     pub client_id: &'a str,
     pub role: &'a str,
-    /// Marks the client as ours (`textname`): an existing client with another mark is never
-    /// touched, so a Thing cannot take over someone else's broker account.
-    pub owner_mark: &'a str,
+    /// Marks the client (and its role) as ours (`textname`): an existing client or role with
+    /// another mark is never touched, so a Thing cannot take over someone else's broker account.
+    pub owner: OwnerMark<'a>,
 }
 
 /// A fingerprint of a password, kept in the client's `textdescription`: the plugin only stores
@@ -208,16 +250,22 @@ impl Dynsec {
         }
     }
 
-    /// Creates the role with exactly `acls`, or repairs an existing one whose ACLs drifted.
-    pub async fn ensure_role(&self, rolename: &str, acls: &[Acl]) -> Result<(), DynsecError> {
+    /// Creates the role with exactly `acls`, or repairs an existing one whose ACLs drifted. With
+    /// `owner`, the role carries the mark and an existing role with another mark is left alone
+    /// (`ForeignRole`); one with no mark at all is marked and taken: callers check
+    /// [`Dynsec::role_is_foreign`] first, which allows that only beside a client of theirs.
+    pub async fn ensure_role(
+        &self,
+        rolename: &str,
+        acls: &[Acl],
+        owner: Option<OwnerMark<'_>>,
+    ) -> Result<(), DynsecError> {
         let acl_json: Vec<Value> = acls.iter().map(Acl::to_json).collect();
-        match self
-            .command(
-                "createRole",
-                json!({"rolename": rolename, "acls": acl_json}),
-            )
-            .await
-        {
+        let mut create = json!({"rolename": rolename, "acls": acl_json});
+        if let Some(owner) = owner {
+            create["textname"] = Value::String(owner.current.into());
+        }
+        match self.command("createRole", create).await {
             Ok(_) => return Ok(()),
             Err(e) if e.is_already_exists() => {}
             Err(e) => return Err(e),
@@ -225,6 +273,22 @@ impl Dynsec {
         let data = self
             .command("getRole", json!({"rolename": rolename}))
             .await?;
+        if let Some(owner) = owner {
+            let found = data.get("role").and_then(textname);
+            match (owner.check(found), found) {
+                (MarkMatch::Current, _) => {}
+                (MarkMatch::Legacy, _) | (MarkMatch::Other, None | Some("")) => {
+                    self.command(
+                        "modifyRole",
+                        json!({"rolename": rolename, "textname": owner.current}),
+                    )
+                    .await?;
+                }
+                (MarkMatch::Other, Some(_)) => {
+                    return Err(DynsecError::ForeignRole(rolename.to_string()));
+                }
+            }
+        }
         let existing: Vec<(String, String, bool)> = data
             .pointer("/role/acls")
             .and_then(Value::as_array)
@@ -299,7 +363,7 @@ impl Dynsec {
             "username": spec.username,
             "password": spec.password,
             "clientid": spec.client_id,
-            "textname": spec.owner_mark,
+            "textname": spec.owner.current,
             "textdescription": password_mark(spec.password),
             "roles": [{"rolename": spec.role, "priority": 0}],
         });
@@ -315,8 +379,16 @@ impl Dynsec {
                 error: "Client not found".into(),
             });
         };
-        if existing.get("textname").and_then(Value::as_str) != Some(spec.owner_mark) {
-            return Err(DynsecError::Foreign(spec.username.to_string()));
+        match spec.owner.check(textname(&existing)) {
+            MarkMatch::Current => {}
+            MarkMatch::Legacy => {
+                self.command(
+                    "modifyClient",
+                    json!({"username": spec.username, "textname": spec.owner.current}),
+                )
+                .await?;
+            }
+            MarkMatch::Other => return Err(DynsecError::Foreign(spec.username.to_string())),
         }
         // The Secret holds the truth; the broker follows it (covers a crash between writing a
         // new password into the Secret and telling the broker). Only when it differs: setting
@@ -383,21 +455,60 @@ impl Dynsec {
     }
 
     /// Deletes a client of ours; gone already is fine; someone else's is left alone.
-    pub async fn delete_client(&self, username: &str, owner_mark: &str) -> Result<(), DynsecError> {
+    pub async fn delete_client(
+        &self,
+        username: &str,
+        owner: OwnerMark<'_>,
+    ) -> Result<(), DynsecError> {
         let Some(existing) = self.get_client(username).await? else {
             return Ok(());
         };
-        if existing.get("textname").and_then(Value::as_str) != Some(owner_mark) {
+        if owner.check(textname(&existing)) == MarkMatch::Other {
             return Err(DynsecError::Foreign(username.to_string()));
         }
         self.delete("deleteClient", json!({"username": username}))
             .await
     }
 
-    /// Deletes a role; gone already is fine.
-    pub async fn delete_role(&self, rolename: &str) -> Result<(), DynsecError> {
+    /// Deletes a role of ours; gone already is fine; one marked by someone else is left alone
+    /// (`ForeignRole`). An unmarked role (made before roles carried marks) is deleted only when
+    /// `unmarked_is_ours`: the caller just proved the client of that name was its own.
+    pub async fn delete_role(
+        &self,
+        rolename: &str,
+        owner: OwnerMark<'_>,
+        unmarked_is_ours: bool,
+    ) -> Result<(), DynsecError> {
+        if self
+            .role_is_foreign(rolename, owner, unmarked_is_ours)
+            .await?
+        {
+            return Err(DynsecError::ForeignRole(rolename.to_string()));
+        }
         self.delete("deleteRole", json!({"rolename": rolename}))
             .await
+    }
+
+    /// Whether a role of that name exists and is not ours: marked by someone else, or unmarked
+    /// when `unmarked_is_ours` is false (an unmarked role is ours only beside a client of ours,
+    /// as earlier versions left them).
+    pub async fn role_is_foreign(
+        &self,
+        rolename: &str,
+        owner: OwnerMark<'_>,
+        unmarked_is_ours: bool,
+    ) -> Result<bool, DynsecError> {
+        let existing = match self.command("getRole", json!({"rolename": rolename})).await {
+            Ok(data) => data,
+            Err(e) if e.is_not_found() => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let found = existing.get("role").and_then(textname);
+        Ok(match owner.check(found) {
+            MarkMatch::Current | MarkMatch::Legacy => false,
+            MarkMatch::Other if found.is_some_and(|f| !f.is_empty()) => true,
+            MarkMatch::Other => !unmarked_is_ours,
+        })
     }
 
     /// A delete command whose target may already be gone: that counts as done.

@@ -47,7 +47,10 @@ impl MosquittoError {
 impl BackendError for MosquittoError {
     fn is_retryable(&self) -> bool {
         match self {
-            MosquittoError::Dynsec { source, .. } => !matches!(source, DynsecError::Foreign(_)),
+            MosquittoError::Dynsec { source, .. } => !matches!(
+                source,
+                DynsecError::Foreign(_) | DynsecError::ForeignRole(_)
+            ),
             MosquittoError::Topic(_)
             | MosquittoError::OperatorAccount(_)
             | MosquittoError::NameTaken { .. } => false,
@@ -61,7 +64,7 @@ impl BackendError for MosquittoError {
                 DynsecError::Timeout { .. } | DynsecError::Send { .. } => "BackendUnreachable",
                 DynsecError::Command { .. } => "BackendError",
                 // Not ours: only a spec change (another name) helps.
-                DynsecError::Foreign(_) => "Conflict",
+                DynsecError::Foreign(_) | DynsecError::ForeignRole(_) => "Conflict",
             },
             MosquittoError::NameTaken { .. } => "Conflict",
             MosquittoError::Topic(_) | MosquittoError::OperatorAccount(_) => "BackendRejected",

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use rand::distr::{Alphanumeric, SampleString};
 
 use super::{
-    dynsec::{Acl, ClientSpec, Dynsec, DynsecError},
+    dynsec::{Acl, ClientSpec, Dynsec, DynsecError, OwnerMark},
     naming::{namespace_account, namespace_mark},
 };
 use crate::mqtt::identity::{BrokerLogin, IdentityError, NamespaceIdentities};
@@ -67,7 +67,11 @@ impl NamespaceIdentities for NamespaceAccounts {
         let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
         let client_id = format!("{username}/{:08x}", rand::random::<u32>());
         self.dynsec
-            .ensure_role(&username, &namespace_acls(roots))
+            .ensure_role(
+                &username,
+                &namespace_acls(roots),
+                Some(OwnerMark::new(&mark)),
+            )
             .await
             .map_err(failed)?;
         self.dynsec
@@ -76,7 +80,7 @@ impl NamespaceIdentities for NamespaceAccounts {
                 password: &password,
                 client_id: &client_id,
                 role: &username,
-                owner_mark: &mark,
+                owner: OwnerMark::new(&mark),
             })
             .await
             .map_err(failed)?;

@@ -3,14 +3,46 @@
 //! a namespace's Observers and Subscribers. Kept in one place: the
 //! mark is how the operator recognises what it may change or delete on a shared broker.
 
+use super::dynsec::OwnerMark;
+
 /// The role that lets the operator's own account publish replies and state. One fixed name for
 /// every operator sharing the account: the plugin disconnects every session of a client whose
 /// roles change, so the grant must happen once per broker, not per process or topic prefix.
 pub const SERVICE_ROLE: &str = "thing-operator-service";
 
-/// What marks a broker client (its `textname`) as belonging to a Thing.
-pub fn owner_mark(namespace: &str, name: &str) -> String {
+/// What marks a broker client and its role (their `textname`) as belonging to a Thing: its
+/// namespace, name and uid, so a Thing deleted and created again under the same name is a new
+/// owner, as on AWS.
+pub fn owner_mark(namespace: &str, name: &str, uid: &str) -> String {
+    format!("thing-operator {namespace}/{name}/{uid}")
+}
+
+/// The mark earlier versions wrote (no uid): still recognised, and replaced on the next
+/// reconcile.
+pub fn legacy_owner_mark(namespace: &str, name: &str) -> String {
     format!("thing-operator {namespace}/{name}")
+}
+
+/// A Thing's marks, current and legacy, as [`OwnerMark`] wants them.
+pub struct ThingMarks {
+    current: String,
+    legacy: String,
+}
+
+impl ThingMarks {
+    pub fn of(namespace: &str, name: &str, uid: Option<&str>) -> Self {
+        Self {
+            current: owner_mark(namespace, name, uid.unwrap_or_default()),
+            legacy: legacy_owner_mark(namespace, name),
+        }
+    }
+
+    pub fn owner(&self) -> OwnerMark<'_> {
+        OwnerMark {
+            current: &self.current,
+            legacy: Some(&self.legacy),
+        }
+    }
 }
 
 /// The role holding a Thing's ACLs.
@@ -49,6 +81,9 @@ mod tests {
         );
         assert_ne!(plain, namespace_account(Some("eu1"), "team-a"));
         assert_ne!(plain, namespace_account(None, "team-b"));
-        assert_ne!(namespace_mark(None, "team-a"), owner_mark("team-a", "x"));
+        assert_ne!(
+            namespace_mark(None, "team-a"),
+            owner_mark("team-a", "x", "u")
+        );
     }
 }

@@ -5,9 +5,9 @@
 
 use super::{
     MosquittoProvider,
-    dynsec::{Acl, ClientSpec, DynsecError},
+    dynsec::{Acl, ClientSpec, DynsecError, MarkMatch, OwnerMark},
     error::MosquittoError,
-    naming::{owner_mark, role_name},
+    naming::{ThingMarks, role_name},
 };
 use crate::{
     api::{ThingStatus, conditions::types},
@@ -43,19 +43,43 @@ fn thing_acls(
 
 impl MosquittoProvider {
     /// Secret, role and client, in that order; sets `CredentialsReady` and `Provisioned`.
-    /// `Err(Foreign)` when a broker client named `username` exists with another owner mark.
-    async fn check_client_owner(&self, username: &str, mark: &str) -> Result<(), MosquittoError> {
-        let existing = self
+    /// `Err(Foreign)` when a broker client named `username` exists with another owner mark;
+    /// `Err(ForeignRole)` when its role is someone else's (marked so, or unmarked without a
+    /// client of this Thing beside it).
+    async fn check_names_free(
+        &self,
+        username: &str,
+        owner: OwnerMark<'_>,
+    ) -> Result<(), MosquittoError> {
+        let client = self
             .dynsec
             .get_client(username)
             .await
             .map_err(MosquittoError::dynsec("getClient"))?;
-        match existing {
-            Some(client) if client.get("textname").and_then(|t| t.as_str()) != Some(mark) => Err(
-                MosquittoError::dynsec("getClient")(DynsecError::Foreign(username.to_string())),
-            ),
-            _ => Ok(()),
+        let client_is_ours = match client {
+            Some(client)
+                if owner.check(client.get("textname").and_then(|t| t.as_str()))
+                    == MarkMatch::Other =>
+            {
+                return Err(MosquittoError::dynsec("getClient")(DynsecError::Foreign(
+                    username.to_string(),
+                )));
+            }
+            Some(_) => true,
+            None => false,
+        };
+        let role = role_name(username);
+        if self
+            .dynsec
+            .role_is_foreign(&role, owner, client_is_ours)
+            .await
+            .map_err(MosquittoError::dynsec("getRole"))?
+        {
+            return Err(MosquittoError::dynsec("getRole")(DynsecError::ForeignRole(
+                role,
+            )));
         }
+        Ok(())
     }
 
     pub(super) async fn provision(
@@ -65,11 +89,12 @@ impl MosquittoProvider {
         status: &mut ThingStatus,
     ) -> Result<(), MosquittoError> {
         let thing_name = &req.backend_name;
-        let mark = owner_mark(req.namespace, req.name);
-        // Before anything is issued or changed: a broker client of that name that is not this
-        // Thing's gets no password or certificate for its username (with the mTLS listener a
-        // certificate *is* the login) and keeps its role.
-        self.check_client_owner(thing_name, &mark)
+        let marks = ThingMarks::of(req.namespace, req.name, req.thing.metadata.uid.as_deref());
+        let owner = marks.owner();
+        // Before anything is issued or changed: a broker client or role of that name that is not
+        // this Thing's gets no password or certificate for its username (with the mTLS listener
+        // a certificate *is* the login), and both stay as they are.
+        self.check_names_free(thing_name, owner)
             .await
             .map_err(|e| record_failure(status, types::PROVISIONED, e))?;
         let password = self.ensure_secret(req, topic.base(), status).await?;
@@ -85,7 +110,7 @@ impl MosquittoProvider {
         let role = role_name(thing_name);
         let result = async {
             self.dynsec
-                .ensure_role(&role, &acls)
+                .ensure_role(&role, &acls, Some(owner))
                 .await
                 .map_err(MosquittoError::dynsec("ensureRole"))?;
             let spec = ClientSpec {
@@ -93,7 +118,7 @@ impl MosquittoProvider {
                 password: &password,
                 client_id: thing_name,
                 role: &role,
-                owner_mark: &mark,
+                owner,
             };
             self.dynsec
                 .ensure_client(&spec)

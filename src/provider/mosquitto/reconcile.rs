@@ -17,7 +17,7 @@ use super::{
     MosquittoProvider,
     dynsec::DynsecError,
     error::MosquittoError,
-    naming::{owner_mark, role_name},
+    naming::{ThingMarks, role_name},
     registry::Snapshot,
     seed::seed_shadow,
 };
@@ -174,9 +174,14 @@ impl MosquittoProvider {
             .as_ref()
             .and_then(|d| d.thing_name.clone())
             .unwrap_or_else(|| req.backend_name.clone());
-        let mark = owner_mark(req.namespace, req.name);
+        let marks = ThingMarks::of(req.namespace, req.name, req.thing.metadata.uid.as_deref());
+        let owner = marks.owner();
         let result = async {
-            match self.dynsec.delete_client(&thing_name, &mark).await {
+            let client_was_ours = match self.dynsec.get_client(&thing_name).await {
+                Ok(found) => found.is_some(),
+                Err(e) => return Err(MosquittoError::dynsec("getClient")(e)),
+            };
+            match self.dynsec.delete_client(&thing_name, owner).await {
                 Ok(()) => {}
                 // Not ours: nothing of ours is left under that name, and the role belongs to
                 // the client's owner (another Thing's device would lose its ACLs).
@@ -186,10 +191,19 @@ impl MosquittoProvider {
                 }
                 Err(e) => return Err(MosquittoError::dynsec("deleteClient")(e)),
             }
-            self.dynsec
-                .delete_role(&role_name(&thing_name))
+            let role = role_name(&thing_name);
+            match self
+                .dynsec
+                .delete_role(&role, owner, client_was_ours)
                 .await
-                .map_err(MosquittoError::dynsec("deleteRole"))
+            {
+                Ok(()) => Ok(()),
+                Err(DynsecError::ForeignRole(_)) => {
+                    tracing::warn!(%role, "role not managed by this Thing, left alone");
+                    Ok(())
+                }
+                Err(e) => Err(MosquittoError::dynsec("deleteRole")(e)),
+            }
         }
         .await;
         self.count_call("cleanup", &result);
