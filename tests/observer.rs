@@ -220,3 +220,70 @@ async fn mqtt_sink_publishes_to_the_broker() {
     assert_eq!(msg["data"]["state"], json!({"on": true}));
     drop(op);
 }
+
+/// A sink whose name resolves to an address sinks may not reach (here the machine's own host
+/// name, which /etc/hosts maps to loopback) passes validation (only literal addresses are
+/// known then) and is refused when it resolves: the Observer says so in its Ready condition
+/// (reason `DestinationRefused`) and an Event, and no request is ever made.
+#[tokio::test]
+async fn a_name_resolving_inward_is_destination_refused() {
+    let s = Setup::new("obs-refused").await;
+    let hostname = String::from_utf8(
+        std::process::Command::new("hostname")
+            .output()
+            .expect("hostname runs")
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let addresses: Vec<_> = tokio::net::lookup_host((hostname.as_str(), 80))
+        .await
+        .expect("the host name resolves")
+        .collect();
+    assert!(
+        !addresses.is_empty() && addresses.iter().all(|a| a.ip().is_loopback()),
+        "this test needs the host name to resolve to loopback (as Debian's /etc/hosts does): {addresses:?}"
+    );
+    let (url, received) = http_receiver().await;
+    let url = url.replace("127.0.0.1", &hostname);
+    let _op = s.operator().ready().await;
+    let things = s.things();
+    let observers: Api<Observer> = s.api();
+    azure_thing("t1", json!({"temp": 20})).create(&things).await;
+    create_resource(
+        &observers,
+        "inward",
+        json!({"source": {"thingName": "t1"}, "sink": {"http": {"url": url}}}),
+    )
+    .await;
+    let ready = s
+        .wait_condition(&observers, "inward", "Ready", |c| {
+            c.reason == "DestinationRefused"
+        })
+        .await;
+    assert!(
+        ready.message.contains("destination refused"),
+        "{}",
+        ready.message
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = s.api();
+    s.wait_for("a DestinationRefused Event", || async {
+        events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("DestinationRefused")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("inward")
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "no request reaches a refused destination"
+    );
+}

@@ -53,6 +53,17 @@ impl task_kind::TaskKind for Observer {
             );
         }
         ctx.observers.ensure(self);
+        let (namespace, name) = (self.namespace().unwrap_or_default(), self.name_any());
+        if let Some(refusal) = ctx.observers.refusal(&namespace, &name) {
+            // The task keeps running: a later delivery that succeeds (the name resolves
+            // elsewhere) clears this.
+            return Condition::new(
+                types::READY,
+                ConditionStatus::False,
+                "DestinationRefused",
+                refusal,
+            );
+        }
         Condition::new(
             types::READY,
             ConditionStatus::True,

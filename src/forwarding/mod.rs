@@ -35,6 +35,9 @@ pub use subscribers::SubscriberManager;
 pub struct DeliveryError {
     /// Whether trying again may succeed; a permanent failure is dropped and counted.
     pub retryable: bool,
+    /// The egress policy refused the destination (permanent): the Observer's Ready condition
+    /// says so with reason `DestinationRefused`.
+    pub refused: bool,
     pub message: String,
 }
 
@@ -42,6 +45,7 @@ impl DeliveryError {
     pub fn retryable(message: impl Into<String>) -> Self {
         Self {
             retryable: true,
+            refused: false,
             message: message.into(),
         }
     }
@@ -49,6 +53,16 @@ impl DeliveryError {
     pub fn permanent(message: impl Into<String>) -> Self {
         Self {
             retryable: false,
+            refused: false,
+            message: message.into(),
+        }
+    }
+
+    /// The destination is one sinks may not reach (known only once its name resolved).
+    pub fn refused(message: impl Into<String>) -> Self {
+        Self {
+            retryable: false,
+            refused: true,
             message: message.into(),
         }
     }

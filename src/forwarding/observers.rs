@@ -3,7 +3,11 @@
 //! at most one write per flush interval), so the memory of "changed by more than X" survives a
 //! restart of the operator.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use kube::{Api, Client, ResourceExt};
@@ -21,7 +25,7 @@ use super::{
 };
 use crate::{
     api::{
-        Observer, ThingUpdate,
+        Observer, ThingUpdate, object_key,
         observer::{ObserverSpec, StateSection},
     },
     egress::EgressPolicy,
@@ -33,6 +37,30 @@ const MAX_ATTEMPTS: u32 = 5;
 /// Status counters and filter memory are written at most this often per Observer.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 
+/// Observers whose destination the egress policy refused, by `namespace/name`, with the
+/// message. Known only to the task (a name resolves at connect time); the reconciler, woken by
+/// the task's status write, turns it into `Ready=False`, reason `DestinationRefused`.
+#[derive(Clone, Default)]
+struct Refusals(Arc<Mutex<HashMap<String, String>>>);
+
+impl Refusals {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, key: &str, message: &str) {
+        self.lock().insert(key.to_string(), message.to_string());
+    }
+
+    fn clear(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        self.lock().get(key).cloned()
+    }
+}
+
 /// Starts, restarts and stops Observer tasks.
 pub struct ObserverManager {
     bus: StateBus,
@@ -43,6 +71,7 @@ pub struct ObserverManager {
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tasks: TaskRegistry,
+    refusals: Refusals,
 }
 
 impl ObserverManager {
@@ -62,7 +91,13 @@ impl ObserverManager {
             metrics,
             shutdown,
             tasks: TaskRegistry::default(),
+            refusals: Refusals::default(),
         }
+    }
+
+    /// Why the Observer's destination was refused, if its task found it so.
+    pub fn refusal(&self, namespace: &str, name: &str) -> Option<String> {
+        self.refusals.get(&object_key(namespace, name))
     }
 
     pub fn bus(&self) -> &StateBus {
@@ -84,6 +119,7 @@ impl ObserverManager {
         }
         // The old generation stops before the new one starts: never two tasks delivering.
         self.tasks.stop(&ns, &name);
+        self.refusals.clear(&object_key(&ns, &name));
         let status = observer.status.clone().unwrap_or_default();
         let cancel = self.shutdown.child_token();
         let task = ObserverTask {
@@ -99,6 +135,7 @@ impl ObserverManager {
             egress: self.egress.clone(),
             bus: self.bus.clone(),
             metrics: self.metrics.clone(),
+            refusals: self.refusals.clone(),
             cancel: cancel.clone(),
             dirty: false,
             last_forwarded_time: None,
@@ -112,6 +149,7 @@ impl ObserverManager {
 
     pub fn stop(&self, namespace: &str, name: &str) {
         self.tasks.stop(namespace, name);
+        self.refusals.clear(&object_key(namespace, name));
     }
 }
 
@@ -129,6 +167,7 @@ struct ObserverTask {
     egress: Arc<EgressPolicy>,
     bus: StateBus,
     metrics: Arc<Metrics>,
+    refusals: Refusals,
     cancel: CancellationToken,
     dirty: bool,
     last_forwarded_time: Option<DateTime<Utc>>,
@@ -159,6 +198,7 @@ impl ObserverTask {
                 Ok(sink) => return Some(sink),
                 Err(e) => {
                     tracing::warn!(error = %e, "sink not ready");
+                    self.note_refusal(&e);
                     self.last_error = Some(e.message.clone());
                     self.dirty = true;
                     self.flush().await;
@@ -216,6 +256,8 @@ impl ObserverTask {
         };
         match self.deliver(sink, update, section, &data).await {
             Ok(()) => {
+                self.refusals
+                    .clear(&object_key(&self.namespace, &self.name));
                 self.memory.insert(update.name.clone(), memory);
                 self.forwarded += 1;
                 self.last_forwarded_time = Some(Utc::now());
@@ -227,6 +269,7 @@ impl ObserverTask {
                 // Dead letter: the update is dropped and counted; the next change (or a restart,
                 // which replays the latest state) delivers the then-current state.
                 tracing::warn!(thing = %update.name, error = %e, "delivery failed, update dropped");
+                self.note_refusal(&e);
                 self.failed += 1;
                 self.last_error = Some(e.message);
                 self.metrics
@@ -234,6 +277,14 @@ impl ObserverTask {
             }
         }
         self.dirty = true;
+    }
+
+    /// Remembers a refused destination for the reconciler (see [`Refusals`]).
+    fn note_refusal(&self, e: &DeliveryError) {
+        if e.refused {
+            self.refusals
+                .set(&object_key(&self.namespace, &self.name), &e.message);
+        }
     }
 
     async fn flush(&mut self) {

@@ -51,7 +51,7 @@ impl HttpEndpoint {
             .map_err(|e| DeliveryError::permanent(format!("sink.http.url: {e}")))?;
         egress
             .check_url(&url)
-            .map_err(|e| DeliveryError::permanent(format!("destination refused: {e}")))?;
+            .map_err(|e| DeliveryError::refused(format!("destination refused: {e}")))?;
         let headers = match &spec.headers_secret {
             Some(s) => headers_from_secret(kube, namespace, s).await?,
             None => HeaderMap::new(),
@@ -91,7 +91,7 @@ fn send_failure(url: &str, e: reqwest::Error) -> DeliveryError {
     let mut source = std::error::Error::source(&e);
     while let Some(cause) = source {
         if let Some(refusal) = cause.downcast_ref::<Refusal>() {
-            return DeliveryError::permanent(format!("POST {url}: destination refused: {refusal}"));
+            return DeliveryError::refused(format!("POST {url}: destination refused: {refusal}"));
         }
         source = cause.source();
     }
@@ -171,6 +171,7 @@ mod tests {
         };
         let e = endpoint.post(&serde_json::json!({})).await.unwrap_err();
         assert!(!e.retryable, "{e}");
+        assert!(e.refused, "{e}");
         assert!(e.message.contains("destination refused"), "{e}");
     }
 

@@ -32,9 +32,12 @@ impl TargetWriter {
         match self.field {
             TargetField::Desired => merge_into_desired(&self.things, target, doc.clone())
                 .await
-                .map_err(|e| DeliveryError {
-                    retryable: !refused(&e),
-                    message: format!("writing desired state of Thing {target}: {e}"),
+                .map_err(|e| {
+                    let message = format!("writing desired state of Thing {target}: {e}");
+                    match refused(&e) {
+                        true => DeliveryError::permanent(message),
+                        false => DeliveryError::retryable(message),
+                    }
                 }),
             TargetField::Reported => {
                 // The writer decides by the Thing (its backend, its namespace), so read it first.
