@@ -287,3 +287,71 @@ async fn a_name_resolving_inward_is_destination_refused() {
         "no request reaches a refused destination"
     );
 }
+
+/// `filter.expression` ("temperature too high" in one line): only updates for which it holds are
+/// forwarded, in order; an expression that does not compile is `InvalidSpec` with its position.
+#[tokio::test]
+async fn an_expression_filter_forwards_only_what_it_accepts() {
+    let s = Setup::new("obs-expr").await;
+    let (url, received) = http_receiver().await;
+    let _op = s
+        .operator()
+        .args(["--http-sink-allow-cidr", "127.0.0.0/8"])
+        .ready()
+        .await;
+    let things = s.things();
+    let observers: Api<Observer> = s.api();
+    azure_thing("oven", json!({"temp": 25.0}))
+        .create(&things)
+        .await;
+    create_resource(
+        &observers,
+        "too-hot",
+        json!({
+            "source": {"thingName": "oven"},
+            "filter": {"section": "Desired", "expression": "state.temp > 30.0"},
+            "sink": {"http": {"url": url}},
+        }),
+    )
+    .await;
+    s.wait_ready(&observers, "too-hot").await;
+    for temp in [31.0, 29.0, 35.0] {
+        set_temp(&things, "oven", temp).await;
+        // One change at a time: the Observer sees each (no coalescing between them).
+        s.wait_for("the Observer to see the change", || async {
+            let st = observers.get("too-hot").await.ok()?.status?;
+            let seen = st.forwarded.unwrap_or(0);
+            (seen >= if temp > 30.0 { 1 } else { 0 }).then_some(())
+        })
+        .await;
+    }
+    // Deliveries of one Observer are in order: once 35 has arrived, a forwarded 29 (or 25)
+    // would have arrived before it.
+    let events = s
+        .wait_for("the update of 35", || async {
+            let r = received.lock().unwrap().clone();
+            r.iter().any(|e| temp_of(e) == 35.0).then_some(r)
+        })
+        .await;
+    let temps: Vec<f64> = events.iter().map(temp_of).collect();
+    assert_eq!(temps, [31.0, 35.0]);
+
+    create_resource(
+        &observers,
+        "broken",
+        json!({
+            "source": {"thingName": "oven"},
+            "filter": {"expression": "state.temp >"},
+            "sink": {"http": {"url": url}},
+        }),
+    )
+    .await;
+    let ready = s
+        .wait_condition(&observers, "broken", "Ready", |c| c.reason == "InvalidSpec")
+        .await;
+    assert!(
+        ready.message.contains("filter.expression") && ready.message.contains(":1:"),
+        "{}",
+        ready.message
+    );
+}

@@ -1,6 +1,7 @@
 //! Custom resource types. Pure data and pure validation: nothing in here does I/O.
 
 pub mod conditions;
+pub mod filter_expression;
 pub mod json;
 pub mod observer;
 pub mod subscriber;

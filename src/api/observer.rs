@@ -35,6 +35,8 @@ pub enum StateSection {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("!has(self.changedBy) || (has(self.fields) && size(self.fields) > 0)").message("changedBy needs at least one field"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.changedByPercent) || (has(self.fields) && size(self.fields) > 0)").message("changedByPercent needs at least one field"))]
+#[x_kube(validation = kube::core::Rule::new("!(has(self.changedBy) && has(self.changedByPercent))").message("set at most one of changedBy and changedByPercent"))]
 pub struct FilterSpec {
     #[serde(default)]
     pub section: StateSection,
@@ -46,6 +48,17 @@ pub struct FilterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub changed_by: Option<f64>,
+    /// Numeric fields pass only when they moved by more than this percentage of the last
+    /// forwarded value (any change passes when that value was 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub changed_by_percent: Option<f64>,
+    /// A CEL boolean that must also hold for an update to pass, over `state` (the section now),
+    /// `previous` (the section at this Thing's previous update) and `last` (what was last
+    /// forwarded for this Thing; `{}` before the first). E.g. `state.temp > 30.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub expression: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]

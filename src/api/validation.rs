@@ -467,6 +467,17 @@ pub fn validate_observer(observer: &Observer, topics: &TopicScope) -> Result<(),
         if filter.changed_by.is_some_and(|d| !d.is_finite() || d < 0.0) {
             problems.push("filter.changedBy must be a finite number >= 0".into());
         }
+        if filter
+            .changed_by_percent
+            .is_some_and(|d| !d.is_finite() || d < 0.0)
+        {
+            problems.push("filter.changedByPercent must be a finite number >= 0".into());
+        }
+        if let Some(source) = &filter.expression
+            && let Err(e) = super::filter_expression::FilterExpression::compile(source)
+        {
+            problems.push(e.to_string());
+        }
     }
     if let Some(m) = &spec.sink.mqtt {
         problems.extend(check_publish_topic("sink.mqtt.topic", &m.topic));

@@ -18,14 +18,19 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     DeliveryError, StateBus,
-    filter::{Decision, Memory, evaluate, memories_from_status, memories_to_status, selects},
+    filter::{
+        Context as FilterContext, Decision, Memory, evaluate, memories_from_status,
+        memories_to_status, selects,
+    },
     mqtt::MqttAccess,
     sink::Sink,
     tasks::{TaskRegistry, write_task_status},
 };
 use crate::{
     api::{
-        Observer, ThingUpdate, object_key,
+        Observer, ThingUpdate,
+        filter_expression::FilterExpression,
+        object_key,
         observer::{ObserverSpec, StateSection},
     },
     egress::EgressPolicy,
@@ -129,6 +134,8 @@ impl ObserverManager {
             forwarded: status.forwarded.unwrap_or(0),
             failed: status.failed.unwrap_or(0),
             memory: memories_from_status(status.last_forwarded.unwrap_or_default()),
+            expression: None,
+            previous: HashMap::new(),
             api: Api::namespaced(self.client.clone(), &ns),
             client: self.client.clone(),
             mqtt: self.mqtt.clone(),
@@ -160,6 +167,10 @@ struct ObserverTask {
     forwarded: i64,
     failed: i64,
     memory: BTreeMap<String, Memory>,
+    /// `filter.expression`, compiled once when the task starts.
+    expression: Option<FilterExpression>,
+    /// Each watched Thing's section at its previous update (`previous` of the expression).
+    previous: HashMap<String, Value>,
     api: Api<Observer>,
     client: Client,
     /// Where an MQTT sink gets its connection: the one that acts for this namespace.
@@ -250,9 +261,31 @@ impl ObserverTask {
         let filter = self.spec.filter.as_ref();
         let section = filter.map(|f| f.section).unwrap_or_default();
         let memory = self.memory.get(&update.name).cloned().unwrap_or_default();
-        let Decision::Forward { data, memory } = evaluate(filter, update.section(section), &memory)
-        else {
-            return;
+        let current = update.section(section);
+        let previous = match &self.expression {
+            // Only an expression reads it: without one, nothing is kept per Thing.
+            Some(_) => self.previous.insert(
+                update.name.clone(),
+                Value::Object(current.map(|s| s.0.clone()).unwrap_or_default()),
+            ),
+            None => None,
+        };
+        let context = FilterContext {
+            expression: self.expression.as_ref(),
+            previous: previous.as_ref(),
+        };
+        let (data, memory) = match evaluate(filter, context, current, &memory) {
+            Decision::Forward { data, memory } => (data, memory),
+            Decision::Skip => return,
+            Decision::Failed(why) => {
+                tracing::debug!(thing = %update.name, %why, "filter expression not evaluated");
+                self.metrics.count_event("Observer", "filter_failed");
+                if self.last_error.as_deref() != Some(why.as_str()) {
+                    self.last_error = Some(why);
+                    self.dirty = true;
+                }
+                return;
+            }
         };
         match self.deliver(sink, update, section, &data).await {
             Ok(()) => {
@@ -304,6 +337,25 @@ impl ObserverTask {
     }
 
     async fn run(mut self) {
+        if let Some(source) = self
+            .spec
+            .filter
+            .as_ref()
+            .and_then(|f| f.expression.as_deref())
+        {
+            match FilterExpression::compile(source) {
+                Ok(expression) => self.expression = Some(expression),
+                Err(e) => {
+                    // Validation compiled it already; only a change of the parser could land
+                    // here. Say so and wait for a spec change.
+                    self.last_error = Some(e.to_string());
+                    self.dirty = true;
+                    self.flush().await;
+                    self.cancel.cancelled().await;
+                    return;
+                }
+            }
+        }
         let Some(sink) = self.build_sink().await else {
             return;
         };
