@@ -177,6 +177,50 @@ async fn deploy_applies_server_side_idempotently_and_deletes() {
     assert_eq!(left.trim(), "", "left behind by kubectl delete -k");
 }
 
+/// Every overlay builds, and every environment variable a Deployment of theirs sets is read by a
+/// flag of the binary (`run --help` lists each flag's env twin).
+#[test]
+fn overlays_build_and_set_only_real_flags() {
+    let env = TestEnv::load();
+    let help = Command::new(env!("CARGO_BIN_EXE_thing-operator"))
+        .args(["run", "--help"])
+        .output()
+        .expect("thing-operator runs");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for dir in ["deploy", NAMESPACED, "examples/kustomize/aws-irsa"] {
+        let objects = kustomize(&env, dir);
+        let deployment = objects
+            .iter()
+            .find(|o| o["kind"] == "Deployment")
+            .unwrap_or_else(|| panic!("{dir} has no Deployment"));
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        for var in container["env"].as_array().unwrap() {
+            let name = var["name"].as_str().unwrap();
+            assert!(
+                help.contains(&format!("[env: {name}=")),
+                "{dir} sets {name}, which no flag reads"
+            );
+        }
+        if dir.ends_with("aws-irsa") {
+            let account = objects
+                .iter()
+                .find(|o| o["kind"] == "ServiceAccount")
+                .unwrap();
+            assert!(
+                account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].is_string(),
+                "{account}"
+            );
+            assert!(
+                container["env"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v["name"] == "THING_OPERATOR_AWS" && v["value"] == "true")
+            );
+        }
+    }
+}
+
 /// A client and a kubeconfig file for a bound token of `namespace/name` (TokenRequest).
 async fn service_account_client(
     env: &TestEnv,
