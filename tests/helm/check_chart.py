@@ -74,6 +74,14 @@ try:
 except Exception:  # noqa: BLE001
     pass
 
+# A PodDisruptionBudget that would block every drain is refused.
+try:
+    chart.render({"replicas": 1, "leaderElection": False, "podDisruptionBudget": {"enabled": True}},
+                 name="x", namespace="x")
+    check(False, "a PDB with minAvailable >= replicas rendered")
+except Exception as e:  # noqa: BLE001
+    check("drained" in str(e), f"unclear refusal: {e}")
+
 # deploy/rbac.yaml (used by the test environment, so every integration test runs the operator
 # under it) grants exactly what the chart grants.
 def rules_of(docs, kind):
@@ -147,6 +155,9 @@ try:
     check(dashboard["uid"] == "thing-operator" and dashboard["panels"], "dashboard JSON")
     code, out, _ = kubectl("get", "poddisruptionbudget", release, "-n", namespace, "-o", "json")
     check(json.loads(out)["spec"]["minAvailable"] == 1, "PDB minAvailable")
+    # policy/v1beta1 on this 1.20 control plane; offline rendering (a current version) gets policy/v1.
+    pdb = chart.render(values, name=release, namespace=namespace)["thing-operator/templates/pdb.yaml"]
+    check("apiVersion: policy/v1\n" in pdb, f"offline PDB is not policy/v1: {pdb[:200]}")
     code, out, _ = kubectl("get", "networkpolicy", release, "-n", namespace, "-o", "json")
     egress = json.loads(out)["spec"]["egress"]
     check(any(r.get("to") == [{"ipBlock": {"cidr": "10.0.0.1/32"}}] for r in egress), f"API server egress: {egress}")
