@@ -160,6 +160,16 @@ mosquitto_tls_secret() {
       --cert "$DIR/mosquitto/ca.crt" --key "$DIR/mosquitto/ca.key" >/dev/null
 }
 
+install_manifests() { # the CRDs and the operator's RBAC (deploy/, without its Deployment)
+  log "installing CRDs and the operator's RBAC"
+  # kubectl 1.20 validates client-side and does not know x-kubernetes-validations (CEL).
+  # Server-side apply refuses the unknown field on 1.20, so plain apply: 1.20 drops CEL silently.
+  "$KUBECTL" apply --validate=false -f "$ROOT/crds/crds.yaml" >/dev/null
+  "$KUBECTL" apply --server-side -f "$ROOT/deploy/namespace.yaml" -f "$ROOT/deploy/core/rbac.yaml" \
+    -f "$ROOT/deploy/rbac.yaml" >/dev/null
+  wait_for "CRDs established" 60 "$KUBECTL" get things.iot.thing-operator.dev
+}
+
 up() {
   if [[ -f "$DIR/ready" ]] && [[ -f "$DIR/kube-apiserver.pid" ]] && kill -0 "$(cat "$DIR/kube-apiserver.pid")" 2>/dev/null; then
     log "already running in $DIR"
@@ -246,12 +256,7 @@ M
   start_bg mosquitto "$DIR/logs/mosquitto.log" mosquitto -c "$DIR/mosquitto/mosquitto.conf"
   wait_for mosquitto 30 python3 -c "import socket; socket.create_connection(('127.0.0.1', $MQTT_PORT), 1)"
 
-  log "installing CRDs and the operator's RBAC"
-  # kubectl 1.20 validates client-side and does not know x-kubernetes-validations (CEL).
-  # Server-side apply refuses the unknown field on 1.20, so plain apply: 1.20 drops CEL silently.
-  "$KUBECTL" apply --validate=false -f "$ROOT/crds/" >/dev/null
-  "$KUBECTL" apply --server-side -f "$ROOT/deploy/rbac.yaml" >/dev/null
-  wait_for "CRDs established" 60 "$KUBECTL" get things.iot.thing-operator.dev
+  install_manifests
   mosquitto_tls_secret
   touch "$DIR/ready"
   log "ready: source $DIR/env"
@@ -287,10 +292,16 @@ case "$CMD" in
     start_bg mosquitto "$DIR/logs/mosquitto.log" mosquitto -c "$DIR/mosquitto/mosquitto.conf"
     wait_for mosquitto 30 python3 -c "import socket; socket.create_connection(('127.0.0.1', $MQTT_PORT), 1)"
     ;;
+  install-manifests)
+    # shellcheck disable=SC1091
+    source "$DIR/env"
+    install_manifests
+    mosquitto_tls_secret
+    ;;
   status)
     for p in etcd kube-apiserver kube-controller-manager moto mosquitto; do
       if [[ -f "$DIR/$p.pid" ]] && kill -0 "$(cat "$DIR/$p.pid")" 2>/dev/null; then echo "$p running"; else echo "$p stopped"; fi
     done
     ;;
-  *) echo "usage: $0 up|down|restart-apiserver|status [DIR]" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|restart-apiserver|install-manifests|status [DIR]" >&2; exit 2 ;;
 esac

@@ -27,6 +27,8 @@ pub enum Command {
     },
     /// Run the controllers.
     Run(Box<RunArgs>),
+    /// Print the version and the commit this binary was built from.
+    Version,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -4,6 +4,7 @@
 //! kind; `provider` is the only code that talks to an IoT backend.
 
 pub mod api;
+pub mod build_info;
 pub mod config;
 pub mod controller;
 pub mod credentials;

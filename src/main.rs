@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use thing_operator::{
-    api,
+    api, build_info,
     config::{Cli, Command},
     runner,
 };
@@ -29,6 +29,10 @@ async fn main() -> ExitCode {
         } else {
             api::crds_yaml()
         }),
+        Command::Version => {
+            println!("{}", build_info::describe());
+            ExitCode::SUCCESS
+        }
         Command::Run(args) => match runner::run(*args).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

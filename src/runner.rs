@@ -325,7 +325,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         subscribers,
     }));
 
-    tracing::info!(brokers = ?ctx.providers.brokers(), "starting controllers");
+    tracing::info!(
+        version = crate::build_info::VERSION,
+        commit = crate::build_info::COMMIT,
+        brokers = ?ctx.providers.brokers(),
+        "starting controllers"
+    );
     ctx.subscribers.activate();
     ctx.providers.activate_all();
     controller::run(ctx, shutdown.clone(), readiness).await;

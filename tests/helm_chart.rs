@@ -12,6 +12,7 @@ fn helm_chart_installs_upgrades_and_uninstalls() {
         .arg(script)
         .env("KUBECONFIG", env.var("KUBECONFIG"))
         .env("KUBECTL", env.var("KUBECTL"))
+        .env("THING_OPERATOR_BIN", env!("CARGO_BIN_EXE_thing-operator"))
         .output()
         .expect("python3 runs");
     assert!(

@@ -1,6 +1,11 @@
 //! Writing into a Thing's `spec.desired`: what an Observer's `thing` sink and a Subscriber with
 //! `target.field: Desired` both do. A JSON merge patch, so it changes only the keys it names
 //! and a null deletes; the Thing controller takes it from there like any user edit.
+//!
+//! Git owns the same field (docs/operations.md, "GitOps"): writing only the keys a message
+//! carries, under a field manager of its own, is what lets a GitOps tool re-apply the Thing's
+//! manifest without removing them and lets users tell the operator's keys apart in
+//! `managedFields` (e.g. for Argo CD's `managedFieldsManagers`).
 
 use kube::{
     Api,
@@ -9,6 +14,9 @@ use kube::{
 use serde_json::{Value, json};
 
 use crate::api::Thing;
+
+/// The field manager of every write into `spec.desired`.
+pub const DESIRED_FIELD_MANAGER: &str = "thing-operator-desired";
 
 /// Merge-patches `desired` into the `spec.desired` of Thing `name`.
 pub async fn merge_into_desired(
@@ -19,7 +27,10 @@ pub async fn merge_into_desired(
     things
         .patch(
             name,
-            &PatchParams::default(),
+            &PatchParams {
+                field_manager: Some(DESIRED_FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            },
             &Patch::Merge(json!({"spec": {"desired": desired}})),
         )
         .await

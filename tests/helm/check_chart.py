@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import helm_python
+import yaml  # a dependency of helm-python-sdk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHART = os.path.join(ROOT, "charts", "thing-operator")
@@ -39,6 +40,33 @@ for bad in ({"logFormat": "xml"}, {"resyncInterval": "soon"}, {"mqtt": {"url": "
     check(False, f"values.schema.json accepted {bad}")
 chart.validate_schema({"aws": {"enabled": True, "region": "eu-west-1"}})
 
+# A bad value of an optional section is refused with a message naming the value's path.
+for bad, path in (({"podDisruptionBudget": {"enabled": "yes"}}, "/podDisruptionBudget/enabled"),
+                  ({"networkPolicy": {"backendPorts": [70000]}}, "/networkPolicy/backendPorts/0"),
+                  ({"serviceMonitor": {"interval": "often"}}, "/serviceMonitor/interval"),
+                  ({"dashboard": {"enabeld": True}}, "/dashboard")):
+    try:
+        chart.validate_schema(bad)
+    except Exception as e:  # noqa: BLE001
+        check(path in str(e), f"refusal of {bad} does not name {path}: {e}")
+        continue
+    check(False, f"values.schema.json accepted {bad}")
+
+# Every environment variable the chart sets is a flag of the binary (`run --help` lists each
+# flag's env twin), with every value that sets one switched on.
+EVERYTHING = {"aws": {"enabled": True, "region": "eu-west-1", "iotEndpoint": "https://iot",
+                      "dataEndpoint": "https://data", "deviceEndpoint": "d:8883"},
+              "mqtt": {"url": "mqtts://m:8883", "passwordSecret": "p", "caSecret": "c",
+                       "deviceEndpoint": "m:1883", "deviceTlsEndpoint": "m:8884"},
+              "watchNamespace": "team-a", "clusterId": "c1",
+              "tenancy": {"httpSinkAllowCidrs": ["10.0.0.0/8"], "httpSinkDenyCidrs": ["1.2.3.0/24"],
+                          "topicGrants": ["a=feeds/x"]}}
+help_text = subprocess.run([os.environ["THING_OPERATOR_BIN"], "run", "--help"], capture_output=True,
+                           text=True, check=True).stdout
+dep = yaml.safe_load(chart.render(EVERYTHING, name="x", namespace="x")["thing-operator/templates/deployment.yaml"])
+for var in dep["spec"]["template"]["spec"]["containers"][0]["env"]:
+    check(f"[env: {var['name']}=" in help_text, f"the chart sets {var['name']}, which no flag reads")
+
 # replicas > 1 without leader election would let two replicas act at once: refused.
 try:
     chart.render({"replicas": 2, "leaderElection": False}, name="x", namespace="x")
@@ -46,13 +74,19 @@ try:
 except Exception:  # noqa: BLE001
     pass
 
+# A PodDisruptionBudget that would block every drain is refused.
+try:
+    chart.render({"replicas": 1, "leaderElection": False, "podDisruptionBudget": {"enabled": True}},
+                 name="x", namespace="x")
+    check(False, "a PDB with minAvailable >= replicas rendered")
+except Exception as e:  # noqa: BLE001
+    check("drained" in str(e), f"unclear refusal: {e}")
+
 # deploy/rbac.yaml (used by the test environment, so every integration test runs the operator
 # under it) grants exactly what the chart grants.
 def rules_of(docs, kind):
     return [d["rules"] for d in docs if d and d.get("kind") == kind]
 
-
-import yaml  # noqa: E402 - a dependency of helm-python-sdk
 
 chart_rbac = list(yaml.safe_load_all(chart.render({}, name="x", namespace="x")["thing-operator/templates/rbac.yaml"]))
 with open(os.path.join(ROOT, "deploy", "rbac.yaml")) as f:
@@ -78,13 +112,70 @@ check("kind: CustomResourceDefinition" in rendered.get("thing-operator/templates
 check("helm.sh/resource-policy: keep" in rendered["thing-operator/templates/crds.yaml"], "CRDs not kept")
 values = {"crds": {"enabled": False}, "mqtt": {"url": "mqtt://mosquitto:1883", "passwordSecret": "mqtt-admin"},
           "aws": {"enabled": True, "region": "us-east-1"},
-          "tenancy": {"httpSinkAllowCidrs": ["10.20.0.0/16"]}}
-cfg.install(chart, release, values, create_namespace=True)
+          "tenancy": {"httpSinkAllowCidrs": ["10.20.0.0/16"]},
+          # Every optional template on.
+          "podDisruptionBudget": {"enabled": True},
+          "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+          "networkPolicy": {"enabled": True, "apiServerCidrs": ["10.0.0.1/32"],
+                            "extraEgress": [{"ports": [{"port": 9000, "protocol": "TCP"}]}]},
+          "dashboard": {"enabled": True, "annotations": {"grafana_folder": "IoT"}}}
+
+# The ServiceMonitor needs the Prometheus Operator's CRD: a minimal stand-in (same group, kind and
+# version, any spec), made here when the cluster has none and removed afterwards.
+SM_CRD = "servicemonitors.monitoring.coreos.com"
+made_sm_crd = kubectl("get", "crd", SM_CRD)[0] != 0
+if made_sm_crd:
+    crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+           "metadata": {"name": SM_CRD},
+           "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+                    "names": {"plural": "servicemonitors", "singular": "servicemonitor",
+                              "kind": "ServiceMonitor", "listKind": "ServiceMonitorList"},
+                    "versions": [{"name": "v1", "served": True, "storage": True,
+                                  "schema": {"openAPIV3Schema": {"type": "object",
+                                                                 "x-kubernetes-preserve-unknown-fields": True}}}]}}
+    out = subprocess.run([os.environ["KUBECTL"], "apply", "-f", "-"], input=json.dumps(crd), capture_output=True,
+                         text=True, timeout=60)
+    check(out.returncode == 0, f"ServiceMonitor CRD: {out.stderr}")
+    code, _, err = kubectl("wait", "--for=condition=Established", f"crd/{SM_CRD}", "--timeout=60s")
+    check(code == 0, f"ServiceMonitor CRD not established: {err}")
+
+OPTIONAL = [("poddisruptionbudget", release), ("servicemonitor", release), ("networkpolicy", release),
+            ("configmap", f"{release}-dashboard")]
+installed = cfg.install(chart, release, values, create_namespace=True)
 try:
+    notes = json.dumps(installed)
+    check("kubectl wait --for=condition=Ready thing/" in notes, f"NOTES.txt does not say how to check: {notes[:300]}")
+    for kind, name in OPTIONAL:
+        code, _, err = kubectl("get", kind, name, "-n", namespace)
+        check(code == 0, f"{kind} {name} not installed: {err}")
+    code, out, _ = kubectl("get", "configmap", f"{release}-dashboard", "-n", namespace, "-o", "json")
+    cm = json.loads(out)
+    check(cm["metadata"]["labels"].get("grafana_dashboard") == "1", f"dashboard label: {cm['metadata']['labels']}")
+    dashboard = json.loads(cm["data"]["thing-operator.json"])
+    check(dashboard["uid"] == "thing-operator" and dashboard["panels"], "dashboard JSON")
+    code, out, _ = kubectl("get", "poddisruptionbudget", release, "-n", namespace, "-o", "json")
+    check(json.loads(out)["spec"]["minAvailable"] == 1, "PDB minAvailable")
+    # policy/v1beta1 on this 1.20 control plane; offline rendering (a current version) gets policy/v1.
+    pdb = chart.render(values, name=release, namespace=namespace)["thing-operator/templates/pdb.yaml"]
+    check("apiVersion: policy/v1\n" in pdb, f"offline PDB is not policy/v1: {pdb[:200]}")
+    code, out, _ = kubectl("get", "networkpolicy", release, "-n", namespace, "-o", "json")
+    egress = json.loads(out)["spec"]["egress"]
+    check(any(r.get("to") == [{"ipBlock": {"cidr": "10.0.0.1/32"}}] for r in egress), f"API server egress: {egress}")
+    check(any(p.get("port") == 9000 for r in egress for p in r.get("ports", [])), f"extra egress: {egress}")
     code, out, err = kubectl("get", "deployment", release, "-n", namespace, "-o", "json")
     check(code == 0, f"deployment missing: {err}")
     dep = json.loads(out)
     container = dep["spec"]["template"]["spec"]["containers"][0]
+    # Hardened: non-root, read-only root filesystem, no privilege escalation, no capabilities,
+    # the runtime's seccomp profile; probed.
+    pod_sc, sc = dep["spec"]["template"]["spec"]["securityContext"], container["securityContext"]
+    check(pod_sc.get("runAsNonRoot") is True and pod_sc.get("runAsUser", 0) > 0, f"pod securityContext: {pod_sc}")
+    check(pod_sc.get("seccompProfile") == {"type": "RuntimeDefault"}, f"seccomp: {pod_sc}")
+    check(sc.get("readOnlyRootFilesystem") is True and sc.get("allowPrivilegeEscalation") is False
+          and sc.get("capabilities") == {"drop": ["ALL"]}, f"container securityContext: {sc}")
+    check(container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+          and container["readinessProbe"]["httpGet"]["path"] == "/readyz", "probes")
+    check(container["resources"].get("limits", {}).get("memory"), f"resources: {container['resources']}")
     env = {e["name"]: e.get("value") for e in container["env"]}
     check(env.get("THING_OPERATOR_MQTT_URL") == "mqtt://mosquitto:1883", f"mqtt env: {env}")
     check(env.get("AWS_REGION") == "us-east-1", f"aws env: {env}")
@@ -111,9 +202,19 @@ try:
     cfg.upgrade(chart, release, {**values, "replicas": 3})
     code, out, _ = kubectl("get", "deployment", release, "-n", namespace, "-o", "jsonpath={.spec.replicas}")
     check(out == "3", f"upgrade did not apply replicas: {out}")
+    for kind, name in OPTIONAL:
+        check(kubectl("get", kind, name, "-n", namespace)[0] == 0, f"{kind} {name} gone after upgrade")
+    # Switched off on upgrade, an optional object goes.
+    cfg.upgrade(chart, release, {**values, "replicas": 3, "dashboard": {"enabled": False}})
+    check(kubectl("get", "configmap", f"{release}-dashboard", "-n", namespace)[0] != 0,
+          "dashboard ConfigMap left after it was switched off")
 finally:
     cfg.uninstall(release)
+    for kind, name in OPTIONAL:
+        check(kubectl("get", kind, name, "-n", namespace)[0] != 0, f"{kind} {name} left behind after uninstall")
     kubectl("delete", "namespace", namespace, "--wait=false")
+    if made_sm_crd:
+        kubectl("delete", "crd", SM_CRD, "--wait=false")
 
 code, _, _ = kubectl("get", "clusterrole", release)
 check(code != 0, "clusterrole left behind after uninstall")
