@@ -67,7 +67,8 @@ async fn subscriber_message(
         .http_message(&namespace, &path, bearer, body.to_vec())
         .await;
     let (code, message) = match verdict {
-        Ok(()) => (StatusCode::ACCEPTED, "accepted".to_string()),
+        // Written into the Thing (durable in the API server) before this answer.
+        Ok(()) => (StatusCode::ACCEPTED, "written".to_string()),
         Err(e) => (rejection_status(&e), e.to_string()),
     };
     (code, axum::Json(serde_json::json!({"result": message})))
@@ -80,7 +81,10 @@ fn rejection_status(rejection: &Rejection) -> StatusCode {
         Rejection::NotFound => StatusCode::NOT_FOUND,
         Rejection::Unauthorized => StatusCode::UNAUTHORIZED,
         Rejection::TooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
-        Rejection::Busy | Rejection::Standby => StatusCode::SERVICE_UNAVAILABLE,
+        Rejection::Busy | Rejection::Standby | Rejection::NotWrittenYet => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        Rejection::NotWritable(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Rejection::NotJson(_) | Rejection::NotObject | Rejection::Invalid(_) => {
             StatusCode::BAD_REQUEST
         }

@@ -154,6 +154,7 @@ fn events_mqtt_connection(args: &RunArgs) -> anyhow::Result<Option<EventsMqtt>> 
             rand::random::<u32>()
         ),
         last_will: None,
+        session: Default::default(),
     });
     Ok(Some((client, eventloop, config.layout, endpoint)))
 }

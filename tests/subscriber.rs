@@ -248,17 +248,22 @@ async fn reported_target_goes_through_the_mosquitto_shadow() {
         })
         .await;
     assert!(status.version.unwrap_or(0) >= 1);
-    // A Thing whose backend has no shadow here: the Subscriber says why instead of losing data silently.
-    assert_eq!(
-        post(
-            &op,
-            &format!("/subscribers/{ns}/cloudy-in"),
-            br#"{"x": 1}"#,
-            None
-        )
-        .await
-        .0,
-        202
+    // A Thing whose backend has no shadow here: the caller is told the write can never
+    // happen (422, answered only once the write was tried), and the Subscriber says why.
+    let (code, body) = post(
+        &op,
+        &format!("/subscribers/{ns}/cloudy-in"),
+        br#"{"x": 1}"#,
+        None,
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["result"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("needs a Mosquitto Thing"),
+        "{body}"
     );
     let st = s
         .wait_for("error on the Subscriber", || async {

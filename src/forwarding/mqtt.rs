@@ -159,6 +159,9 @@ async fn connect(shared: &Shared, namespace: &str) -> Result<AsyncClient, Access
         password: login.password,
         client_id: login.client_id,
         last_will: None,
+        // Subscribers acknowledge a message once it is written: the broker keeps what was not
+        // acknowledged for the next session of this namespace (same client id).
+        session: connection::Session::PersistentManualAcks,
     });
     let inner = match shared.router.get() {
         Some(router) => router.handler_for(namespace),
@@ -189,6 +192,10 @@ impl Handler for CountRefusals {
 
     fn on_message(&self, client: &AsyncClient, topic: &str, payload: &[u8]) {
         self.inner.on_message(client, topic, payload)
+    }
+
+    fn on_publish(&self, client: &AsyncClient, publish: &rumqttc::Publish) {
+        self.inner.on_publish(client, publish)
     }
 
     fn on_subscriptions_refused(&self, count: usize) {

@@ -7,7 +7,9 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, QoS, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Publish, QoS, Transport,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Why the MQTT settings are unusable. Never carries the password.
@@ -103,6 +105,11 @@ pub trait Handler: Send + Sync + 'static {
     fn on_connected(&self, client: &AsyncClient);
     /// Every incoming PUBLISH. Must not block: it runs on the event loop.
     fn on_message(&self, client: &AsyncClient, topic: &str, payload: &[u8]);
+    /// Every incoming PUBLISH, whole: a connection with [`Session::PersistentManualAcks`]
+    /// acknowledges through it (`client.try_ack(publish)`), once the message is durable.
+    fn on_publish(&self, client: &AsyncClient, publish: &Publish) {
+        self.on_message(client, &publish.topic, &publish.payload)
+    }
     /// A SUBACK refused `count` filters (the account's ACL does not allow them).
     fn on_subscriptions_refused(&self, _count: usize) {}
 }
@@ -115,6 +122,18 @@ impl Handler for IgnoreMessages {
     fn on_message(&self, _client: &AsyncClient, _topic: &str, _payload: &[u8]) {}
 }
 
+/// How the broker keeps the connection's session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Session {
+    /// A fresh session per connection; messages acknowledged on receipt.
+    #[default]
+    Clean,
+    /// The broker keeps subscriptions and undelivered QoS 1/2 messages while the client is
+    /// away, and the handler acknowledges each message itself: what was not acknowledged comes
+    /// again after a reconnect or a restart. Needs a client id that stays the same.
+    PersistentManualAcks,
+}
+
 pub struct ConnectionSettings {
     pub address: BrokerAddress,
     pub tls: Option<rustls::ClientConfig>,
@@ -123,6 +142,7 @@ pub struct ConnectionSettings {
     pub client_id: String,
     /// Published (retained) by the broker if the operator vanishes.
     pub last_will: Option<(String, Vec<u8>)>,
+    pub session: Session,
 }
 
 /// Largest packet in either direction: Mosquitto's `max_packet_size` in the test environment.
@@ -141,7 +161,8 @@ pub fn build(settings: ConnectionSettings) -> (AsyncClient, EventLoop) {
     options
         .set_credentials(settings.username, settings.password)
         .set_keep_alive(Duration::from_secs(15))
-        .set_clean_session(true)
+        .set_clean_session(settings.session == Session::Clean)
+        .set_manual_acks(settings.session == Session::PersistentManualAcks)
         .set_max_packet_size(MAX_PACKET, MAX_PACKET);
     if let Some(tls) = settings.tls {
         options.set_transport(Transport::tls_with_config(
@@ -191,9 +212,7 @@ async fn drive(
                 backoff = Duration::from_millis(100);
                 handler.on_connected(&client);
             }
-            Ok(Event::Incoming(Incoming::Publish(p))) => {
-                handler.on_message(&client, &p.topic, &p.payload)
-            }
+            Ok(Event::Incoming(Incoming::Publish(p))) => handler.on_publish(&client, &p),
             Ok(Event::Incoming(Incoming::SubAck(ack))) => {
                 let refused = ack
                     .return_codes

@@ -10,12 +10,14 @@
 use async_trait::async_trait;
 
 /// How a namespace's connection logs in. The password lives only in memory: the account is
-/// (re)keyed whenever a leader first needs it, which also shuts out an older leader's session.
+/// (re)keyed whenever a leader first needs it, which also shuts out an older leader.
 #[derive(Clone)]
 pub struct BrokerLogin {
     pub username: String,
     pub password: String,
-    /// The client id the account is bound to (unique per replica and namespace).
+    /// The client id the account is bound to: the same for every replica and restart, so the
+    /// broker's persistent session (and the messages not yet acknowledged in it) carries over
+    /// to the next leader. Only the leader connects.
     pub client_id: String,
 }
 

@@ -3,7 +3,8 @@
 //! sender and a Thing are tested on their own.
 
 use serde_json::Value;
-use tokio::sync::oneshot;
+
+use super::receipt::Receipt;
 
 use crate::{
     api::{JsonObject, validation::check_document},
@@ -13,10 +14,10 @@ use crate::{
 /// Default `maxMessageBytes`.
 pub const DEFAULT_MAX_MESSAGE: usize = 64 * 1024;
 
-/// A message for a Subscriber; HTTP callers get the verdict back.
+/// A message for a Subscriber, and whom to tell once it is written (or refused).
 pub struct Inbound {
     pub payload: Vec<u8>,
-    pub reply: Option<oneshot::Sender<Result<(), Rejection>>>,
+    pub receipt: Receipt,
 }
 
 /// Why a message was refused. Shown to the sender (HTTP) and in status; never echoes payloads.
@@ -32,6 +33,13 @@ pub enum Rejection {
     Invalid(String),
     #[error("the Subscriber is busy; retry later")]
     Busy,
+    /// Accepted but not yet written within the caller's wait: retrying is safe (messages are
+    /// merged, so a repeat changes nothing).
+    #[error("not written yet; retry later")]
+    NotWrittenYet,
+    /// The target can never take it (e.g. reported state of a Thing without a shadow).
+    #[error("{0}")]
+    NotWritable(String),
     #[error("unauthorized")]
     Unauthorized,
     #[error("no Subscriber serves this path")]

@@ -8,6 +8,7 @@
 
 mod auth;
 pub mod message;
+mod receipt;
 mod routes;
 mod task;
 mod write;
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 pub use message::Rejection;
 
 use message::Inbound;
+use receipt::Receipt;
 
 use self::{auth::read_token, routes::Routes, task::SubscriberTask, write::TargetWriter};
 use super::{
@@ -38,6 +40,8 @@ use crate::{
 
 /// Messages queued per Subscriber before new ones are refused (the task merges them quickly).
 const QUEUE: usize = 1024;
+/// How long an HTTP caller waits for its message to be written before it gets 503.
+const HTTP_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Starts and stops Subscriber tasks and routes MQTT messages and HTTP requests to them.
 pub struct SubscriberManager {
@@ -107,14 +111,21 @@ impl SubscriberManager {
         };
         let (tx, rx) = mpsc::channel(QUEUE);
         if let Some(m) = &spec.source.mqtt {
-            let client = self.mqtt.client_for(&ns).await.map_err(|e| e.to_string())?;
-            self.routes.add_mqtt(
-                object_key(&ns, &name),
-                &m.topic_filter,
-                qos(m.qos),
-                tx.clone(),
-                Some(&client),
-            );
+            // The route first: the broker hands over what the namespace's persistent session
+            // kept the moment the connection is up.
+            let key = object_key(&ns, &name);
+            self.routes
+                .add_mqtt(key.clone(), &m.topic_filter, qos(m.qos), tx.clone(), None);
+            let client = match self.mqtt.client_for(&ns).await {
+                Ok(client) => client,
+                Err(e) => {
+                    self.routes.remove(&key, None);
+                    return Err(e.to_string());
+                }
+            };
+            if let Err(e) = client.try_subscribe(m.topic_filter.clone(), qos(m.qos)) {
+                tracing::warn!(error = %e, "subscription queued for reconnect");
+            }
         }
         if let Some(h) = &spec.source.http {
             self.routes
@@ -165,9 +176,16 @@ impl SubscriberManager {
         queue
             .try_send(Inbound {
                 payload,
-                reply: Some(reply),
+                receipt: Receipt::Http(reply),
             })
             .map_err(|_| Rejection::Busy)?;
-        verdict.await.unwrap_or(Err(Rejection::Busy))
+        // The answer comes once the message is written into the Thing; a caller does not wait
+        // for a write that keeps failing (it stays pending, and a retry merges the same keys).
+        match tokio::time::timeout(HTTP_WAIT, verdict).await {
+            Ok(Ok(verdict)) => verdict,
+            // The task ended before writing it (spec change, shutdown).
+            Ok(Err(_)) => Err(Rejection::Busy),
+            Err(_) => Err(Rejection::NotWrittenYet),
+        }
     }
 }

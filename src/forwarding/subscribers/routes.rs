@@ -7,16 +7,18 @@
 //! to that namespace's Subscribers only) and the HTTP handler.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::{AsyncClient, Publish, QoS};
 use tokio::sync::mpsc;
 
 use super::{
     auth::authorized,
     message::{Inbound, Rejection},
+    receipt::{Receipt, SharedAck},
 };
 use crate::{
     forwarding::mqtt::NamespaceRouter,
@@ -42,12 +44,71 @@ struct HttpRoute {
     tx: mpsc::Sender<Inbound>,
 }
 
+/// A QoS 1/2 message no route wanted when it came: after a restart, the broker redelivers a
+/// persistent session's messages as soon as the connection is up, possibly before every
+/// Subscriber of the namespace has its route again. It waits (unacknowledged) for a route.
+struct Parked {
+    since: Instant,
+    publish: Publish,
+    client: AsyncClient,
+}
+
+/// Parked messages wait this long for a route; then nobody wants them: acknowledged, dropped.
+const PARK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Parked messages per namespace; more are left unacknowledged (the broker redelivers them
+/// after a reconnect).
+const PARK_LIMIT: usize = 256;
+
 #[derive(Default)]
 struct Table {
     /// By the Subscriber's `namespace/name`.
     mqtt: HashMap<String, MqttRoute>,
     /// By `(namespace, path)`: a path is unique within a namespace, whoever serves it.
     http: HashMap<(String, String), HttpRoute>,
+    /// By namespace.
+    parked: HashMap<String, VecDeque<Parked>>,
+}
+
+/// Acknowledges `publish` on `client` (from the Subscriber tasks, once it is written).
+fn ack_of(client: &AsyncClient, publish: &Publish) -> Box<dyn Fn() + Send + Sync> {
+    let (client, publish) = (client.clone(), publish.clone());
+    Box::new(move || {
+        if let Err(e) = client.try_ack(&publish) {
+            tracing::warn!(topic = %publish.topic, error = %e, "acknowledgement not queued; the broker will redeliver");
+        }
+    })
+}
+
+/// Hands `publish` to every route of `namespace` whose filter matches; false when none does.
+/// QoS 1/2 messages carry one shared acknowledgement, sent when every Subscriber settled it.
+fn dispatch(table: &Table, namespace: &str, client: &AsyncClient, publish: &Publish) -> bool {
+    let targets: Vec<(&String, &MqttRoute)> = table
+        .mqtt
+        .iter()
+        .filter(|(key, route)| {
+            in_namespace(key, namespace) && filter_matches(&route.filter, &publish.topic)
+        })
+        .collect();
+    if targets.is_empty() {
+        return false;
+    }
+    let mut acks = match publish.qos {
+        QoS::AtMostOnce => Vec::new(),
+        _ => SharedAck::split(targets.len(), ack_of(client, publish)),
+    };
+    for (name, route) in targets {
+        let receipt = acks.pop().map_or(Receipt::None, Receipt::Mqtt);
+        let inbound = Inbound {
+            payload: publish.payload.to_vec(),
+            receipt,
+        };
+        // A full queue drops the message with its share of the acknowledgement: unacknowledged,
+        // the broker redelivers it after the next reconnect.
+        if route.tx.try_send(inbound).is_err() {
+            tracing::warn!(subscriber = %name, topic = %publish.topic, "subscriber queue full, message left unacknowledged");
+        }
+    }
+    true
 }
 
 /// The routing table; clones share it.
@@ -76,6 +137,7 @@ impl Routes {
         {
             tracing::warn!(subscriber = %key, error = %e, "subscription queued for reconnect");
         }
+        let namespace = key.split_once('/').map_or("", |(ns, _)| ns).to_string();
         table.mqtt.insert(
             key,
             MqttRoute {
@@ -84,6 +146,17 @@ impl Routes {
                 tx,
             },
         );
+        // Messages that came before this route did may be for it.
+        let parked = table.parked.remove(&namespace).unwrap_or_default();
+        let mut still = VecDeque::new();
+        for p in parked {
+            if !dispatch(&table, &namespace, &p.client, &p.publish) {
+                still.push_back(p);
+            }
+        }
+        if !still.is_empty() {
+            table.parked.insert(namespace, still);
+        }
     }
 
     /// Serves `namespace`/`path` with the queue of Subscriber `owner`, unless another
@@ -146,6 +219,23 @@ impl Routes {
     }
 }
 
+/// Acknowledges and drops the parked messages of `namespace` no route wanted in time (a
+/// Subscriber deleted while the operator was down leaves its subscription in the session).
+fn expire_parked(table: &mut Table, namespace: &str) {
+    let Some(parked) = table.parked.get_mut(namespace) else {
+        return;
+    };
+    while parked
+        .front()
+        .is_some_and(|p| p.since.elapsed() > PARK_TIMEOUT)
+    {
+        if let Some(p) = parked.pop_front() {
+            tracing::info!(topic = %p.publish.topic, "no Subscriber wants this message; acknowledged and dropped");
+            ack_of(&p.client, &p.publish)();
+        }
+    }
+}
+
 impl NamespaceRouter for Routes {
     fn handler_for(&self, namespace: &str) -> Arc<dyn Handler> {
         Arc::new(MqttRouter {
@@ -182,20 +272,25 @@ impl Handler for MqttRouter {
         }
     }
 
-    fn on_message(&self, _client: &AsyncClient, topic: &str, payload: &[u8]) {
-        let table = self.routes.lock();
-        for (name, route) in self.routes(&table) {
-            if filter_matches(&route.filter, topic)
-                && route
-                    .tx
-                    .try_send(Inbound {
-                        payload: payload.to_vec(),
-                        reply: None,
-                    })
-                    .is_err()
-            {
-                tracing::warn!(subscriber = %name, %topic, "subscriber queue full, message dropped");
-            }
+    fn on_message(&self, client: &AsyncClient, topic: &str, payload: &[u8]) {
+        // Only reached through `on_publish`'s default elsewhere; kept for QoS 0 callers.
+        let publish = Publish::new(topic, QoS::AtMostOnce, payload.to_vec());
+        self.on_publish(client, &publish);
+    }
+
+    fn on_publish(&self, client: &AsyncClient, publish: &Publish) {
+        let mut table = self.routes.lock();
+        expire_parked(&mut table, &self.namespace);
+        if dispatch(&table, &self.namespace, client, publish) || publish.qos == QoS::AtMostOnce {
+            return;
+        }
+        let parked = table.parked.entry(self.namespace.clone()).or_default();
+        if parked.len() < PARK_LIMIT {
+            parked.push_back(Parked {
+                since: Instant::now(),
+                publish: publish.clone(),
+                client: client.clone(),
+            });
         }
     }
 }

@@ -6,6 +6,12 @@
 //! while the latest state always lands. A failed write keeps its messages (under anything
 //! newer) and backs off, unless it can never succeed: then they are dropped and counted as
 //! rejected, so a misconfigured target never becomes a retry loop.
+//!
+//! Senders are answered (HTTP) or acknowledged (MQTT) only after the write that holds their
+//! message succeeded (see [`super::receipt`]). The broker lets only a few unacknowledged
+//! messages be in flight to one session (Mosquitto: `max_inflight_messages`, 20 by default), so
+//! when [`ACK_BATCH`] messages wait for their acknowledgement the write happens early, at most
+//! every [`EARLY_WRITE_SPACING`]: throughput without an unbounded write rate.
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,7 +22,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    message::{DEFAULT_MAX_MESSAGE, Inbound, add_to_pending, parse_message},
+    message::{DEFAULT_MAX_MESSAGE, Inbound, Rejection, add_to_pending, parse_message},
+    receipt::Receipt,
     write::TargetWriter,
 };
 use crate::{
@@ -31,6 +38,10 @@ const WRITE_INTERVAL: Duration = Duration::from_millis(500);
 const STATUS_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest wait between attempts of a failing write.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+/// This many senders waiting for their answer make the write happen before the interval ends.
+const ACK_BATCH: usize = 16;
+/// Early writes are at least this far apart.
+const EARLY_WRITE_SPACING: Duration = Duration::from_millis(100);
 
 pub struct SubscriberTask {
     name: String,
@@ -45,6 +56,10 @@ pub struct SubscriberTask {
     last_error: Option<String>,
     /// Merged, not yet written messages.
     pending: Option<Value>,
+    /// Whom to answer once `pending` is written.
+    waiting: Vec<Receipt>,
+    /// When the last write was attempted.
+    last_write: tokio::time::Instant,
     /// Counters changed since the last status write.
     dirty: bool,
     /// While a failed write backs off: no write before this instant.
@@ -76,6 +91,8 @@ impl SubscriberTask {
             // Not carried over: the first status write of this task clears the previous one's.
             last_error: None,
             pending: None,
+            waiting: Vec::new(),
+            last_write: tokio::time::Instant::now(),
             dirty: false,
             retry_at: None,
             retry_delay: WRITE_INTERVAL,
@@ -106,9 +123,18 @@ impl SubscriberTask {
             }
         }
         self.dirty = true;
-        if let Some(reply) = msg.reply {
-            let _ = reply.send(verdict);
+        match verdict {
+            // Answered once written.
+            Ok(()) => self.waiting.push(msg.receipt),
+            Err(e) => msg.receipt.settle(Err(e)),
         }
+    }
+
+    /// Whether enough senders wait for their answer to write before the interval ends.
+    fn write_early(&self) -> bool {
+        self.waiting.len() >= ACK_BATCH
+            && self.last_write.elapsed() >= EARLY_WRITE_SPACING
+            && self.retry_at.is_none()
     }
 
     /// Writes the merged pending messages into the target Thing, unless a failed write is
@@ -123,14 +149,20 @@ impl SubscriberTask {
         let Some(doc) = self.pending.take() else {
             return;
         };
+        self.last_write = tokio::time::Instant::now();
+        // The senders of what this write holds; whoever arrives meanwhile waits for the next.
+        let written = std::mem::take(&mut self.waiting);
         match self.target.write(&doc).await {
             Ok(()) => {
                 self.retry_at = None;
                 self.retry_delay = WRITE_INTERVAL;
+                for receipt in written {
+                    receipt.settle(Ok(()));
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e.message, retryable = e.retryable, "write failed");
-                self.last_error = Some(e.message);
+                self.last_error = Some(e.message.clone());
                 self.dirty = true;
                 if e.retryable {
                     // What arrived meanwhile is newer: it goes on top.
@@ -139,10 +171,16 @@ impl SubscriberTask {
                         coalesce(&mut retry, &newer);
                     }
                     self.pending = Some(retry);
+                    // Still unanswered: they are answered with the write that succeeds.
+                    let newer = std::mem::replace(&mut self.waiting, written);
+                    self.waiting.extend(newer);
                     self.retry_at = Some(tokio::time::Instant::now() + self.retry_delay);
                     self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
                 } else {
                     self.rejected += 1;
+                    for receipt in written {
+                        receipt.settle(Err(Rejection::NotWritable(e.message.clone())));
+                    }
                 }
             }
         }
@@ -172,7 +210,12 @@ impl SubscriberTask {
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 msg = rx.recv() => match msg {
-                    Some(m) => self.accept(m),
+                    Some(m) => {
+                        self.accept(m);
+                        if self.write_early() {
+                            self.write().await;
+                        }
+                    }
                     None => break,
                 },
                 _ = write.tick() => self.write().await,
@@ -185,5 +228,7 @@ impl SubscriberTask {
         }
         self.write().await;
         self.flush_status().await;
+        // Whatever is still unwritten is not answered: HTTP callers get 503, MQTT messages stay
+        // unacknowledged and come again to the next session.
     }
 }

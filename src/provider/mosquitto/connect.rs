@@ -56,6 +56,7 @@ impl MosquittoProvider {
                 rand::random::<u32>()
             ),
             last_will: Some((status_topic.clone(), b"offline".to_vec())),
+            session: Default::default(),
         });
         let dynsec = Arc::new(Dynsec::new(client.clone(), DYNSEC_TIMEOUT));
         let registry = SharedRegistry::default();

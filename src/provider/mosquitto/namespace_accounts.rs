@@ -62,10 +62,11 @@ impl NamespaceIdentities for NamespaceAccounts {
         };
         let username = namespace_account(self.cluster_id.as_deref(), namespace);
         let mark = namespace_mark(self.cluster_id.as_deref(), namespace);
-        // A fresh password and client id per process: re-keying shuts out the session of a
-        // replica that led before, and nothing but this process ever needs the password.
+        // A fresh password per process: re-keying shuts out a replica that led before, and
+        // nothing but this process ever needs the password. The client id stays the same, so
+        // the broker's persistent session carries over to the next leader.
         let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
-        let client_id = format!("{username}/{:08x}", rand::random::<u32>());
+        let client_id = username.clone();
         self.dynsec
             .ensure_role(
                 &username,
