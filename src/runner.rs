@@ -237,6 +237,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         None => MqttAccess::default(),
     };
+    // What the operator's own writes into Things caused, shared by both task kinds so that
+    // Observer/Subscriber graphs settle instead of looping.
+    let provenance = crate::forwarding::provenance::ProvenanceBook::default();
     let subscribers = Arc::new(SubscriberManager::new(
         client.clone(),
         mqtt_access.clone(),
@@ -247,6 +250,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|(c, _, l, _)| (c.clone(), l.clone())),
         )),
+        provenance.clone(),
         metrics.clone(),
         shutdown.clone(),
     ));
@@ -261,6 +265,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         client.clone(),
         mqtt_access.clone(),
         egress.clone(),
+        provenance,
         metrics.clone(),
         shutdown.clone(),
     );

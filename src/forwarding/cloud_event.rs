@@ -4,6 +4,7 @@
 
 use serde_json::{Value, json};
 
+use super::provenance::{HOPS_EXTENSION, ORIGIN_EXTENSION, Provenance};
 use crate::api::{ThingUpdate, observer::StateSection, thing_url};
 
 fn section_name(section: StateSection) -> &'static str {
@@ -14,10 +15,18 @@ fn section_name(section: StateSection) -> &'static str {
     }
 }
 
-/// The CloudEvent announcing that `data` (the filtered `section` of `update`) passed the filter.
-pub fn cloud_event(update: &ThingUpdate, section: StateSection, data: &Value) -> Value {
+/// The CloudEvent announcing that `data` (the filtered `section` of `update`) passed the filter,
+/// carrying its `provenance` (where its chain of events started, how many hops it made).
+pub fn cloud_event(
+    update: &ThingUpdate,
+    section: StateSection,
+    data: &Value,
+    provenance: &Provenance,
+) -> Value {
     let name = section_name(section);
     json!({
+        ORIGIN_EXTENSION: provenance.origin,
+        HOPS_EXTENSION: provenance.hops,
         "specversion": "1.0",
         // Unique per Thing, state version and report time: a consumer can de-duplicate the
         // re-deliveries at-least-once delivery makes.
@@ -54,7 +63,15 @@ mod tests {
             version: Some(7),
             time: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
         };
-        let event = cloud_event(&update, StateSection::Delta, &json!({"on": true}));
+        let provenance = crate::forwarding::provenance::Provenance::start("prod", "lamp");
+        let event = cloud_event(
+            &update,
+            StateSection::Delta,
+            &json!({"on": true}),
+            &provenance.next().unwrap(),
+        );
+        assert_eq!(event["iotorigin"], "prod/lamp");
+        assert_eq!(event["iothops"], 1);
         assert_eq!(event["specversion"], "1.0");
         assert_eq!(event["id"], "prod/lamp/7-1700000000000000");
         assert_eq!(

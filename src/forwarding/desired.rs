@@ -13,17 +13,18 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use crate::api::Thing;
+use crate::api::{JsonObject, Thing};
 
 /// The field manager of every write into `spec.desired`.
 pub const DESIRED_FIELD_MANAGER: &str = "thing-operator-desired";
 
-/// Merge-patches `desired` into the `spec.desired` of Thing `name`.
+/// Merge-patches `desired` into the `spec.desired` of Thing `name`; returns the desired
+/// document the write left (what the provenance of the write is recorded against).
 pub async fn merge_into_desired(
     things: &Api<Thing>,
     name: &str,
     desired: Value,
-) -> Result<(), kube::Error> {
+) -> Result<JsonObject, kube::Error> {
     things
         .patch(
             name,
@@ -34,7 +35,7 @@ pub async fn merge_into_desired(
             &Patch::Merge(json!({"spec": {"desired": desired}})),
         )
         .await
-        .map(|_| ())
+        .map(|thing| thing.spec.desired.unwrap_or_default())
 }
 
 /// Whether the API server refused the patch itself (400, 422: invalid, too deep, over a

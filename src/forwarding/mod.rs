@@ -19,6 +19,7 @@ mod filter;
 mod json;
 pub mod mqtt;
 mod observers;
+pub mod provenance;
 mod sink;
 pub mod subscribers;
 mod tasks;

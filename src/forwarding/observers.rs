@@ -23,6 +23,7 @@ use super::{
         memories_to_status, selects,
     },
     mqtt::MqttAccess,
+    provenance::{Provenance, ProvenanceBook},
     sink::Sink,
     tasks::{TaskRegistry, write_task_status},
 };
@@ -77,6 +78,8 @@ pub struct ObserverManager {
     shutdown: CancellationToken,
     tasks: TaskRegistry,
     refusals: Refusals,
+    /// Shared with the Subscribers: what the operator's own writes into Things caused.
+    provenance: ProvenanceBook,
 }
 
 impl ObserverManager {
@@ -85,6 +88,7 @@ impl ObserverManager {
         client: Client,
         mqtt: MqttAccess,
         egress: Arc<EgressPolicy>,
+        provenance: ProvenanceBook,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -92,6 +96,7 @@ impl ObserverManager {
             bus,
             client,
             mqtt,
+            provenance,
             egress,
             metrics,
             shutdown,
@@ -143,6 +148,7 @@ impl ObserverManager {
             bus: self.bus.clone(),
             metrics: self.metrics.clone(),
             refusals: self.refusals.clone(),
+            provenance: self.provenance.clone(),
             cancel: cancel.clone(),
             dirty: false,
             last_forwarded_time: None,
@@ -179,6 +185,7 @@ struct ObserverTask {
     bus: StateBus,
     metrics: Arc<Metrics>,
     refusals: Refusals,
+    provenance: ProvenanceBook,
     cancel: CancellationToken,
     dirty: bool,
     last_forwarded_time: Option<DateTime<Utc>>,
@@ -203,6 +210,7 @@ impl ObserverTask {
                 &self.client,
                 &self.mqtt,
                 &self.egress,
+                &self.provenance,
             )
             .await
             {
@@ -235,11 +243,12 @@ impl ObserverTask {
         update: &ThingUpdate,
         section: StateSection,
         data: &Value,
+        provenance: &Provenance,
     ) -> Result<(), DeliveryError> {
         let mut delay = Duration::from_millis(200);
         let mut attempt = 1;
         loop {
-            match sink.deliver(update, section, data).await {
+            match sink.deliver(update, section, data, provenance).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.retryable && attempt < MAX_ATTEMPTS => {
                     let jittered = delay / 2 + rand::rng().random_range(Duration::ZERO..=delay / 2);
@@ -287,7 +296,20 @@ impl ObserverTask {
                 return;
             }
         };
-        match self.deliver(sink, update, section, &data).await {
+        // Where this update's chain of events started: a loop back into it, or a chain too
+        // long, ends here (not a failure: the graph settles).
+        let provenance = match sink.hop(&self.provenance.of_update(update, section)) {
+            Ok(next) => next,
+            Err(stop) => {
+                tracing::debug!(thing = %update.name, %stop, "event not passed on");
+                self.metrics.count_event("Observer", "dropped_loop");
+                return;
+            }
+        };
+        match self
+            .deliver(sink, update, section, &data, &provenance)
+            .await
+        {
             Ok(()) => {
                 self.refusals
                     .clear(&object_key(&self.namespace, &self.name));

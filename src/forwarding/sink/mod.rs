@@ -16,6 +16,7 @@ use super::{
     desired::{merge_into_desired, refused},
     json::set_pointer,
     mqtt::{AccessError, MqttAccess, qos},
+    provenance::{LoopStop, Provenance, ProvenanceBook},
 };
 use crate::{
     api::{Thing, ThingUpdate, observer::SinkSpec, observer::StateSection},
@@ -32,11 +33,18 @@ pub enum Sink {
         retain: bool,
     },
     Http(HttpEndpoint),
-    Thing {
-        api: Api<Thing>,
-        name: String,
-        path: Option<String>,
-    },
+    Thing(Box<ThingTarget>),
+}
+
+/// Another Thing's desired state, as a sink.
+pub struct ThingTarget {
+    api: Api<Thing>,
+    namespace: String,
+    name: String,
+    path: Option<String>,
+    /// Where the write's provenance is recorded, so the target's next update continues the
+    /// chain.
+    book: ProvenanceBook,
 }
 
 impl Sink {
@@ -48,6 +56,7 @@ impl Sink {
         client: &Client,
         mqtt: &MqttAccess,
         egress: &Arc<EgressPolicy>,
+        book: &ProvenanceBook,
     ) -> Result<Sink, DeliveryError> {
         if let Some(m) = &spec.mqtt {
             let client = match mqtt.client_for(namespace).await {
@@ -72,11 +81,13 @@ impl Sink {
             ));
         }
         if let Some(t) = &spec.thing {
-            return Ok(Sink::Thing {
+            return Ok(Sink::Thing(Box::new(ThingTarget {
                 api: Api::namespaced(client.clone(), namespace),
+                namespace: namespace.to_string(),
                 name: t.name.clone(),
                 path: t.path.clone(),
-            });
+                book: book.clone(),
+            })));
         }
         Err(DeliveryError::permanent("no sink set"))
     }
@@ -86,16 +97,28 @@ impl Sink {
         match self {
             Sink::Mqtt { .. } => "mqtt",
             Sink::Http(_) => "http",
-            Sink::Thing { .. } => "thing",
+            Sink::Thing(_) => "thing",
         }
     }
 
-    /// Delivers one update. At-least-once: the caller retries retryable errors.
+    /// The provenance of an event with `provenance` after it passed this sink: one hop
+    /// further; `Err` when that closes a loop (back into its origin Thing) or makes the chain
+    /// too long. The event is then dropped, not delivered.
+    pub fn hop(&self, provenance: &Provenance) -> Result<Provenance, LoopStop> {
+        match self {
+            Sink::Thing(target) => provenance.into_thing(&target.namespace, &target.name),
+            Sink::Mqtt { .. } | Sink::Http(_) => provenance.next(),
+        }
+    }
+
+    /// Delivers one update, as `provenance` (from [`Sink::hop`]). At-least-once: the caller
+    /// retries retryable errors.
     pub async fn deliver(
         &self,
         update: &ThingUpdate,
         section: StateSection,
         data: &Value,
+        provenance: &Provenance,
     ) -> Result<(), DeliveryError> {
         match self {
             Sink::Mqtt {
@@ -104,15 +127,26 @@ impl Sink {
                 qos,
                 retain,
             } => {
-                let payload = serde_json::to_vec(&cloud_event(update, section, data))
+                let payload = serde_json::to_vec(&cloud_event(update, section, data, provenance))
                     .map_err(|e| DeliveryError::permanent(format!("encoding: {e}")))?;
                 client
                     .publish(topic.clone(), *qos, *retain, payload)
                     .await
                     .map_err(|e| DeliveryError::retryable(format!("MQTT publish to {topic}: {e}")))
             }
-            Sink::Http(endpoint) => endpoint.post(&cloud_event(update, section, data)).await,
-            Sink::Thing { api, name, path } => {
+            Sink::Http(endpoint) => {
+                endpoint
+                    .post(&cloud_event(update, section, data, provenance))
+                    .await
+            }
+            Sink::Thing(target) => {
+                let ThingTarget {
+                    api,
+                    namespace,
+                    name,
+                    path,
+                    book,
+                } = target.as_ref();
                 let mut desired = Value::Object(Default::default());
                 set_pointer(&mut desired, path.as_deref().unwrap_or(""), data.clone());
                 if !desired.is_object() {
@@ -120,19 +154,21 @@ impl Sink {
                         "sink.thing without path needs an object to merge",
                     ));
                 }
-                merge_into_desired(api, name, desired)
-                    .await
-                    .map_err(|e| match &e {
-                        kube::Error::Api(s) if s.code == 404 => {
-                            // The target may be created later: keep trying within the attempts.
-                            DeliveryError::retryable(format!("target Thing {name} not found"))
-                        }
-                        kube::Error::Api(s) if refused(&e) => DeliveryError::permanent(format!(
-                            "target Thing {name} refused the update: {}",
-                            s.message
-                        )),
-                        _ => DeliveryError::retryable(format!("patching Thing {name}: {e}")),
-                    })
+                let written =
+                    merge_into_desired(api, name, desired)
+                        .await
+                        .map_err(|e| match &e {
+                            kube::Error::Api(s) if s.code == 404 => {
+                                // The target may be created later: keep trying within the attempts.
+                                DeliveryError::retryable(format!("target Thing {name} not found"))
+                            }
+                            kube::Error::Api(s) if refused(&e) => DeliveryError::permanent(
+                                format!("target Thing {name} refused the update: {}", s.message),
+                            ),
+                            _ => DeliveryError::retryable(format!("patching Thing {name}: {e}")),
+                        })?;
+                book.record(namespace, name, provenance.clone(), written);
+                Ok(())
             }
         }
     }

@@ -5,11 +5,56 @@
 use serde_json::Value;
 
 use super::receipt::Receipt;
-
 use crate::{
     api::{JsonObject, validation::check_document},
-    forwarding::json::{coalesce, set_pointer},
+    forwarding::{
+        json::{coalesce, set_pointer},
+        provenance::Provenance,
+    },
 };
+
+/// The CloudEvent `type` prefix of Observers' events.
+const OBSERVER_EVENT_TYPE: &str = "dev.thing-operator.thing.";
+
+/// A message as it will be written: the document, and the provenance it carries when it is an
+/// Observer's CloudEvent (see [`crate::forwarding::provenance`]).
+#[derive(Debug, PartialEq)]
+pub struct Parsed {
+    pub doc: JsonObject,
+    pub provenance: Option<Provenance>,
+}
+
+/// An Observer's CloudEvent stands for its `data.state`: that is what is written, so an
+/// Observer -> Subscriber graph (across clusters, say) carries the state, not the envelope.
+fn unwrap_observer_event(mut doc: serde_json::Map<String, Value>) -> Parsed {
+    let is_observer_event = doc.contains_key("specversion")
+        && doc
+            .get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t.starts_with(OBSERVER_EVENT_TYPE))
+        && doc
+            .get("data")
+            .and_then(|d| d.get("state"))
+            .is_some_and(Value::is_object);
+    if !is_observer_event {
+        return Parsed {
+            doc: JsonObject(doc),
+            provenance: None,
+        };
+    }
+    let provenance = Provenance::of_event(&Value::Object(doc.clone()));
+    let state = match doc.remove("data") {
+        Some(Value::Object(mut data)) => match data.remove("state") {
+            Some(Value::Object(state)) => state,
+            _ => Default::default(),
+        },
+        _ => Default::default(),
+    };
+    Parsed {
+        doc: JsonObject(state),
+        provenance,
+    }
+}
 
 /// Default `maxMessageBytes`.
 pub const DEFAULT_MAX_MESSAGE: usize = 64 * 1024;
@@ -49,7 +94,7 @@ pub enum Rejection {
 }
 
 /// Parses and checks one message.
-pub fn parse_message(payload: &[u8], max_bytes: usize) -> Result<JsonObject, Rejection> {
+pub fn parse_message(payload: &[u8], max_bytes: usize) -> Result<Parsed, Rejection> {
     if payload.len() > max_bytes {
         return Err(Rejection::TooLarge(payload.len(), max_bytes));
     }
@@ -58,12 +103,12 @@ pub fn parse_message(payload: &[u8], max_bytes: usize) -> Result<JsonObject, Rej
     let Value::Object(map) = value else {
         return Err(Rejection::NotObject);
     };
-    let doc = JsonObject(map);
-    let problems = check_document("message", &doc, max_bytes);
+    let parsed = unwrap_observer_event(map);
+    let problems = check_document("message", &parsed.doc, max_bytes);
     if !problems.is_empty() {
         return Err(Rejection::Invalid(problems.join("; ")));
     }
-    Ok(doc)
+    Ok(parsed)
 }
 
 /// Folds an accepted message into the pending write: placed at the target's `path` (the whole
@@ -102,8 +147,35 @@ mod tests {
     }
 
     #[test]
+    fn an_observers_cloud_event_stands_for_its_state_and_keeps_its_provenance() {
+        let event = json!({
+            "specversion": "1.0", "type": "dev.thing-operator.thing.desired",
+            "iotorigin": "ns/a", "iothops": 1,
+            "data": {"thing": "a", "namespace": "ns", "state": {"temp": 21}},
+        });
+        let parsed = parse_message(event.to_string().as_bytes(), 1000).unwrap();
+        assert_eq!(
+            parsed.doc.0,
+            json!({"temp": 21}).as_object().unwrap().clone()
+        );
+        assert_eq!(
+            parsed.provenance,
+            Some(Provenance {
+                origin: "ns/a".into(),
+                hops: 1
+            })
+        );
+        // Another producer's CloudEvent is written as it is.
+        let other =
+            json!({"specversion": "1.0", "type": "com.example.reading", "data": {"state": {}}});
+        let parsed = parse_message(other.to_string().as_bytes(), 1000).unwrap();
+        assert!(parsed.doc.0.contains_key("specversion"));
+        assert_eq!(parsed.provenance, None);
+    }
+
+    #[test]
     fn messages_are_placed_at_the_path_and_later_ones_win() {
-        let msg = |v: Value| parse_message(v.to_string().as_bytes(), 1000).unwrap();
+        let msg = |v: Value| parse_message(v.to_string().as_bytes(), 1000).unwrap().doc;
         let mut pending = None;
         add_to_pending(
             &mut pending,

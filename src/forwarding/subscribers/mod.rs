@@ -35,6 +35,7 @@ use super::{
 use crate::{
     api::{Subscriber, object_key},
     feed::ReportedStateWriter,
+    forwarding::provenance::ProvenanceBook,
     metrics::Metrics,
 };
 
@@ -47,6 +48,8 @@ const HTTP_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 pub struct SubscriberManager {
     client: Client,
     mqtt: MqttAccess,
+    /// Shared with the Observers: what the operator's own writes into Things caused.
+    provenance: ProvenanceBook,
     /// Where `target.field: Reported` writes go (wired by the runner: forwarding does not know
     /// which backend takes reported state, or how).
     reported: Arc<dyn ReportedStateWriter>,
@@ -63,6 +66,7 @@ impl SubscriberManager {
         client: Client,
         mqtt: MqttAccess,
         reported: Arc<dyn ReportedStateWriter>,
+        provenance: ProvenanceBook,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -72,6 +76,7 @@ impl SubscriberManager {
             client,
             mqtt,
             reported,
+            provenance,
             metrics,
             shutdown,
             routes,
@@ -142,6 +147,7 @@ impl SubscriberManager {
             subscriber,
             target,
             self.client.clone(),
+            self.provenance.clone(),
             self.metrics.clone(),
             cancel.clone(),
         );

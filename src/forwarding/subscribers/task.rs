@@ -26,6 +26,7 @@ use super::{
     receipt::Receipt,
     write::TargetWriter,
 };
+use crate::forwarding::provenance::{Provenance, ProvenanceBook};
 use crate::{
     api::{Subscriber, subscriber::SubscriberSpec},
     forwarding::{json::coalesce, tasks::write_task_status},
@@ -44,6 +45,7 @@ const ACK_BATCH: usize = 16;
 const EARLY_WRITE_SPACING: Duration = Duration::from_millis(100);
 
 pub struct SubscriberTask {
+    namespace: String,
     name: String,
     spec: SubscriberSpec,
     api: Api<Subscriber>,
@@ -58,6 +60,10 @@ pub struct SubscriberTask {
     pending: Option<Value>,
     /// Whom to answer once `pending` is written.
     waiting: Vec<Receipt>,
+    /// The longest chain of events among the pending messages (Observers' CloudEvents): what
+    /// the write continues (see [`crate::forwarding::provenance`]).
+    provenance: Option<Provenance>,
+    book: ProvenanceBook,
     /// When the last write was attempted.
     last_write: tokio::time::Instant,
     /// Counters changed since the last status write.
@@ -73,6 +79,7 @@ impl SubscriberTask {
         subscriber: &Subscriber,
         target: TargetWriter,
         client: Client,
+        book: ProvenanceBook,
         metrics: Arc<Metrics>,
         cancel: CancellationToken,
     ) -> Self {
@@ -80,6 +87,7 @@ impl SubscriberTask {
         let status = subscriber.status.clone().unwrap_or_default();
         Self {
             api: Api::namespaced(client, &namespace),
+            namespace,
             name: subscriber.name_any(),
             spec: subscriber.spec.clone(),
             target,
@@ -92,6 +100,8 @@ impl SubscriberTask {
             last_error: None,
             pending: None,
             waiting: Vec::new(),
+            provenance: None,
+            book,
             last_write: tokio::time::Instant::now(),
             dirty: false,
             retry_at: None,
@@ -108,26 +118,46 @@ impl SubscriberTask {
 
     fn accept(&mut self, msg: Inbound) {
         self.last_received_time = Some(Utc::now());
-        let verdict = parse_message(&msg.payload, self.max_bytes()).map(|doc| {
-            add_to_pending(&mut self.pending, self.spec.target.path.as_deref(), doc);
-        });
-        match &verdict {
-            Ok(()) => {
-                self.received += 1;
-                self.metrics.count_event("Subscriber", "received");
-            }
-            Err(e) => {
-                self.rejected += 1;
-                self.last_error = Some(e.to_string());
-                self.metrics.count_event("Subscriber", "rejected");
+        let parsed = match parse_message(&msg.payload, self.max_bytes()) {
+            Ok(parsed) => parsed,
+            Err(e) => return self.refuse(msg.receipt, e),
+        };
+        if let Some(chain) = &parsed.provenance {
+            match chain.into_thing(&self.namespace, &self.target.thing_name) {
+                Ok(next) => {
+                    if self.provenance.as_ref().is_none_or(|p| next.hops > p.hops) {
+                        self.provenance = Some(next);
+                    }
+                }
+                Err(stop) => {
+                    // The graph settles here: handled (acknowledged), not written.
+                    tracing::debug!(%stop, "event not written");
+                    self.metrics.count_event("Subscriber", "dropped_loop");
+                    msg.receipt.settle(Ok(()));
+                    return;
+                }
             }
         }
+        add_to_pending(
+            &mut self.pending,
+            self.spec.target.path.as_deref(),
+            parsed.doc,
+        );
+        self.received += 1;
+        self.metrics.count_event("Subscriber", "received");
         self.dirty = true;
-        match verdict {
-            // Answered once written.
-            Ok(()) => self.waiting.push(msg.receipt),
-            Err(e) => msg.receipt.settle(Err(e)),
-        }
+        // Answered once written.
+        self.waiting.push(msg.receipt);
+    }
+
+    /// A message refused for good: counted, and its sender told (an MQTT message is
+    /// acknowledged: redelivering it cannot change the verdict).
+    fn refuse(&mut self, receipt: Receipt, e: Rejection) {
+        self.rejected += 1;
+        self.last_error = Some(e.to_string());
+        self.metrics.count_event("Subscriber", "rejected");
+        self.dirty = true;
+        receipt.settle(Err(e));
     }
 
     /// Whether enough senders wait for their answer to write before the interval ends.
@@ -153,7 +183,15 @@ impl SubscriberTask {
         // The senders of what this write holds; whoever arrives meanwhile waits for the next.
         let written = std::mem::take(&mut self.waiting);
         match self.target.write(&doc).await {
-            Ok(()) => {
+            Ok(desired) => {
+                if let (Some(provenance), Some(desired)) = (self.provenance.take(), desired) {
+                    self.book.record(
+                        &self.namespace,
+                        &self.target.thing_name,
+                        provenance,
+                        desired,
+                    );
+                }
                 self.retry_at = None;
                 self.retry_delay = WRITE_INTERVAL;
                 for receipt in written {

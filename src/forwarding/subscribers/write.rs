@@ -9,7 +9,7 @@ use kube::Api;
 use serde_json::Value;
 
 use crate::{
-    api::{Thing, subscriber::TargetField},
+    api::{JsonObject, Thing, subscriber::TargetField},
     feed::{ReportError, ReportedStateWriter},
     forwarding::{
         DeliveryError,
@@ -26,12 +26,14 @@ pub struct TargetWriter {
 }
 
 impl TargetWriter {
-    /// Writes `doc` (a merge patch, already placed at the target's path).
-    pub async fn write(&self, doc: &Value) -> Result<(), DeliveryError> {
+    /// Writes `doc` (a merge patch, already placed at the target's path). Returns the desired
+    /// document the write left, for `field: Desired`.
+    pub async fn write(&self, doc: &Value) -> Result<Option<JsonObject>, DeliveryError> {
         let target = &self.thing_name;
         match self.field {
             TargetField::Desired => merge_into_desired(&self.things, target, doc.clone())
                 .await
+                .map(Some)
                 .map_err(|e| {
                     let message = format!("writing desired state of Thing {target}: {e}");
                     match refused(&e) {
@@ -47,6 +49,7 @@ impl TargetWriter {
                 self.reported
                     .write_reported(&thing, doc)
                     .await
+                    .map(|()| None)
                     .map_err(|e| match e {
                         ReportError::Unsupported(m) => DeliveryError::permanent(m),
                         ReportError::Failed(m) => DeliveryError::retryable(m),
