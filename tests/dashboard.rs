@@ -2,7 +2,8 @@
 //! with the labels the queries group and filter by: a renamed metric or label fails here rather
 //! than showing an empty panel. The operator under test is driven so that every panel's metric
 //! has samples, and the metrics behind the fleet panels (Things by Ready reason, dead letters,
-//! MQTT connection state) are checked for their values too.
+//! MQTT connection state) are checked for their values too; the connection state also through
+//! a loss of the connection.
 
 mod common;
 
@@ -17,6 +18,10 @@ use kube::{
 };
 use serde_json::{Value, json};
 use thing_operator::api::Observer;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::{JoinHandle, JoinSet},
+};
 
 const DASHBOARD: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -297,4 +302,93 @@ async fn every_dashboard_metric_is_exposed() {
     })
     .await;
     assert_eq!(things_with("Reconciled").await, 1.0);
+}
+
+/// A TCP relay to the test broker that the test can cut: every relayed connection closes, and
+/// the port refuses new ones until the relay opens again. Cutting the shared broker itself would
+/// disconnect every other test.
+struct Relay {
+    port: u16,
+    upstream: String,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    async fn open(upstream: String) -> Relay {
+        let mut relay = Relay {
+            port: free_port(),
+            upstream,
+            task: None,
+        };
+        relay.reopen().await;
+        relay
+    }
+
+    async fn reopen(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let upstream = self.upstream.clone();
+        self.task = Some(tokio::spawn(async move {
+            // Dropped with this task on a cut: every relayed connection closes with it.
+            let mut connections = JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    fn cut(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// `thing_operator_mqtt_connected` is 1 while the connection is up, 0 from its loss until the
+/// operator is back on the broker.
+#[tokio::test]
+async fn mqtt_connection_state_follows_the_connection() {
+    let s = Setup::new("dash-mqtt").await;
+    let broker = s.env.var("MQTT_URL");
+    let upstream = broker
+        .strip_prefix("mqtt://")
+        .expect("plain MQTT in the test env")
+        .to_string();
+    let mut relay = Relay::open(upstream).await;
+    let op = s
+        .operator()
+        .args([
+            "--mqtt-url",
+            &format!("mqtt://127.0.0.1:{}", relay.port),
+            "--mqtt-username",
+            &s.env.var("MQTT_ADMIN_USER"),
+            "--mqtt-password-file",
+            &s.env.var("MQTT_ADMIN_PASSWORD_FILE"),
+            "--mqtt-topic-prefix",
+            "dash-mqtt",
+        ])
+        .ready()
+        .await;
+    let backend_is = |want: f64, what: &'static str| {
+        let op = &op;
+        let s = &s;
+        async move {
+            s.wait_for(what, || async {
+                (op.metric("thing_operator_mqtt_connected", &["connection=\"backend\""])
+                    .await
+                    == want)
+                    .then_some(())
+            })
+            .await
+        }
+    };
+    backend_is(1.0, "the backend connection up").await;
+    relay.cut();
+    backend_is(0.0, "the backend connection reported down").await;
+    relay.reopen().await;
+    backend_is(1.0, "the backend connection up again").await;
 }
