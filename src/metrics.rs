@@ -1,6 +1,9 @@
 //! Prometheus metrics, served as text on /metrics.
 
-use std::sync::Mutex;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Mutex,
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -43,6 +46,18 @@ pub struct NamespaceLabels {
     pub namespace: String,
 }
 
+/// Things by backend and the reason of their Ready condition.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ThingLabels {
+    pub backend: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub connection: String,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     pub reconciles: Family<OutcomeLabels, Counter>,
@@ -53,6 +68,9 @@ pub struct Metrics {
     pub backend_calls: Family<BackendCallLabels, Counter>,
     pub mqtt_subscriptions_refused: Family<NamespaceLabels, Counter>,
     pub leader: Gauge,
+    pub things: Family<ThingLabels, Gauge>,
+    pub observer_dead_letters: Family<NamespaceLabels, Counter>,
+    pub mqtt_connected: Family<ConnectionLabels, Gauge>,
 }
 
 fn reconcile_histogram() -> Histogram {
@@ -125,6 +143,24 @@ impl Default for Metrics {
             "The operator's version and commit (always 1)",
             build_info,
         );
+        let things = Family::<ThingLabels, Gauge>::default();
+        registry.register(
+            "things",
+            "Things by backend and Ready reason, recomputed from the controller's cache",
+            things.clone(),
+        );
+        let observer_dead_letters = Family::<NamespaceLabels, Counter>::default();
+        registry.register(
+            "observer_dead_letters",
+            "Updates an Observer gave up delivering (dropped after its retries), by namespace",
+            observer_dead_letters.clone(),
+        );
+        let mqtt_connected = Family::<ConnectionLabels, Gauge>::default();
+        registry.register(
+            "mqtt_connected",
+            "1 while an MQTT connection of the operator is up, by connection",
+            mqtt_connected.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciles,
@@ -135,6 +171,9 @@ impl Default for Metrics {
             backend_calls,
             mqtt_subscriptions_refused,
             leader,
+            things,
+            observer_dead_letters,
+            mqtt_connected,
         }
     }
 }
@@ -198,6 +237,40 @@ impl Metrics {
                 outcome: outcome.into(),
             })
             .inc();
+    }
+
+    /// Replaces the Things gauge with `counts`: label sets missing from `counts` but in
+    /// `previous` (what the last call set) are removed, so a reason no Thing has any more
+    /// leaves the gauge instead of staying at a stale count. Returns what to pass next time.
+    pub fn set_things(
+        &self,
+        counts: BTreeMap<ThingLabels, i64>,
+        previous: BTreeSet<ThingLabels>,
+    ) -> BTreeSet<ThingLabels> {
+        for gone in previous.iter().filter(|l| !counts.contains_key(l)) {
+            self.things.remove(gone);
+        }
+        for (labels, n) in &counts {
+            self.things.get_or_create(labels).set(*n);
+        }
+        counts.into_keys().collect()
+    }
+
+    pub fn count_dead_letter(&self, namespace: &str) {
+        self.observer_dead_letters
+            .get_or_create(&NamespaceLabels {
+                namespace: namespace.into(),
+            })
+            .inc();
+    }
+
+    /// The state gauge of the MQTT connection `name` (starts at 0: not connected yet).
+    pub fn mqtt_connection(&self, name: &str) -> Gauge {
+        self.mqtt_connected
+            .get_or_create(&ConnectionLabels {
+                connection: name.into(),
+            })
+            .clone()
     }
 }
 

@@ -274,6 +274,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             eventloop,
             mqtt,
             Arc::new(crate::mqtt::connection::IgnoreMessages),
+            metrics.mqtt_connection("events"),
             shutdown.clone(),
         );
     }

@@ -1,15 +1,27 @@
 //! Every metric the chart's Grafana dashboard queries is one the operator exposes on /metrics,
 //! with the labels the queries group and filter by: a renamed metric or label fails here rather
-//! than showing an empty panel.
+//! than showing an empty panel. The operator under test is driven so that every panel's metric
+//! has samples, and the metrics behind the fleet panels (Things by Ready reason, dead letters,
+//! MQTT connection state) are checked for their values too; the connection state also through
+//! a loss of the connection.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{Setup, thing};
+use axum::{Router, http::StatusCode, routing::post};
+use common::{Setup, create_resource, free_port, thing};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::PostParams;
+use kube::{
+    Api,
+    api::{DeleteParams, PostParams},
+};
 use serde_json::{Value, json};
+use thing_operator::api::Observer;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::{JoinHandle, JoinSet},
+};
 
 const DASHBOARD: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -109,6 +121,18 @@ fn label_names(expr: &str) -> BTreeSet<String> {
     labels
 }
 
+/// An HTTP sink that answers every delivery with 400, a final answer: each update an Observer
+/// sends it becomes a dead letter at once (no retries).
+async fn refusing_receiver() -> String {
+    let port = free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let app = Router::new().route("/events", post(|| async { StatusCode::BAD_REQUEST }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://127.0.0.1:{port}/events")
+}
+
 #[test]
 fn expression_parsing() {
     let expr = r#"sum by (kind, outcome) (rate(thing_operator_reconciles_total{job=~"$job",outcome="error"}[5m]))"#;
@@ -128,7 +152,14 @@ async fn every_dashboard_metric_is_exposed() {
     let dashboard: Value =
         serde_json::from_str(&std::fs::read_to_string(DASHBOARD).unwrap()).unwrap();
     let s = Setup::new("dash").await;
-    let op = s.operator().mqtt("dash").ready().await;
+    let ns = &s.ns;
+    let op = s
+        .operator()
+        .mqtt("dash")
+        // The refusing sink below is on loopback, which HTTP sinks may not reach by default.
+        .args(["--http-sink-allow-cidr", "127.0.0.0/8"])
+        .ready()
+        .await;
     // One Thing through its whole life, so reconcile, backend, status and Event metrics have
     // samples whose labels can be checked too.
     thing("lamp")
@@ -160,6 +191,66 @@ async fn every_dashboard_metric_is_exposed() {
             .then_some(())
     })
     .await;
+    // An Observer whose every delivery is refused, for the dead-letter metric.
+    let observers: Api<Observer> = s.api();
+    create_resource(
+        &observers,
+        "refused",
+        json!({
+            "source": {"thingName": "lamp"},
+            "sink": {"http": {"url": refusing_receiver().await}},
+        }),
+    )
+    .await;
+    let dead_letters = format!("namespace=\"{ns}\"");
+    s.wait_for("a dead letter counted", || async {
+        (op.metric(
+            "thing_operator_observer_dead_letters_total",
+            &[&dead_letters],
+        )
+        .await
+            > 0.0)
+            .then_some(())
+    })
+    .await;
+    // The Things gauge counts both Things by backend and Ready reason (recomputed every 10 s).
+    let things_with = |reason: &'static str| {
+        let op = &op;
+        async move {
+            op.metric(
+                "thing_operator_things",
+                &["backend=\"Mosquitto\"", &format!("reason=\"{reason}\"")],
+            )
+            .await
+        }
+    };
+    s.wait_for("both Things in the gauge", || async {
+        (things_with("Reconciled").await == 1.0 && things_with("SecretConflict").await == 1.0)
+            .then_some(())
+    })
+    .await;
+    // Every kind of MQTT connection reports itself up: the operator's admin connection, the
+    // one Subscribers write through, and the namespace's own (made for an MQTT sink).
+    create_resource(
+        &observers,
+        "to-mqtt",
+        json!({
+            "source": {"thingName": "lamp"},
+            "sink": {"mqtt": {"topic": format!("dash/namespaces/{ns}/lamp")}},
+        }),
+    )
+    .await;
+    for connection in [
+        "backend".to_string(),
+        "events".into(),
+        format!("namespace/{ns}"),
+    ] {
+        let filter = format!("connection=\"{connection}\"");
+        s.wait_for(&format!("MQTT connection {connection} up"), || async {
+            (op.metric("thing_operator_mqtt_connected", &[&filter]).await == 1.0).then_some(())
+        })
+        .await;
+    }
     let (_, text) = op.get("/metrics").await.expect("metrics served");
     let exposed = exposed_names(&text);
     let samples = sample_labels(&text);
@@ -195,4 +286,109 @@ async fn every_dashboard_metric_is_exposed() {
         "only {checked} of {} queries had samples",
         exprs.len()
     );
+
+    // A deleted Thing leaves the gauge: no sample is left at a stale count.
+    s.things()
+        .delete("squatter", &DeleteParams::default())
+        .await
+        .unwrap();
+    s.wait_gone(&s.things(), "squatter").await;
+    s.wait_for("the deleted Thing gone from the gauge", || async {
+        let (_, text) = op.get("/metrics").await?;
+        let stale = text.lines().any(|l| {
+            l.starts_with("thing_operator_things{") && l.contains("reason=\"SecretConflict\"")
+        });
+        (!stale).then_some(())
+    })
+    .await;
+    assert_eq!(things_with("Reconciled").await, 1.0);
+}
+
+/// A TCP relay to the test broker that the test can cut: every relayed connection closes, and
+/// the port refuses new ones until the relay opens again. Cutting the shared broker itself would
+/// disconnect every other test.
+struct Relay {
+    port: u16,
+    upstream: String,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    async fn open(upstream: String) -> Relay {
+        let mut relay = Relay {
+            port: free_port(),
+            upstream,
+            task: None,
+        };
+        relay.reopen().await;
+        relay
+    }
+
+    async fn reopen(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let upstream = self.upstream.clone();
+        self.task = Some(tokio::spawn(async move {
+            // Dropped with this task on a cut: every relayed connection closes with it.
+            let mut connections = JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    fn cut(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// `thing_operator_mqtt_connected` is 1 while the connection is up, 0 from its loss until the
+/// operator is back on the broker.
+#[tokio::test]
+async fn mqtt_connection_state_follows_the_connection() {
+    let s = Setup::new("dash-mqtt").await;
+    let broker = s.env.var("MQTT_URL");
+    let upstream = broker
+        .strip_prefix("mqtt://")
+        .expect("plain MQTT in the test env")
+        .to_string();
+    let mut relay = Relay::open(upstream).await;
+    let op = s
+        .operator()
+        .args([
+            "--mqtt-url",
+            &format!("mqtt://127.0.0.1:{}", relay.port),
+            "--mqtt-username",
+            &s.env.var("MQTT_ADMIN_USER"),
+            "--mqtt-password-file",
+            &s.env.var("MQTT_ADMIN_PASSWORD_FILE"),
+            "--mqtt-topic-prefix",
+            "dash-mqtt",
+        ])
+        .ready()
+        .await;
+    let backend_is = |want: f64, what: &'static str| {
+        let op = &op;
+        let s = &s;
+        async move {
+            s.wait_for(what, || async {
+                (op.metric("thing_operator_mqtt_connected", &["connection=\"backend\""])
+                    .await
+                    == want)
+                    .then_some(())
+            })
+            .await
+        }
+    };
+    backend_is(1.0, "the backend connection up").await;
+    relay.cut();
+    backend_is(0.0, "the backend connection reported down").await;
+    relay.reopen().await;
+    backend_is(1.0, "the backend connection up again").await;
 }

@@ -7,7 +7,8 @@
 //!   Event fires, what to requeue);
 //! - `task_kind`: the shared reconciler of the kinds that run in-memory tasks (`observer`,
 //!   `subscriber`);
-//! - `status`, `kube_events`, `backoff`: status writes, Events, retry delays.
+//! - `status`, `kube_events`, `backoff`: status writes, Events, retry delays;
+//! - `things_gauge`: the Things-by-Ready-reason gauge, recomputed from the Thing cache.
 
 mod backoff;
 mod context;
@@ -19,6 +20,7 @@ pub mod status;
 mod subscriber;
 mod task_kind;
 mod thing;
+mod things_gauge;
 
 #[cfg(test)]
 mod fixtures;
@@ -147,6 +149,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken, readiness: Arc<
         None,
         subscriber::reconcile,
     );
+    let gauge = things_gauge::run(things.clone(), ctx.metrics.clone(), shutdown.clone());
     let ready = async move {
         let synced = async {
             things.wait_until_ready().await.is_ok()
@@ -158,5 +161,5 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken, readiness: Arc<
             readiness.set_ready(true);
         }
     };
-    tokio::join!(things_fut, observers_fut, subscribers_fut, ready);
+    tokio::join!(things_fut, observers_fut, subscribers_fut, ready, gauge);
 }

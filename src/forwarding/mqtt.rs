@@ -172,7 +172,15 @@ async fn connect(shared: &Shared, namespace: &str) -> Result<AsyncClient, Access
         metrics: shared.metrics.clone(),
         namespace: namespace.to_string(),
     });
-    connection::spawn_driver(eventloop, client.clone(), handler, shared.shutdown.clone());
+    connection::spawn_driver(
+        eventloop,
+        client.clone(),
+        handler,
+        shared
+            .metrics
+            .mqtt_connection(&format!("namespace/{namespace}")),
+        shared.shutdown.clone(),
+    );
     tracing::info!(%namespace, "namespace broker connection started");
     Ok(client)
 }

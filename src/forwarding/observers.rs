@@ -329,6 +329,7 @@ impl ObserverTask {
                 self.last_error = Some(e.message);
                 self.metrics
                     .count_event("Observer", &format!("failed_{}", sink.kind()));
+                self.metrics.count_dead_letter(&self.namespace);
             }
         }
         self.dirty = true;

@@ -4,9 +4,12 @@
 //! rumqttc reconnects when its event loop is polled again after an error; this module keeps
 //! polling with a capped backoff and tells the handler on every (re)connect, so subscriptions
 //! are renewed even when the broker lost its sessions (a restart without persistence).
+//! Each connection reports whether it is up through its own gauge
+//! (`thing_operator_mqtt_connected{connection}`).
 
 use std::{path::Path, sync::Arc, time::Duration};
 
+use prometheus_client::metrics::gauge::Gauge;
 use rumqttc::{
     AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Publish, QoS, Transport,
 };
@@ -181,20 +184,23 @@ pub fn build(settings: ConnectionSettings) -> (AsyncClient, EventLoop) {
     (client, eventloop)
 }
 
-/// Drives the event loop until `shutdown`, calling `handler`.
+/// Drives the event loop until `shutdown`, calling `handler`; `connected` is 1 while the
+/// connection is up (from its CONNACK to its first error), 0 otherwise.
 pub fn spawn_driver(
     eventloop: EventLoop,
     client: AsyncClient,
     handler: Arc<dyn Handler>,
+    connected: Gauge,
     shutdown: CancellationToken,
 ) {
-    tokio::spawn(drive(eventloop, client, handler, shutdown));
+    tokio::spawn(drive(eventloop, client, handler, connected, shutdown));
 }
 
 async fn drive(
     mut eventloop: EventLoop,
     client: AsyncClient,
     handler: Arc<dyn Handler>,
+    connected: Gauge,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -203,12 +209,15 @@ async fn drive(
             e = eventloop.poll() => e,
             _ = shutdown.cancelled() => {
                 let _ = client.try_disconnect();
+                connected.set(0);
                 return;
             }
         };
         match event {
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                 tracing::info!(code = ?ack.code, "connected to the MQTT broker");
+                // rumqttc turns a refused CONNACK into an error: this one accepted us.
+                connected.set(1);
                 backoff = Duration::from_millis(100);
                 handler.on_connected(&client);
             }
@@ -226,6 +235,7 @@ async fn drive(
             }
             Ok(_) => {}
             Err(e) => {
+                connected.set(0);
                 // The error names the connection problem, never credentials.
                 tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection lost");
                 tokio::select! {

@@ -109,6 +109,7 @@ impl MosquittoProvider {
             eventloop,
             client.clone(),
             service.clone(),
+            metrics.mqtt_connection("backend"),
             CancellationToken::new(),
         );
         Ok(Self {
