@@ -159,6 +159,50 @@ fn events_mqtt_connection(args: &RunArgs) -> anyhow::Result<Option<EventsMqtt>> 
     Ok(Some((client, eventloop, config.layout, endpoint)))
 }
 
+/// The REST message broker's inbound direction (`…/desired/patch`), on a connection of its own
+/// with a persistent session under a fixed client id (one per topic prefix), so that a patch
+/// not yet written when a leader dies is redelivered to the next. Started once this replica
+/// leads; nothing without a broker.
+fn start_desired_patches(
+    args: &RunArgs,
+    kube: &Client,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    use crate::{mqtt::connection, provider::mosquitto::MosquittoConfig};
+    let Some(config) = MosquittoConfig::from_args(args)? else {
+        return Ok(());
+    };
+    let tls = match config.address.tls {
+        true => Some(connection::tls_config(config.ca_file.as_deref())?),
+        false => None,
+    };
+    let (client, eventloop) = connection::build(connection::ConnectionSettings {
+        address: config.address,
+        tls,
+        username: config.username,
+        password: config.password,
+        client_id: format!("thing-operator-desired-patch/{}", config.layout.prefix()),
+        last_will: None,
+        session: connection::Session::PersistentManualAcks,
+    });
+    let (router, writer) = crate::rest_broker::desired_inbound::desired_patches(
+        config.layout,
+        kube.clone(),
+        client.clone(),
+        args.watch_namespace.clone(),
+    );
+    tokio::spawn(writer.run(shutdown.clone()));
+    connection::spawn_driver(
+        eventloop,
+        client,
+        Arc::new(router),
+        metrics.mqtt_connection("desired-patch"),
+        shutdown.clone(),
+    );
+    Ok(())
+}
+
 /// Losing the lease means another replica may act: stop at once.
 fn stop_when_lease_lost(
     mut leader: tokio::sync::watch::Receiver<bool>,
@@ -303,6 +347,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // shadows back to what they were when it started), and a standby keeps no broker session
     // whose last will could announce the leader's broker connection offline.
     let providers = build_providers(&args, &client, &metrics, &wiring, &mqtt_access).await?;
+    start_desired_patches(&args, &client, &metrics, &shutdown).context("MQTT configuration")?;
     let reporter = Reporter {
         controller: args.controller_name.clone(),
         instance: args.pod_name.clone(),

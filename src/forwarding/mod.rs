@@ -14,7 +14,7 @@
 
 mod bus;
 mod cloud_event;
-mod desired;
+pub(crate) mod desired;
 mod filter;
 mod json;
 pub mod mqtt;

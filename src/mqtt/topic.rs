@@ -155,6 +155,9 @@ pub fn check_thing_name(value: &str) -> Result<(), TopicError> {
     Ok(())
 }
 
+/// Under a Thing's topic: where MQTT clients publish JSON merge patches of its desired state.
+pub const DESIRED_PATCH: &str = "desired/patch";
+
 /// The validated topic prefix and everything built from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicLayout {
@@ -254,6 +257,18 @@ impl TopicLayout {
         check_k8s_segment("namespace", ns).ok()?;
         check_k8s_segment("name", name).ok()?;
         Some((ns, name, rest))
+    }
+
+    /// The filter of every Thing's desired-state patch topic (`…/desired/patch`), the REST
+    /// message broker's inbound direction.
+    pub fn desired_patch_filter(&self) -> String {
+        format!("{}/namespaces/+/things/+/{DESIRED_PATCH}", self.prefix)
+    }
+
+    /// The Thing a desired-state patch topic names: `(namespace, name)`.
+    pub fn parse_desired_patch<'t>(&self, topic: &'t str) -> Option<(&'t str, &'t str)> {
+        let (ns, name, rest) = self.parse_thing_topic(topic)?;
+        (rest == DESIRED_PATCH).then_some((ns, name))
     }
 
     /// Topic filters the shadow service subscribes to.

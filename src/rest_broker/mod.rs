@@ -3,8 +3,10 @@
 //! The pure mapping between the two is `crate::mqtt::topic` (shared with the Mosquitto backend
 //! and the Observer/Subscriber tasks); `publisher` publishes each Thing's state, retained, under
 //! its topic, for any backend; `shadow_update` writes reported state into a Thing through its
-//! shadow topic, for Subscribers.
+//! shadow topic, for Subscribers; `desired_inbound` takes desired-state patches MQTT clients
+//! publish under a Thing's topic and writes them into `spec.desired`.
 
+pub mod desired_inbound;
 pub mod publisher;
 pub mod shadow_update;
 
