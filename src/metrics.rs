@@ -67,6 +67,7 @@ pub struct Metrics {
     pub events: Family<OutcomeLabels, Counter>,
     pub backend_calls: Family<BackendCallLabels, Counter>,
     pub mqtt_subscriptions_refused: Family<NamespaceLabels, Counter>,
+    pub observer_overflow: Family<NamespaceLabels, Counter>,
     pub leader: Gauge,
     pub things: Family<ThingLabels, Gauge>,
     pub observer_dead_letters: Family<NamespaceLabels, Counter>,
@@ -124,6 +125,12 @@ impl Default for Metrics {
             "Subscriptions the broker refused to a namespace's account (its ACL), by namespace",
             mqtt_subscriptions_refused.clone(),
         );
+        let observer_overflow = Family::<NamespaceLabels, Counter>::default();
+        registry.register(
+            "observer_overflow",
+            "Updates an Observer with delivery Every missed because its sink fell more than the state bus's capacity behind, by namespace",
+            observer_overflow.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -170,6 +177,7 @@ impl Default for Metrics {
             events,
             backend_calls,
             mqtt_subscriptions_refused,
+            observer_overflow,
             leader,
             things,
             observer_dead_letters,
@@ -254,6 +262,14 @@ impl Metrics {
             self.things.get_or_create(labels).set(*n);
         }
         counts.into_keys().collect()
+    }
+
+    pub fn count_observer_overflow(&self, namespace: &str, missed: u64) {
+        self.observer_overflow
+            .get_or_create(&NamespaceLabels {
+                namespace: namespace.into(),
+            })
+            .inc_by(missed);
     }
 
     pub fn count_dead_letter(&self, namespace: &str) {

@@ -503,3 +503,64 @@ async fn a_recreated_thing_or_a_foreign_role_is_a_conflict_not_a_takeover() {
     s.wait_gone(&s.things, "heater").await;
     assert!(get_role().contains("elsewhere/#"));
 }
+
+/// Delivery modes under a burst of reports: `Every` delivers each report in order; `Latest`
+/// may skip but never goes backwards (no older version after a newer one).
+#[tokio::test]
+async fn every_delivers_each_report_in_order_and_latest_never_goes_back() {
+    let (every_url, every) = common::http_receiver().await;
+    let (latest_url, latest) = common::http_receiver().await;
+    let s = setup("mq-delivery", &["--http-sink-allow-cidr", "127.0.0.0/8"]).await;
+    thing("meter").desired(json!({})).create(&s.things).await;
+    s.wait_ready(&s.things, "meter").await;
+    let observers: kube::Api<thing_operator::api::Observer> = s.api();
+    for (name, url, mode) in [
+        ("every", &every_url, "Every"),
+        ("latest", &latest_url, "Latest"),
+    ] {
+        create_resource(
+            &observers,
+            name,
+            json!({"source": {"thingName": "meter"}, "filter": {"section": "Reported"},
+                   "delivery": mode, "sink": {"http": {"url": url}}}),
+        )
+        .await;
+        s.wait_ready(&observers, name).await;
+    }
+    let c = s.credentials("meter").await;
+    let root = c.aws_root();
+    let mut dev = Device::start(&c, vec![format!("{root}/update/accepted")]);
+    dev.connected().await;
+    const REPORTS: i64 = 60;
+    for seq in 1..=REPORTS {
+        dev.publish(
+            &format!("{root}/update"),
+            format!(r#"{{"state":{{"reported":{{"seq":{seq}}}}}}}"#),
+        )
+        .await;
+    }
+    let seqs = |r: &common::Received| -> Vec<i64> {
+        r.lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["data"]["state"]["seq"].as_i64())
+            .collect()
+    };
+    for received in [&every, &latest] {
+        s.wait_for("the last report at the sink", || async {
+            seqs(received).contains(&REPORTS).then_some(())
+        })
+        .await;
+    }
+    let every_seqs = seqs(&every);
+    assert_eq!(
+        every_seqs,
+        (1..=REPORTS).collect::<Vec<_>>(),
+        "Every: each report, in order"
+    );
+    let latest_seqs = seqs(&latest);
+    assert!(
+        latest_seqs.windows(2).all(|w| w[0] < w[1]),
+        "Latest never goes backwards: {latest_seqs:?}"
+    );
+}

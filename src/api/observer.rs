@@ -150,6 +150,22 @@ pub struct ObserverSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<FilterSpec>,
     pub sink: SinkSpec,
+    /// Which updates are delivered when they come faster than the sink takes them.
+    #[serde(default)]
+    pub delivery: DeliveryMode,
+}
+
+/// How an Observer delivers a stream of updates.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum DeliveryMode {
+    /// Every accepted update, in order per Thing (telemetry: each reading counts). When the
+    /// sink falls more than the state bus's capacity behind, the oldest are dropped and counted.
+    #[default]
+    Every,
+    /// Only the newest state: a slow sink skips what it missed and resumes from the latest.
+    Latest,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]

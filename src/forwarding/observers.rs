@@ -32,7 +32,7 @@ use crate::{
         Observer, ThingUpdate,
         filter_expression::FilterExpression,
         object_key,
-        observer::{ObserverSpec, StateSection},
+        observer::{DeliveryMode, ObserverSpec, StateSection},
     },
     egress::EgressPolicy,
     metrics::Metrics,
@@ -141,6 +141,7 @@ impl ObserverManager {
             memory: memories_from_status(status.last_forwarded.unwrap_or_default()),
             expression: None,
             previous: HashMap::new(),
+            versions: HashMap::new(),
             api: Api::namespaced(self.client.clone(), &ns),
             client: self.client.clone(),
             mqtt: self.mqtt.clone(),
@@ -177,6 +178,9 @@ struct ObserverTask {
     expression: Option<FilterExpression>,
     /// Each watched Thing's section at its previous update (`previous` of the expression).
     previous: HashMap<String, Value>,
+    /// The newest state version seen per Thing: reported state never goes backwards (a paced
+    /// snapshot of an older version, re-published after a newer report, is not delivered).
+    versions: HashMap<String, i64>,
     api: Api<Observer>,
     client: Client,
     /// Where an MQTT sink gets its connection: the one that acts for this namespace.
@@ -269,6 +273,16 @@ impl ObserverTask {
         }
         let filter = self.spec.filter.as_ref();
         let section = filter.map(|f| f.section).unwrap_or_default();
+        if section != StateSection::Desired
+            && let Some(version) = update.version
+        {
+            let newest = self.versions.entry(update.name.clone()).or_insert(version);
+            if version < *newest {
+                self.metrics.count_event("Observer", "skipped_older");
+                return;
+            }
+            *newest = version;
+        }
         let memory = self.memory.get(&update.name).cloned().unwrap_or_default();
         let current = update.section(section);
         let previous = match &self.expression {
@@ -395,12 +409,24 @@ impl ObserverTask {
                 _ = flush.tick() => self.flush().await,
                 msg = rx.recv() => match msg {
                     Ok(update) => self.handle(&sink, &update).await,
-                    Err(RecvError::Lagged(missed)) => {
-                        tracing::debug!(missed, "fell behind; resuming from the latest state");
-                        for update in self.bus.latest(&self.namespace) {
-                            self.handle(&sink, &update).await;
+                    Err(RecvError::Lagged(missed)) => match self.spec.delivery {
+                        DeliveryMode::Latest => {
+                            tracing::debug!(missed, "fell behind; resuming from the latest state");
+                            for update in self.bus.latest(&self.namespace) {
+                                self.handle(&sink, &update).await;
+                            }
                         }
-                    }
+                        DeliveryMode::Every => {
+                            // The oldest were dropped for this Observer (the bus keeps a bounded
+                            // ring): counted and said, then on with what is buffered.
+                            tracing::warn!(missed, "fell behind the state bus; oldest updates dropped");
+                            self.metrics.count_observer_overflow(&self.namespace, missed);
+                            self.last_error = Some(format!(
+                                "fell behind: {missed} updates dropped (the sink is slower than the updates come)"
+                            ));
+                            self.dirty = true;
+                        }
+                    },
                     Err(RecvError::Closed) => break,
                 },
             }
