@@ -1,0 +1,587 @@
+//! A thin IoT Hub service client on `azure_core`'s HTTP pipeline (REST api-version 2021-04-12):
+//! device identities (`PUT/GET/DELETE /devices/{id}`) and twins (`GET/PATCH /twins/{id}`) with
+//! `If-Match` etags. No maintained Rust SDK exists for this API (`azure_iot_hub` is frozen on
+//! azure_core 0.21), so this is the part of one the operator needs.
+//!
+//! The pipeline brings the Azure SDK's retry policy (429, 408 and 5xx retried with exponential
+//! backoff and jitter, `Retry-After` honoured) and error types; this module adds the SAS policy
+//! (a token from the connection string, renewed before it expires), a counter of attempts and
+//! throttled answers, and client-side rate limits at IoT Hub's published quotas, so a fleet never
+//! exceeds the hub's limits in the first place. The transport is the process's own reqwest
+//! (rustls), not a second HTTP stack.
+
+use std::{
+    num::NonZeroU32,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use azure_core::{
+    Bytes,
+    http::{
+        AsyncRawResponse, Body, ClientOptions, Context, ExponentialRetryOptions, HttpClient,
+        Method, Pipeline, RawResponse, Request, RetryOptions, Transport, Url,
+        headers::{HeaderName, HeaderValue, Headers},
+        policies::{Policy, PolicyResult},
+    },
+};
+use governor::{DefaultDirectRateLimiter, Jitter, Quota, RateLimiter};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{
+    error::{ApiErrorKind, AzureError},
+    sas::ConnectionString,
+};
+
+pub const API_VERSION: &str = "2021-04-12";
+/// Lifetime of a service SAS token; renewed when less than [`RENEW_BEFORE`] is left.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+const RENEW_BEFORE: Duration = Duration::from_secs(600);
+
+/// IoT Hub's published per-unit quotas (S1): identity registry operations 100/min, twin reads
+/// 100/s... per unit; the operator stays below them on its own. `units` scales all of them.
+#[derive(Clone, Copy, Debug)]
+pub struct HubQuotas {
+    pub registry_per_minute: u32,
+    pub twin_reads_per_second: u32,
+    pub twin_updates_per_second: u32,
+}
+
+impl HubQuotas {
+    pub fn s1(units: f64) -> Self {
+        let scale = |n: f64| ((n * units.max(0.01)).round() as u32).max(1);
+        HubQuotas {
+            registry_per_minute: scale(100.0),
+            twin_reads_per_second: scale(100.0),
+            twin_updates_per_second: scale(50.0),
+        }
+    }
+}
+
+/// Where the operator's hub credentials come from.
+#[derive(Clone, Debug)]
+pub enum CredentialSource {
+    /// A file holding the connection string (a mounted Secret: re-read at every renewal, so a
+    /// rotated policy key is picked up without a restart).
+    File(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    /// The hub's host name, `<hub>.azure-devices.net`: the audience of every token.
+    pub host_name: String,
+    /// Where requests go when not `https://<host_name>` (tests: the loopback double over http).
+    pub endpoint: Option<String>,
+    pub credentials: CredentialSource,
+    pub quotas: HubQuotas,
+    /// Retries of one call (429/5xx) inside the pipeline before the reconcile sees the error.
+    pub max_retries: u32,
+}
+
+/// Attempts and throttled answers since start (the throttling tests assert there was no storm).
+#[derive(Debug, Default)]
+pub struct CallStats {
+    pub attempts: AtomicU64,
+    pub throttled: AtomicU64,
+}
+
+/// Counts every attempt the retry policy makes.
+#[derive(Debug)]
+struct CountingPolicy(Arc<CallStats>);
+
+#[async_trait]
+impl Policy for CountingPolicy {
+    async fn send(
+        &self,
+        ctx: &Context,
+        request: &mut Request,
+        next: &[Arc<dyn Policy>],
+    ) -> PolicyResult {
+        self.0.attempts.fetch_add(1, Ordering::Relaxed);
+        let response = next[0].send(ctx, request, &next[1..]).await?;
+        if u16::from(response.status()) == 429 {
+            self.0.throttled.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(response)
+    }
+}
+
+/// Puts a SAS token for the hub on every attempt, renewing it before it expires.
+struct SasPolicy {
+    source: CredentialSource,
+    host_name: String,
+    cached: Mutex<Option<(String, Instant)>>,
+}
+
+impl std::fmt::Debug for SasPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SasPolicy")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SasPolicy {
+    fn load(&self) -> Result<ConnectionString, AzureError> {
+        let CredentialSource::File(path) = &self.source;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| AzureError::ConnectionStringFile {
+                path: path.display().to_string(),
+                source,
+            })?;
+        ConnectionString::parse(&text).map_err(AzureError::Credentials)
+    }
+
+    fn token(&self) -> Result<String, AzureError> {
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((token, renew_at)) = cached.as_ref()
+            && Instant::now() < *renew_at
+        {
+            return Ok(token.clone());
+        }
+        let cs = self.load()?;
+        if !cs.host_name.eq_ignore_ascii_case(&self.host_name) {
+            tracing::warn!(connection_string_host = %cs.host_name, hub = %self.host_name, "the connection string names another hub; signing for the configured one");
+        }
+        let expiry = chrono::Utc::now().timestamp() + TOKEN_LIFETIME.as_secs() as i64;
+        let signed =
+            cs.token_for(&self.host_name, expiry)
+                .map_err(|source| AzureError::Transport {
+                    op: "SignToken",
+                    source,
+                })?;
+        *cached = Some((
+            signed.clone(),
+            Instant::now() + TOKEN_LIFETIME - RENEW_BEFORE,
+        ));
+        Ok(signed)
+    }
+}
+
+#[async_trait]
+impl Policy for SasPolicy {
+    async fn send(
+        &self,
+        ctx: &Context,
+        request: &mut Request,
+        next: &[Arc<dyn Policy>],
+    ) -> PolicyResult {
+        let token = self.token().map_err(|e| {
+            azure_core::Error::with_message(
+                azure_core::error::ErrorKind::Credential,
+                crate::provider::error::chain(&e),
+            )
+        })?;
+        request.insert_header(
+            HeaderName::from_static("authorization"),
+            HeaderValue::from(token),
+        );
+        next[0].send(ctx, request, &next[1..]).await
+    }
+}
+
+/// The pipeline's transport: the process's reqwest client (rustls).
+#[derive(Debug)]
+struct ReqwestTransport(reqwest::Client);
+
+#[async_trait]
+impl HttpClient for ReqwestTransport {
+    async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
+        use azure_core::error::ErrorKind;
+        let method = match request.method() {
+            Method::Delete => reqwest::Method::DELETE,
+            Method::Get => reqwest::Method::GET,
+            Method::Head => reqwest::Method::HEAD,
+            Method::Patch => reqwest::Method::PATCH,
+            Method::Post => reqwest::Method::POST,
+            Method::Put => reqwest::Method::PUT,
+            _ => {
+                return Err(azure_core::Error::with_message(
+                    ErrorKind::Other,
+                    "an HTTP method the IoT Hub client does not use",
+                ));
+            }
+        };
+        let mut builder = self.0.request(method, request.url().clone());
+        for (name, value) in request.headers().iter() {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        let body: Bytes = match request.body() {
+            Body::Bytes(b) => b.clone(),
+            Body::SeekableStream(_) => {
+                return Err(azure_core::Error::with_message(
+                    ErrorKind::Other,
+                    "streaming bodies are not used by the IoT Hub client",
+                ));
+            }
+        };
+        let response = builder.body(body).send().await.map_err(|e| {
+            let kind = if e.is_connect() {
+                ErrorKind::Connection
+            } else {
+                ErrorKind::Io
+            };
+            azure_core::Error::with_error(kind, e.without_url(), "sending the request")
+        })?;
+        let status = response.status().as_u16();
+        let mut headers = Headers::new();
+        for (k, v) in response.headers() {
+            if let Ok(v) = v.to_str() {
+                headers.insert(
+                    HeaderName::from(k.as_str().to_string()),
+                    HeaderValue::from(v.to_string()),
+                );
+            }
+        }
+        let bytes = response.bytes().await.map_err(|e| {
+            azure_core::Error::with_error(ErrorKind::Io, e.without_url(), "reading the answer")
+        })?;
+        Ok(AsyncRawResponse::from_bytes(status.into(), headers, bytes))
+    }
+}
+
+/// A device identity (the registry's view). `Debug` leaves keys out.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Device {
+    pub device_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub authentication: Authentication,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("device_id", &self.device_id)
+            .field("etag", &self.etag)
+            .field("auth", &self.authentication.type_)
+            .field("thumbprints", &self.authentication.x509_thumbprint)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Authentication {
+    #[serde(rename = "type", default)]
+    pub type_: String,
+    #[serde(default)]
+    pub x509_thumbprint: Thumbprints,
+    #[serde(default)]
+    pub symmetric_key: SymmetricKeys,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Thumbprints {
+    pub primary_thumbprint: Option<String>,
+    pub secondary_thumbprint: Option<String>,
+}
+
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SymmetricKeys {
+    pub primary_key: Option<String>,
+    pub secondary_key: Option<String>,
+}
+
+impl Authentication {
+    /// Whether `thumbprint` is one of the device's registered thumbprints.
+    pub fn has_thumbprint(&self, thumbprint: &str) -> bool {
+        let t = &self.x509_thumbprint;
+        [&t.primary_thumbprint, &t.secondary_thumbprint]
+            .into_iter()
+            .flatten()
+            .any(|have| have.eq_ignore_ascii_case(thumbprint))
+    }
+}
+
+/// A device twin: tags and desired/reported properties, each with its own `$version`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Twin {
+    pub device_id: String,
+    pub etag: Option<String>,
+    #[serde(default)]
+    pub version: Option<i64>,
+    #[serde(default)]
+    pub tags: Map<String, Value>,
+    #[serde(default)]
+    pub properties: TwinProperties,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct TwinProperties {
+    #[serde(default)]
+    pub desired: Map<String, Value>,
+    #[serde(default)]
+    pub reported: Map<String, Value>,
+}
+
+/// Which quota an operation counts against.
+#[derive(Clone, Copy)]
+enum Quota3 {
+    Registry,
+    TwinRead,
+    TwinUpdate,
+}
+
+pub struct HubClient {
+    pipeline: Pipeline,
+    base: Url,
+    pub host_name: String,
+    registry: DefaultDirectRateLimiter,
+    twin_reads: DefaultDirectRateLimiter,
+    twin_updates: DefaultDirectRateLimiter,
+    pub stats: Arc<CallStats>,
+}
+
+fn limiter(per: Duration, n: u32) -> DefaultDirectRateLimiter {
+    let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+    // A burst of a tenth of the quota, refilled evenly: a reconcile storm after a restart
+    // spreads out instead of hitting the hub at once.
+    let burst = NonZeroU32::new((n.get() / 10).max(1)).unwrap_or(NonZeroU32::MIN);
+    let quota = Quota::with_period(per / n.get())
+        .unwrap_or_else(|| Quota::per_second(n))
+        .allow_burst(burst);
+    RateLimiter::direct(quota)
+}
+
+impl HubClient {
+    pub fn new(settings: &ClientSettings) -> Result<Self, String> {
+        let base = settings
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://{}", settings.host_name));
+        let base = Url::parse(&base).map_err(|e| format!("IoT Hub endpoint {base:?}: {e}"))?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("building the HTTP client: {e}"))?;
+        let stats = Arc::new(CallStats::default());
+        let options = ClientOptions {
+            transport: Some(Transport::new(Arc::new(ReqwestTransport(http)))),
+            retry: RetryOptions::exponential(ExponentialRetryOptions {
+                initial_delay: azure_core::time::Duration::milliseconds(500),
+                max_retries: settings.max_retries,
+                max_total_elapsed: azure_core::time::Duration::seconds(30),
+                max_delay: azure_core::time::Duration::seconds(10),
+            }),
+            ..ClientOptions::default()
+        };
+        let sas: Arc<dyn Policy> = Arc::new(SasPolicy {
+            source: settings.credentials.clone(),
+            host_name: settings.host_name.clone(),
+            cached: Mutex::new(None),
+        });
+        let counter: Arc<dyn Policy> = Arc::new(CountingPolicy(stats.clone()));
+        let pipeline = Pipeline::new(
+            Some("thing-operator"),
+            Some(env!("CARGO_PKG_VERSION")),
+            options,
+            Vec::new(),
+            vec![sas, counter],
+            None,
+        );
+        let q = settings.quotas;
+        Ok(HubClient {
+            pipeline,
+            base,
+            host_name: settings.host_name.clone(),
+            registry: limiter(Duration::from_secs(60), q.registry_per_minute),
+            twin_reads: limiter(Duration::from_secs(1), q.twin_reads_per_second),
+            twin_updates: limiter(Duration::from_secs(1), q.twin_updates_per_second),
+            stats,
+        })
+    }
+
+    fn url(&self, collection: &str, id: &str) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map(|mut s| {
+                s.clear().push(collection).push(id);
+            })
+            .ok();
+        url.query_pairs_mut()
+            .append_pair("api-version", API_VERSION);
+        url
+    }
+
+    async fn send(
+        &self,
+        op: &'static str,
+        quota: Quota3,
+        method: Method,
+        url: Url,
+        if_match: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Result<RawResponse, AzureError> {
+        let limiter = match quota {
+            Quota3::Registry => &self.registry,
+            Quota3::TwinRead => &self.twin_reads,
+            Quota3::TwinUpdate => &self.twin_updates,
+        };
+        limiter
+            .until_ready_with_jitter(Jitter::up_to(Duration::from_millis(50)))
+            .await;
+        let mut request = Request::new(url, method);
+        request.insert_header(
+            HeaderName::from_static("content-type"),
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        if let Some(etag) = if_match {
+            let value = if etag == "*" {
+                "*".to_string()
+            } else {
+                format!("\"{}\"", etag.trim_matches('"'))
+            };
+            request.insert_header(
+                HeaderName::from_static("if-match"),
+                HeaderValue::from(value),
+            );
+        }
+        if let Some(body) = body {
+            request.set_body(body);
+        }
+        let response = self
+            .pipeline
+            .send(&Context::new(), &mut request, None)
+            .await
+            .map_err(|source| AzureError::Transport { op, source })?;
+        let status = u16::from(response.status());
+        if (200..300).contains(&status) {
+            return Ok(response);
+        }
+        let code = response
+            .headers()
+            .get_optional_str(&HeaderName::from_static("iothub-errorcode"))
+            .map(str::to_string);
+        let kind = ApiErrorKind::classify(status, code.as_deref());
+        tracing::debug!(op, status, code = ?code, "iothub answered an error");
+        Err(AzureError::Api {
+            op,
+            status,
+            code,
+            kind,
+        })
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(
+        op: &'static str,
+        response: RawResponse,
+    ) -> Result<T, AzureError> {
+        serde_json::from_slice(response.body().as_ref())
+            .map_err(|source| AzureError::Decode { op, source })
+    }
+
+    /// The device, or `None` when there is none of that id.
+    pub async fn get_device(&self, id: &str) -> Result<Option<Device>, AzureError> {
+        let url = self.url("devices", id);
+        match self
+            .send("GetDevice", Quota3::Registry, Method::Get, url, None, None)
+            .await
+        {
+            Ok(r) => Ok(Some(Self::decode("GetDevice", r)?)),
+            Err(e) if e.kind() == Some(ApiErrorKind::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates the device (`if_match: None`; 409 when it exists) or replaces it (`Some(etag)`;
+    /// 412 when the etag moved).
+    pub async fn put_device(
+        &self,
+        device: &Device,
+        if_match: Option<&str>,
+    ) -> Result<Device, AzureError> {
+        let op = if if_match.is_some() {
+            "UpdateDevice"
+        } else {
+            "CreateDevice"
+        };
+        let mut body = device.clone();
+        body.etag = None;
+        let bytes =
+            serde_json::to_vec(&body).map_err(|source| AzureError::Decode { op, source })?;
+        let url = self.url("devices", &device.device_id);
+        let r = self
+            .send(
+                op,
+                Quota3::Registry,
+                Method::Put,
+                url,
+                if_match,
+                Some(bytes),
+            )
+            .await?;
+        Self::decode(op, r)
+    }
+
+    /// Deletes the device if its etag is still `etag`. `Ok(false)`: it was already gone.
+    pub async fn delete_device(&self, id: &str, etag: &str) -> Result<bool, AzureError> {
+        let url = self.url("devices", id);
+        match self
+            .send(
+                "DeleteDevice",
+                Quota3::Registry,
+                Method::Delete,
+                url,
+                Some(etag),
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == Some(ApiErrorKind::NotFound) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn get_twin(&self, id: &str) -> Result<Option<Twin>, AzureError> {
+        let url = self.url("twins", id);
+        match self
+            .send("GetTwin", Quota3::TwinRead, Method::Get, url, None, None)
+            .await
+        {
+            Ok(r) => Ok(Some(Self::decode("GetTwin", r)?)),
+            Err(e) if e.kind() == Some(ApiErrorKind::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Merges `patch` (`tags`, `properties.desired`) into the twin if its etag is still `etag`.
+    pub async fn patch_twin(
+        &self,
+        id: &str,
+        patch: &Value,
+        etag: &str,
+    ) -> Result<Twin, AzureError> {
+        let op = "UpdateTwin";
+        let bytes =
+            serde_json::to_vec(patch).map_err(|source| AzureError::Decode { op, source })?;
+        let url = self.url("twins", id);
+        let r = self
+            .send(
+                op,
+                Quota3::TwinUpdate,
+                Method::Patch,
+                url,
+                Some(etag),
+                Some(bytes),
+            )
+            .await?;
+        Self::decode(op, r)
+    }
+}
