@@ -233,7 +233,11 @@ pub struct AzureArgs {
     pub hub: Option<String>,
     /// Where service requests go instead of `https://<hub>` (a private endpoint, or the test
     /// double over plain http on loopback).
-    #[arg(long = "azure-endpoint", env = "THING_OPERATOR_AZURE_ENDPOINT")]
+    #[arg(
+        id = "azure_endpoint",
+        long = "azure-endpoint",
+        env = "THING_OPERATOR_AZURE_ENDPOINT"
+    )]
     pub endpoint: Option<String>,
     /// IoT Hub units (S1): scales every client-side limit (identity registry 100/min/unit,
     /// twin reads 100/s/unit, twin updates 50/s/unit).
@@ -246,6 +250,7 @@ pub struct AzureArgs {
     /// Adopt an existing device that carries no owner record (made outside this operator).
     /// Off: such a device is a `Conflict`, left untouched.
     #[arg(
+        id = "azure_adopt_unowned",
         long = "azure-adopt-unowned",
         env = "THING_OPERATOR_AZURE_ADOPT_UNOWNED",
         default_value_t = false

@@ -455,27 +455,42 @@ impl HubClient {
         if let Some(body) = body {
             request.set_body(body);
         }
-        let response = self
+        // azure_core's pipeline turns a non-2xx answer into an `HttpResponse` error carrying
+        // the raw response; only its status and `iothub-errorcode` are kept (the body is never
+        // shown: messages must not carry response bodies).
+        match self
             .pipeline
             .send(&Context::new(), &mut request, None)
             .await
-            .map_err(|source| AzureError::Transport { op, source })?;
-        let status = u16::from(response.status());
-        if (200..300).contains(&status) {
-            return Ok(response);
+        {
+            Ok(response) => Ok(response),
+            Err(error) => match error.kind() {
+                azure_core::error::ErrorKind::HttpResponse {
+                    status,
+                    error_code,
+                    raw_response,
+                } => {
+                    let status = u16::from(*status);
+                    let code = raw_response
+                        .as_ref()
+                        .and_then(|r| {
+                            r.headers()
+                                .get_optional_str(&HeaderName::from_static("iothub-errorcode"))
+                                .map(str::to_string)
+                        })
+                        .or_else(|| error_code.clone());
+                    let kind = ApiErrorKind::classify(status, code.as_deref());
+                    tracing::debug!(op, status, code = ?code, "iothub answered an error");
+                    Err(AzureError::Api {
+                        op,
+                        status,
+                        code,
+                        kind,
+                    })
+                }
+                _ => Err(AzureError::Transport { op, source: error }),
+            },
         }
-        let code = response
-            .headers()
-            .get_optional_str(&HeaderName::from_static("iothub-errorcode"))
-            .map(str::to_string);
-        let kind = ApiErrorKind::classify(status, code.as_deref());
-        tracing::debug!(op, status, code = ?code, "iothub answered an error");
-        Err(AzureError::Api {
-            op,
-            status,
-            code,
-            kind,
-        })
     }
 
     fn decode<T: serde::de::DeserializeOwned>(
