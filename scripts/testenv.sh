@@ -302,6 +302,13 @@ case "$CMD" in
     start_bg mosquitto "$DIR/logs/mosquitto.log" mosquitto -c "$DIR/mosquitto/mosquitto.conf"
     wait_for mosquitto 30 python3 -c "import socket; socket.create_connection(('127.0.0.1', $MQTT_TLS_PORT), 1)"
     ;;
+  restart-azure-double)
+    # shellcheck disable=SC1091
+    source "$DIR/env"
+    stop_pid azure-double
+    start_azure_double
+    wait_for "IoT Hub double" 30 curl -fs "http://127.0.0.1:$AZURE_PORT/_double/state"
+    ;;
   restart-mosquitto)
     # shellcheck disable=SC1091
     source "$DIR/env"
@@ -314,5 +321,5 @@ case "$CMD" in
       if [[ -f "$DIR/$p.pid" ]] && kill -0 "$(cat "$DIR/$p.pid")" 2>/dev/null; then echo "$p running"; else echo "$p stopped"; fi
     done
     ;;
-  *) echo "usage: $0 up|down|restart-apiserver|status [DIR]" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|restart-apiserver|restart-azure-double|status [DIR]" >&2; exit 2 ;;
 esac

@@ -141,7 +141,7 @@ fn azure_provider(
             endpoint: args.azure.endpoint.clone(),
             credentials: CredentialSource::File(path.to_path_buf()),
             quotas: HubQuotas::s1(args.azure.hub_units),
-            max_retries: 4,
+            max_retries: 3,
         },
         poll_interval: args.poll_interval,
         resync_interval: args.resync_interval,

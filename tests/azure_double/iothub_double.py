@@ -21,7 +21,8 @@ substitute, and it is as strict as the documentation:
 Test-only endpoints, outside the IoT Hub API (no SAS, loopback only):
 - `POST /_double/faults` `{"status": 429, "count": 3, "retryAfter": 1, "match": "/twins/"}`:
   the next `count` API requests whose path contains `match` answer `status`;
-- `GET /_double/state`: every device and twin, and request counters, for assertions;
+- `GET /_double/state`: every device and twin, request counters and the time of every injected
+  fault served (`faultLog`: are retries spaced as Retry-After asks?), for assertions;
 - `POST /_double/reset`: forget everything;
 - `PATCH /_double/devices/{id}/reported`: a device writing reported properties (the device
   simulator). The device proves who it is like a real one would: header `x-device-cert` with its
@@ -48,7 +49,7 @@ DEVICE_ID = re.compile(r"^[A-Za-z0-9\-.%_*?!(),:=@$']{1,128}$")
 MAX_SECTION = 32 * 1024
 MAX_DEPTH = 10
 LOCK = threading.Lock()
-STATE = {"devices": {}, "twins": {}, "faults": [], "requests": {}}
+STATE = {"devices": {}, "twins": {}, "faults": [], "requests": {}, "faultLog": []}
 
 
 def sign(key_b64, resource_encoded, expiry):
@@ -200,6 +201,7 @@ class Handler(BaseHTTPRequestHandler):
                     if fault["count"] > 0 and fault.get("match", "") in path:
                         fault["count"] -= 1
                         STATE["requests"]["faulted"] = STATE["requests"].get("faulted", 0) + 1
+                        STATE["faultLog"].append({"path": path, "status": fault["status"], "t": time.time()})
                         headers = {"Retry-After": str(fault["retryAfter"])} if fault.get("retryAfter") is not None else None
                         code = "ThrottlingException" if fault["status"] == 429 else "ServerError"
                         return self.error(fault["status"], code, "injected fault", headers)
@@ -330,11 +332,12 @@ class Handler(BaseHTTPRequestHandler):
     def control(self, method, path):
         with LOCK:
             if path == "/_double/state" and method == "GET":
-                return self.reply(200, {"devices": STATE["devices"], "twins": STATE["twins"], "requests": STATE["requests"], "faults": STATE["faults"]})
+                return self.reply(200, {"devices": STATE["devices"], "twins": STATE["twins"], "requests": STATE["requests"], "faults": STATE["faults"], "faultLog": STATE["faultLog"]})
             if path == "/_double/reset" and method == "POST":
                 for k in ("devices", "twins", "requests"):
                     STATE[k].clear()
                 STATE["faults"].clear()
+                STATE["faultLog"].clear()
                 return self.reply(204)
             if path == "/_double/faults" and method == "POST":
                 f = self.body() or {}
