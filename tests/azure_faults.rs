@@ -17,10 +17,26 @@ async fn a_spec_iot_hub_cannot_hold_is_invalid_and_creates_nothing() {
     let api = s.things();
     let _op = azure(s.operator(), &s.env).ready().await;
     let cases = [
-        ("dotted", json!({"broker": "Azure", "desired": {"a.b": 1}}), "contains '.', '$' or a space"),
-        ("spaced", json!({"broker": "Azure", "desired": {"x": {"s p": 1}}}), "contains '.', '$' or a space"),
-        ("tagdot", json!({"broker": "Azure", "attributes": {"site.name": "p1"}}), "attributes (twin tags)"),
-        ("cloud", json!({"broker": "Azure", "credentials": {"source": "CloudIssued"}}), "CloudIssued"),
+        (
+            "dotted",
+            json!({"broker": "Azure", "desired": {"a.b": 1}}),
+            "contains '.', '$' or a space",
+        ),
+        (
+            "spaced",
+            json!({"broker": "Azure", "desired": {"x": {"s p": 1}}}),
+            "contains '.', '$' or a space",
+        ),
+        (
+            "tagdot",
+            json!({"broker": "Azure", "attributes": {"site.name": "p1"}}),
+            "attributes (twin tags)",
+        ),
+        (
+            "cloud",
+            json!({"broker": "Azure", "credentials": {"source": "CloudIssued"}}),
+            "CloudIssued",
+        ),
     ];
     for (name, spec, _) in &cases {
         thing(name).spec(spec.clone()).create(&api).await;
@@ -31,7 +47,10 @@ async fn a_spec_iot_hub_cannot_hold_is_invalid_and_creates_nothing() {
             .await;
         assert!(c.message.contains(expect), "{name}: {}", c.message);
         let id = format!("{}_{name}", s.ns.name());
-        assert!(hub.device(&id).await.is_none(), "{name}: a device was created");
+        assert!(
+            hub.device(&id).await.is_none(),
+            "{name}: a device was created"
+        );
     }
     s.wait_for("InvalidSpec Warning Events", || async {
         let ev = events(&s.client, s.ns.name()).await;
@@ -39,10 +58,18 @@ async fn a_spec_iot_hub_cannot_hold_is_invalid_and_creates_nothing() {
     })
     .await;
     // Fixed, it converges.
-    merge_patch(&api, "dotted", json!({"spec": {"desired": {"a.b": null, "ab": 1}}})).await;
+    merge_patch(
+        &api,
+        "dotted",
+        json!({"spec": {"desired": {"a.b": null, "ab": 1}}}),
+    )
+    .await;
     s.wait_ready(&api, "dotted").await;
     let id = format!("{}_dotted", s.ns.name());
-    assert_eq!(hub.twin(&id).await.unwrap()["properties"]["desired"]["ab"], 1);
+    assert_eq!(
+        hub.twin(&id).await.unwrap()["properties"]["desired"]["ab"],
+        1
+    );
 }
 
 /// Times (seconds) at which the double served injected faults on paths containing `path`.
@@ -83,7 +110,10 @@ async fn throttling_and_server_errors_are_retried_with_spacing_not_a_storm() {
     assert_eq!(hub.faults_left(&devices).await, 0);
     let times = fault_times(&hub, &devices).await;
     assert_eq!(times.len(), 4);
-    assert!(min_gap(&times) >= 0.95, "retried before Retry-After: {times:?}");
+    assert!(
+        min_gap(&times) >= 0.95,
+        "retried before Retry-After: {times:?}"
+    );
 
     // 429 without Retry-After and 503 on the twin, more than one call's retries: backoff
     // spaces the attempts, the Thing shows it is throttled, and converges when the hub recovers.

@@ -32,7 +32,11 @@ async fn a_second_namespace_cannot_take_over_a_device() {
     let c = b
         .wait_condition(&b.things(), "lamp", "Ready", |c| c.reason == "Conflict")
         .await;
-    assert!(c.message.contains("belongs to another Thing"), "{}", c.message);
+    assert!(
+        c.message.contains("belongs to another Thing"),
+        "{}",
+        c.message
+    );
     // Nothing of the owner's device changed: auth, tags, desired.
     let after = hub.device(&device_id).await.unwrap();
     assert_eq!(after["authentication"], before["authentication"]);
@@ -103,13 +107,19 @@ async fn a_device_made_outside_the_operator_is_adopted_only_when_allowed() {
     let twin = hub.twin(&device_id).await.unwrap();
     assert_eq!(
         twin["tags"]["thing-operator-owner"],
-        json!(format!("{}/sensor/{}", s.ns.name(), t.metadata.uid.unwrap()))
+        json!(format!(
+            "{}/sensor/{}",
+            s.ns.name(),
+            t.metadata.uid.unwrap()
+        ))
     );
     assert_eq!(
         hub.device(&device_id).await.unwrap()["authentication"]["type"],
         "selfSigned"
     );
-    api.delete("sensor", &DeleteParams::default()).await.unwrap();
+    api.delete("sensor", &DeleteParams::default())
+        .await
+        .unwrap();
     s.wait_gone(&api, "sensor").await;
     assert!(hub.device(&device_id).await.is_none());
 }

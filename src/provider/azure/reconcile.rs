@@ -129,6 +129,7 @@ impl AzureProvider {
         let device = match c.get_device(device_id).await {
             Ok(Some(d)) => d,
             Ok(None) => {
+                step!("azure-before-create-device");
                 match c
                     .put_device(&wanted_device(device_id, &cert.thumbprint), None)
                     .await
