@@ -147,6 +147,7 @@ fn azure_provider(
         resync_interval: args.resync_interval,
         key_validity_days: 3650,
         adopt_unowned: args.azure.adopt_unowned,
+        default_rotation_overlap: std::time::Duration::from_secs(3600),
     };
     AzureProvider::new(settings)
         .map_err(anyhow::Error::msg)

@@ -109,6 +109,45 @@ async fn crash_at_every_step_converges_without_orphaned_devices() {
     }
     assert_eq!(devices_of(&hub, s.ns.name()).await.len(), steps.len());
 
+    // Rotation interrupted after the new key is in the Secret and before the hub has it, and
+    // after the hub has it: the restarted operator registers new and old side by side.
+    for (i, step) in [
+        "azure-after-rotate-secret",
+        "azure-after-register-thumbprints",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let name = format!("c{i}");
+        let old = secret_data(&s.client, s.ns.name(), &format!("{name}-device"))
+            .await
+            .unwrap();
+        let old_thumb = thumbprint(&old["tls.crt"]).unwrap();
+        crash_at(&s, step, || async {
+            common::merge_patch(
+                &api,
+                &name,
+                json!({"metadata": {"annotations": {"iot.thing-operator.dev/rotate": "r1"}}}),
+            )
+            .await;
+        })
+        .await;
+        let op = operator(&s).start();
+        let id = format!("{}_{name}", s.ns.name());
+        s.wait_for("new and old thumbprints registered", || async {
+            let d = secret_data(&s.client, s.ns.name(), &format!("{name}-device")).await?;
+            let new_thumb = thumbprint(&d["tls.crt"])?;
+            let t = hub.device(&id).await?["authentication"]["x509Thumbprint"].clone();
+            (new_thumb != old_thumb
+                && t["primaryThumbprint"] == json!(new_thumb)
+                && t["secondaryThumbprint"] == json!(old_thumb))
+            .then_some(())
+        })
+        .await;
+        s.wait_ready(&api, &name).await;
+        drop(op);
+    }
+
     // Teardown interrupted just before the device is deleted: the restarted operator finishes.
     let names: Vec<String> = api
         .list(&Default::default())

@@ -37,6 +37,8 @@ pub fn azure(op: OperatorBuilder, env: &TestEnv) -> OperatorBuilder {
         "2s",
         "--min-poll-interval",
         "1s",
+        "--min-rotation-overlap",
+        "1s",
     ])
 }
 

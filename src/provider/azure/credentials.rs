@@ -82,6 +82,7 @@ pub async fn ensure(
     facts: &DeviceFacts,
     host_name: &str,
     validity_days: i64,
+    rotation_token: Option<String>,
 ) -> Result<(DeviceCertificate, bool), AzureError> {
     let data = secret.read().await?.unwrap_or_default();
     if let Some(cert) = usable(&data) {
@@ -98,6 +99,8 @@ pub async fn ensure(
         cert_pem: Some(generated.certificate_pem),
         key_pem: Some(generated.private_key_pem),
         issued_at: Some(Utc::now()),
+        // A rotate annotation present at the first issuance asks for nothing yet.
+        rotation_token,
         ..CertificateState::default()
     };
     secret.write(secret_data(&state, facts, host_name)).await?;
@@ -105,6 +108,72 @@ pub async fn ensure(
     let thumbprint = state.cert_id.clone().unwrap_or_default();
     tracing::info!(%thumbprint, "device certificate issued; key kept in the device Secret");
     Ok((DeviceCertificate { thumbprint, state }, true))
+}
+
+/// Rotation, first half: a new key and certificate replace the current ones in the Secret, and
+/// the current thumbprint is kept as `previous` until `overlap` has passed (the hub registers both
+/// meanwhile: primary and secondary thumbprint). The Secret is written before the hub hears of
+/// the new thumbprint, so a crash in between only repeats the registration.
+pub async fn rotate(
+    secret: &DeviceSecret,
+    facts: &DeviceFacts,
+    host_name: &str,
+    validity_days: i64,
+    current: &DeviceCertificate,
+    overlap: std::time::Duration,
+    rotation_token: Option<String>,
+) -> Result<DeviceCertificate, AzureError> {
+    let generated =
+        pki::generate_self_signed(&facts.thing_name, validity_days).map_err(AzureError::Key)?;
+    let now = Utc::now();
+    let state = CertificateState {
+        cert_id: thumbprint(&generated.certificate_pem),
+        cert_pem: Some(generated.certificate_pem),
+        key_pem: Some(generated.private_key_pem),
+        issued_at: Some(now),
+        previous_cert_id: Some(current.thumbprint.clone()),
+        previous_revoke_at: Some(now + chrono::Duration::from_std(overlap).unwrap_or_default()),
+        rotation_token,
+        ..CertificateState::default()
+    };
+    secret.write(secret_data(&state, facts, host_name)).await?;
+    step!("azure-after-rotate-secret");
+    Ok(DeviceCertificate {
+        thumbprint: state.cert_id.clone().unwrap_or_default(),
+        state,
+    })
+}
+
+/// Whether the previous certificate's overlap is over at `now`.
+pub fn overlap_over(cert: &DeviceCertificate, now: chrono::DateTime<Utc>) -> bool {
+    cert.state.previous_cert_id.is_some() && cert.state.previous_revoke_at.is_none_or(|t| t <= now)
+}
+
+/// The thumbprints the hub should hold at `now`: the current one, and the previous one while
+/// its overlap lasts.
+pub fn wanted_thumbprints(
+    cert: &DeviceCertificate,
+    now: chrono::DateTime<Utc>,
+) -> (String, Option<String>) {
+    let previous = (!overlap_over(cert, now))
+        .then(|| cert.state.previous_cert_id.clone())
+        .flatten();
+    (cert.thumbprint.clone(), previous)
+}
+
+/// Rotation, second half (after the hub dropped the previous thumbprint): the Secret forgets it.
+pub async fn finish_overlap(
+    secret: &DeviceSecret,
+    facts: &DeviceFacts,
+    host_name: &str,
+    cert: &mut DeviceCertificate,
+) -> Result<(), AzureError> {
+    cert.state.previous_cert_id = None;
+    cert.state.previous_revoke_at = None;
+    secret
+        .write(secret_data(&cert.state, facts, host_name))
+        .await?;
+    Ok(())
 }
 
 /// The device id recorded in the Secret (tests and tools read it; here for symmetry).

@@ -9,8 +9,9 @@
 //! owns a device; pure), [`credentials`] (the device certificate and Secret), `reconcile` (the
 //! steps of a reconcile and a cleanup). This file holds the provider and when a full check runs.
 //!
-//! Cost model: a full check (device read, ownership, thumbprint drift) runs when the spec
-//! changed, when a condition is not True, and otherwise once per resync interval; between full
+//! Cost model: a full check (device read, ownership, thumbprint drift, rotation) runs when the
+//! spec or the rotate annotation changed, when a condition is not True, when a rotation or the
+//! end of an overlap is due, and otherwise once per resync interval; between full
 //! checks a reconcile is one twin read (plus a twin PATCH when the spec and the twin differ).
 
 pub mod client;
@@ -30,6 +31,7 @@ use std::{
 pub use self::error::AzureError;
 
 use self::client::{CallStats, ClientSettings, HubClient};
+use crate::provider::aws::certs::rotation::rotation_token;
 use crate::{
     api::{ThingStatus, conditions::types},
     provider::{DeviceRequest, ThingKey},
@@ -47,13 +49,16 @@ pub struct AzureSettings {
     pub key_validity_days: i64,
     /// Adopt an existing device that carries no owner record (off: such a device is a conflict).
     pub adopt_unowned: bool,
+    /// How long a rotated-out certificate stays registered when the spec sets no overlap.
+    pub default_rotation_overlap: Duration,
 }
 
 pub struct AzureProvider {
     client: HubClient,
     settings: AzureSettings,
     ca_bundle: String,
-    checks: Mutex<HashMap<ThingKey, (Instant, Option<i64>)>>,
+    /// When the last full check ran, for which generation and rotate annotation.
+    checks: Mutex<HashMap<ThingKey, (Instant, Option<i64>, Option<String>)>>,
 }
 
 impl AzureProvider {
@@ -96,11 +101,25 @@ impl AzureProvider {
         if !all_true {
             return true;
         }
+        // A rotation or the end of an overlap is due.
+        let now = chrono::Utc::now();
+        if let Some(creds) = &status.credentials {
+            if creds.previous_revoke_at.is_some_and(|t| t <= now) {
+                return true;
+            }
+            let due = creds
+                .issued_at
+                .and_then(|at| req.thing.spec.credentials.rotation_due_at(at));
+            if due.is_some_and(|d| d <= now) {
+                return true;
+            }
+        }
         let checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
         match checks.get(&req.key()) {
             None => true,
-            Some((at, generation)) => {
+            Some((at, generation, token)) => {
                 *generation != req.thing.metadata.generation
+                    || *token != rotation_token(req.thing)
                     || at.elapsed() >= self.settings.resync_interval
             }
         }
@@ -110,7 +129,14 @@ impl AzureProvider {
         self.checks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(req.key(), (Instant::now(), req.thing.metadata.generation));
+            .insert(
+                req.key(),
+                (
+                    Instant::now(),
+                    req.thing.metadata.generation,
+                    rotation_token(req.thing),
+                ),
+            );
     }
 
     fn forget(&self, req: &DeviceRequest<'_>) {

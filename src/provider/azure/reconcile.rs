@@ -34,7 +34,10 @@ use crate::{
     failpoints::step,
     provider::{
         DeviceOutcome, DeviceRequest, IotProvider, Notice, ProviderError,
-        aws::ownership::owner_record,
+        aws::{
+            certs::rotation::{rotation_due, rotation_token},
+            ownership::owner_record,
+        },
         status::{DeviceIdentity, record_device, record_failure, set_condition},
     },
 };
@@ -50,8 +53,9 @@ pub fn device_id_problem(id: &str) -> Option<String> {
     None
 }
 
-/// The device as this Thing wants it: self-signed X.509 with its certificate's thumbprint.
-fn wanted_device(device_id: &str, thumbprint: &str) -> Device {
+/// The device as this Thing wants it: self-signed X.509 with its certificate's thumbprint (and
+/// the previous certificate's while a rotation overlap lasts).
+fn wanted_device(device_id: &str, thumbprint: &str, previous: Option<&str>) -> Device {
     Device {
         device_id: device_id.to_string(),
         etag: None,
@@ -60,7 +64,7 @@ fn wanted_device(device_id: &str, thumbprint: &str) -> Device {
             type_: "selfSigned".into(),
             x509_thumbprint: Thumbprints {
                 primary_thumbprint: Some(thumbprint.to_string()),
-                secondary_thumbprint: None,
+                secondary_thumbprint: previous.map(str::to_string),
             },
             ..Authentication::default()
         },
@@ -117,11 +121,13 @@ impl AzureProvider {
             client_id: device_id.to_string(),
             ca: Some(self.ca_bundle.clone().into_bytes()),
         };
-        let (cert, issued) = credentials::ensure(
+        let token = rotation_token(req.thing);
+        let (mut cert, issued) = credentials::ensure(
             &req.secret,
             &facts,
             self.host_name(),
             self.settings.key_validity_days,
+            token.clone(),
         )
         .await
         .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
@@ -131,7 +137,7 @@ impl AzureProvider {
             Ok(None) => {
                 step!("azure-before-create-device");
                 match c
-                    .put_device(&wanted_device(device_id, &cert.thumbprint), None)
+                    .put_device(&wanted_device(device_id, &cert.thumbprint, None), None)
                     .await
                 {
                     Ok(d) => {
@@ -187,19 +193,75 @@ impl AzureProvider {
                 return Err(record_failure(status, types::PROVISIONED, e));
             }
         }
+        // Rotation (one at a time): the new certificate goes into the Secret, then both
+        // thumbprints into the hub; after the overlap the hub drops the old one, then the Secret.
+        let spec = &req.thing.spec;
+        let now = chrono::Utc::now();
+        let mut expected_change = false;
+        if let Some(reason) = rotation_due(&cert.state, &spec.credentials, token.as_deref(), now) {
+            let overlap = spec
+                .credentials
+                .rotation_overlap_duration()
+                .unwrap_or(self.settings.default_rotation_overlap);
+            let old = cert.thumbprint.clone();
+            cert = credentials::rotate(
+                &req.secret,
+                &facts,
+                self.host_name(),
+                self.settings.key_validity_days,
+                &cert,
+                overlap,
+                token.clone(),
+            )
+            .await
+            .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
+            expected_change = true;
+            notices.push(Notice::normal(
+                "CertificateRotated",
+                format!(
+                    "{reason}: certificate {} replaces {old}; the old one stays registered for {}",
+                    cert.thumbprint,
+                    humantime::format_duration(overlap)
+                ),
+            ));
+        }
+        let overlap_over = credentials::overlap_over(&cert, now);
+        expected_change |= overlap_over;
         // Record identifiers as soon as the device is known to be ours.
         self.record(req, device_id, &cert, status);
+        let (primary, secondary) = credentials::wanted_thumbprints(&cert, now);
+        let t = &device.authentication.x509_thumbprint;
+        let same = |have: &Option<String>, want: Option<&str>| match (have.as_deref(), want) {
+            (None | Some(""), None) => true,
+            (Some(h), Some(w)) => h.eq_ignore_ascii_case(w),
+            _ => false,
+        };
         let auth_ok = device.authentication.type_ == "selfSigned"
-            && device.authentication.has_thumbprint(&cert.thumbprint);
+            && same(&t.primary_thumbprint, Some(&primary))
+            && same(&t.secondary_thumbprint, secondary.as_deref());
         if !auth_ok {
-            let mut fixed = wanted_device(device_id, &cert.thumbprint);
+            let mut fixed = wanted_device(device_id, &primary, secondary.as_deref());
             fixed.status = device.status.clone();
             c.put_device(&fixed, device.etag.as_deref().or(Some("*")))
                 .await
                 .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
-            notices.push(Notice::warning(
-                "DriftRepaired",
-                format!("device {device_id}: its registered certificate was changed outside the operator; restored"),
+            step!("azure-after-register-thumbprints");
+            if !expected_change {
+                notices.push(Notice::warning(
+                    "DriftRepaired",
+                    format!("device {device_id}: its registered certificate was changed outside the operator; restored"),
+                ));
+            }
+        }
+        if overlap_over {
+            let previous = cert.state.previous_cert_id.clone().unwrap_or_default();
+            credentials::finish_overlap(&req.secret, &facts, self.host_name(), &mut cert)
+                .await
+                .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
+            self.record(req, device_id, &cert, status);
+            notices.push(Notice::normal(
+                "PreviousCertificateRevoked",
+                format!("certificate {previous} is no longer registered for device {device_id}"),
             ));
         }
         set_condition(
@@ -262,6 +324,12 @@ impl AzureProvider {
             .and_then(|i| i.not_after);
         if not_after.is_some() && creds.not_after != not_after {
             creds.not_after = not_after;
+        }
+        if creds.previous_certificate_id != cert.state.previous_cert_id {
+            creds.previous_certificate_id = cert.state.previous_cert_id.clone();
+        }
+        if creds.previous_revoke_at != cert.state.previous_revoke_at {
+            creds.previous_revoke_at = cert.state.previous_revoke_at;
         }
     }
 
