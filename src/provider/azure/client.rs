@@ -600,3 +600,55 @@ impl HubClient {
         Self::decode(op, r)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_cs(path: &std::path::Path, key: &str) {
+        std::fs::write(
+            path,
+            format!("HostName=h.azure-devices.net;SharedAccessKeyName=p;SharedAccessKey={key}"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn tokens_are_reused_until_renewal_which_rereads_the_connection_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cs");
+        write_cs(&path, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=");
+        let policy = SasPolicy {
+            source: CredentialSource::File(path.clone()),
+            host_name: "h.azure-devices.net".into(),
+            cached: Mutex::new(None),
+        };
+        let first = policy.token().unwrap();
+        assert!(first.starts_with("SharedAccessSignature sr=h.azure-devices.net&sig="));
+        // The policy key is rotated in the Secret: the cached token is kept until renewal...
+        write_cs(&path, "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=");
+        assert_eq!(policy.token().unwrap(), first);
+        // ...which happens before expiry and signs with the new key.
+        let renew_at = policy.cached.lock().unwrap().as_ref().unwrap().1;
+        assert!(renew_at <= Instant::now() + TOKEN_LIFETIME - RENEW_BEFORE);
+        policy.cached.lock().unwrap().as_mut().unwrap().1 = Instant::now();
+        let second = policy.token().unwrap();
+        assert_ne!(second, first);
+        assert!(!format!("{policy:?}").contains("QUJD"));
+        // A broken file is an error that names the file, never its content.
+        std::fs::write(&path, "HostName=h;SharedAccessKey=secret-ish").unwrap();
+        policy.cached.lock().unwrap().as_mut().unwrap().1 = Instant::now();
+        let e = policy.token().unwrap_err();
+        assert!(!crate::provider::error::chain(&e).contains("secret-ish"));
+    }
+
+    #[test]
+    fn quotas_scale_with_hub_units() {
+        let one = HubQuotas::s1(1.0);
+        assert_eq!(one.registry_per_minute, 100);
+        assert_eq!(one.twin_reads_per_second, 100);
+        let three = HubQuotas::s1(3.0);
+        assert_eq!(three.registry_per_minute, 300);
+        assert_eq!(HubQuotas::s1(0.0).registry_per_minute, 1);
+    }
+}

@@ -53,12 +53,14 @@ pub struct AzureSettings {
     pub default_rotation_overlap: Duration,
 }
 
+/// When the last full check ran, for which generation and rotate annotation.
+type FullCheck = (Instant, Option<i64>, Option<String>);
+
 pub struct AzureProvider {
     client: HubClient,
     settings: AzureSettings,
     ca_bundle: String,
-    /// When the last full check ran, for which generation and rotate annotation.
-    checks: Mutex<HashMap<ThingKey, (Instant, Option<i64>, Option<String>)>>,
+    checks: Mutex<HashMap<ThingKey, FullCheck>>,
 }
 
 impl AzureProvider {

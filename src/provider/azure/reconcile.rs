@@ -155,7 +155,7 @@ impl AzureProvider {
                     // Created in between (another replica, a retried request): decide as for
                     // any existing device.
                     Err(e) if e.kind() == Some(ApiErrorKind::AlreadyExists) => {
-                        c.get_device(device_id).await?.ok_or_else(|| e)?
+                        c.get_device(device_id).await?.ok_or(e)?
                     }
                     Err(e) => return Err(record_failure(status, types::PROVISIONED, e)),
                 }
