@@ -123,3 +123,34 @@ async fn a_device_made_outside_the_operator_is_adopted_only_when_allowed() {
     s.wait_gone(&api, "sensor").await;
     assert!(hub.device(&device_id).await.is_none());
 }
+
+/// `deletionPolicy: Orphan` leaves the device in the hub; `--cluster-id` prefixes derived ids.
+#[tokio::test]
+async fn orphan_policy_keeps_the_device_and_cluster_id_prefixes_it() {
+    let s = setup("az-orphan").await;
+    let hub = Hub::new(&s.env);
+    let api = s.things();
+    let _op = azure(s.operator(), &s.env)
+        .args(["--cluster-id", "blue"])
+        .ready()
+        .await;
+    thing("kept")
+        .spec(json!({"broker": "Azure", "deletionPolicy": "Orphan", "desired": {"x": 1}}))
+        .create(&api)
+        .await;
+    let t = s.wait_ready(&api, "kept").await;
+    let id = format!("blue:{}_kept", s.ns.name());
+    assert_eq!(
+        t.status.unwrap().device.unwrap().device_id.as_deref(),
+        Some(id.as_str())
+    );
+    assert!(hub.device(&id).await.is_some());
+    api.delete("kept", &DeleteParams::default()).await.unwrap();
+    s.wait_gone(&api, "kept").await;
+    assert!(
+        hub.device(&id).await.is_some(),
+        "an orphaned device was deleted"
+    );
+    // Clean up what the test left in the shared double.
+    assert_eq!(hub.delete_device(&id).await, 204);
+}
