@@ -67,8 +67,34 @@ async fn a_second_namespace_cannot_take_over_a_device() {
     assert!(ev.iter().any(|e| e.starts_with("LeftAlone")), "{ev:?}");
     drop(op_b);
 
-    // The owner still works, and its deletion removes the device.
+    // The owner still works.
     a.wait_ready(&a.things(), "lamp").await;
+
+    // Someone with rights on the hub gives the device to another owner: the operator stops
+    // (Conflict) instead of writing its record back; given back, it goes on.
+    let ours = twin_before["tags"]["thing-operator-owner"].clone();
+    let retag = |owner: serde_json::Value| {
+        let hub = &hub;
+        let path = format!("/twins/{device_id}");
+        async move {
+            let body = json!({"tags": {"thing-operator-owner": owner}});
+            let (s, _) = hub
+                .call(reqwest::Method::PATCH, &path, Some("*"), Some(body))
+                .await;
+            assert_eq!(s, 200);
+        }
+    };
+    retag(json!("elsewhere/other/uid-x")).await;
+    a.wait_condition(&a.things(), "lamp", "Ready", |c| c.reason == "Conflict")
+        .await;
+    assert_eq!(
+        hub.twin(&device_id).await.unwrap()["tags"]["thing-operator-owner"],
+        "elsewhere/other/uid-x"
+    );
+    retag(ours).await;
+    a.wait_ready(&a.things(), "lamp").await;
+
+    // Its deletion removes the device.
     a.things()
         .delete("lamp", &DeleteParams::default())
         .await

@@ -353,6 +353,24 @@ impl AzureProvider {
                     kind: ApiErrorKind::NotFound,
                 })?,
             };
+            // Between full checks the device may have been given to another owner (by someone
+            // with rights on the hub): never write over another owner's record.
+            let recorded = twin
+                .tags
+                .get(twin::OWNER_TAG)
+                .and_then(serde_json::Value::as_str);
+            if recorded.is_some_and(|r| {
+                Some(r)
+                    != wanted
+                        .tags
+                        .get(twin::OWNER_TAG)
+                        .and_then(serde_json::Value::as_str)
+            }) {
+                return Err(AzureError::NotOwner {
+                    device_id: device_id.to_string(),
+                    why: "belongs to another Thing",
+                });
+            }
             let Some(patch) = twin::twin_patch(&twin, &wanted.tags, &wanted.desired) else {
                 twin::apply_to_status(&twin, &wanted.desired, status);
                 return Ok(());
@@ -427,8 +445,11 @@ impl IotProvider for AzureProvider {
                 set_condition(status, types::IN_SYNC, true, "TwinInSync", message);
             }
             Err(e) => {
-                // A device deleted behind our back: the next full check re-creates it.
-                if e.kind() == Some(ApiErrorKind::NotFound) {
+                // A device deleted or re-owned behind our back: the next reconcile is a full
+                // check (re-create, or Conflict).
+                if matches!(e, AzureError::NotOwner { .. })
+                    || e.kind() == Some(ApiErrorKind::NotFound)
+                {
                     self.forget(req);
                 }
                 return Err(record_failure(status, types::IN_SYNC, e).into());
