@@ -116,9 +116,9 @@ async fn azure_thing_full_lifecycle() {
     // the hub nor to the Thing.
     let rv = t.metadata.resource_version.clone();
     let desired_version = hub.twin(&id).await.unwrap()["properties"]["desired"]["$version"].clone();
-    let reads = hub.requests("GET /twins/{id}").await;
+    let reads = hub.requests(&format!("GET /twins/{id}")).await;
     s.wait_for("three more twin reads", || async {
-        (hub.requests("GET /twins/{id}").await >= reads + 3).then_some(())
+        (hub.requests(&format!("GET /twins/{id}")).await >= reads + 3).then_some(())
     })
     .await;
     let twin = hub.twin(&id).await.unwrap();
@@ -275,4 +275,65 @@ async fn the_double_refuses_tokens_iot_hub_would_refuse() {
     // The right token gets through (404: no such device).
     let (status, _) = hub.call(reqwest::Method::GET, path, None, None).await;
     assert_eq!(status, 404);
+}
+
+/// Reported state written by the device reaches Observers through the state feed, once per
+/// reported `$version`: idle twin reads forward nothing.
+#[tokio::test]
+async fn reported_state_reaches_observers_once_per_version() {
+    let s = setup("az-obs").await;
+    let hub = Hub::new(&s.env);
+    let api = s.things();
+    let (url, received) = common::http_receiver().await;
+    // The sink is on loopback, which HTTP sinks may not reach by default.
+    let _op = azure(s.operator(), &s.env)
+        .args(["--http-sink-allow-cidr", "127.0.0.0/8"])
+        .ready()
+        .await;
+    thing("gauge")
+        .spec(json!({"broker": "Azure", "shadow": {"pollInterval": "1s"}}))
+        .create(&api)
+        .await;
+    s.wait_ready(&api, "gauge").await;
+    let observers: kube::Api<thing_operator::api::Observer> = s.api();
+    common::create_resource(
+        &observers,
+        "o1",
+        json!({"source": {"thingName": "gauge"}, "filter": {"section": "Reported"}, "sink": {"http": {"url": url}}}),
+    )
+    .await;
+    let id = format!("{}_gauge", s.ns.name());
+    let cert = secret_data(&s.client, s.ns.name(), "gauge-device")
+        .await
+        .unwrap()["tls.crt"]
+        .clone();
+    let levels = || {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["data"]["state"]["level"].as_i64())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(hub.report(&id, &cert, json!({"level": 3})).await, 200);
+    s.wait_for("level 3 forwarded", || async {
+        levels().contains(&3).then_some(())
+    })
+    .await;
+    // Idle: more twin reads, nothing new forwarded.
+    let reads = hub.requests(&format!("GET /twins/{id}")).await;
+    s.wait_for("three more twin reads", || async {
+        (hub.requests(&format!("GET /twins/{id}")).await >= reads + 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        levels(),
+        vec![3],
+        "an unchanged $version was forwarded again"
+    );
+    assert_eq!(hub.report(&id, &cert, json!({"level": 4})).await, 200);
+    s.wait_for("level 4 forwarded", || async {
+        (levels() == vec![3, 4]).then_some(())
+    })
+    .await;
 }

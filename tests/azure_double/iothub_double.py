@@ -197,6 +197,8 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:
                 key = f"{method} {re.sub(r'/[^/]+$', '/{id}', path)}"
                 STATE["requests"][key] = STATE["requests"].get(key, 0) + 1
+                exact = f"{method} {path}"
+                STATE["requests"][exact] = STATE["requests"].get(exact, 0) + 1
                 for fault in STATE["faults"]:
                     if fault["count"] > 0 and fault.get("match", "") in path:
                         fault["count"] -= 1

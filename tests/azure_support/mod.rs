@@ -161,8 +161,8 @@ impl Hub {
         self.state().await["twins"].get(id).cloned()
     }
 
-    /// Request counter `key` (`"GET /twins/{id}"`, `"faulted"`, ...). Counters are shared by
-    /// every test using the double: compare differences, on paths of this test's devices.
+    /// Request counter `key`: `"GET /twins/<device id>"` (one device), `"GET /twins/{id}"`
+    /// (all devices, shared with every test using the double), `"faulted"`.
     pub async fn requests(&self, key: &str) -> u64 {
         self.state().await["requests"][key].as_u64().unwrap_or(0)
     }
