@@ -109,7 +109,7 @@ async fn build_providers(
         registry.register(Arc::new(provider));
     }
     if let Some(path) = &args.azure.connection_string_file {
-        registry.register(Arc::new(azure_provider(args, path)?));
+        registry.register(Arc::new(azure_provider(args, path, metrics.clone())?));
     }
     Ok(registry)
 }
@@ -119,6 +119,7 @@ async fn build_providers(
 fn azure_provider(
     args: &RunArgs,
     path: &std::path::Path,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<crate::provider::azure::AzureProvider> {
     use crate::provider::azure::{
         AzureProvider, AzureSettings,
@@ -149,7 +150,7 @@ fn azure_provider(
         adopt_unowned: args.azure.adopt_unowned,
         default_rotation_overlap: std::time::Duration::from_secs(3600),
     };
-    AzureProvider::new(settings)
+    AzureProvider::new(settings, Some(metrics))
         .map_err(anyhow::Error::msg)
         .context("starting the Azure backend")
 }

@@ -96,7 +96,7 @@ async fn throttling_and_server_errors_are_retried_with_spacing_not_a_storm() {
     let s = setup("az-throttle").await;
     let hub = Hub::new(&s.env);
     let api = s.things();
-    let _op = azure(s.operator(), &s.env).ready().await;
+    let op = azure(s.operator(), &s.env).ready().await;
 
     // 429 with Retry-After: 1 on the device registry: every retry waits at least that long.
     let id = format!("{}_slow", s.ns.name());
@@ -136,4 +136,12 @@ async fn throttling_and_server_errors_are_retried_with_spacing_not_a_storm() {
     assert!(short <= 1, "attempts not spaced: {times:?}");
     let twin: Value = hub.twin(&id).await.unwrap();
     assert_eq!(twin["properties"]["desired"]["v"], 2);
+    // Calls that ended throttled (after the pipeline's own retries) are counted.
+    let throttled = op
+        .metric(
+            "thing_operator_backend_calls_total",
+            &["backend=\"azure\"", "outcome=\"throttled\""],
+        )
+        .await;
+    assert!(throttled >= 1.0, "{throttled}");
 }

@@ -344,6 +344,7 @@ pub struct HubClient {
     twin_reads: DefaultDirectRateLimiter,
     twin_updates: DefaultDirectRateLimiter,
     pub stats: Arc<CallStats>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 fn limiter(per: Duration, n: u32) -> DefaultDirectRateLimiter {
@@ -358,7 +359,11 @@ fn limiter(per: Duration, n: u32) -> DefaultDirectRateLimiter {
 }
 
 impl HubClient {
-    pub fn new(settings: &ClientSettings) -> Result<Self, String> {
+    /// `metrics`: where calls are counted (`thing_operator_backend_calls_total{backend="azure"}`).
+    pub fn new(
+        settings: &ClientSettings,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Result<Self, String> {
         let base = settings
             .endpoint
             .clone()
@@ -404,6 +409,7 @@ impl HubClient {
             twin_reads: limiter(Duration::from_secs(1), q.twin_reads_per_second),
             twin_updates: limiter(Duration::from_secs(1), q.twin_updates_per_second),
             stats,
+            metrics,
         })
     }
 
@@ -458,11 +464,31 @@ impl HubClient {
         // azure_core's pipeline turns a non-2xx answer into an `HttpResponse` error carrying
         // the raw response; only its status and `iothub-errorcode` are kept (the body is never
         // shown: messages must not carry response bodies).
-        match self
+        let answer = self
             .pipeline
             .send(&Context::new(), &mut request, None)
-            .await
-        {
+            .await;
+        let result = Self::classify(op, answer);
+        if let Some(m) = &self.metrics {
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(e) => match e.kind() {
+                    Some(ApiErrorKind::NotFound) => "not_found",
+                    Some(ApiErrorKind::Throttled) => "throttled",
+                    _ => "error",
+                },
+            };
+            m.count_backend_call("azure", op, outcome);
+        }
+        result
+    }
+
+    /// The pipeline's answer as this client's result.
+    fn classify(
+        op: &'static str,
+        answer: azure_core::Result<RawResponse>,
+    ) -> Result<RawResponse, AzureError> {
+        match answer {
             Ok(response) => Ok(response),
             Err(error) => match error.kind() {
                 azure_core::error::ErrorKind::HttpResponse {

@@ -64,9 +64,12 @@ pub struct AzureProvider {
 }
 
 impl AzureProvider {
-    pub fn new(settings: AzureSettings) -> Result<Self, String> {
+    pub fn new(
+        settings: AzureSettings,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Result<Self, String> {
         Ok(Self {
-            client: HubClient::new(&settings.client)?,
+            client: HubClient::new(&settings.client, metrics)?,
             settings,
             // IoT Hub's server certificates chain to DigiCert Global Root G2 (and Microsoft's
             // RSA root 2017 after the migration); a device needs both to be safe either way.
