@@ -148,6 +148,30 @@ async fn crash_at_every_step_converges_without_orphaned_devices() {
         drop(op);
     }
 
+    // A symmetric-key device (hub-issued keys): a crash after the hub made the device and its
+    // keys, before they reached the Secret. The pending marker proves the device is this Thing's.
+    for step in ["azure-before-create-device", "azure-after-create-device"] {
+        let name = format!("k{}", step.len());
+        let spec = json!({"broker": "Azure", "credentials": {"source": "CloudIssued"}});
+        crash_at(&s, step, || async {
+            thing(&name).spec(spec).create(&api).await;
+        })
+        .await;
+        let op = operator(&s).start();
+        s.wait_ready(&api, &name).await;
+        let id = format!("{}_{name}", s.ns.name());
+        let key = hub.device(&id).await.unwrap()["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let secret = secret_data(&s.client, s.ns.name(), &format!("{name}-device"))
+            .await
+            .unwrap();
+        assert!(secret["connectionString"].ends_with(&key), "{step}");
+        assert!(!secret.contains_key("pendingCertificateSince"), "{step}");
+        drop(op);
+    }
+
     // Teardown interrupted just before the device is deleted: the restarted operator finishes.
     let names: Vec<String> = api
         .list(&Default::default())

@@ -1,5 +1,5 @@
 //! Bad input and an unwell hub. A spec IoT Hub cannot hold (twin keys with '.', '$' or spaces,
-//! tag names likewise, an unsupported credential source) gets `InvalidSpec` with a Warning Event
+//! tag names likewise, oversized or too deep documents) gets `InvalidSpec` with a Warning Event
 //! and creates nothing; fixed, it converges. Throttling (429, with and without Retry-After) and
 //! 5xx are retried with spacing, never in a storm, and the Thing converges once the hub recovers.
 
@@ -32,10 +32,16 @@ async fn a_spec_iot_hub_cannot_hold_is_invalid_and_creates_nothing() {
             json!({"broker": "Azure", "attributes": {"site.name": "p1"}}),
             "attributes (twin tags)",
         ),
+        // Oversized and too deep documents are refused by the rules every backend shares.
         (
-            "cloud",
-            json!({"broker": "Azure", "credentials": {"source": "CloudIssued"}}),
-            "CloudIssued",
+            "big",
+            json!({"broker": "Azure", "desired": {"blob": "x".repeat(40 * 1024)}}),
+            "",
+        ),
+        (
+            "deep",
+            json!({"broker": "Azure", "desired": {"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}}),
+            "",
         ),
     ];
     for (name, spec, _) in &cases {

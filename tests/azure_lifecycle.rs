@@ -337,3 +337,87 @@ async fn reported_state_reaches_observers_once_per_version() {
     })
     .await;
 }
+
+/// `credentials.source: CloudIssued`: a symmetric-key device whose keys the hub generates; the
+/// Secret holds its connection string, the device simulator reports with a SAS token signed with
+/// that key, keys regenerated on the hub reach the Secret, and deletion removes the device.
+#[tokio::test]
+async fn symmetric_key_device_with_hub_issued_keys() {
+    let s = setup("az-sas-dev").await;
+    let hub = Hub::new(&s.env);
+    let api = s.things();
+    let _op = azure(s.operator(), &s.env).ready().await;
+    thing("tag")
+        .spec(json!({"broker": "Azure", "credentials": {"source": "CloudIssued"}, "desired": {"beep": 1}}))
+        .create(&api)
+        .await;
+    s.wait_ready(&api, "tag").await;
+    let id = format!("{}_tag", s.ns.name());
+    let device = hub.device(&id).await.unwrap();
+    assert_eq!(device["authentication"]["type"], "sas");
+    let key = device["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let secret = secret_data(&s.client, s.ns.name(), "tag-device")
+        .await
+        .unwrap();
+    assert_eq!(
+        secret["connectionString"],
+        format!("HostName=double.azure-devices.net;DeviceId={id};SharedAccessKey={key}")
+    );
+    assert!(!secret.contains_key("tls.key"));
+    assert!(!secret.contains_key("pendingCertificateSince"));
+    let status_json = serde_json::to_string(&api.get("tag").await.unwrap().status).unwrap();
+    assert!(!status_json.contains(&key), "the key is in status");
+
+    // The device reports with a token signed with its key (the way an SDK would).
+    let token = thing_operator::provider::azure::sas::token(
+        &format!("double.azure-devices.net/devices/{id}"),
+        None,
+        &azure_core::credentials::Secret::new(key.clone()),
+        chrono::Utc::now().timestamp() + 600,
+    )
+    .unwrap();
+    let r = reqwest::Client::new()
+        .patch(format!(
+            "{}/_double/devices/{id}/reported",
+            s.env.var("AZURE_URL")
+        ))
+        .header("Authorization", token)
+        .json(&json!({"beep": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    s.wait_for("reported state in status", || async {
+        let st = api.get("tag").await.ok()?.status?;
+        (st.reported?.0.get("beep")? == &json!(1)).then_some(())
+    })
+    .await;
+
+    // Keys regenerated on the hub: the Secret follows.
+    let (code, _) = hub
+        .call(
+            reqwest::Method::PUT,
+            &format!("/devices/{id}"),
+            Some("*"),
+            Some(json!({"deviceId": id, "authentication": {"type": "sas"}})),
+        )
+        .await;
+    assert_eq!(code, 200);
+    let new_key = hub.device(&id).await.unwrap()["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(new_key, key);
+    s.wait_for("the Secret follows the hub's new key", || async {
+        let d = secret_data(&s.client, s.ns.name(), "tag-device").await?;
+        d["connectionString"].ends_with(&new_key).then_some(())
+    })
+    .await;
+
+    api.delete("tag", &DeleteParams::default()).await.unwrap();
+    s.wait_gone(&api, "tag").await;
+    assert!(hub.device(&id).await.is_none());
+}

@@ -84,9 +84,6 @@ pub enum AzureError {
         "device id is immutable: provisioned as {recorded}, the spec now derives {wanted}; delete and re-create the Thing"
     )]
     DeviceIdChanged { recorded: String, wanted: String },
-    /// A credential source this backend does not offer.
-    #[error("credentials.source {0} is not available on Azure (InCluster or CloudIssued)")]
-    UnsupportedSource(String),
 }
 
 impl AzureError {
@@ -102,9 +99,7 @@ impl BackendError for AzureError {
     fn is_retryable(&self) -> bool {
         match self {
             AzureError::Api { kind, .. } => !matches!(kind, ApiErrorKind::Rejected),
-            AzureError::InvalidSpec(_)
-            | AzureError::DeviceIdChanged { .. }
-            | AzureError::UnsupportedSource(_) => false,
+            AzureError::InvalidSpec(_) | AzureError::DeviceIdChanged { .. } => false,
             AzureError::Secret(SecretError::Conflict { .. }) => false,
             // Another Thing may release the device: look again with backoff.
             AzureError::NotOwner { .. } => true,
@@ -127,9 +122,7 @@ impl BackendError for AzureError {
                 "BackendUnauthorized"
             }
             AzureError::Secret(e) => e.reason(),
-            AzureError::InvalidSpec(_)
-            | AzureError::DeviceIdChanged { .. }
-            | AzureError::UnsupportedSource(_) => "InvalidSpec",
+            AzureError::InvalidSpec(_) | AzureError::DeviceIdChanged { .. } => "InvalidSpec",
             AzureError::NotOwner { .. } => "Conflict",
         }
     }

@@ -20,6 +20,7 @@ pub mod error;
 pub mod ownership;
 mod reconcile;
 pub mod sas;
+pub mod symmetric;
 pub mod twin;
 
 use std::{
@@ -86,7 +87,7 @@ impl AzureProvider {
         self.client.stats.clone()
     }
 
-    fn host_name(&self) -> &str {
+    pub(crate) fn host_name(&self) -> &str {
         &self.client.host_name
     }
 

@@ -11,7 +11,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{client::Authentication, twin::OWNER_TAG};
+use super::twin::OWNER_TAG;
 
 /// What the operator may do with an existing device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,17 +25,18 @@ pub enum Claim {
     Refuse(&'static str),
 }
 
+/// The rule for an existing device with twin `tags`. `holds_credential`: the device's registered
+/// credential (thumbprint, or symmetric key) is the one in this Thing's own Secret.
 pub fn claim(
     tags: &Map<String, Value>,
-    auth: &Authentication,
     ours: &str,
-    our_thumbprint: Option<&str>,
+    holds_credential: bool,
     adopt_unowned: bool,
 ) -> Claim {
     match tags.get(OWNER_TAG).and_then(Value::as_str) {
         Some(record) if record == ours => Claim::Ours,
         Some(_) => Claim::Refuse("belongs to another Thing"),
-        None if our_thumbprint.is_some_and(|t| auth.has_thumbprint(t)) => Claim::Adopt,
+        None if holds_credential => Claim::Adopt,
         None if adopt_unowned => Claim::Adopt,
         None => Claim::Refuse(
             "has no owner record (created outside this operator; --azure-adopt-unowned allows adopting it)",
@@ -46,52 +47,31 @@ pub fn claim(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::azure::client::Thumbprints;
     use serde_json::json;
 
     #[test]
-    fn only_the_recorded_owner_the_holder_of_the_key_or_a_sanctioned_adoption_may_touch_a_device() {
+    fn only_the_recorded_owner_the_holder_of_the_credential_or_a_sanctioned_adoption_may_touch_a_device()
+     {
         let ours = "team-a/lamp/uid-1";
         let tags = |owner: Option<&str>| {
             owner
                 .map(|o| json!({ OWNER_TAG: o }).as_object().cloned().unwrap())
                 .unwrap_or_default()
         };
-        let auth = Authentication {
-            type_: "selfSigned".into(),
-            x509_thumbprint: Thumbprints {
-                primary_thumbprint: Some("AB12".into()),
-                secondary_thumbprint: None,
-            },
-            ..Authentication::default()
-        };
+        let other = Claim::Refuse("belongs to another Thing");
         let table = [
-            (tags(Some(ours)), None, false, Claim::Ours),
+            (tags(Some(ours)), false, false, Claim::Ours),
             // A deleted and re-created Thing (same name, new uid) is a new owner.
-            (
-                tags(Some("team-a/lamp/uid-0")),
-                Some("ab12"),
-                true,
-                Claim::Refuse("belongs to another Thing"),
-            ),
-            (
-                tags(Some("team-b/x/uid-9")),
-                None,
-                true,
-                Claim::Refuse("belongs to another Thing"),
-            ),
-            (tags(None), Some("ab12"), false, Claim::Adopt),
-            (tags(None), None, true, Claim::Adopt),
+            (tags(Some("team-a/lamp/uid-0")), true, true, other.clone()),
+            (tags(Some("team-b/x/uid-9")), false, true, other),
+            (tags(None), true, false, Claim::Adopt),
+            (tags(None), false, true, Claim::Adopt),
         ];
-        for (t, thumb, adopt, want) in table {
-            assert_eq!(
-                claim(&t, &auth, ours, thumb, adopt),
-                want,
-                "{t:?} {thumb:?} {adopt}"
-            );
+        for (t, holds, adopt, want) in table {
+            assert_eq!(claim(&t, ours, holds, adopt), want, "{t:?} {holds} {adopt}");
         }
         assert!(matches!(
-            claim(&tags(None), &auth, ours, Some("CD34"), false),
+            claim(&tags(None), ours, false, false),
             Claim::Refuse(_)
         ));
     }

@@ -26,7 +26,7 @@ use super::{
     credentials::{self, DeviceCertificate},
     error::ApiErrorKind,
     ownership::{self, Claim},
-    twin,
+    symmetric, twin,
 };
 use crate::{
     api::{ThingStatus, conditions::types, thing::Broker, thing::CredentialSource},
@@ -71,13 +71,23 @@ fn wanted_device(device_id: &str, thumbprint: &str, previous: Option<&str>) -> D
     }
 }
 
+/// A twin that is gone although its device was just read (deleted in between).
+pub(super) fn missing_twin() -> AzureError {
+    AzureError::Api {
+        op: "GetTwin",
+        status: 404,
+        code: Some("DeviceNotFound".into()),
+        kind: ApiErrorKind::NotFound,
+    }
+}
+
 struct Wanted {
     tags: Map<String, Value>,
     desired: Map<String, Value>,
 }
 
 impl AzureProvider {
-    fn owner(&self, req: &DeviceRequest<'_>) -> String {
+    pub(super) fn owner(&self, req: &DeviceRequest<'_>) -> String {
         owner_record(
             req.namespace,
             req.name,
@@ -93,9 +103,6 @@ impl AzureProvider {
         let mut problems: Vec<String> = device_id_problem(device_id).into_iter().collect();
         problems.extend(twin::check_section("attributes (twin tags)", &tags));
         problems.extend(twin::check_section("desired", &desired));
-        if spec.credentials.source == CredentialSource::CloudIssued {
-            return Err(AzureError::UnsupportedSource("CloudIssued".into()));
-        }
         if !problems.is_empty() {
             return Err(AzureError::InvalidSpec(problems.join("; ")));
         }
@@ -104,6 +111,28 @@ impl AzureProvider {
 
     /// Steps 2 and 3 of the full check. Returns the twin read while checking ownership.
     async fn converge_device(
+        &self,
+        req: &DeviceRequest<'_>,
+        device_id: &str,
+        status: &mut ThingStatus,
+        notices: &mut Vec<Notice>,
+    ) -> Result<Twin, AzureError> {
+        if req.thing.spec.credentials.source == CredentialSource::CloudIssued {
+            let facts = DeviceFacts {
+                endpoint: format!("{}:8883", self.host_name()),
+                thing_name: device_id.to_string(),
+                client_id: device_id.to_string(),
+                ca: Some(self.ca_bundle.clone().into_bytes()),
+            };
+            return self
+                .converge_symmetric(req, device_id, &facts, status, notices)
+                .await;
+        }
+        self.converge_x509(req, device_id, status, notices).await
+    }
+
+    /// Steps 2 and 3 for an X.509 self-signed device.
+    async fn converge_x509(
         &self,
         req: &DeviceRequest<'_>,
         device_id: &str,
@@ -174,9 +203,8 @@ impl AzureProvider {
             })?;
         match ownership::claim(
             &twin.tags,
-            &device.authentication,
             &self.owner(req),
-            Some(&cert.thumbprint),
+            device.authentication.has_thumbprint(&cert.thumbprint),
             self.settings.adopt_unowned,
         ) {
             Claim::Ours => {}
@@ -483,13 +511,13 @@ impl IotProvider for AzureProvider {
             return Ok(());
         };
         let thumbprint = credentials::secret_thumbprint(&req.secret).await;
-        let claim = ownership::claim(
-            &twin.tags,
-            &device.authentication,
-            &self.owner(req),
-            thumbprint.as_deref(),
-            false,
-        );
+        let holds = match device.authentication.type_.as_str() {
+            "sas" => symmetric::secret_holds_key_of(&req.secret, &device.authentication).await,
+            _ => thumbprint
+                .as_deref()
+                .is_some_and(|t| device.authentication.has_thumbprint(t)),
+        };
+        let claim = ownership::claim(&twin.tags, &self.owner(req), holds, false);
         if let Claim::Refuse(_) = claim {
             outcome.notices.push(Notice::warning(
                 "LeftAlone",
