@@ -337,7 +337,7 @@ pub fn validate_thing(thing: &Thing, limits: &SpecLimits) -> Result<(), InvalidS
             ));
         }
     }
-    // AWS: CreateKeysAndCertificate; Azure: symmetric keys the hub generates.
+    // AWS: CreateKeysAndCertificate; Azure: a symmetric-key device.
     if spec.credentials.source == super::thing::CredentialSource::CloudIssued
         && !matches!(spec.broker, Broker::Aws | Broker::Azure)
     {

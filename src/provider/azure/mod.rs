@@ -6,7 +6,8 @@
 //! Modules: [`client`] (the service REST client on azure_core's pipeline: SAS auth, retries,
 //! rate limits), [`sas`] (connection strings and tokens, pure), [`error`] (what a failure is and
 //! whether a retry may help), [`twin`] (twin rules, patches, status; pure), [`ownership`] (who
-//! owns a device; pure), [`credentials`] (the device certificate and Secret), `reconcile` (the
+//! owns a device; pure), [`credentials`] (the device certificate and Secret), [`symmetric`]
+//! (symmetric-key devices, `CloudIssued`), `reconcile` (the
 //! steps of a reconcile and a cleanup). This file holds the provider and when a full check runs.
 //!
 //! Cost model: a full check (device read, ownership, thumbprint drift, rotation) runs when the

@@ -1,19 +1,17 @@
-//! Symmetric-key (SAS) devices, `credentials.source: CloudIssued` on Azure: IoT Hub generates
-//! the device's keys and the operator copies the device connection string into the Secret. The
-//! hub is the source of truth for the keys: when they are regenerated on the hub, the Secret
-//! follows at the next full check.
+//! Symmetric-key (SAS) devices, `credentials.source: CloudIssued` on Azure: the device
+//! authenticates with a key it shares with the hub, and the Secret holds its device connection
+//! string. After creation the hub is the source of truth for the keys: regenerated on the hub,
+//! the Secret follows at the next full check.
 //!
-//! Crash safety: the hub makes the keys in the call that creates the device, so a crash before
-//! they reach the Secret would leave a device without owner tag and nothing in the cluster to
-//! prove it is this Thing's. The Secret therefore gets a pending marker *before* the create call;
-//! an untagged SAS device is this Thing's when the Secret holds its key or that marker. A 409 on
-//! create (someone else's device) clears the marker before anything else happens.
-
-use chrono::Utc;
+//! The first keys are generated in the operator (IoT Hub accepts provided keys) and written to the
+//! Secret *before* the create call, so that an untagged device (a crash between creating and
+//! tagging) is proven to be this Thing's by its key, which nobody else can know. Keys the hub
+//! generated would reach the Secret only after the create call, and a marker standing in for them
+//! could be forged: a tenant may create a Secret that looks like its device Secret.
 
 use super::{
     AzureProvider,
-    client::{Authentication, Device, Twin},
+    client::{Authentication, Device, SymmetricKeys, Twin},
     credentials::keys as azure_keys,
     error::{ApiErrorKind, AzureError},
     ownership::{self, Claim},
@@ -35,26 +33,30 @@ use crate::{
 /// The device connection string a SAS device uses.
 pub const CONNECTION_STRING: &str = "connectionString";
 
-fn sas_device(device_id: &str) -> Device {
+/// A new random key, base64 (32 bytes, as IoT Hub generates them).
+fn new_key() -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+}
+
+fn sas_device(device_id: &str, primary: &str) -> Device {
     Device {
         device_id: device_id.to_string(),
         etag: None,
         status: Some("enabled".into()),
         authentication: Authentication {
             type_: "sas".into(),
+            symmetric_key: SymmetricKeys {
+                primary_key: Some(primary.to_string()),
+                secondary_key: Some(new_key()),
+            },
             ..Authentication::default()
         },
     }
 }
 
-/// The Secret of a SAS device: facts, host name, device id, and the connection string (or, before
-/// the hub answered, the pending marker).
-fn secret_data(
-    facts: &DeviceFacts,
-    host_name: &str,
-    key: Option<&str>,
-    pending: bool,
-) -> SecretData {
+/// The Secret of a SAS device: facts, host name, device id and the connection string.
+fn secret_data(facts: &DeviceFacts, host_name: &str, key: &str) -> SecretData {
     let mut d = SecretData::new();
     let mut put = |k: &str, v: String| {
         d.insert(k.to_string(), v.into_bytes());
@@ -64,18 +66,13 @@ fn secret_data(
     put(keys::CLIENT_ID, facts.client_id.clone());
     put(azure_keys::HOST_NAME, host_name.to_string());
     put(azure_keys::DEVICE_ID, facts.thing_name.clone());
-    if let Some(key) = key {
-        put(
-            CONNECTION_STRING,
-            format!(
-                "HostName={host_name};DeviceId={};SharedAccessKey={key}",
-                facts.thing_name
-            ),
-        );
-    }
-    if pending {
-        put(keys::PENDING_SINCE, Utc::now().to_rfc3339());
-    }
+    put(
+        CONNECTION_STRING,
+        format!(
+            "HostName={host_name};DeviceId={};SharedAccessKey={key}",
+            facts.thing_name
+        ),
+    );
     if let Some(ca) = &facts.ca {
         d.insert(keys::CA.to_string(), ca.clone());
     }
@@ -90,12 +87,8 @@ fn key_in(data: &SecretData) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Whether `data` proves the device with `auth` is this Thing's: it holds one of its keys, or the
-/// marker of a create call whose answer never reached it.
+/// Whether `data` proves the device with `auth` is this Thing's: it holds one of its keys.
 fn proves(data: &SecretData, auth: &Authentication) -> bool {
-    if data.contains_key(keys::PENDING_SINCE) {
-        return true;
-    }
     let Some(key) = key_in(data) else {
         return false;
     };
@@ -139,12 +132,17 @@ impl AzureProvider {
         let device = match c.get_device(device_id).await {
             Ok(Some(d)) => d,
             Ok(None) => {
-                data = secret_data(facts, &host, key_in(&data).as_deref(), true);
-                req.secret.write(data.clone()).await.map_err(|e| {
-                    record_failure(status, types::CREDENTIALS_READY, AzureError::from(e))
-                })?;
+                // The key goes into the Secret first (see the module docs).
+                let key = key_in(&data).unwrap_or_else(new_key);
+                let want = secret_data(facts, &host, &key);
+                if want != data {
+                    req.secret.write(want.clone()).await.map_err(|e| {
+                        record_failure(status, types::CREDENTIALS_READY, AzureError::from(e))
+                    })?;
+                    data = want;
+                }
                 step!("azure-before-create-device");
-                match c.put_device(&sas_device(device_id), None).await {
+                match c.put_device(&sas_device(device_id, &key), None).await {
                     Ok(d) => {
                         step!("azure-after-create-device");
                         if provisioned_once {
@@ -157,10 +155,8 @@ impl AzureProvider {
                         }
                         d
                     }
+                    // Made in between by someone else (or a retried request): decided below.
                     Err(e) if e.kind() == Some(ApiErrorKind::AlreadyExists) => {
-                        // Not made by this call: the marker must not vouch for it.
-                        data.remove(keys::PENDING_SINCE);
-                        req.secret.write(data.clone()).await?;
                         c.get_device(device_id).await?.ok_or(e)?
                     }
                     Err(e) => return Err(record_failure(status, types::PROVISIONED, e)),
@@ -189,8 +185,9 @@ impl AzureProvider {
         let device = if device.authentication.type_ == "sas" {
             device
         } else {
-            // Drift (or an adopted X.509 device): back to hub-generated keys.
-            let mut fixed = sas_device(device_id);
+            // Drift (or an adopted X.509 device): back to a symmetric key.
+            let key = key_in(&data).unwrap_or_else(new_key);
+            let mut fixed = sas_device(device_id, &key);
             fixed.status = device.status.clone();
             let d = c
                 .put_device(&fixed, device.etag.as_deref().or(Some("*")))
@@ -213,7 +210,7 @@ impl AzureProvider {
                 code: Some("NoPrimaryKey".into()),
                 kind: ApiErrorKind::Server,
             })?;
-        let want = secret_data(facts, &host, Some(&key), false);
+        let want = secret_data(facts, &host, &key);
         if want != data {
             req.secret.write(want).await.map_err(|e| {
                 record_failure(status, types::CREDENTIALS_READY, AzureError::from(e))
@@ -259,10 +256,9 @@ impl AzureProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::azure::client::SymmetricKeys;
 
     #[test]
-    fn a_secret_proves_a_sas_device_by_its_key_or_a_pending_create() {
+    fn a_secret_proves_a_sas_device_only_by_its_key() {
         let facts = DeviceFacts {
             endpoint: "h:8883".into(),
             thing_name: "dev".into(),
@@ -277,14 +273,19 @@ mod tests {
             },
             ..Authentication::default()
         };
-        let with_key = secret_data(&facts, "h", Some("k2"), false);
+        let with_key = secret_data(&facts, "h", "k2");
         assert_eq!(
             text(&with_key, CONNECTION_STRING).as_deref(),
             Some("HostName=h;DeviceId=dev;SharedAccessKey=k2")
         );
         assert!(proves(&with_key, &auth));
-        assert!(!proves(&secret_data(&facts, "h", Some("k3"), false), &auth));
-        assert!(!proves(&secret_data(&facts, "h", None, false), &auth));
-        assert!(proves(&secret_data(&facts, "h", None, true), &auth));
+        assert!(!proves(&secret_data(&facts, "h", "k3"), &auth));
+        // A marker or anything else a tenant could write proves nothing.
+        let mut forged = SecretData::new();
+        forged.insert(keys::PENDING_SINCE.into(), b"2026-01-01T00:00:00Z".to_vec());
+        assert!(!proves(&forged, &auth));
+        let a = new_key();
+        assert_ne!(a, new_key());
+        assert_eq!(a.len(), 44);
     }
 }
