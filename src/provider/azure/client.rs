@@ -9,40 +9,29 @@
 //! throttled answers, and client-side rate limits at IoT Hub's published quotas, so a fleet never
 //! exceeds the hub's limits in the first place. The transport is the process's own reqwest
 //! (rustls), not a second HTTP stack.
+//!
+//! The documents are in [`super::model`], the pipeline's own policies and transport in
+//! [`super::pipeline`].
 
-use std::{
-    num::NonZeroU32,
-    path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::{num::NonZeroU32, sync::Arc, time::Duration};
 
-use async_trait::async_trait;
-use azure_core::{
-    Bytes,
-    http::{
-        AsyncRawResponse, Body, ClientOptions, Context, ExponentialRetryOptions, HttpClient,
-        Method, Pipeline, RawResponse, Request, RetryOptions, Transport, Url,
-        headers::{HeaderName, HeaderValue, Headers},
-        policies::{Policy, PolicyResult},
-    },
+use azure_core::http::{
+    ClientOptions, Context, ExponentialRetryOptions, Method, Pipeline, RawResponse, Request,
+    RetryOptions, Transport, Url,
+    headers::{HeaderName, HeaderValue},
+    policies::Policy,
 };
 use governor::{DefaultDirectRateLimiter, Jitter, Quota, RateLimiter};
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
+pub use super::model::{Authentication, Device, SymmetricKeys, Thumbprints, Twin, TwinProperties};
+pub use super::pipeline::{CallStats, CredentialSource};
 use super::{
     error::{ApiErrorKind, AzureError},
-    sas::ConnectionString,
+    pipeline::{CountingPolicy, ReqwestTransport, SasPolicy},
 };
 
 pub const API_VERSION: &str = "2021-04-12";
-/// Lifetime of a service SAS token; renewed when less than [`RENEW_BEFORE`] is left.
-const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
-const RENEW_BEFORE: Duration = Duration::from_secs(600);
 
 /// IoT Hub's published per-unit quotas (S1): identity registry operations 100/min, twin reads
 /// 100/s... per unit; the operator stays below them on its own. `units` scales all of them.
@@ -64,14 +53,6 @@ impl HubQuotas {
     }
 }
 
-/// Where the operator's hub credentials come from.
-#[derive(Clone, Debug)]
-pub enum CredentialSource {
-    /// A file holding the connection string (a mounted Secret: re-read at every renewal, so a
-    /// rotated policy key is picked up without a restart).
-    File(PathBuf),
-}
-
 #[derive(Clone, Debug)]
 pub struct ClientSettings {
     /// The hub's host name, `<hub>.azure-devices.net`: the audience of every token.
@@ -82,250 +63,6 @@ pub struct ClientSettings {
     pub quotas: HubQuotas,
     /// Retries of one call (429/5xx) inside the pipeline before the reconcile sees the error.
     pub max_retries: u32,
-}
-
-/// Attempts and throttled answers since start (the throttling tests assert there was no storm).
-#[derive(Debug, Default)]
-pub struct CallStats {
-    pub attempts: AtomicU64,
-    pub throttled: AtomicU64,
-}
-
-/// Counts every attempt the retry policy makes.
-#[derive(Debug)]
-struct CountingPolicy(Arc<CallStats>);
-
-#[async_trait]
-impl Policy for CountingPolicy {
-    async fn send(
-        &self,
-        ctx: &Context,
-        request: &mut Request,
-        next: &[Arc<dyn Policy>],
-    ) -> PolicyResult {
-        self.0.attempts.fetch_add(1, Ordering::Relaxed);
-        let response = next[0].send(ctx, request, &next[1..]).await?;
-        if u16::from(response.status()) == 429 {
-            self.0.throttled.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(response)
-    }
-}
-
-/// Puts a SAS token for the hub on every attempt, renewing it before it expires.
-struct SasPolicy {
-    source: CredentialSource,
-    host_name: String,
-    cached: Mutex<Option<(String, Instant)>>,
-}
-
-impl std::fmt::Debug for SasPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SasPolicy")
-            .field("source", &self.source)
-            .finish_non_exhaustive()
-    }
-}
-
-impl SasPolicy {
-    fn load(&self) -> Result<ConnectionString, AzureError> {
-        let CredentialSource::File(path) = &self.source;
-        let text =
-            std::fs::read_to_string(path).map_err(|source| AzureError::ConnectionStringFile {
-                path: path.display().to_string(),
-                source,
-            })?;
-        ConnectionString::parse(&text).map_err(AzureError::Credentials)
-    }
-
-    fn token(&self) -> Result<String, AzureError> {
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((token, renew_at)) = cached.as_ref()
-            && Instant::now() < *renew_at
-        {
-            return Ok(token.clone());
-        }
-        let cs = self.load()?;
-        if !cs.host_name.eq_ignore_ascii_case(&self.host_name) {
-            tracing::warn!(connection_string_host = %cs.host_name, hub = %self.host_name, "the connection string names another hub; signing for the configured one");
-        }
-        let expiry = chrono::Utc::now().timestamp() + TOKEN_LIFETIME.as_secs() as i64;
-        let signed =
-            cs.token_for(&self.host_name, expiry)
-                .map_err(|source| AzureError::Transport {
-                    op: "SignToken",
-                    source,
-                })?;
-        *cached = Some((
-            signed.clone(),
-            Instant::now() + TOKEN_LIFETIME - RENEW_BEFORE,
-        ));
-        Ok(signed)
-    }
-}
-
-#[async_trait]
-impl Policy for SasPolicy {
-    async fn send(
-        &self,
-        ctx: &Context,
-        request: &mut Request,
-        next: &[Arc<dyn Policy>],
-    ) -> PolicyResult {
-        let token = self.token().map_err(|e| {
-            azure_core::Error::with_message(
-                azure_core::error::ErrorKind::Credential,
-                crate::provider::error::chain(&e),
-            )
-        })?;
-        request.insert_header(
-            HeaderName::from_static("authorization"),
-            HeaderValue::from(token),
-        );
-        next[0].send(ctx, request, &next[1..]).await
-    }
-}
-
-/// The pipeline's transport: the process's reqwest client (rustls).
-#[derive(Debug)]
-struct ReqwestTransport(reqwest::Client);
-
-#[async_trait]
-impl HttpClient for ReqwestTransport {
-    async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
-        use azure_core::error::ErrorKind;
-        let method = match request.method() {
-            Method::Delete => reqwest::Method::DELETE,
-            Method::Get => reqwest::Method::GET,
-            Method::Head => reqwest::Method::HEAD,
-            Method::Patch => reqwest::Method::PATCH,
-            Method::Post => reqwest::Method::POST,
-            Method::Put => reqwest::Method::PUT,
-            _ => {
-                return Err(azure_core::Error::with_message(
-                    ErrorKind::Other,
-                    "an HTTP method the IoT Hub client does not use",
-                ));
-            }
-        };
-        let mut builder = self.0.request(method, request.url().clone());
-        for (name, value) in request.headers().iter() {
-            builder = builder.header(name.as_str(), value.as_str());
-        }
-        let body: Bytes = match request.body() {
-            Body::Bytes(b) => b.clone(),
-            Body::SeekableStream(_) => {
-                return Err(azure_core::Error::with_message(
-                    ErrorKind::Other,
-                    "streaming bodies are not used by the IoT Hub client",
-                ));
-            }
-        };
-        let response = builder.body(body).send().await.map_err(|e| {
-            let kind = if e.is_connect() {
-                ErrorKind::Connection
-            } else {
-                ErrorKind::Io
-            };
-            azure_core::Error::with_error(kind, e.without_url(), "sending the request")
-        })?;
-        let status = response.status().as_u16();
-        let mut headers = Headers::new();
-        for (k, v) in response.headers() {
-            if let Ok(v) = v.to_str() {
-                headers.insert(
-                    HeaderName::from(k.as_str().to_string()),
-                    HeaderValue::from(v.to_string()),
-                );
-            }
-        }
-        let bytes = response.bytes().await.map_err(|e| {
-            azure_core::Error::with_error(ErrorKind::Io, e.without_url(), "reading the answer")
-        })?;
-        Ok(AsyncRawResponse::from_bytes(status.into(), headers, bytes))
-    }
-}
-
-/// A device identity (the registry's view). `Debug` leaves keys out.
-#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Device {
-    pub device_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub etag: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<String>,
-    #[serde(default)]
-    pub authentication: Authentication,
-}
-
-impl std::fmt::Debug for Device {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device")
-            .field("device_id", &self.device_id)
-            .field("etag", &self.etag)
-            .field("auth", &self.authentication.type_)
-            .field("thumbprints", &self.authentication.x509_thumbprint)
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Authentication {
-    #[serde(rename = "type", default)]
-    pub type_: String,
-    #[serde(default)]
-    pub x509_thumbprint: Thumbprints,
-    #[serde(default)]
-    pub symmetric_key: SymmetricKeys,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Thumbprints {
-    pub primary_thumbprint: Option<String>,
-    pub secondary_thumbprint: Option<String>,
-}
-
-#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct SymmetricKeys {
-    pub primary_key: Option<String>,
-    pub secondary_key: Option<String>,
-}
-
-impl Authentication {
-    /// Whether `thumbprint` is one of the device's registered thumbprints.
-    pub fn has_thumbprint(&self, thumbprint: &str) -> bool {
-        let t = &self.x509_thumbprint;
-        [&t.primary_thumbprint, &t.secondary_thumbprint]
-            .into_iter()
-            .flatten()
-            .any(|have| have.eq_ignore_ascii_case(thumbprint))
-    }
-}
-
-/// A device twin: tags and desired/reported properties, each with its own `$version`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Twin {
-    pub device_id: String,
-    pub etag: Option<String>,
-    #[serde(default)]
-    pub version: Option<i64>,
-    #[serde(default)]
-    pub tags: Map<String, Value>,
-    #[serde(default)]
-    pub properties: TwinProperties,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-pub struct TwinProperties {
-    #[serde(default)]
-    pub desired: Map<String, Value>,
-    #[serde(default)]
-    pub reported: Map<String, Value>,
 }
 
 /// Which quota an operation counts against.
@@ -386,11 +123,10 @@ impl HubClient {
             }),
             ..ClientOptions::default()
         };
-        let sas: Arc<dyn Policy> = Arc::new(SasPolicy {
-            source: settings.credentials.clone(),
-            host_name: settings.host_name.clone(),
-            cached: Mutex::new(None),
-        });
+        let sas: Arc<dyn Policy> = Arc::new(SasPolicy::new(
+            settings.credentials.clone(),
+            settings.host_name.clone(),
+        ));
         let counter: Arc<dyn Policy> = Arc::new(CountingPolicy(stats.clone()));
         let pipeline = Pipeline::new(
             Some("thing-operator"),
@@ -630,43 +366,6 @@ impl HubClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn write_cs(path: &std::path::Path, key: &str) {
-        std::fs::write(
-            path,
-            format!("HostName=h.azure-devices.net;SharedAccessKeyName=p;SharedAccessKey={key}"),
-        )
-        .unwrap();
-    }
-
-    #[test]
-    fn tokens_are_reused_until_renewal_which_rereads_the_connection_string() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cs");
-        write_cs(&path, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=");
-        let policy = SasPolicy {
-            source: CredentialSource::File(path.clone()),
-            host_name: "h.azure-devices.net".into(),
-            cached: Mutex::new(None),
-        };
-        let first = policy.token().unwrap();
-        assert!(first.starts_with("SharedAccessSignature sr=h.azure-devices.net&sig="));
-        // The policy key is rotated in the Secret: the cached token is kept until renewal...
-        write_cs(&path, "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=");
-        assert_eq!(policy.token().unwrap(), first);
-        // ...which happens before expiry and signs with the new key.
-        let renew_at = policy.cached.lock().unwrap().as_ref().unwrap().1;
-        assert!(renew_at <= Instant::now() + TOKEN_LIFETIME - RENEW_BEFORE);
-        policy.cached.lock().unwrap().as_mut().unwrap().1 = Instant::now();
-        let second = policy.token().unwrap();
-        assert_ne!(second, first);
-        assert!(!format!("{policy:?}").contains("QUJD"));
-        // A broken file is an error that names the file, never its content.
-        std::fs::write(&path, "HostName=h;SharedAccessKey=secret-ish").unwrap();
-        policy.cached.lock().unwrap().as_mut().unwrap().1 = Instant::now();
-        let e = policy.token().unwrap_err();
-        assert!(!crate::provider::error::chain(&e).contains("secret-ish"));
-    }
 
     #[test]
     fn quotas_scale_with_hub_units() {

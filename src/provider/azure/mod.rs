@@ -1,14 +1,16 @@
 //! Azure IoT Hub backend: a device identity per `Thing` (X.509 self-signed, the key generated in
-//! the operator and kept in the device Secret, its thumbprint registered), twin sync (spec
+//! the operator and kept in the device Secret, its thumbprint registered; or a symmetric key),
+//! twin sync (spec
 //! desired and attributes to the twin, reported properties to status), ownership in twin tags,
 //! drift repair and etag-aware teardown.
 //!
-//! Modules: [`client`] (the service REST client on azure_core's pipeline: SAS auth, retries,
-//! rate limits), [`sas`] (connection strings and tokens, pure), [`error`] (what a failure is and
-//! whether a retry may help), [`twin`] (twin rules, patches, status; pure), [`ownership`] (who
-//! owns a device; pure), [`credentials`] (the device certificate and Secret), [`symmetric`]
-//! (symmetric-key devices, `CloudIssued`), `reconcile` (the
-//! steps of a reconcile and a cleanup). This file holds the provider and when a full check runs.
+//! Modules: [`client`] (the service REST client on azure_core's pipeline: retries, rate
+//! limits), [`model`] (its documents), `pipeline` (its SAS policy, call counter and transport),
+//! [`sas`] (connection strings and tokens, pure), [`error`] (what a failure is and whether a
+//! retry may help), [`twin`] (twin rules, patches, status; pure), [`ownership`] (who owns a
+//! device; pure), [`credentials`] (the device certificate and Secret), [`symmetric`]
+//! (symmetric-key devices, `CloudIssued`), `reconcile` (the steps of a reconcile and a cleanup).
+//! This file holds the provider and when a full check runs.
 //!
 //! Cost model: a full check (device read, ownership, thumbprint drift, rotation) runs when the
 //! spec or the rotate annotation changed, when a condition is not True, when a rotation or the
@@ -18,7 +20,9 @@
 pub mod client;
 pub mod credentials;
 pub mod error;
+pub mod model;
 pub mod ownership;
+mod pipeline;
 mod reconcile;
 pub mod sas;
 pub mod symmetric;
