@@ -276,7 +276,7 @@ start_azure_double() {
       "$(cat "$DIR/azure/key")" >"$DIR/azure/connection-string"
   fi
   start_bg azure-double "$DIR/logs/azure-double.log" python3 "$ROOT/tests/azure_double/iothub_double.py" \
-    --port "$AZURE_PORT" --hub double.azure-devices.net --policy iothubowner --key "$(cat "$DIR/azure/key")"
+    --port "$AZURE_PORT" --hub double.azure-devices.net --policy iothubowner --key-file "$DIR/azure/key"
 }
 
 down() {

@@ -29,7 +29,7 @@ Test-only endpoints, outside the IoT Hub API (no SAS, loopback only):
   PEM certificate, whose SHA-1 or SHA-256 thumbprint must be registered (X.509 devices), or
   `Authorization` with a SAS token for `<hub>/devices/<id>` signed with one of its keys.
 
-Usage: iothub_double.py --port PORT --hub HOSTNAME --policy NAME --key BASE64KEY
+Usage: iothub_double.py --port PORT --hub HOSTNAME --policy NAME --key-file FILE (base64 key)
 """
 
 import argparse
@@ -178,8 +178,7 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(status, {"Message": f"ErrorCode:{code};{message}", "ExceptionMessage": ""}, code=code, headers=headers)
 
     def body(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(n) if n else b""
+        raw = getattr(self, "raw_body", b"")
         if not raw:
             return None
         return json.loads(raw)
@@ -189,6 +188,10 @@ class Handler(BaseHTTPRequestHandler):
         return None if v is None else v.strip().strip('"')
 
     def route(self, method):
+        # The whole body is read first, whatever the answer: an unread body would be taken for the
+        # next request on this keep-alive connection.
+        n = int(self.headers.get("Content-Length") or 0)
+        self.raw_body = self.rfile.read(n) if n else b""
         url = urllib.parse.urlsplit(self.path)
         path = url.path
         try:
@@ -399,10 +402,12 @@ def main():
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--hub", required=True, help="host name the hub answers as, e.g. double.azure-devices.net")
     p.add_argument("--policy", default="iothubowner")
-    p.add_argument("--key", required=True, help="base64 key of the policy")
+    p.add_argument("--key-file", required=True, help="file holding the policy's base64 key")
     a = p.parse_args()
+    with open(a.key_file) as f:
+        key = f.read().strip()
     server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
-    server.hub, server.policy, server.key = a.hub, a.policy, a.key
+    server.hub, server.policy, server.key = a.hub, a.policy, key
     server.daemon_threads = True
     server.serve_forever()
 
