@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quick start: brings up the local control plane (and Mosquitto, moto), installs the CRDs,
+# Quick start: brings up the local control plane (and Mosquitto, moto, the IoT Hub double), installs the CRDs,
 # starts the operator on its embedded default backend (Mosquitto, no cloud account) in the
 # background, and applies examples/.  `scripts/quickstart.sh down` stops everything.
 set -euo pipefail
@@ -23,13 +23,16 @@ if [[ -f "$DIR/operator.pid" ]] && kill -0 "$(cat "$DIR/operator.pid")" 2>/dev/n
   kill "$(cat "$DIR/operator.pid")"; sleep 1
 fi
 HTTP_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-# moto stands in for AWS IoT Core, so the AWS example works without an account.
+# moto stands in for AWS IoT Core and the IoT Hub double (tests/azure_double) for Azure IoT Hub,
+# so the AWS and Azure examples work without an account.
 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing KUBECONFIG="$OPERATOR_KUBECONFIG" setsid "$ROOT/target/debug/thing-operator" run \
   --http-addr "127.0.0.1:$HTTP_PORT" \
   --mqtt-url "$MQTT_URL" --mqtt-username "$MQTT_ADMIN_USER" --mqtt-password-file "$MQTT_ADMIN_PASSWORD_FILE" \
   --mqtt-device-endpoint "127.0.0.1:$MQTT_PORT" \
   --aws --aws-region us-east-1 --aws-iot-endpoint "$MOTO_URL" --aws-data-endpoint "$MOTO_URL" \
   --aws-device-endpoint "moto.local:8883" \
+  --azure-connection-string-file "$AZURE_CONNECTION_STRING_FILE" --azure-hub "$AZURE_HUB" \
+  --azure-endpoint "$AZURE_URL" \
   >"$DIR/logs/operator.log" 2>&1 </dev/null &
 echo $! >"$DIR/operator.pid"
 for _ in $(seq 1 300); do

@@ -197,6 +197,7 @@ export ETCD_PORT=$(free_port)
 export ETCD_PEER_PORT=$(free_port)
 export APISERVER_PORT=$(free_port)
 export MOTO_PORT=$(free_port)
+export AZURE_PORT=$(free_port)
 export MQTT_PORT=$(free_port)
 export ADMIN_TOKEN=$admin_token
 export OPERATOR_TOKEN=$operator_token
@@ -214,6 +215,9 @@ E
   {
     echo "export MOTO_URL=http://127.0.0.1:$MOTO_PORT"
     echo "export MQTT_URL=mqtt://127.0.0.1:$MQTT_PORT"
+    echo "export AZURE_URL=http://127.0.0.1:$AZURE_PORT"
+    echo "export AZURE_HUB=double.azure-devices.net"
+    echo "export AZURE_CONNECTION_STRING_FILE=$DIR/azure/connection-string"
   } >>"$DIR/env"
   write_kubeconfig "$DIR/admin.kubeconfig" "$admin_token"
   write_kubeconfig "$DIR/operator.kubeconfig" "$operator_token"
@@ -237,6 +241,10 @@ E
   log "starting moto on $MOTO_PORT"
   start_bg moto "$DIR/logs/moto.log" moto_server -H 127.0.0.1 -p "$MOTO_PORT"
   wait_for moto 60 curl -fs "http://127.0.0.1:$MOTO_PORT/moto-api/data.json"
+
+  log "starting the IoT Hub double on $AZURE_PORT"
+  start_azure_double
+  wait_for "IoT Hub double" 30 curl -fs "http://127.0.0.1:$AZURE_PORT/_double/state"
 
   log "starting mosquitto on $MQTT_PORT"
   printf '%s' "$mqtt_password" >"$DIR/mosquitto/admin-password"
@@ -262,8 +270,22 @@ M
   log "ready: source $DIR/env"
 }
 
+# The Azure IoT Hub test double (tests/azure_double): no emulator of IoT Hub exists. Its SAS
+# policy key is made here and handed to the operator as a connection string in a file, the way a
+# mounted Secret would.
+start_azure_double() {
+  mkdir -p "$DIR/azure"
+  if [[ ! -f "$DIR/azure/key" ]]; then
+    openssl rand -base64 32 | tr -d '\n' >"$DIR/azure/key"
+    printf 'HostName=double.azure-devices.net;SharedAccessKeyName=iothubowner;SharedAccessKey=%s' \
+      "$(cat "$DIR/azure/key")" >"$DIR/azure/connection-string"
+  fi
+  start_bg azure-double "$DIR/logs/azure-double.log" python3 "$ROOT/tests/azure_double/iothub_double.py" \
+    --port "$AZURE_PORT" --hub double.azure-devices.net --policy iothubowner --key-file "$DIR/azure/key"
+}
+
 down() {
-  for p in mosquitto moto kube-controller-manager kube-apiserver etcd; do stop_pid "$p"; done
+  for p in azure-double mosquitto moto kube-controller-manager kube-apiserver etcd; do stop_pid "$p"; done
   log "stopped everything in $DIR"
 }
 
@@ -285,6 +307,13 @@ case "$CMD" in
     start_bg mosquitto "$DIR/logs/mosquitto.log" mosquitto -c "$DIR/mosquitto/mosquitto.conf"
     wait_for mosquitto 30 python3 -c "import socket; socket.create_connection(('127.0.0.1', $MQTT_TLS_PORT), 1)"
     ;;
+  restart-azure-double)
+    # shellcheck disable=SC1091
+    source "$DIR/env"
+    stop_pid azure-double
+    start_azure_double
+    wait_for "IoT Hub double" 30 curl -fs "http://127.0.0.1:$AZURE_PORT/_double/state"
+    ;;
   restart-mosquitto)
     # shellcheck disable=SC1091
     source "$DIR/env"
@@ -299,9 +328,9 @@ case "$CMD" in
     mosquitto_tls_secret
     ;;
   status)
-    for p in etcd kube-apiserver kube-controller-manager moto mosquitto; do
+    for p in etcd kube-apiserver kube-controller-manager moto mosquitto azure-double; do
       if [[ -f "$DIR/$p.pid" ]] && kill -0 "$(cat "$DIR/$p.pid")" 2>/dev/null; then echo "$p running"; else echo "$p stopped"; fi
     done
     ;;
-  *) echo "usage: $0 up|down|restart-apiserver|install-manifests|status [DIR]" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|restart-apiserver|restart-azure-double|install-manifests|status [DIR]" >&2; exit 2 ;;
 esac

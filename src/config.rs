@@ -104,6 +104,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub aws: AwsArgs,
     #[command(flatten)]
+    pub azure: AzureArgs,
+    #[command(flatten)]
     pub mqtt: MqttArgs,
 }
 
@@ -212,6 +214,47 @@ pub struct AwsArgs {
     #[arg(
         long = "aws-adopt-unowned",
         env = "THING_OPERATOR_AWS_ADOPT_UNOWNED",
+        default_value_t = false
+    )]
+    pub adopt_unowned: bool,
+}
+
+/// Azure IoT Hub backend (docs/azure.md). Enabled with `--azure-connection-string-file`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AzureArgs {
+    /// File holding a hub connection string (`HostName=..;SharedAccessKeyName=..;
+    /// SharedAccessKey=..`), e.g. a mounted Secret; re-read whenever a token is renewed. Setting
+    /// it enables the Azure backend.
+    #[arg(
+        long = "azure-connection-string-file",
+        env = "THING_OPERATOR_AZURE_CONNECTION_STRING_FILE"
+    )]
+    pub connection_string_file: Option<PathBuf>,
+    /// The hub's host name (`<hub>.azure-devices.net`); default: the connection string's.
+    #[arg(long = "azure-hub", env = "THING_OPERATOR_AZURE_HUB")]
+    pub hub: Option<String>,
+    /// Where service requests go instead of `https://<hub>` (a private endpoint, or the test
+    /// double over plain http on loopback).
+    #[arg(
+        id = "azure_endpoint",
+        long = "azure-endpoint",
+        env = "THING_OPERATOR_AZURE_ENDPOINT"
+    )]
+    pub endpoint: Option<String>,
+    /// IoT Hub units (S1): scales every client-side limit (identity registry 100/min/unit,
+    /// twin reads 100/s/unit, twin updates 50/s/unit).
+    #[arg(
+        long = "azure-hub-units",
+        env = "THING_OPERATOR_AZURE_HUB_UNITS",
+        default_value_t = 1.0
+    )]
+    pub hub_units: f64,
+    /// Adopt an existing device that carries no owner record (made outside this operator).
+    /// Off: such a device is a `Conflict`, left untouched.
+    #[arg(
+        id = "azure_adopt_unowned",
+        long = "azure-adopt-unowned",
+        env = "THING_OPERATOR_AZURE_ADOPT_UNOWNED",
         default_value_t = false
     )]
     pub adopt_unowned: bool,

@@ -114,7 +114,51 @@ async fn build_providers(
         let provider = AwsProvider::new(settings, Vec::new(), Some(metrics.clone())).await;
         registry.register(Arc::new(provider));
     }
+    if let Some(path) = &args.azure.connection_string_file {
+        registry.register(Arc::new(azure_provider(args, path, metrics.clone())?));
+    }
     Ok(registry)
+}
+
+/// The Azure backend from its flags. The hub's host name is the flag's, else the connection
+/// string's (read once here to learn it; the client re-reads the file at every token renewal).
+fn azure_provider(
+    args: &RunArgs,
+    path: &std::path::Path,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<crate::provider::azure::AzureProvider> {
+    use crate::provider::azure::{
+        AzureProvider, AzureSettings,
+        client::{ClientSettings, CredentialSource, HubQuotas},
+        sas::ConnectionString,
+    };
+    let host_name = match &args.azure.hub {
+        Some(h) => h.clone(),
+        None => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            ConnectionString::parse(&text)
+                .context("the Azure connection string")?
+                .host_name
+        }
+    };
+    let settings = AzureSettings {
+        client: ClientSettings {
+            host_name,
+            endpoint: args.azure.endpoint.clone(),
+            credentials: CredentialSource::File(path.to_path_buf()),
+            quotas: HubQuotas::s1(args.azure.hub_units),
+            max_retries: 3,
+        },
+        poll_interval: args.poll_interval,
+        resync_interval: args.resync_interval,
+        key_validity_days: 3650,
+        adopt_unowned: args.azure.adopt_unowned,
+        default_rotation_overlap: std::time::Duration::from_secs(3600),
+    };
+    AzureProvider::new(settings, Some(metrics))
+        .map_err(anyhow::Error::msg)
+        .context("starting the Azure backend")
 }
 
 /// What forwarding needs of the broker: the connection Subscribers write reported state through

@@ -337,11 +337,12 @@ pub fn validate_thing(thing: &Thing, limits: &SpecLimits) -> Result<(), InvalidS
             ));
         }
     }
+    // AWS: CreateKeysAndCertificate; Azure: a symmetric-key device.
     if spec.credentials.source == super::thing::CredentialSource::CloudIssued
-        && spec.broker != Broker::Aws
+        && !matches!(spec.broker, Broker::Aws | Broker::Azure)
     {
         problems.push(format!(
-            "credentials.source CloudIssued needs broker AWS, not {}",
+            "credentials.source CloudIssued needs broker AWS or Azure, not {}",
             spec.broker
         ));
     }

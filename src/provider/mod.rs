@@ -3,13 +3,14 @@
 //!
 //! - [`error`]: how a backend's failure reaches the controller ([`BackendError`], [`ProviderError`]);
 //! - `status`: what every backend writes into a Thing's status the same way;
-//! - [`aws`], [`mosquitto`]: one folder per backend, split by job;
+//! - [`aws`], [`azure`], [`mosquitto`]: one folder per backend, split by job;
 //! - `debug` (tests only): a backend that records calls, for the reconciler tests.
 //!
 //! A backend may use `api`, `credentials`, `feed`, `failpoints`, `metrics`, `mqtt` and `config`,
 //! never the controller or the event tasks: they reach it through this module's types only.
 
 pub mod aws;
+pub mod azure;
 #[cfg(test)]
 pub mod debug;
 pub mod error;

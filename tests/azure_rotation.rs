@@ -1,0 +1,90 @@
+//! Credential rotation on IoT Hub with zero downtime: the rotate annotation issues a new key and
+//! certificate into the Secret, the hub registers the new thumbprint as primary and keeps the old
+//! one as secondary for the overlap (a device still on the old certificate keeps working), and
+//! after the overlap only the new one is registered (the old certificate is refused).
+
+mod azure_support;
+mod common;
+
+use azure_support::*;
+use common::{merge_patch, thing};
+use serde_json::json;
+use thing_operator::{credentials::pki, provider::azure::credentials::thumbprint};
+
+#[tokio::test]
+async fn rotation_overlaps_old_and_new_certificates_then_drops_the_old() {
+    let s = setup("az-rotate").await;
+    let hub = Hub::new(&s.env);
+    let api = s.things();
+    let _op = azure(s.operator(), &s.env).ready().await;
+    thing("meter")
+        .spec(json!({"broker": "Azure", "credentials": {"rotationOverlap": "15s"}}))
+        .create(&api)
+        .await;
+    s.wait_ready(&api, "meter").await;
+    let id = format!("{}_meter", s.ns.name());
+    let old = secret_data(&s.client, s.ns.name(), "meter-device")
+        .await
+        .unwrap();
+    let old_thumb = thumbprint(&old["tls.crt"]).unwrap();
+
+    merge_patch(
+        &api,
+        "meter",
+        json!({"metadata": {"annotations": {"iot.thing-operator.dev/rotate": "1"}}}),
+    )
+    .await;
+    let new = s
+        .wait_for("a new certificate in the Secret", || async {
+            let d = secret_data(&s.client, s.ns.name(), "meter-device").await?;
+            (thumbprint(&d["tls.crt"])? != old_thumb).then_some(d)
+        })
+        .await;
+    assert!(pki::key_matches_certificate(&new["tls.key"], &new["tls.crt"]).unwrap());
+    let new_thumb = thumbprint(&new["tls.crt"]).unwrap();
+    // The overlap: both registered, both certificates work.
+    s.wait_for("both thumbprints registered", || async {
+        let d = hub.device(&id).await?;
+        let t = &d["authentication"]["x509Thumbprint"];
+        (t["primaryThumbprint"] == json!(new_thumb) && t["secondaryThumbprint"] == json!(old_thumb))
+            .then_some(())
+    })
+    .await;
+    let t = api.get("meter").await.unwrap().status.unwrap();
+    assert_eq!(
+        t.credentials.unwrap().previous_certificate_id.as_deref(),
+        Some(old_thumb.as_str())
+    );
+    assert_eq!(hub.report(&id, &old["tls.crt"], json!({"v": 1})).await, 200);
+    assert_eq!(hub.report(&id, &new["tls.crt"], json!({"v": 2})).await, 200);
+    s.wait_for("a CertificateRotated Event", || async {
+        let ev = events(&s.client, s.ns.name()).await;
+        ev.iter()
+            .any(|e| e.starts_with("CertificateRotated"))
+            .then_some(())
+    })
+    .await;
+
+    // After the overlap only the new certificate is registered, and the Secret forgets the old.
+    s.wait_for("old thumbprint dropped", || async {
+        let d = hub.device(&id).await?;
+        let t = &d["authentication"]["x509Thumbprint"];
+        (t["primaryThumbprint"] == json!(new_thumb) && t["secondaryThumbprint"].is_null())
+            .then_some(())
+    })
+    .await;
+    assert_eq!(hub.report(&id, &old["tls.crt"], json!({"v": 3})).await, 401);
+    assert_eq!(hub.report(&id, &new["tls.crt"], json!({"v": 4})).await, 200);
+    s.wait_for("previous certificate forgotten", || async {
+        let st = api.get("meter").await.ok()?.status?;
+        let d = secret_data(&s.client, s.ns.name(), "meter-device").await?;
+        (st.credentials?.previous_certificate_id.is_none()
+            && !d.contains_key("previousCertificateId"))
+        .then_some(())
+    })
+    .await;
+    s.wait_ready(&api, "meter").await;
+    // No drift was reported for the operator's own changes.
+    let ev = events(&s.client, s.ns.name()).await;
+    assert!(!ev.iter().any(|e| e.starts_with("DriftRepaired")), "{ev:?}");
+}
