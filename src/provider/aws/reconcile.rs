@@ -152,20 +152,20 @@ impl AwsProvider {
             .rotation_overlap_duration()
             .unwrap_or(self.settings.default_rotation_overlap);
         let token = rotation_token(req.thing);
-        if let Some(reason) =
+        let reason = if certs::rotation::in_progress(&state) {
+            Some("resuming an interrupted rotation".to_string())
+        } else {
             certs::rotation::rotation_due(&state, &spec.credentials, token.as_deref(), Utc::now())
-        {
+        };
+        if let Some(reason) = reason {
             active = certs::rotation::rotate(&ctx, &mut state, status, overlap, &reason, notices)
                 .await
                 .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
-            provision::ensure_attachments(c, thing_name, policy_name, &active.arn, false, notices)
-                .await
-                .map_err(|e| record_failure(status, types::PROVISIONED, e))?;
         }
         certs::rotation::finish_overlap(&ctx, &mut state, status, notices)
             .await
             .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
-        let sweep_pending = orphans::sweep(&ctx, &mut state)
+        let sweep_pending = orphans::sweep(&ctx, &mut state, notices)
             .await
             .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
         certs::mirror(status, &state, Some(&active));
@@ -239,6 +239,12 @@ impl IotProvider for AwsProvider {
         );
 
         let mut next = Utc::now() + chrono::Duration::from_std(poll).unwrap_or_default();
+        // A deadline an earlier full check found (the end of a rotation overlap, a rotation, an
+        // orphan sweep) holds for every reconcile until then: a reconcile that does no full
+        // check (the one the status write itself triggers) must not push it back to the poll.
+        if let Some(due) = self.pending_deadline(req) {
+            next = next.min(due);
+        }
         if self.needs_full_check(req, status) {
             let due = self
                 .converge(req, &thing_name, &policy_name, endpoint, status, outcome)
