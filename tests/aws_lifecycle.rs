@@ -497,3 +497,47 @@ async fn a_renamed_or_deleted_device_secret_leaves_no_usable_certificate() {
         "the deleted Secret's certificate is still there"
     );
 }
+
+/// The end of a rotation overlap is a deadline of its own: with a shadow poll of ten minutes,
+/// the old certificate is still revoked once its short overlap has passed (the reconcile the
+/// rotation's own status write triggers must not push the deadline back to the poll).
+#[tokio::test]
+async fn aws_rotation_overlap_ends_without_waiting_for_the_poll() {
+    let s = setup("aws-overlap").await;
+    let op = s.operator().aws().ready().await;
+    let iot = iot(&s.env);
+    let api = s.things();
+    thing("fan")
+        .spec(json!({
+            "broker": "AWS",
+            "credentials": {"rotationOverlap": "3s"},
+            "shadow": {"pollInterval": "10m"}
+        }))
+        .create(&api)
+        .await;
+    let t = s.wait_ready(&api, "fan").await;
+    let old = t.status.unwrap().device.unwrap().certificate_id.unwrap();
+    merge_patch(
+        &api,
+        "fan",
+        json!({"metadata": {"annotations": {"iot.thing-operator.dev/rotate": "1"}}}),
+    )
+    .await;
+    s.wait_for("rotated", || async {
+        let t = api.get("fan").await.ok()?;
+        let id = t.status.as_ref()?.device.as_ref()?.certificate_id.clone()?;
+        (id != old).then_some(())
+    })
+    .await;
+    // Bounded by the test's wait (90 s), far below the ten-minute poll that would otherwise be
+    // the next look at this Thing.
+    s.wait_for("old certificate revoked at the overlap's end", || async {
+        let t = api.get("fan").await.ok()?;
+        let recorded = t.status?.credentials?.previous_certificate_id;
+        (recorded.is_none() && cert_status(&iot, &old).await.is_none()).then_some(())
+    })
+    .await;
+    api.delete("fan", &DeleteParams::default()).await.unwrap();
+    s.wait_gone(&api, "fan").await;
+    drop(op);
+}
