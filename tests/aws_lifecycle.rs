@@ -4,11 +4,13 @@
 
 mod aws_support;
 mod common;
+mod mosquitto_support;
 
 use aws_smithy_types::Blob;
 use aws_support::*;
 use common::{is_ready, merge_patch, thing};
 use kube::{Api, api::DeleteParams};
+use mosquitto_support::{Credentials, Device, DeviceEvent, topic_prefix};
 use serde_json::json;
 use thing_operator::{api::Thing, credentials::pki};
 
@@ -539,5 +541,50 @@ async fn aws_rotation_overlap_ends_without_waiting_for_the_poll() {
     .await;
     api.delete("fan", &DeleteParams::default()).await.unwrap();
     s.wait_gone(&api, "fan").await;
+    drop(op);
+}
+
+/// Deleting an AWS Thing clears what the REST message broker retained for it (its `state` topic),
+/// as for every backend: a subscriber that comes later gets no document of a Thing that is gone.
+#[tokio::test]
+async fn aws_thing_deletion_clears_its_retained_state() {
+    let s = setup("aws-retained").await;
+    let prefix = topic_prefix();
+    let op = s.operator().aws().mqtt(&prefix).ready().await;
+    let api = s.things();
+    thing("meter").broker("AWS").create(&api).await;
+    s.wait_ready(&api, "meter").await;
+    let state_topic = format!("{prefix}/namespaces/{}/things/meter/state", s.ns);
+    let mut watcher = Device::start(&Credentials::admin(&s.env), vec![state_topic.clone()]);
+    watcher.connected().await;
+    let state = watcher.message(&state_topic).await;
+    assert_eq!(state["name"], json!("meter"));
+    drop(watcher);
+
+    api.delete("meter", &DeleteParams::default()).await.unwrap();
+    s.wait_gone(&api, "meter").await;
+    // A retained message is delivered right after the SUBACK, before anything published later on
+    // the same connection: a marker published after subscribing arrives first only when nothing
+    // is retained.
+    let marker = format!("{prefix}/test/marker");
+    let mut late = Device::start(
+        &Credentials::admin(&s.env),
+        vec![state_topic.clone(), marker.clone()],
+    );
+    late.connected().await;
+    late.suback().await;
+    late.publish(&marker, "{}").await;
+    let first = late
+        .next("the marker or a retained state", |e| match e {
+            DeviceEvent::Message(topic, payload) => Some((topic.clone(), payload.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        first.0,
+        marker,
+        "retained state of a deleted Thing: {}",
+        String::from_utf8_lossy(&first.1)
+    );
     drop(op);
 }
