@@ -41,6 +41,8 @@ pub struct Metrics {
     pub events: Family<OutcomeLabels, Counter>,
     pub backend_calls: Family<BackendCallLabels, Counter>,
     pub leader: Gauge,
+    pub status_write_lag: Histogram,
+    pub status_writes_waiting: Gauge,
 }
 
 fn reconcile_histogram() -> Histogram {
@@ -94,6 +96,18 @@ impl Default for Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        let status_write_lag = Histogram::new([0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]);
+        registry.register(
+            "status_write_lag_seconds",
+            "How long a Thing's reported state waited for the fleet-wide status write budget",
+            status_write_lag.clone(),
+        );
+        let status_writes_waiting = Gauge::default();
+        registry.register(
+            "status_writes_waiting",
+            "Things whose reported state waits for the fleet-wide status write budget",
+            status_writes_waiting.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciles,
@@ -103,6 +117,8 @@ impl Default for Metrics {
             events,
             backend_calls,
             leader,
+            status_write_lag,
+            status_writes_waiting,
         }
     }
 }
@@ -156,6 +172,14 @@ impl Metrics {
                 outcome: reason.into(),
             })
             .inc();
+    }
+
+    pub fn observe_status_write_lag(&self, seconds: f64) {
+        self.status_write_lag.observe(seconds);
+    }
+
+    pub fn set_status_writes_waiting(&self, n: i64) {
+        self.status_writes_waiting.set(n);
     }
 
     pub fn count_backend_call(&self, backend: &str, operation: &str, outcome: &str) {

@@ -19,6 +19,7 @@ pub mod status;
 mod subscriber;
 mod task_kind;
 mod thing;
+pub mod write_budget;
 
 #[cfg(test)]
 mod fixtures;
