@@ -141,7 +141,10 @@ impl ThingTrigger {
     /// Requests go straight to the controller (tests, and processes without a budget).
     pub fn channel() -> (ThingTrigger, ThingTriggerReceiver) {
         let (tx, rx) = mpsc::channel(4096);
-        (ThingTrigger(Route::Direct(tx)), ThingTriggerReceiver(rx, None))
+        (
+            ThingTrigger(Route::Direct(tx)),
+            ThingTriggerReceiver(rx, None),
+        )
     }
 
     /// Requests reach the controller at most `qps` times a second, stalest Thing first.

@@ -178,7 +178,10 @@ pub fn only_reported_changed(old: &ThingStatus, new: &ThingStatus) -> bool {
         return false;
     }
     let mut old_sorted = old.clone();
-    old_sorted.conditions.0.sort_by(|a, b| a.type_.cmp(&b.type_));
+    old_sorted
+        .conditions
+        .0
+        .sort_by(|a, b| a.type_.cmp(&b.type_));
     hold_back_reported(old, new) == old_sorted
 }
 
@@ -232,7 +235,12 @@ mod tests {
         )])));
         reported.version = Some(2);
         reported.conditions.set(
-            Condition::new(types::IN_SYNC, ConditionStatus::False, "Pending", "t pending"),
+            Condition::new(
+                types::IN_SYNC,
+                ConditionStatus::False,
+                "Pending",
+                "t pending",
+            ),
             now,
         );
         assert!(only_reported_changed(&old, &reported));
