@@ -41,7 +41,8 @@ impl AwsProvider {
     }
 
     /// The full check: thing, policy, credentials, attachments, rotation, orphan sweep.
-    /// Returns the earliest deadline that needs another full check.
+    /// Returns the earliest deadline that needs another full check, and whether the thing was
+    /// created just now (its shadow does not exist yet: nothing to read before writing it).
     async fn converge(
         &self,
         req: &DeviceRequest<'_>,
@@ -50,7 +51,7 @@ impl AwsProvider {
         endpoint: String,
         status: &mut ThingStatus,
         outcome: &mut DeviceOutcome,
-    ) -> Result<Option<DateTime<Utc>>, AwsError> {
+    ) -> Result<(Option<DateTime<Utc>>, bool), AwsError> {
         let c = &self.clients;
         let spec = &req.thing.spec;
         // "Was complete once": a recorded certificate ARN means thing, policy and certificate all
@@ -66,7 +67,7 @@ impl AwsProvider {
 
         let recorded_arn = status.device.as_ref().and_then(|d| d.thing_arn.clone());
         let owner = self.owner(req, recorded_arn.as_deref());
-        let thing_arn = provision::ensure_thing(
+        let (thing_arn, created) = provision::ensure_thing(
             c,
             thing_name,
             &spec.attributes,
@@ -190,7 +191,7 @@ impl AwsProvider {
                 .then(|| orphans::sweep_due_at(&ctx, &state))
                 .flatten(),
         ];
-        Ok(deadlines.into_iter().flatten().min())
+        Ok((deadlines.into_iter().flatten().min(), created))
     }
 }
 
@@ -245,10 +246,12 @@ impl IotProvider for AwsProvider {
         if let Some(due) = self.pending_deadline(req) {
             next = next.min(due);
         }
+        let mut fresh = false;
         if self.needs_full_check(req, status) {
-            let due = self
+            let (due, created) = self
                 .converge(req, &thing_name, &policy_name, endpoint, status, outcome)
                 .await?;
+            fresh = created;
             if let Some(d) = due {
                 next = next.min(d);
             }
@@ -271,6 +274,7 @@ impl IotProvider for AwsProvider {
             &thing_name,
             shadow_name,
             req.thing.spec.desired.as_ref(),
+            fresh,
             status,
         )
         .await

@@ -14,8 +14,8 @@ use crate::{
 };
 
 /// RegisterCertificateWithoutCA, idempotent: the id derives from the certificate, and AWS
-/// names the existing one when it was registered before. A certificate registered earlier may
-/// have been deactivated since: it is activated again.
+/// names the existing one when it was registered before. Only then is it read: a certificate
+/// registered earlier may have been deactivated since, and is activated again.
 pub async fn register(clients: &AwsClients, pem: &str) -> Result<ActiveCert, AwsError> {
     step!("aws-before-register-certificate");
     let res = clients
@@ -30,10 +30,16 @@ pub async fn register(clients: &AwsClients, pem: &str) -> Result<ActiveCert, Aws
         .await;
     step!("aws-after-register-certificate");
     let (id, arn) = match res {
-        Ok(out) => (
-            out.certificate_id().map(str::to_string),
-            out.certificate_arn().map(str::to_string),
-        ),
+        // Registered now, ACTIVE as asked: nothing to read back.
+        Ok(out) => match (out.certificate_id(), out.certificate_arn()) {
+            (Some(id), Some(arn)) => {
+                return Ok(ActiveCert {
+                    id: id.to_string(),
+                    arn: arn.to_string(),
+                });
+            }
+            (id, arn) => (id.map(str::to_string), arn.map(str::to_string)),
+        },
         Err(CallError::AlreadyExists {
             resource_id,
             resource_arn,
