@@ -476,7 +476,9 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "  ratio operator deletion time / floor teardown time: {:.2}; calls per Thing operator / floor: {:.2}",
         delete_secs / floor_delete_secs.max(0.001),
-        delete_calls / n as f64 / (floor_delete_calls as f64 / floor_ok.len().max(1) as f64).max(1.0)
+        delete_calls
+            / n as f64
+            / (floor_delete_calls as f64 / floor_ok.len().max(1) as f64).max(1.0)
     );
     let (rss, cpu) = proc_usage(pid);
     println!("operator totals: peak RSS {rss:.0} MiB, CPU {cpu:.1}s");
