@@ -37,6 +37,9 @@ const THROTTLING_CODES: &[&str] = &[
 /// landed (ConflictingResourceUpdate) or an operator fixed the IAM policy (access denied). They
 /// are retried with backoff, never left waiting for a spec change.
 const BUSY_CODES: &[&str] = &["ConflictingResourceUpdateException"];
+/// Something is still attached: AWS detaches asynchronously, so a delete right after a detach may
+/// see it still. Retried with backoff (not within the call: the flows answer it by listing).
+const DELETE_CONFLICT: &str = "DeleteConflictException";
 const ACCESS_DENIED_CODES: &[&str] = &[
     "AccessDeniedException",
     "AccessDenied",
@@ -47,6 +50,8 @@ const ACCESS_DENIED_CODES: &[&str] = &[
 fn hint(code: &str, status: u16) -> &'static str {
     if BUSY_CODES.contains(&code) {
         " (another update of the resource is in progress; retried with backoff)"
+    } else if code == DELETE_CONFLICT {
+        " (something is still attached, or a detach has not propagated yet; retried with backoff)"
     } else if ACCESS_DENIED_CODES.contains(&code) || status == 403 {
         " (the operator's IAM identity lacks a permission this call needs, see docs/aws.md; retried with backoff)"
     } else if status == 404 {
@@ -151,7 +156,11 @@ impl BackendError for AwsError {
             {
                 "AccessDenied"
             }
-            AwsError::Service { code, .. } if BUSY_CODES.contains(&code.as_str()) => "ResourceBusy",
+            AwsError::Service { code, .. }
+                if BUSY_CODES.contains(&code.as_str()) || code == DELETE_CONFLICT =>
+            {
+                "ResourceBusy"
+            }
             AwsError::Service { status: 404, .. } => "NotFound",
             AwsError::Service { .. }
             | AwsError::CallWindowMissed { .. }
@@ -185,6 +194,7 @@ impl AwsError {
                     && *status != 403
                     && !ACCESS_DENIED_CODES.contains(&code.as_str())
                     && *status != 404
+                    && code != DELETE_CONFLICT
             }
             _ => false,
         }
@@ -277,6 +287,7 @@ impl CallError {
                         "InternalFailureException" | "ServiceUnavailableException"
                     )
                     || BUSY_CODES.contains(&code)
+                    || code == DELETE_CONFLICT
                     || ACCESS_DENIED_CODES.contains(&code);
                 failed(AwsError::Service {
                     operation,
@@ -466,6 +477,9 @@ mod tests {
         assert!(!denied.retries_in_call());
         assert!(denied.to_string().contains("IAM"), "{denied}");
         assert!(!failed(400, "InvalidRequestException").retries_in_call());
+        let attached = failed(409, "DeleteConflictException");
+        assert!(attached.is_retryable() && !attached.retries_in_call());
+        assert_eq!(attached.reason(), "ResourceBusy");
         let gone = CallError::NotFound.into_error("AttachThingPrincipal");
         assert!(gone.is_retryable() && !gone.retries_in_call());
         assert_eq!(gone.reason(), "NotFound");

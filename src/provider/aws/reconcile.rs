@@ -114,9 +114,17 @@ impl AwsProvider {
         // credential is left behind. A crash in between repeats it; one already gone is skipped.
         for stale in certs::stale_certificates(status, &state) {
             step!("aws-before-revoke-stale-certificate");
-            certs::certificate::remove(c, &stale, None)
-                .await
-                .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
+            certs::certificate::remove(
+                c,
+                &stale,
+                None,
+                Some(certs::certificate::Attachments {
+                    thing_name,
+                    policy_name,
+                }),
+            )
+            .await
+            .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
             certs::forget_certificate(status, &stale);
             notices.push(Notice::normal(
                 "CredentialRevoked",

@@ -58,7 +58,16 @@ pub async fn teardown(
     ids.sort();
     ids.dedup();
     for id in &ids {
-        certificate::remove(c, id, None).await?;
+        certificate::remove(
+            c,
+            id,
+            None,
+            Some(certificate::Attachments {
+                thing_name,
+                policy_name,
+            }),
+        )
+        .await?;
     }
     if state.pending_since.is_some() || !state.orphan_windows.is_empty() {
         if state.close_pending(ctx.call_bound, chrono::Utc::now()) {
@@ -104,7 +113,21 @@ pub async fn teardown(
     Ok(())
 }
 
+/// Write first: DeletePolicy at once (the Thing's certificates are detached by now); only when
+/// AWS answers that something is still attached or old versions remain are they listed.
 async fn delete_policy(c: &AwsClients, policy_name: &str) -> Result<(), AwsError> {
+    step!("aws-before-delete-policy");
+    let first = c
+        .call(Family::Policy, "DeletePolicy", || {
+            c.iot.delete_policy().policy_name(policy_name).send()
+        })
+        .await;
+    match first {
+        Ok(_) | Err(CallError::NotFound) => return Ok(()),
+        Err(CallError::Failed(AwsError::Service { ref code, .. }))
+            if code == "DeleteConflictException" => {}
+        Err(e) => return Err(e.into_error("DeletePolicy")),
+    }
     let mut marker: Option<String> = None;
     let mut targets = Vec::new();
     loop {

@@ -128,7 +128,7 @@ pub async fn sweep(
             Verdict::Delete(id) => {
                 let arn = candidates.iter().find(|(i, _)| *i == id).map(|(_, a)| *a);
                 tracing::warn!(thing = ctx.thing_name, certificate = %id, "deleting a certificate whose issuance was interrupted");
-                certificate::remove(c, id, arn).await?;
+                certificate::remove(c, id, arn, None).await?;
                 notices.push(Notice::normal(
                     "OrphanDeleted",
                     format!("certificate {id}, created by an interrupted issuance, deleted"),

@@ -174,7 +174,16 @@ pub async fn finish_overlap(
     if Utc::now() < at || Some(&prev) == state.cert_id.as_ref() {
         return Ok(());
     }
-    certificate::remove(ctx.clients, &prev, None).await?;
+    certificate::remove(
+        ctx.clients,
+        &prev,
+        None,
+        Some(certificate::Attachments {
+            thing_name: ctx.thing_name,
+            policy_name: ctx.policy_name,
+        }),
+    )
+    .await?;
     state.previous_cert_id = None;
     state.previous_revoke_at = None;
     ctx.save(state).await?;
