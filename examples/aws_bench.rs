@@ -11,7 +11,12 @@
 //!    the way because moto has none): THINGS Things applied at once; seconds until all are Ready,
 //!    cloud calls and status writes per Thing, peak RSS and CPU seconds of the process.
 //! 3. Idle: cloud calls and status writes per idle Thing per poll interval.
-//! 4. Deletion of all of them.
+//! 4. Deletion of all of them: seconds, cloud calls per Thing, and the ratio to the floor's
+//!    teardown (DetachPolicy, DetachThingPrincipal, UpdateCertificate, DeleteCertificate,
+//!    DeletePolicy, DeleteThingShadow, DeleteThing per device, with moto's DeleteCertificate race
+//!    retried the same way the operator retries it).
+//!
+//! The operator binary is `$CARGO_TARGET_DIR/debug/thing-operator` (default `target/`).
 
 use std::{
     collections::BTreeMap,
@@ -113,12 +118,14 @@ async fn floor_device(
     Ok(cert.certificate_id().unwrap_or_default().to_string())
 }
 
+/// Returns the number of calls it made.
 async fn floor_cleanup(
     iot: &aws_sdk_iot::Client,
     data: &aws_sdk_iotdataplane::Client,
     name: &str,
     cert_id: &str,
-) {
+) -> usize {
+    let mut calls = 6;
     let arn = format!("arn:aws:iot:us-east-1:123456789012:cert/{cert_id}");
     let policy = format!("{name}-policy");
     let _ = iot
@@ -141,6 +148,7 @@ async fn floor_cleanup(
         .await;
     // moto answers 500 when another request mutates its principals meanwhile: retry a little.
     for _ in 0..10 {
+        calls += 1;
         if iot
             .delete_certificate()
             .certificate_id(cert_id)
@@ -155,6 +163,7 @@ async fn floor_cleanup(
     let _ = iot.delete_policy().policy_name(&policy).send().await;
     let _ = data.delete_thing_shadow().thing_name(name).send().await;
     let _ = iot.delete_thing().thing_name(name).send().await;
+    calls
 }
 
 async fn metrics(port: u16) -> String {
@@ -255,12 +264,23 @@ async fn main() -> anyhow::Result<()> {
         floor_ok.len(),
         8
     );
-    stream::iter(floor_ok.iter())
-        .for_each_concurrent(concurrency, |(name, id)| {
+    let started = Instant::now();
+    let floor_delete_calls: usize = stream::iter(floor_ok.iter())
+        .map(|(name, id)| {
             let (iot, data) = (iot.clone(), data.clone());
             async move { floor_cleanup(&iot, &data, name, id).await }
         })
-        .await;
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .sum();
+    let floor_delete_secs = started.elapsed().as_secs_f64();
+    println!(
+        "floor teardown: {} devices in {floor_delete_secs:.1}s ({:.1} calls per device)",
+        floor_ok.len(),
+        floor_delete_calls as f64 / floor_ok.len().max(1) as f64
+    );
 
     // 2. The operator.
     let ns = format!("aws-bench-{tag}");
@@ -273,7 +293,10 @@ async fn main() -> anyhow::Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let bin = root.join("target/debug/thing-operator");
+    let bin = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("debug/thing-operator");
     let log = std::fs::File::create(dir.join("logs").join(format!("operator-{ns}.log")))?;
     let child = Command::new(&bin)
         .args([
@@ -386,8 +409,9 @@ async fn main() -> anyhow::Result<()> {
         writes / n as f64
     );
     println!(
-        "  ratio operator time / floor time: {:.2}",
-        op_secs / floor_secs.max(0.001)
+        "  ratio operator time / floor time: {:.2}; calls per Thing operator / floor: {:.2}",
+        op_secs / floor_secs.max(0.001),
+        calls / n as f64 / 8.0
     );
 
     // 3. Idle: one poll interval with nothing changing.
@@ -421,6 +445,11 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // 4. Deletion.
+    let calls_before_delete = metric_sum(
+        &metrics(port).await,
+        "thing_operator_backend_calls_total",
+        &["backend=\"aws\""],
+    );
     let started = Instant::now();
     things
         .delete_collection(&DeleteParams::default(), &ListParams::default())
@@ -434,9 +463,22 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let delete_secs = started.elapsed().as_secs_f64();
+    let delete_calls = metric_sum(
+        &metrics(port).await,
+        "thing_operator_backend_calls_total",
+        &["backend=\"aws\""],
+    ) - calls_before_delete;
     println!(
-        "deletion: all {n} Things and their cloud resources gone after {:.1}s",
-        started.elapsed().as_secs_f64()
+        "deletion: all {n} Things and their cloud resources gone after {delete_secs:.1}s, {:.1} cloud calls per Thing",
+        delete_calls / n as f64
+    );
+    println!(
+        "  ratio operator deletion time / floor teardown time: {:.2}; calls per Thing operator / floor: {:.2}",
+        delete_secs / floor_delete_secs.max(0.001),
+        delete_calls
+            / n as f64
+            / (floor_delete_calls as f64 / floor_ok.len().max(1) as f64).max(1.0)
     );
     let (rss, cpu) = proc_usage(pid);
     println!("operator totals: peak RSS {rss:.0} MiB, CPU {cpu:.1}s");

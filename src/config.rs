@@ -35,6 +35,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::api::validation::parse_duration(s)
 }
 
+/// A rate of at least one per second (a finite, positive number).
+fn parse_qps(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(q) if q.is_finite() && q >= 1.0 => Ok(q),
+        _ => Err(format!("{s}: a number of writes per second, at least 1")),
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Address of /healthz, /readyz and /metrics.
@@ -96,6 +104,11 @@ pub struct RunArgs {
     /// Reported state from devices is written to status at most once per this interval per Thing.
     #[arg(long, env = "THING_OPERATOR_STATUS_INTERVAL", value_parser = parse_duration, default_value = "2s")]
     pub status_write_interval: Duration,
+    /// Status writes of reported state per second across all Things (the fleet-wide budget on
+    /// top of the per-Thing interval); the Thing whose status is stalest goes first, and the
+    /// wait shows as `thing_operator_status_write_lag_seconds`. At least 1.
+    #[arg(long, env = "THING_OPERATOR_STATUS_WRITE_QPS", default_value_t = 50.0, value_parser = parse_qps)]
+    pub status_write_qps: f64,
 
     #[command(flatten)]
     pub limits: LimitArgs,

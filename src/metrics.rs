@@ -72,6 +72,8 @@ pub struct Metrics {
     pub things: Family<ThingLabels, Gauge>,
     pub observer_dead_letters: Family<NamespaceLabels, Counter>,
     pub mqtt_connected: Family<ConnectionLabels, Gauge>,
+    pub status_write_lag: Histogram,
+    pub status_writes_waiting: Gauge,
 }
 
 fn reconcile_histogram() -> Histogram {
@@ -168,6 +170,18 @@ impl Default for Metrics {
             "1 while an MQTT connection of the operator is up, by connection",
             mqtt_connected.clone(),
         );
+        let status_write_lag = Histogram::new([0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]);
+        registry.register(
+            "status_write_lag_seconds",
+            "How long a Thing's reported state waited for the fleet-wide status write budget",
+            status_write_lag.clone(),
+        );
+        let status_writes_waiting = Gauge::default();
+        registry.register(
+            "status_writes_waiting",
+            "Things whose reported state waits for the fleet-wide status write budget",
+            status_writes_waiting.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciles,
@@ -182,6 +196,8 @@ impl Default for Metrics {
             things,
             observer_dead_letters,
             mqtt_connected,
+            status_write_lag,
+            status_writes_waiting,
         }
     }
 }
@@ -235,6 +251,14 @@ impl Metrics {
                 outcome: reason.into(),
             })
             .inc();
+    }
+
+    pub fn observe_status_write_lag(&self, seconds: f64) {
+        self.status_write_lag.observe(seconds);
+    }
+
+    pub fn set_status_writes_waiting(&self, n: i64) {
+        self.status_writes_waiting.set(n);
     }
 
     pub fn count_backend_call(&self, backend: &str, operation: &str, outcome: &str) {

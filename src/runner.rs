@@ -343,7 +343,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let bus = StateBus::default();
-    let (trigger, trigger_rx) = ThingTrigger::channel();
+    let (trigger, trigger_rx) =
+        ThingTrigger::budgeted(args.status_write_qps, Some(metrics.clone()));
     let wiring = Arc::new(Wiring::new(bus.clone(), trigger));
     // One policy: the Observer reconciler refuses literal addresses, the sinks check names at
     // connect time.

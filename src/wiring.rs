@@ -69,6 +69,7 @@ impl StateFeed for Wiring {
 
     fn thing_removed(&self, namespace: &str, name: &str) {
         self.bus.remove(namespace, name);
+        self.trigger.forget(namespace, name);
         self.with_publisher(|p| p.clear(namespace, name));
     }
 }

@@ -1,7 +1,9 @@
 //! Faults moto cannot produce, injected with an SDK interceptor into an in-process provider:
 //! throttling and 5xx on a fleet (converges, bounded number of calls), AWS's 409 on an existing
 //! thing, a lost RegisterCertificateWithoutCA answer, a lost CreateKeysAndCertificate answer
-//! (the certificate it created is found and deleted).
+//! (the certificate it created is found and deleted, one another tool created is not), a
+//! rotation that cannot register its certificate (the working key stays), and AWS's transient
+//! 4xx answers (retried, with a condition that says what is wrong).
 
 mod aws_support;
 mod common;
@@ -114,8 +116,12 @@ async fn provider_with(
     faults: Option<Arc<Faults>>,
     adopt_unowned: bool,
 ) -> AwsProvider {
+    provider_from(settings(env, adopt_unowned), faults).await
+}
+
+fn settings(env: &TestEnv, adopt_unowned: bool) -> AwsSettings {
     let moto = moto_url(env);
-    let settings = AwsSettings {
+    AwsSettings {
         client: ClientSettings {
             region: Some("us-east-1".into()),
             iot_endpoint: Some(moto.clone()),
@@ -127,7 +133,10 @@ async fn provider_with(
         orphan_grace: Duration::from_secs(1),
         adopt_unowned,
         ..AwsSettings::default()
-    };
+    }
+}
+
+async fn provider_from(settings: AwsSettings, faults: Option<Arc<Faults>>) -> AwsProvider {
     let interceptors = faults
         .map(|f| vec![SharedInterceptor::new(Shared(f))])
         .unwrap_or_default();
@@ -374,13 +383,87 @@ async fn aws_answers_moto_does_not_give_are_handled() {
     assert!(!thing_exists(&iot, &thing_name).await);
 }
 
+/// Certificates AWS issued (CreateKeysAndCertificate: `CN=AWS IoT Certificate`) that are not in
+/// `before`. The other tests here issue in-cluster certificates, which name their thing.
+async fn aws_issued_since(iot: &aws_sdk_iot::Client, before: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for id in all_certificate_ids(iot)
+        .await
+        .into_iter()
+        .filter(|id| !before.contains(id))
+    {
+        if certificate_subject(iot, &id)
+            .await
+            .is_some_and(|s| s.contains("AWS IoT Certificate"))
+        {
+            out.push(id);
+        }
+    }
+    out
+}
+
+/// A certificate another tool created in the account: unattached, never the operator's.
+async fn foreign_certificate(iot: &aws_sdk_iot::Client) -> String {
+    iot.create_keys_and_certificate()
+        .set_as_active(true)
+        .send()
+        .await
+        .unwrap()
+        .certificate_id()
+        .unwrap()
+        .to_string()
+}
+
+/// The orphan window recorded in the device Secret (one window).
+async fn recorded_window(client: &Client, ns: &str, secret: &str) -> chrono::DateTime<chrono::Utc> {
+    let data = secret_data(client, ns, secret).await.unwrap();
+    let window = data
+        .get("orphanWindow")
+        .expect("an orphan window is recorded");
+    let (_, end) = window.split_once('/').unwrap();
+    chrono::DateTime::parse_from_rfc3339(end).unwrap().to_utc()
+}
+
+/// Full checks until `done` holds (the sweep runs in full checks only); returns the notices.
+async fn sweep_until<F, Fut>(
+    p: &AwsProvider,
+    req: &DeviceRequest<'_>,
+    status: &mut ThingStatus,
+    what: &str,
+    done: F,
+) -> Vec<String>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut notices = Vec::new();
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut outcome = DeviceOutcome::default();
+        // Make the provider run a full check: its memory says "not converged" when a condition is not True.
+        status.conditions.0.retain(|c| c.type_ != "InSync");
+        let _ = p.reconcile(req, status, &mut outcome).await;
+        notices.extend(
+            outcome
+                .notices
+                .iter()
+                .map(|n| format!("{} {}", n.reason, n.message)),
+        );
+        if done().await {
+            return notices;
+        }
+    }
+    panic!("{what}: not reached; notices: {notices:?}");
+}
+
 #[tokio::test]
 async fn a_lost_create_keys_answer_leaves_no_orphan() {
     let setup = aws_support::setup("aws-lostkeys").await;
     let (env, client, ns) = (&setup.env, &setup.client, &setup.ns);
     let iot = iot(env);
     let faults = Faults::new(Box::new(|op, n| {
-        (op == "CreateKeysAndCertificate" && n == 1).then_some((500, "InternalFailureException"))
+        (op == "CreateKeysAndCertificate" && (n == 1 || n == 3))
+            .then_some((500, "InternalFailureException"))
     }));
     let p = provider(env, Some(faults.clone())).await;
     let before = all_certificate_ids(&iot).await;
@@ -392,34 +475,32 @@ async fn a_lost_create_keys_answer_leaves_no_orphan() {
     .await;
     let req = request(client, &t, ns, "cloud");
     let mut status = ThingStatus::default();
-    converge(&p, &req, &mut status).await;
-    // The certificate moto created for the lost answer: never recorded, never attached. The
-    // answer's body is not readable in the interceptor, so find it: new since the start, issued
-    // by "AWS" (the other tests here issue in-cluster certificates), not the recorded one.
-    let mut lost = Vec::new();
-    for id in all_certificate_ids(&iot)
+    // The first answer is lost: the failed call's window is recorded, ending with the call.
+    let lost_call = p
+        .reconcile(&req, &mut status, &mut DeviceOutcome::default())
         .await
-        .into_iter()
-        .filter(|id| !before.contains(id))
-    {
-        let Some(subject) = certificate_subject(&iot, &id).await else {
-            continue;
-        };
-        if subject.contains("AWS IoT Certificate")
-            && Some(&id) != status.device.as_ref().unwrap().certificate_id.as_ref()
-        {
-            lost.push(id);
-        }
-    }
+        .expect_err("the answer is lost");
+    assert!(lost_call.is_retryable());
+    // The certificate moto created for the lost answer: never recorded, never attached.
+    let mut lost = aws_issued_since(&iot, &before).await;
     assert_eq!(
         lost.len(),
         1,
         "expected exactly one unrecorded certificate: {lost:?}"
     );
     let lost_id = lost.remove(0);
+    let window_end = recorded_window(client, ns, "cloud-device").await;
+    // Another tool creates a certificate after the window (the next reconcile comes late, as
+    // after an API-server outage): the sweep must not take it.
+    let wait = (window_end - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_secs(1)).await;
+    let foreign = foreign_certificate(&iot).await;
+    converge(&p, &req, &mut status).await;
     assert_ne!(
-        Some(&lost_id),
-        status.device.as_ref().unwrap().certificate_id.as_ref()
+        status.device.as_ref().unwrap().certificate_id,
+        Some(lost_id.clone())
     );
     assert_eq!(
         seen_count(&faults, "CreateKeysAndCertificate"),
@@ -427,27 +508,212 @@ async fn a_lost_create_keys_answer_leaves_no_orphan() {
         "the lost call must not be retried blindly"
     );
     // After the grace period a full check sweeps it (resync forces a full check here).
-    let mut swept = false;
-    for _ in 0..40 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut outcome = DeviceOutcome::default();
-        // Make the provider run a full check: its memory says "not converged" when a condition is not True.
-        status.conditions.0.retain(|c| c.type_ != "InSync");
-        let _ = p.reconcile(&req, &mut status, &mut outcome).await;
-        if cert_status(&iot, &lost_id).await.is_none() {
-            swept = true;
-            break;
-        }
-    }
-    assert!(
-        swept,
-        "the unrecorded certificate {lost_id} was not deleted"
+    sweep_until(
+        &p,
+        &req,
+        &mut status,
+        "the lost certificate swept",
+        || async { cert_status(&iot, &lost_id).await.is_none() },
+    )
+    .await;
+    assert_eq!(
+        cert_status(&iot, &lost_id).await,
+        None,
+        "the lost call's certificate was not deleted"
+    );
+    assert_eq!(
+        cert_status(&iot, &foreign).await.as_deref(),
+        Some("ACTIVE"),
+        "a certificate created outside the lost call's window was touched"
     );
     assert_consistent(&setup, "cloud", &status).await;
     let secret = secret_data(client, ns, "cloud-device").await.unwrap();
     assert!(
         !secret.contains_key("orphanWindow") && !secret.contains_key("pendingCertificateSince")
     );
+
+    // A second lost answer, and another tool issues a certificate within the same window: the
+    // operator cannot tell which one its call created, so it deletes neither and says so.
+    let ambiguous_before = all_certificate_ids(&iot).await;
+    let t2 = make_thing(
+        &setup,
+        "cloud2",
+        json!({"broker": "AWS", "credentials": {"source": "CloudIssued"}}),
+    )
+    .await;
+    let req2 = request(client, &t2, ns, "cloud2");
+    let mut status2 = ThingStatus::default();
+    p.reconcile(&req2, &mut status2, &mut DeviceOutcome::default())
+        .await
+        .expect_err("the answer is lost");
+    let rival = foreign_certificate(&iot).await;
+    converge(&p, &req2, &mut status2).await;
+    let mine2 = status2
+        .device
+        .as_ref()
+        .unwrap()
+        .certificate_id
+        .clone()
+        .unwrap();
+    let unrecorded: Vec<String> = aws_issued_since(&iot, &ambiguous_before)
+        .await
+        .into_iter()
+        .filter(|id| *id != mine2)
+        .collect();
+    assert_eq!(unrecorded.len(), 2, "{unrecorded:?}");
+    let notices = sweep_until(&p, &req2, &mut status2, "the window swept", || async {
+        !secret_data(client, ns, "cloud2-device")
+            .await
+            .unwrap()
+            .contains_key("orphanWindow")
+    })
+    .await;
+    assert!(
+        notices.iter().any(|n| n.starts_with("OrphanUnattributed")),
+        "{notices:?}"
+    );
+    for id in &unrecorded {
+        assert_eq!(
+            cert_status(&iot, id).await.as_deref(),
+            Some("ACTIVE"),
+            "{id} was deleted though it could not be attributed"
+        );
+    }
+    assert!(unrecorded.contains(&rival));
+    cleanup(&p, &req, &status).await;
+    cleanup(&p, &req2, &status2).await;
+    for id in [foreign, rival] {
+        let _ = iot
+            .update_certificate()
+            .certificate_id(&id)
+            .new_status(aws_sdk_iot::types::CertificateStatus::Inactive)
+            .send()
+            .await;
+        let _ = iot.delete_certificate().certificate_id(&id).send().await;
+    }
+}
+
+/// A rotation whose new certificate cannot be registered (AWS answers AccessDenied until an
+/// operator fixes the IAM policy) leaves the device's working key and certificate in place, says
+/// what is wrong, and completes once the permission is back, without a spec change.
+#[tokio::test]
+async fn a_failed_rotation_keeps_the_working_key_until_access_is_fixed() {
+    let setup = aws_support::setup("aws-rotkeep").await;
+    let (env, client, ns) = (&setup.env, &setup.client, &setup.ns);
+    let iot = iot(env);
+    let denied = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = denied.clone();
+    let faults = Faults::new(Box::new(move |op, _| {
+        (d.load(Ordering::SeqCst) && op == "RegisterCertificateWithoutCA")
+            .then_some((403, "AccessDeniedException"))
+    }));
+    let p = provider(env, Some(faults.clone())).await;
+    let t = make_thing(
+        &setup,
+        "rot",
+        json!({"broker": "AWS", "credentials": {"rotationOverlap": "1h"}}),
+    )
+    .await;
+    let req = request(client, &t, ns, "rot");
+    let mut status = ThingStatus::default();
+    converge(&p, &req, &mut status).await;
+    let before = secret_data(client, ns, "rot-device").await.unwrap();
+    let old_arn = status
+        .device
+        .as_ref()
+        .unwrap()
+        .certificate_arn
+        .clone()
+        .unwrap();
+
+    // Ask for a rotation (the annotation the controller would see).
+    let mut rotated = t.clone();
+    rotated.metadata.annotations =
+        Some([("iot.thing-operator.dev/rotate".to_string(), "1".to_string())].into());
+    let req = request(client, &rotated, ns, "rot");
+    denied.store(true, Ordering::SeqCst);
+    for _ in 0..2 {
+        let e = p
+            .reconcile(&req, &mut status, &mut DeviceOutcome::default())
+            .await
+            .expect_err("registration is denied");
+        assert!(e.is_retryable(), "{e}");
+        assert_eq!(e.reason(), "AccessDenied");
+        let c = status.conditions.get("CredentialsReady").unwrap();
+        assert_eq!(c.reason, "AccessDenied");
+        assert!(c.message.contains("IAM"), "{}", c.message);
+        // The device still holds a working pair: the Secret's key and certificate are the old
+        // ones, registered, active and attached; the new pair waits beside them.
+        let during = secret_data(client, ns, "rot-device").await.unwrap();
+        for k in ["tls.key", "tls.crt", "certificateId"] {
+            assert_eq!(
+                during[k], before[k],
+                "{k} changed before the new certificate was active"
+            );
+        }
+        assert!(during.contains_key("next.key") && during.contains_key("next.crt"));
+        assert_eq!(
+            cert_status(&iot, &before["certificateId"]).await.as_deref(),
+            Some("ACTIVE")
+        );
+        let thing_name = status.device.as_ref().unwrap().thing_name.clone().unwrap();
+        assert_eq!(
+            thing_principals(&iot, &thing_name).await,
+            std::slice::from_ref(&old_arn)
+        );
+    }
+    // The IAM policy is fixed: the next retry completes the rotation with the key it recorded.
+    let next_key = secret_data(client, ns, "rot-device").await.unwrap()["next.key"].clone();
+    denied.store(false, Ordering::SeqCst);
+    converge(&p, &req, &mut status).await;
+    let after = secret_data(client, ns, "rot-device").await.unwrap();
+    assert_eq!(after["tls.key"], next_key);
+    assert_ne!(after["certificateId"], before["certificateId"]);
+    assert_eq!(after["previousCertificateId"], before["certificateId"]);
+    assert!(!after.contains_key("next.key") && !after.contains_key("next.crt"));
+    assert!(pki::key_matches_certificate(&after["tls.key"], &after["tls.crt"]).unwrap());
+    // Both stay attached for the overlap: the new one and the old one.
+    let dev = status.device.as_ref().unwrap();
+    let mut principals = thing_principals(&iot, dev.thing_name.as_deref().unwrap()).await;
+    principals.sort();
+    let mut expected = vec![old_arn, dev.certificate_arn.clone().unwrap()];
+    expected.sort();
+    assert_eq!(principals, expected);
+    cleanup(&p, &req, &status).await;
+    assert!(cert_status(&iot, &before["certificateId"]).await.is_none());
+}
+
+/// AWS's transient 4xx answers: a conflicting update is retried within the call; a 404 right
+/// after a create (eventual consistency) fails the reconcile with a retryable error that says
+/// so, and the next attempt succeeds, without a spec change.
+#[tokio::test]
+async fn transient_4xx_answers_are_retried() {
+    let setup = aws_support::setup("aws-transient").await;
+    let (env, client, ns) = (&setup.env, &setup.client, &setup.ns);
+    let faults = Faults::new(Box::new(|op, n| match (op, n) {
+        ("AttachPolicy", 1) => Some((409, "ConflictingResourceUpdateException")),
+        ("AttachThingPrincipal", 1) => Some((404, "ResourceNotFoundException")),
+        _ => None,
+    }));
+    let p = provider(env, Some(faults.clone())).await;
+    let t = make_thing(&setup, "busy", json!({"broker": "AWS"})).await;
+    let req = request(client, &t, ns, "busy");
+    let mut status = ThingStatus::default();
+    let e = p
+        .reconcile(&req, &mut status, &mut DeviceOutcome::default())
+        .await
+        .expect_err("the thing is not visible yet");
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(e.reason(), "NotFound");
+    assert!(e.to_string().contains("AttachThingPrincipal"), "{e}");
+    assert_eq!(
+        status.conditions.get("Provisioned").unwrap().reason,
+        "NotFound"
+    );
+    // The conflicting update was repeated within the same reconcile.
+    assert_eq!(seen_count(&faults, "AttachPolicy"), 2);
+    converge(&p, &req, &mut status).await;
+    assert_consistent(&setup, "busy", &status).await;
     cleanup(&p, &req, &status).await;
 }
 

@@ -4,11 +4,13 @@
 
 mod aws_support;
 mod common;
+mod mosquitto_support;
 
 use aws_smithy_types::Blob;
 use aws_support::*;
 use common::{is_ready, merge_patch, thing};
 use kube::{Api, api::DeleteParams};
+use mosquitto_support::{Credentials, Device, DeviceEvent, topic_prefix};
 use serde_json::json;
 use thing_operator::{api::Thing, credentials::pki};
 
@@ -496,4 +498,93 @@ async fn a_renamed_or_deleted_device_secret_leaves_no_usable_certificate() {
         None,
         "the deleted Secret's certificate is still there"
     );
+}
+
+/// The end of a rotation overlap is a deadline of its own: with a shadow poll of ten minutes,
+/// the old certificate is still revoked once its short overlap has passed (the reconcile the
+/// rotation's own status write triggers must not push the deadline back to the poll).
+#[tokio::test]
+async fn aws_rotation_overlap_ends_without_waiting_for_the_poll() {
+    let s = setup("aws-overlap").await;
+    let op = s.operator().aws().ready().await;
+    let iot = iot(&s.env);
+    let api = s.things();
+    thing("fan")
+        .spec(json!({
+            "broker": "AWS",
+            "credentials": {"rotationOverlap": "3s"},
+            "shadow": {"pollInterval": "10m"}
+        }))
+        .create(&api)
+        .await;
+    let t = s.wait_ready(&api, "fan").await;
+    let old = t.status.unwrap().device.unwrap().certificate_id.unwrap();
+    merge_patch(
+        &api,
+        "fan",
+        json!({"metadata": {"annotations": {"iot.thing-operator.dev/rotate": "1"}}}),
+    )
+    .await;
+    s.wait_for("rotated", || async {
+        let t = api.get("fan").await.ok()?;
+        let id = t.status.as_ref()?.device.as_ref()?.certificate_id.clone()?;
+        (id != old).then_some(())
+    })
+    .await;
+    // Bounded by the test's wait (90 s), far below the ten-minute poll that would otherwise be
+    // the next look at this Thing.
+    s.wait_for("old certificate revoked at the overlap's end", || async {
+        let t = api.get("fan").await.ok()?;
+        let recorded = t.status?.credentials?.previous_certificate_id;
+        (recorded.is_none() && cert_status(&iot, &old).await.is_none()).then_some(())
+    })
+    .await;
+    api.delete("fan", &DeleteParams::default()).await.unwrap();
+    s.wait_gone(&api, "fan").await;
+    drop(op);
+}
+
+/// Deleting an AWS Thing clears what the REST message broker retained for it (its `state` topic),
+/// as for every backend: a subscriber that comes later gets no document of a Thing that is gone.
+#[tokio::test]
+async fn aws_thing_deletion_clears_its_retained_state() {
+    let s = setup("aws-retained").await;
+    let prefix = topic_prefix();
+    let op = s.operator().aws().mqtt(&prefix).ready().await;
+    let api = s.things();
+    thing("meter").broker("AWS").create(&api).await;
+    s.wait_ready(&api, "meter").await;
+    let state_topic = format!("{prefix}/namespaces/{}/things/meter/state", s.ns);
+    let mut watcher = Device::start(&Credentials::admin(&s.env), vec![state_topic.clone()]);
+    watcher.connected().await;
+    let state = watcher.message(&state_topic).await;
+    assert_eq!(state["name"], json!("meter"));
+    drop(watcher);
+
+    api.delete("meter", &DeleteParams::default()).await.unwrap();
+    s.wait_gone(&api, "meter").await;
+    // A retained message is delivered right after the SUBACK, before anything published later on
+    // the same connection: a marker published after subscribing arrives first only when nothing
+    // is retained.
+    let marker = format!("{prefix}/test/marker");
+    let mut late = Device::start(
+        &Credentials::admin(&s.env),
+        vec![state_topic.clone(), marker.clone()],
+    );
+    late.connected().await;
+    late.suback().await;
+    late.publish(&marker, "{}").await;
+    let first = late
+        .next("the marker or a retained state", |e| match e {
+            DeviceEvent::Message(topic, payload) => Some((topic.clone(), payload.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        first.0,
+        marker,
+        "retained state of a deleted Thing: {}",
+        String::from_utf8_lossy(&first.1)
+    );
+    drop(op);
 }

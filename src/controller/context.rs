@@ -10,7 +10,11 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use super::{backoff::RetryBackoff, status::StatusMemory};
+use super::{
+    backoff::RetryBackoff,
+    status::StatusMemory,
+    write_budget::{self, WriteBudget},
+};
 use crate::{
     api::{
         Thing,
@@ -86,6 +90,8 @@ pub struct Context {
     /// Subscriber tasks and their MQTT/HTTP routes.
     pub subscribers: Arc<SubscriberManager>,
     thing_triggers: std::sync::Mutex<Option<mpsc::Receiver<ObjectRef<Thing>>>>,
+    /// The fleet-wide budget for status writes of reported state, when there is one.
+    pub write_budget: Option<WriteBudget>,
 }
 
 impl Context {
@@ -102,6 +108,7 @@ impl Context {
             observers: parts.observers,
             subscribers: parts.subscribers,
             thing_triggers: std::sync::Mutex::new(Some(parts.thing_triggers.0)),
+            write_budget: parts.thing_triggers.1,
         }
     }
 
@@ -115,24 +122,59 @@ impl Context {
 }
 
 /// Asks the Thing controller to reconcile one Thing now. Backends with a push channel use it
-/// (through the runner's `StateFeed`) when new reported state arrives; the controller
-/// de-duplicates queued requests, and the caller rate-limits per Thing, so status writes stay
-/// bounded.
+/// (through the runner's `StateFeed`) when new reported state arrives; the caller rate-limits
+/// per Thing, the fleet-wide [`WriteBudget`] (when set) bounds the rate across all Things, and
+/// the controller de-duplicates queued requests, so status writes stay bounded.
 #[derive(Clone)]
-pub struct ThingTrigger(mpsc::Sender<ObjectRef<Thing>>);
+pub struct ThingTrigger(Route);
+
+#[derive(Clone)]
+enum Route {
+    Direct(mpsc::Sender<ObjectRef<Thing>>),
+    Budgeted(WriteBudget),
+}
 
 /// The receiving end, handed to [`Context::new`].
-pub struct ThingTriggerReceiver(mpsc::Receiver<ObjectRef<Thing>>);
+pub struct ThingTriggerReceiver(mpsc::Receiver<ObjectRef<Thing>>, Option<WriteBudget>);
 
 impl ThingTrigger {
+    /// Requests go straight to the controller (tests, and processes without a budget).
     pub fn channel() -> (ThingTrigger, ThingTriggerReceiver) {
         let (tx, rx) = mpsc::channel(4096);
-        (ThingTrigger(tx), ThingTriggerReceiver(rx))
+        (
+            ThingTrigger(Route::Direct(tx)),
+            ThingTriggerReceiver(rx, None),
+        )
+    }
+
+    /// Requests reach the controller at most `qps` times a second, stalest Thing first.
+    pub fn budgeted(
+        qps: f64,
+        metrics: Option<Arc<Metrics>>,
+    ) -> (ThingTrigger, ThingTriggerReceiver) {
+        let (tx, rx) = mpsc::channel(4096);
+        let budget = write_budget::spawn(qps, tx, metrics);
+        (
+            ThingTrigger(Route::Budgeted(budget.clone())),
+            ThingTriggerReceiver(rx, Some(budget)),
+        )
     }
 
     /// Never blocks: when the queue is full the request is dropped, which is safe because the
     /// periodic resync reconciles every Thing anyway.
     pub fn request(&self, namespace: &str, name: &str) {
-        let _ = self.0.try_send(ObjectRef::new(name).within(namespace));
+        match &self.0 {
+            Route::Direct(tx) => {
+                let _ = tx.try_send(ObjectRef::new(name).within(namespace));
+            }
+            Route::Budgeted(b) => b.request(namespace, name),
+        }
+    }
+
+    /// The Thing is gone: its place in the budget is dropped.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        if let Route::Budgeted(b) = &self.0 {
+            b.forget(namespace, name);
+        }
     }
 }

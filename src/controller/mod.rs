@@ -21,6 +21,7 @@ mod subscriber;
 mod task_kind;
 mod thing;
 mod things_gauge;
+pub mod write_budget;
 
 #[cfg(test)]
 mod fixtures;

@@ -18,6 +18,7 @@ use super::{
     kube_events, object_key,
     ready::{next_step, ready_condition, ready_event},
     status::apply_if_changed,
+    write_budget::only_reported_changed,
 };
 use crate::{
     api::{
@@ -184,6 +185,16 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
         .as_ref()
         .map(|r| summarize(r, SUMMARY_CHARS));
     stamp_generation(&mut status, generation);
+    // Reported state alone is written only with a grant of the fleet-wide budget; without one
+    // nothing is written now and the Thing queues for a grant (the granted reconcile reads the
+    // state afresh). Any other change is written at once, reported state with it.
+    if let Some(budget) = &ctx.write_budget
+        && only_reported_changed(&old, &status)
+        && !budget.take_grant(&ns, &name)
+    {
+        budget.request(&ns, &name);
+        status = old.clone();
+    }
     // The status is written even after an error: identifiers recorded so far must survive.
     write_and_announce(&thing, ctx, api, &old, &status, &outcome.notices).await?;
     // Observers' state bus and the REST message broker's retained state topic (any backend).

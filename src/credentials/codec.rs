@@ -46,8 +46,13 @@ pub mod keys {
     /// Set just before a call that creates a key in the backend, cleared by the write that
     /// stores the key.
     pub const PENDING_SINCE: &str = "pendingCertificateSince";
-    /// `start/end` of a key-creating call whose answer was lost.
+    /// `start/end` of each key-creating call whose answer was lost, comma-separated.
     pub const ORPHAN_WINDOW: &str = "orphanWindow";
+    /// A rotation's new certificate and key, kept apart from `tls.crt`/`tls.key` (which the
+    /// device keeps using) until the new certificate is registered, active and attached.
+    pub const NEXT_CERTIFICATE: &str = "next.crt";
+    pub const NEXT_PRIVATE_KEY: &str = "next.key";
+    pub const NEXT_CERTIFICATE_ID: &str = "nextCertificateId";
     /// The last handled value of the rotate annotation.
     pub const ROTATION_TOKEN: &str = "rotationToken";
 }
@@ -115,8 +120,15 @@ pub struct CertificateState {
     pub previous_cert_id: Option<String>,
     pub previous_revoke_at: Option<DateTime<Utc>>,
     pub pending_since: Option<DateTime<Utc>>,
-    pub orphan_window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// One window per interrupted key-creating call, each bounded by that call (never merged:
+    /// a merged window would span the time between the calls).
+    pub orphan_windows: Vec<(DateTime<Utc>, DateTime<Utc>)>,
     pub rotation_token: Option<String>,
+    /// A rotation in progress: the certificate that replaces `cert_pem` once it is active and
+    /// attached. Until then the device keeps the working key.
+    pub next_cert_pem: Option<String>,
+    pub next_key_pem: Option<String>,
+    pub next_cert_id: Option<String>,
 }
 
 impl std::fmt::Debug for CertificateState {
@@ -126,7 +138,8 @@ impl std::fmt::Debug for CertificateState {
             .field("cert_id", &self.cert_id)
             .field("previous_cert_id", &self.previous_cert_id)
             .field("pending_since", &self.pending_since)
-            .field("orphan_window", &self.orphan_window)
+            .field("orphan_windows", &self.orphan_windows)
+            .field("next_cert_id", &self.next_cert_id)
             .finish_non_exhaustive()
     }
 }
@@ -135,12 +148,18 @@ impl CertificateState {
     /// Reads the state back; missing, empty or malformed entries count as absent.
     pub fn from_data(data: &SecretData) -> Self {
         let text = |k| text(data, k).filter(|s| !s.is_empty());
-        let orphan_window = text(keys::ORPHAN_WINDOW).and_then(|w| {
-            let (a, b) = w.split_once('/')?;
-            let a = DateTime::parse_from_rfc3339(a).ok()?.with_timezone(&Utc);
-            let b = DateTime::parse_from_rfc3339(b).ok()?.with_timezone(&Utc);
-            Some((a, b))
-        });
+        let orphan_windows = text(keys::ORPHAN_WINDOW)
+            .map(|all| {
+                all.split(',')
+                    .filter_map(|w| {
+                        let (a, b) = w.split_once('/')?;
+                        let a = DateTime::parse_from_rfc3339(a).ok()?.with_timezone(&Utc);
+                        let b = DateTime::parse_from_rfc3339(b).ok()?.with_timezone(&Utc);
+                        Some((a, b))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         CertificateState {
             cert_pem: text(keys::CERTIFICATE),
             key_pem: text(keys::PRIVATE_KEY),
@@ -149,8 +168,11 @@ impl CertificateState {
             previous_cert_id: text(keys::PREVIOUS_CERTIFICATE_ID),
             previous_revoke_at: time(data, keys::PREVIOUS_REVOKE_AT),
             pending_since: time(data, keys::PENDING_SINCE),
-            orphan_window,
+            orphan_windows,
             rotation_token: text(keys::ROTATION_TOKEN),
+            next_cert_pem: text(keys::NEXT_CERTIFICATE),
+            next_key_pem: text(keys::NEXT_PRIVATE_KEY),
+            next_cert_id: text(keys::NEXT_CERTIFICATE_ID),
         }
     }
 
@@ -181,13 +203,20 @@ impl CertificateState {
             keys::PENDING_SINCE,
             self.pending_since.map(|t| t.to_rfc3339()),
         );
+        let windows: Vec<String> = self
+            .orphan_windows
+            .iter()
+            .map(|(a, b)| format!("{}/{}", a.to_rfc3339(), b.to_rfc3339()))
+            .collect();
         put(
             &mut d,
             keys::ORPHAN_WINDOW,
-            self.orphan_window
-                .map(|(a, b)| format!("{}/{}", a.to_rfc3339(), b.to_rfc3339())),
+            (!windows.is_empty()).then(|| windows.join(",")),
         );
         put(&mut d, keys::ROTATION_TOKEN, self.rotation_token.clone());
+        put(&mut d, keys::NEXT_CERTIFICATE, self.next_cert_pem.clone());
+        put(&mut d, keys::NEXT_PRIVATE_KEY, self.next_key_pem.clone());
+        put(&mut d, keys::NEXT_CERTIFICATE_ID, self.next_cert_id.clone());
         d
     }
 
@@ -196,18 +225,17 @@ impl CertificateState {
     }
 
     /// Turns a pending key-creating call (one whose answer was never stored) into an orphan
-    /// window reaching until `now`, merged with any window already recorded. Returns whether
-    /// there was one.
-    pub fn close_pending(&mut self, now: DateTime<Utc>) -> bool {
+    /// window. The call started no later than `call_bound` after the mark and took no longer
+    /// than that, so the window ends at `since + call_bound` (or `now`, when the caller knows the
+    /// call has ended), widened by the clock skew: it never stays open until the next reconcile,
+    /// however late that comes. Returns whether there was one.
+    pub fn close_pending(&mut self, call_bound: chrono::Duration, now: DateTime<Utc>) -> bool {
         let Some(since) = self.pending_since.take() else {
             return false;
         };
-        let start = since - CLOCK_SKEW;
-        let start = self
-            .orphan_window
-            .map(|(a, _)| a.min(start))
-            .unwrap_or(start);
-        self.orphan_window = Some((start, now + CLOCK_SKEW));
+        let end = (since + call_bound).min(now.max(since));
+        self.orphan_windows
+            .push((since - CLOCK_SKEW, end + CLOCK_SKEW));
         true
     }
 }
@@ -282,14 +310,26 @@ mod tests {
             previous_cert_id: Some("old".into()),
             previous_revoke_at: Some(at),
             pending_since: Some(at),
-            orphan_window: Some((at, at)),
+            orphan_windows: vec![(at, at), (at, at + chrono::Duration::seconds(1))],
             rotation_token: Some("1".into()),
+            next_cert_pem: Some("NEXT".into()),
+            next_key_pem: Some("NEXT-KEY-MATERIAL".into()),
+            next_cert_id: Some("def".into()),
         };
         let data = s.to_data(&facts());
         assert_eq!(CertificateState::from_data(&data), s);
         assert_eq!(text(&data, keys::CA).as_deref(), Some("CA"));
         assert_eq!(text(&data, keys::ENDPOINT).as_deref(), Some("e:8883"));
         assert!(!format!("{s:?}").contains("KEY-MATERIAL"));
+        // A window written by an earlier version (one `start/end`) still reads.
+        let old = SecretData::from([(
+            keys::ORPHAN_WINDOW.into(),
+            b"2026-01-01T00:00:00Z/2026-01-01T00:01:00Z".to_vec(),
+        )]);
+        assert_eq!(
+            CertificateState::from_data(&old).orphan_windows,
+            vec![(t("2026-01-01T00:00:00Z"), t("2026-01-01T00:01:00Z"))]
+        );
     }
 
     #[test]
@@ -308,24 +348,31 @@ mod tests {
     }
 
     #[test]
-    fn closing_a_pending_issuance_widens_the_orphan_window() {
+    fn an_interrupted_call_leaves_a_window_bounded_by_the_call() {
+        let bound = chrono::Duration::seconds(25);
         let mut s = CertificateState::default();
-        assert!(!s.close_pending(t("2026-01-01T00:10:00Z")));
-        assert_eq!(s.orphan_window, None);
+        assert!(!s.close_pending(bound, t("2026-01-01T00:10:00Z")));
+        assert!(s.orphan_windows.is_empty());
 
+        // Closed long after the call (a crash, an API-server outage): the window still ends
+        // where the call must have ended, not at the late reconcile.
         s.pending_since = Some(t("2026-01-01T00:05:00Z"));
-        assert!(s.close_pending(t("2026-01-01T00:10:00Z")));
+        assert!(s.close_pending(bound, t("2026-01-01T00:40:00Z")));
         assert_eq!(s.pending_since, None);
         assert_eq!(
-            s.orphan_window,
-            Some((t("2026-01-01T00:04:50Z"), t("2026-01-01T00:10:10Z")))
+            s.orphan_windows,
+            vec![(t("2026-01-01T00:04:50Z"), t("2026-01-01T00:05:35Z"))]
         );
-        // A second interrupted call keeps the earlier start and moves the end.
+        // Closed by the caller right after a failed call: it ends at the failure.
         s.pending_since = Some(t("2026-01-01T00:20:00Z"));
-        assert!(s.close_pending(t("2026-01-01T00:30:00Z")));
+        assert!(s.close_pending(bound, t("2026-01-01T00:20:02Z")));
+        // Two interrupted calls keep two windows, not one spanning the time between them.
         assert_eq!(
-            s.orphan_window,
-            Some((t("2026-01-01T00:04:50Z"), t("2026-01-01T00:30:10Z")))
+            s.orphan_windows,
+            vec![
+                (t("2026-01-01T00:04:50Z"), t("2026-01-01T00:05:35Z")),
+                (t("2026-01-01T00:19:50Z"), t("2026-01-01T00:20:12Z")),
+            ]
         );
     }
 

@@ -87,6 +87,13 @@ pub fn inspect_certificate(pem: &str) -> Result<CertificateInfo, KeyError> {
     })
 }
 
+/// The subject of a PEM certificate as text (`CN=...`), `None` when it does not parse.
+pub fn certificate_subject(pem: &str) -> Option<String> {
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let cert = parsed.parse_x509().ok()?;
+    Some(cert.subject().to_string())
+}
+
 /// True when `key_pem` (PKCS#8, as generated here) is the private key of `cert_pem`.
 pub fn key_matches_certificate(key_pem: &str, cert_pem: &str) -> Result<bool, KeyError> {
     use rcgen::PublicKeyData;

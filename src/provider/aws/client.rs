@@ -20,7 +20,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 
 use super::error::{AlreadyExistsIds, AwsError, CallError};
-use crate::{metrics::Metrics, provider::BackendError};
+use crate::metrics::Metrics;
 
 /// The backend label of metrics.
 const BACKEND: &str = "aws";
@@ -175,7 +175,11 @@ pub struct AwsClients {
     retry: RetryPolicy,
     metrics: Option<Arc<Metrics>>,
     pub stats: Arc<CallStats>,
+    attempt_timeout: Duration,
 }
+
+/// Per-attempt timeout when the settings give none.
+const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Where and how to reach AWS.
 #[derive(Clone, Debug, Default)]
@@ -213,8 +217,9 @@ impl AwsClients {
             ));
         }
         let shared = loader.load().await;
+        let attempt_timeout = settings.attempt_timeout.unwrap_or(DEFAULT_ATTEMPT_TIMEOUT);
         let timeout = aws_smithy_types::timeout::TimeoutConfig::builder()
-            .operation_attempt_timeout(settings.attempt_timeout.unwrap_or(Duration::from_secs(20)))
+            .operation_attempt_timeout(attempt_timeout)
             .connect_timeout(Duration::from_secs(5))
             .build();
         let mut iot = aws_sdk_iot::config::Builder::from(&shared)
@@ -240,7 +245,13 @@ impl AwsClients {
             retry: settings.retry.clone(),
             metrics,
             stats: Arc::new(CallStats::default()),
+            attempt_timeout,
         }
+    }
+
+    /// The longest one attempt of a call may take before the SDK gives up on it.
+    pub fn attempt_timeout(&self) -> Duration {
+        self.attempt_timeout
     }
 
     fn count(&self, operation: &str, outcome: &str) {
@@ -283,11 +294,52 @@ impl AwsClients {
         self.call_with(family, operation, 1, f).await
     }
 
+    /// [`Self::call_once`] that is not made at all when the rate limiter lets it start only
+    /// after `start_by`: the caller has recorded the time window the call falls into (the orphan
+    /// sweep relies on it), and a call outside it would create a certificate nobody can find.
+    pub async fn call_once_by<T, E, F, Fut>(
+        &self,
+        family: Family,
+        operation: &'static str,
+        start_by: std::time::Instant,
+        f: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + AlreadyExistsIds,
+    {
+        self.limiters.get(family).until_ready().await;
+        if std::time::Instant::now() > start_by {
+            return Err(CallError::Failed(AwsError::CallWindowMissed { operation }));
+        }
+        self.call_with_limit(family, operation, 1, false, f).await
+    }
+
     async fn call_with<T, E, F, Fut>(
         &self,
         family: Family,
         operation: &'static str,
         max_attempts: u32,
+        f: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + AlreadyExistsIds,
+    {
+        self.call_with_limit(family, operation, max_attempts, true, f)
+            .await
+    }
+
+    /// `limit_first`: whether the first attempt waits for the rate limiter (a caller that
+    /// already waited says no).
+    async fn call_with_limit<T, E, F, Fut>(
+        &self,
+        family: Family,
+        operation: &'static str,
+        max_attempts: u32,
+        limit_first: bool,
         mut f: F,
     ) -> Result<T, CallError>
     where
@@ -297,7 +349,9 @@ impl AwsClients {
     {
         let mut attempt = 0u32;
         loop {
-            self.limiters.get(family).until_ready().await;
+            if attempt > 0 || limit_first {
+                self.limiters.get(family).until_ready().await;
+            }
             let err = match f().await {
                 Ok(v) => {
                     self.count(operation, "ok");
@@ -306,7 +360,7 @@ impl AwsClients {
                 Err(err) => CallError::from_sdk(operation, err),
             };
             let e = match err {
-                CallError::Failed(e) if e.is_retryable() => e,
+                CallError::Failed(e) if e.retries_in_call() => e,
                 final_answer => {
                     let outcome = match &final_answer {
                         CallError::NotFound => "not_found",

@@ -33,6 +33,34 @@ const THROTTLING_CODES: &[&str] = &[
     "SlowDown",
 ];
 
+/// 4xx codes AWS documents as transient: the same request succeeds once the other update has
+/// landed (ConflictingResourceUpdate) or an operator fixed the IAM policy (access denied). They
+/// are retried with backoff, never left waiting for a spec change.
+const BUSY_CODES: &[&str] = &["ConflictingResourceUpdateException"];
+/// Something is still attached: AWS detaches asynchronously, so a delete right after a detach may
+/// see it still. Retried with backoff (not within the call: the flows answer it by listing).
+const DELETE_CONFLICT: &str = "DeleteConflictException";
+const ACCESS_DENIED_CODES: &[&str] = &[
+    "AccessDeniedException",
+    "AccessDenied",
+    "UnauthorizedException",
+];
+
+/// What a transient 4xx means, for the condition message (the code alone does not say what to do).
+fn hint(code: &str, status: u16) -> &'static str {
+    if BUSY_CODES.contains(&code) {
+        " (another update of the resource is in progress; retried with backoff)"
+    } else if code == DELETE_CONFLICT {
+        " (something is still attached, or a detach has not propagated yet; retried with backoff)"
+    } else if ACCESS_DENIED_CODES.contains(&code) || status == 403 {
+        " (the operator's IAM identity lacks a permission this call needs, see docs/aws.md; retried with backoff)"
+    } else if status == 404 {
+        " (not visible yet after its creation, or deleted outside the operator; retried with backoff)"
+    } else {
+        ""
+    }
+}
+
 /// A failure of the AWS backend.
 #[derive(Debug, thiserror::Error)]
 pub enum AwsError {
@@ -40,16 +68,20 @@ pub enum AwsError {
     #[error("aws {operation}: throttled")]
     Throttled { operation: &'static str },
     /// AWS answered with an error.
-    #[error("aws {operation}: {code}: HTTP {status}")]
+    #[error("aws {operation}: {code}: HTTP {status}{}", hint(code, *status))]
     Service {
         operation: &'static str,
         code: String,
         status: u16,
         /// For AWS support; not in the message, which must stay the same across attempts.
         request_id: Option<String>,
-        /// A 5xx or an internal failure: the same request may succeed later.
+        /// A 5xx, an internal failure or a transient 4xx: the same request may succeed later.
         retryable: bool,
     },
+    /// A call whose time window was recorded could not start inside it (the rate limiter held
+    /// it): it was not made.
+    #[error("aws {operation}: CallWindowMissed: the call could not start in its recorded window")]
+    CallWindowMissed { operation: &'static str },
     /// AWS could not be reached, or did not answer in time.
     #[error("aws {operation}: unreachable: {what}")]
     Unreachable {
@@ -106,6 +138,7 @@ impl BackendError for AwsError {
             | AwsError::InvalidShadowDocument(_)
             | AwsError::NotConverged
             | AwsError::OrphanGracePending
+            | AwsError::CallWindowMissed { .. }
             | AwsError::Secret(_) => true,
             AwsError::ThingNameChanged { .. }
             | AwsError::NotOwner { .. }
@@ -118,7 +151,19 @@ impl BackendError for AwsError {
         match self {
             AwsError::NotOwner { .. } => "Conflict",
             AwsError::Throttled { .. } => "Throttled",
+            AwsError::Service { code, status, .. }
+                if ACCESS_DENIED_CODES.contains(&code.as_str()) || *status == 403 =>
+            {
+                "AccessDenied"
+            }
+            AwsError::Service { code, .. }
+                if BUSY_CODES.contains(&code.as_str()) || code == DELETE_CONFLICT =>
+            {
+                "ResourceBusy"
+            }
+            AwsError::Service { status: 404, .. } => "NotFound",
             AwsError::Service { .. }
+            | AwsError::CallWindowMissed { .. }
             | AwsError::MissingCertificateId { .. }
             | AwsError::InvalidShadowDocument(_)
             | AwsError::NotConverged
@@ -133,6 +178,28 @@ impl BackendError for AwsError {
 }
 
 impl AwsError {
+    /// Whether the client repeats the call at once (with jittered backoff, a few times) rather
+    /// than leaving it to the next reconcile: throttling, 5xx, transport failures and a
+    /// conflicting update clear within seconds; a missing permission does not.
+    pub fn retries_in_call(&self) -> bool {
+        match self {
+            AwsError::Throttled { .. } | AwsError::Unreachable { .. } => true,
+            AwsError::Service {
+                code,
+                status,
+                retryable,
+                ..
+            } => {
+                *retryable
+                    && *status != 403
+                    && !ACCESS_DENIED_CODES.contains(&code.as_str())
+                    && *status != 404
+                    && code != DELETE_CONFLICT
+            }
+            _ => false,
+        }
+    }
+
     fn service(operation: &'static str, code: &str, status: u16, retryable: bool) -> Self {
         AwsError::Service {
             operation,
@@ -162,8 +229,11 @@ impl CallError {
     pub fn into_error(self, operation: &'static str) -> AwsError {
         match self {
             CallError::Failed(e) => e,
+            // The flow believed the resource exists: AWS is eventually consistent after a
+            // create (an attachment right after CreateThing may see no thing), and a resource
+            // deleted outside is recreated by the next full check. Either way: retry.
             CallError::NotFound => {
-                AwsError::service(operation, "ResourceNotFoundException", 404, false)
+                AwsError::service(operation, "ResourceNotFoundException", 404, true)
             }
             CallError::AlreadyExists { .. } => {
                 AwsError::service(operation, "ResourceAlreadyExistsException", 409, false)
@@ -211,10 +281,14 @@ impl CallError {
                     return failed(AwsError::Throttled { operation });
                 }
                 let retryable = status >= 500
+                    || status == 403
                     || matches!(
                         code,
                         "InternalFailureException" | "ServiceUnavailableException"
-                    );
+                    )
+                    || BUSY_CODES.contains(&code)
+                    || code == DELETE_CONFLICT
+                    || ACCESS_DENIED_CODES.contains(&code);
                 failed(AwsError::Service {
                     operation,
                     code: code.to_string(),
@@ -367,12 +441,14 @@ mod tests {
                 "BackendError",
                 false,
             ),
+            (403, "UnauthorizedException", "failed", "AccessDenied", true),
+            (403, "AccessDeniedException", "failed", "AccessDenied", true),
             (
-                403,
-                "UnauthorizedException",
+                409,
+                "ConflictingResourceUpdateException",
                 "failed",
-                "BackendError",
-                false,
+                "ResourceBusy",
+                true,
             ),
         ];
         for (status, code, outcome, reason, retryable) in cases {
@@ -389,6 +465,25 @@ mod tests {
                 (_, got) => panic!("{status} {code}: {got:?}"),
             }
         }
+        // A conflicting update clears in seconds: repeated within the call. A missing permission
+        // waits for an operator: left to the controller's backoff, with a message saying so.
+        let failed = |status, code| match CallError::from_sdk("AttachPolicy", answer(status, code))
+        {
+            CallError::Failed(e) => e,
+            other => panic!("{other:?}"),
+        };
+        assert!(failed(409, "ConflictingResourceUpdateException").retries_in_call());
+        let denied = failed(403, "AccessDeniedException");
+        assert!(!denied.retries_in_call());
+        assert!(denied.to_string().contains("IAM"), "{denied}");
+        assert!(!failed(400, "InvalidRequestException").retries_in_call());
+        let attached = failed(409, "DeleteConflictException");
+        assert!(attached.is_retryable() && !attached.retries_in_call());
+        assert_eq!(attached.reason(), "ResourceBusy");
+        let gone = CallError::NotFound.into_error("AttachThingPrincipal");
+        assert!(gone.is_retryable() && !gone.retries_in_call());
+        assert_eq!(gone.reason(), "NotFound");
+
         let CallError::Failed(e) = CallError::from_sdk("DescribeThing", answer(400, "Bad")) else {
             panic!("not a failure");
         };

@@ -188,6 +188,12 @@ impl AwsProvider {
         }
     }
 
+    /// The deadline the last full check of this Thing recorded, if any.
+    fn pending_deadline(&self, req: &DeviceRequest<'_>) -> Option<DateTime<Utc>> {
+        let checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        checks.get(&req.key()).and_then(|c| c.due)
+    }
+
     fn cert_context<'a>(
         &'a self,
         req: &'a DeviceRequest<'_>,
@@ -210,6 +216,10 @@ impl AwsProvider {
             key_validity_days: self.settings.key_validity_days,
             orphan_grace: chrono::Duration::from_std(self.settings.orphan_grace)
                 .unwrap_or_default(),
+            call_bound: chrono::Duration::from_std(
+                certs::orphans::CALL_START_BUDGET + self.clients.attempt_timeout(),
+            )
+            .unwrap_or_default(),
             rotation_token: rotation_token(req.thing),
         }
     }

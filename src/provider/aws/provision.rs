@@ -56,7 +56,8 @@ impl Owner<'_> {
 }
 
 /// Makes the thing exist with exactly the spec's attributes and this Thing's owner record.
-/// Returns its ARN. An existing thing another Thing owns (or nobody, unless adopting is allowed)
+/// Returns its ARN and whether this call created it (then it has no shadow yet). An existing
+/// thing another Thing owns (or nobody, unless adopting is allowed)
 /// is refused before anything is changed.
 pub async fn ensure_thing(
     c: &AwsClients,
@@ -65,7 +66,7 @@ pub async fn ensure_thing(
     owner: &Owner<'_>,
     was_provisioned: bool,
     notices: &mut Vec<Notice>,
-) -> Result<String, AwsError> {
+) -> Result<(String, bool), AwsError> {
     let mut want: HashMap<String, String> = attributes
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
@@ -88,7 +89,7 @@ pub async fn ensure_thing(
                     format!("thing {thing_name}: attributes set from the spec"),
                 ));
             }
-            Ok(arn)
+            Ok((arn, false))
         }
         Err(CallError::NotFound) => {
             step!("aws-before-create-thing");
@@ -115,7 +116,7 @@ pub async fn ensure_thing(
                             ),
                         ));
                     }
-                    Ok(out.thing_arn().unwrap_or_default().to_string())
+                    Ok((out.thing_arn().unwrap_or_default().to_string(), true))
                 }
                 // AWS answers 409 when the thing exists with other attributes (created
                 // concurrently, by someone else): converge it in place only if it is ours.
@@ -130,7 +131,7 @@ pub async fn ensure_thing(
                     let have = out.attributes().cloned().unwrap_or_default();
                     owner.check(thing_name, &arn, &have, notices)?;
                     update_attributes(c, thing_name, &want).await?;
-                    Ok(arn)
+                    Ok((arn, false))
                 }
                 Err(e) => Err(e.into_error("CreateThing")),
             }
@@ -170,6 +171,26 @@ pub async fn ensure_policy(
     notices: &mut Vec<Notice>,
 ) -> Result<(), AwsError> {
     let text = document.to_string();
+    if !was_provisioned {
+        // Write first: a Thing never provisioned most likely has no policy yet. Only a conflict
+        // (a policy of that name exists: ours from a crashed run, or drifted) costs a read.
+        step!("aws-before-create-policy");
+        let created = c
+            .call(Family::Policy, "CreatePolicy", || {
+                c.iot
+                    .create_policy()
+                    .policy_name(policy_name)
+                    .policy_document(&text)
+                    .send()
+            })
+            .await;
+        step!("aws-after-create-policy");
+        match created {
+            Ok(_) => return Ok(()),
+            Err(CallError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into_error("CreatePolicy")),
+        }
+    }
     let got = c
         .call(Family::Policy, "GetPolicy", || {
             c.iot.get_policy().policy_name(policy_name).send()
@@ -280,6 +301,32 @@ pub async fn ensure_attachments(
     was_provisioned: bool,
     notices: &mut Vec<Notice>,
 ) -> Result<(), AwsError> {
+    if !was_provisioned {
+        // Write first: both attachments are idempotent in AWS, and nothing can have drifted on
+        // a Thing never provisioned, so there is nothing to read (or report) first.
+        step!("aws-before-attach-policy");
+        c.call(Family::Policy, "AttachPolicy", || {
+            c.iot
+                .attach_policy()
+                .policy_name(policy_name)
+                .target(cert_arn)
+                .send()
+        })
+        .await
+        .map_err(|e| e.into_error("AttachPolicy"))?;
+        step!("aws-before-attach-principal");
+        c.call(Family::ThingWrite, "AttachThingPrincipal", || {
+            c.iot
+                .attach_thing_principal()
+                .thing_name(thing_name)
+                .principal(cert_arn)
+                .send()
+        })
+        .await
+        .map_err(|e| e.into_error("AttachThingPrincipal"))?;
+        step!("aws-after-attachments");
+        return Ok(());
+    }
     let attached = c
         .call(Family::Policy, "ListAttachedPolicies", || {
             c.iot.list_attached_policies().target(cert_arn).send()

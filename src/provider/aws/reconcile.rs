@@ -41,7 +41,8 @@ impl AwsProvider {
     }
 
     /// The full check: thing, policy, credentials, attachments, rotation, orphan sweep.
-    /// Returns the earliest deadline that needs another full check.
+    /// Returns the earliest deadline that needs another full check, and whether the thing was
+    /// created just now (its shadow does not exist yet: nothing to read before writing it).
     async fn converge(
         &self,
         req: &DeviceRequest<'_>,
@@ -50,7 +51,7 @@ impl AwsProvider {
         endpoint: String,
         status: &mut ThingStatus,
         outcome: &mut DeviceOutcome,
-    ) -> Result<Option<DateTime<Utc>>, AwsError> {
+    ) -> Result<(Option<DateTime<Utc>>, bool), AwsError> {
         let c = &self.clients;
         let spec = &req.thing.spec;
         // "Was complete once": a recorded certificate ARN means thing, policy and certificate all
@@ -66,7 +67,7 @@ impl AwsProvider {
 
         let recorded_arn = status.device.as_ref().and_then(|d| d.thing_arn.clone());
         let owner = self.owner(req, recorded_arn.as_deref());
-        let thing_arn = provision::ensure_thing(
+        let (thing_arn, created) = provision::ensure_thing(
             c,
             thing_name,
             &spec.attributes,
@@ -113,9 +114,17 @@ impl AwsProvider {
         // credential is left behind. A crash in between repeats it; one already gone is skipped.
         for stale in certs::stale_certificates(status, &state) {
             step!("aws-before-revoke-stale-certificate");
-            certs::certificate::remove(c, &stale, None)
-                .await
-                .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
+            certs::certificate::remove(
+                c,
+                &stale,
+                None,
+                Some(certs::certificate::Attachments {
+                    thing_name,
+                    policy_name,
+                }),
+            )
+            .await
+            .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
             certs::forget_certificate(status, &stale);
             notices.push(Notice::normal(
                 "CredentialRevoked",
@@ -152,20 +161,20 @@ impl AwsProvider {
             .rotation_overlap_duration()
             .unwrap_or(self.settings.default_rotation_overlap);
         let token = rotation_token(req.thing);
-        if let Some(reason) =
+        let reason = if certs::rotation::in_progress(&state) {
+            Some("resuming an interrupted rotation".to_string())
+        } else {
             certs::rotation::rotation_due(&state, &spec.credentials, token.as_deref(), Utc::now())
-        {
+        };
+        if let Some(reason) = reason {
             active = certs::rotation::rotate(&ctx, &mut state, status, overlap, &reason, notices)
                 .await
                 .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
-            provision::ensure_attachments(c, thing_name, policy_name, &active.arn, false, notices)
-                .await
-                .map_err(|e| record_failure(status, types::PROVISIONED, e))?;
         }
         certs::rotation::finish_overlap(&ctx, &mut state, status, notices)
             .await
             .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
-        let sweep_pending = orphans::sweep(&ctx, &mut state)
+        let sweep_pending = orphans::sweep(&ctx, &mut state, notices)
             .await
             .map_err(|e| record_failure(status, types::CREDENTIALS_READY, e))?;
         certs::mirror(status, &state, Some(&active));
@@ -190,7 +199,7 @@ impl AwsProvider {
                 .then(|| orphans::sweep_due_at(&ctx, &state))
                 .flatten(),
         ];
-        Ok(deadlines.into_iter().flatten().min())
+        Ok((deadlines.into_iter().flatten().min(), created))
     }
 }
 
@@ -239,10 +248,18 @@ impl IotProvider for AwsProvider {
         );
 
         let mut next = Utc::now() + chrono::Duration::from_std(poll).unwrap_or_default();
+        // A deadline an earlier full check found (the end of a rotation overlap, a rotation, an
+        // orphan sweep) holds for every reconcile until then: a reconcile that does no full
+        // check (the one the status write itself triggers) must not push it back to the poll.
+        if let Some(due) = self.pending_deadline(req) {
+            next = next.min(due);
+        }
+        let mut fresh = false;
         if self.needs_full_check(req, status) {
-            let due = self
+            let (due, created) = self
                 .converge(req, &thing_name, &policy_name, endpoint, status, outcome)
                 .await?;
+            fresh = created;
             if let Some(d) = due {
                 next = next.min(d);
             }
@@ -265,6 +282,7 @@ impl IotProvider for AwsProvider {
             &thing_name,
             shadow_name,
             req.thing.spec.desired.as_ref(),
+            fresh,
             status,
         )
         .await

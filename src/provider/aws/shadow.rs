@@ -128,15 +128,23 @@ pub fn apply_to_status(doc: Option<&Value>, status: &mut ThingStatus) {
     set_if_changed(&mut status.last_reported_time, time);
 }
 
-/// One sync. `desired = None` leaves the shadow's desired state alone (not managed).
+/// One sync. `desired = None` leaves the shadow's desired state alone (not managed). `fresh`:
+/// the thing was created in this reconcile, so it has no shadow to read; the desired state is
+/// written without a read before or after (nothing is reported yet, so the delta is the whole
+/// desired state), and the next poll reads the whole document.
 pub async fn sync(
     c: &AwsClients,
     thing_name: &str,
     shadow: Option<&str>,
     desired: Option<&JsonObject>,
+    fresh: bool,
     status: &mut ThingStatus,
 ) -> Result<SyncResult, AwsError> {
-    let mut doc = get(c, thing_name, shadow).await?;
+    let mut doc = if fresh {
+        None
+    } else {
+        get(c, thing_name, shadow).await?
+    };
     let mut result = SyncResult::default();
     if let Some(want) = desired {
         let have = doc
@@ -148,23 +156,44 @@ pub async fn sync(
                 .to_string()
                 .into_bytes();
             step!("aws-before-update-shadow");
-            c.call(Family::Shadow, "UpdateThingShadow", || {
-                c.data
-                    .update_thing_shadow()
-                    .thing_name(thing_name)
-                    .set_shadow_name(shadow.map(str::to_string))
-                    .payload(Blob::new(payload.clone()))
-                    .send()
-            })
-            .await
-            .map_err(|e| e.into_error("UpdateThingShadow"))?;
+            let answer = c
+                .call(Family::Shadow, "UpdateThingShadow", || {
+                    c.data
+                        .update_thing_shadow()
+                        .thing_name(thing_name)
+                        .set_shadow_name(shadow.map(str::to_string))
+                        .payload(Blob::new(payload.clone()))
+                        .send()
+                })
+                .await
+                .map_err(|e| e.into_error("UpdateThingShadow"))?;
             result.pushed = true;
-            // The update's answer lacks reported and delta: read the whole document back.
-            doc = get(c, thing_name, shadow).await?;
+            doc = if fresh {
+                Some(fresh_document(&want.0, answer.payload()))
+            } else {
+                // The update's answer lacks reported and delta: read the whole document back.
+                get(c, thing_name, shadow).await?
+            };
         }
     }
     apply_to_status(doc.as_ref(), status);
     Ok(result)
+}
+
+/// The document of a shadow that had no reported state when `desired` was written: the delta
+/// is the whole desired state. The version comes from the update's answer when it has one.
+fn fresh_document(
+    desired: &serde_json::Map<String, Value>,
+    answer: Option<&aws_smithy_types::Blob>,
+) -> Value {
+    let version = answer
+        .and_then(|b| serde_json::from_slice::<Value>(b.as_ref()).ok())
+        .and_then(|d| d.get("version").cloned());
+    let mut doc = json!({"state": {"desired": desired, "delta": desired}});
+    if let Some(v) = version {
+        doc["version"] = v;
+    }
+    doc
 }
 
 /// Deletes the shadow (teardown); a missing shadow is fine.

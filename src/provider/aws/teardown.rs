@@ -40,26 +40,42 @@ pub async fn teardown(
     let mut ids: Vec<String> = recorded_cert_ids.to_vec();
     ids.extend(state.cert_id.iter().cloned());
     ids.extend(state.previous_cert_id.iter().cloned());
-    if state.cert_id.is_none()
-        && !ctx.cloud_issued
-        && let Some(pem) = state.cert_pem.as_deref()
-    {
-        // A crash between writing an in-cluster certificate and recording its id: it may be
-        // registered. Only AWS knows the id (moto even derives it differently), so ask it.
-        ids.extend(certificate::registered_id(c, pem).await?);
+    ids.extend(state.next_cert_id.iter().cloned());
+    // A crash between writing an in-cluster certificate and recording its id: it may be
+    // registered. Only AWS knows the id (moto even derives it differently), so ask it.
+    if !ctx.cloud_issued {
+        for (id, pem) in [
+            (&state.cert_id, &state.cert_pem),
+            (&state.next_cert_id, &state.next_cert_pem),
+        ] {
+            if id.is_none()
+                && let Some(pem) = pem.as_deref()
+            {
+                ids.extend(certificate::registered_id(c, pem).await?);
+            }
+        }
     }
     ids.sort();
     ids.dedup();
     for id in &ids {
-        certificate::remove(c, id, None).await?;
+        certificate::remove(
+            c,
+            id,
+            None,
+            Some(certificate::Attachments {
+                thing_name,
+                policy_name,
+            }),
+        )
+        .await?;
     }
-    if state.pending_since.is_some() || state.orphan_window.is_some() {
-        if state.close_pending(chrono::Utc::now()) {
+    if state.pending_since.is_some() || !state.orphan_windows.is_empty() {
+        if state.close_pending(ctx.call_bound, chrono::Utc::now()) {
             ctx.save(&state).await?;
         }
         // Deleting the Thing must not leave an unrecorded certificate behind, and must not take
         // another Thing's fresh certificate either: wait out the grace period, then sweep.
-        if orphans::sweep(ctx, &mut state).await? {
+        if orphans::sweep(ctx, &mut state, notices).await? {
             return Err(AwsError::OrphanGracePending);
         }
     }
@@ -97,7 +113,21 @@ pub async fn teardown(
     Ok(())
 }
 
+/// Write first: DeletePolicy at once (the Thing's certificates are detached by now); only when
+/// AWS answers that something is still attached or old versions remain are they listed.
 async fn delete_policy(c: &AwsClients, policy_name: &str) -> Result<(), AwsError> {
+    step!("aws-before-delete-policy");
+    let first = c
+        .call(Family::Policy, "DeletePolicy", || {
+            c.iot.delete_policy().policy_name(policy_name).send()
+        })
+        .await;
+    match first {
+        Ok(_) | Err(CallError::NotFound) => return Ok(()),
+        Err(CallError::Failed(AwsError::Service { ref code, .. }))
+            if code == "DeleteConflictException" => {}
+        Err(e) => return Err(e.into_error("DeletePolicy")),
+    }
     let mut marker: Option<String> = None;
     let mut targets = Vec::new();
     loop {

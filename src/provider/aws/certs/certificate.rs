@@ -14,8 +14,8 @@ use crate::{
 };
 
 /// RegisterCertificateWithoutCA, idempotent: the id derives from the certificate, and AWS
-/// names the existing one when it was registered before. A certificate registered earlier may
-/// have been deactivated since: it is activated again.
+/// names the existing one when it was registered before. Only then is it read: a certificate
+/// registered earlier may have been deactivated since, and is activated again.
 pub async fn register(clients: &AwsClients, pem: &str) -> Result<ActiveCert, AwsError> {
     step!("aws-before-register-certificate");
     let res = clients
@@ -30,10 +30,16 @@ pub async fn register(clients: &AwsClients, pem: &str) -> Result<ActiveCert, Aws
         .await;
     step!("aws-after-register-certificate");
     let (id, arn) = match res {
-        Ok(out) => (
-            out.certificate_id().map(str::to_string),
-            out.certificate_arn().map(str::to_string),
-        ),
+        // Registered now, ACTIVE as asked: nothing to read back.
+        Ok(out) => match (out.certificate_id(), out.certificate_arn()) {
+            (Some(id), Some(arn)) => {
+                return Ok(ActiveCert {
+                    id: id.to_string(),
+                    arn: arn.to_string(),
+                });
+            }
+            (id, arn) => (id.map(str::to_string), arn.map(str::to_string)),
+        },
         Err(CallError::AlreadyExists {
             resource_id,
             resource_arn,
@@ -115,9 +121,29 @@ pub(in crate::provider::aws) fn tolerate_gone<T>(
     }
 }
 
+/// The thing and policy a certificate of this Thing is attached to.
+pub struct Attachments<'a> {
+    pub thing_name: &'a str,
+    pub policy_name: &'a str,
+}
+
+/// Whether an answer is AWS's DeleteConflictException (something is still attached).
+fn is_delete_conflict(r: &Result<(), AwsError>) -> bool {
+    matches!(r, Err(AwsError::Service { code, .. }) if code == "DeleteConflictException")
+}
+
 /// Detaches every policy and the thing, deactivates and deletes one certificate; whatever is
 /// already gone is skipped. `arn` saves a DescribeCertificate when known.
-pub async fn remove(c: &AwsClients, id: &str, arn: Option<&str>) -> Result<(), AwsError> {
+///
+/// Write first: with `ours` (the Thing's own thing and policy) the certificate is detached from
+/// those and deleted without listing its attachments; only when AWS answers that something else
+/// is still attached (DeleteConflictException) are they listed and detached.
+pub async fn remove(
+    c: &AwsClients,
+    id: &str,
+    arn: Option<&str>,
+    ours: Option<Attachments<'_>>,
+) -> Result<(), AwsError> {
     let arn = match arn {
         Some(a) => a.to_string(),
         None => match c
@@ -135,52 +161,39 @@ pub async fn remove(c: &AwsClients, id: &str, arn: Option<&str>) -> Result<(), A
             Err(e) => return Err(e.into_error("DescribeCertificate")),
         },
     };
-    let policies = match c
-        .call(Family::Policy, "ListAttachedPolicies", || {
-            c.iot.list_attached_policies().target(&arn).send()
-        })
-        .await
-    {
-        Ok(out) => out
-            .policies()
-            .iter()
-            .filter_map(|p| p.policy_name().map(str::to_string))
-            .collect(),
-        Err(CallError::NotFound) => Vec::new(),
-        Err(e) => return Err(e.into_error("ListAttachedPolicies")),
-    };
-    for p in policies {
+    if let Some(ours) = ours {
         step!("aws-before-detach-policy");
         let r = c
             .call(Family::Policy, "DetachPolicy", || {
-                c.iot.detach_policy().policy_name(&p).target(&arn).send()
+                c.iot
+                    .detach_policy()
+                    .policy_name(ours.policy_name)
+                    .target(&arn)
+                    .send()
             })
             .await;
         tolerate_gone(r, "DetachPolicy")?;
-    }
-    let things = match c
-        .call(Family::ThingRead, "ListPrincipalThings", || {
-            c.iot.list_principal_things().principal(&arn).send()
-        })
-        .await
-    {
-        Ok(out) => out.things().to_vec(),
-        Err(CallError::NotFound) => Vec::new(),
-        Err(e) => return Err(e.into_error("ListPrincipalThings")),
-    };
-    for t in &things {
         step!("aws-before-detach-principal");
         let r = c
             .call(Family::ThingWrite, "DetachThingPrincipal", || {
                 c.iot
                     .detach_thing_principal()
-                    .thing_name(t)
+                    .thing_name(ours.thing_name)
                     .principal(&arn)
                     .send()
             })
             .await;
         tolerate_gone(r, "DetachThingPrincipal")?;
+        let deleted = deactivate_and_delete(c, id).await;
+        if !is_delete_conflict(&deleted) {
+            return deleted;
+        }
     }
+    remove_listed(c, id, &arn).await
+}
+
+/// UpdateCertificate INACTIVE, then DeleteCertificate; a certificate already gone is done.
+async fn deactivate_and_delete(c: &AwsClients, id: &str) -> Result<(), AwsError> {
     step!("aws-before-deactivate-certificate");
     let r = c
         .call(Family::Certificate, "UpdateCertificate", || {
@@ -205,4 +218,55 @@ pub async fn remove(c: &AwsClients, id: &str, arn: Option<&str>) -> Result<(), A
     tolerate_gone(r, "DeleteCertificate")?;
     step!("aws-after-delete-certificate");
     Ok(())
+}
+
+/// The reading path: lists what the certificate is attached to, detaches all of it, deletes.
+async fn remove_listed(c: &AwsClients, id: &str, arn: &str) -> Result<(), AwsError> {
+    let policies = match c
+        .call(Family::Policy, "ListAttachedPolicies", || {
+            c.iot.list_attached_policies().target(arn).send()
+        })
+        .await
+    {
+        Ok(out) => out
+            .policies()
+            .iter()
+            .filter_map(|p| p.policy_name().map(str::to_string))
+            .collect(),
+        Err(CallError::NotFound) => Vec::new(),
+        Err(e) => return Err(e.into_error("ListAttachedPolicies")),
+    };
+    for p in policies {
+        step!("aws-before-detach-policy");
+        let r = c
+            .call(Family::Policy, "DetachPolicy", || {
+                c.iot.detach_policy().policy_name(&p).target(arn).send()
+            })
+            .await;
+        tolerate_gone(r, "DetachPolicy")?;
+    }
+    let things = match c
+        .call(Family::ThingRead, "ListPrincipalThings", || {
+            c.iot.list_principal_things().principal(arn).send()
+        })
+        .await
+    {
+        Ok(out) => out.things().to_vec(),
+        Err(CallError::NotFound) => Vec::new(),
+        Err(e) => return Err(e.into_error("ListPrincipalThings")),
+    };
+    for t in &things {
+        step!("aws-before-detach-principal");
+        let r = c
+            .call(Family::ThingWrite, "DetachThingPrincipal", || {
+                c.iot
+                    .detach_thing_principal()
+                    .thing_name(t)
+                    .principal(arn)
+                    .send()
+            })
+            .await;
+        tolerate_gone(r, "DetachThingPrincipal")?;
+    }
+    deactivate_and_delete(c, id).await
 }

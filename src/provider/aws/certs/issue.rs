@@ -5,7 +5,7 @@
 use aws_sdk_iot::types::CertificateStatus;
 use chrono::Utc;
 
-use super::{ActiveCert, CertContext, certificate, mirror};
+use super::{ActiveCert, CertContext, certificate, mirror, orphans::CALL_START_BUDGET};
 use crate::{
     api::ThingStatus,
     credentials::{codec::CertificateState, pki},
@@ -118,7 +118,7 @@ async fn recover_interrupted_issue(
     ctx: &CertContext<'_>,
     state: &mut CertificateState,
 ) -> Result<(), AwsError> {
-    if !state.close_pending(Utc::now()) {
+    if !state.close_pending(ctx.call_bound, Utc::now()) {
         return Ok(());
     }
     if state.previous_cert_id.is_some() && state.previous_cert_id == state.cert_id {
@@ -139,7 +139,7 @@ pub(super) async fn issue(
     status: &mut ThingStatus,
 ) -> Result<ActiveCert, AwsError> {
     if ctx.cloud_issued {
-        let active = issue_cloud(ctx, state).await?;
+        let active = issue_cloud(ctx, state, Slot::Current).await?;
         mirror(status, state, Some(&active));
         return Ok(active);
     }
@@ -171,36 +171,74 @@ async fn register(
     Ok(active)
 }
 
+/// Where a new certificate goes: the device's working credentials, or a rotation's next ones
+/// (which replace the working ones only once active and attached).
+#[derive(Clone, Copy, PartialEq)]
+pub(super) enum Slot {
+    Current,
+    Next,
+}
+
 /// CreateKeysAndCertificate. The marker written first lets a later run find the certificate
-/// if this process dies before the key is stored.
+/// if this process dies before the key is stored; the call is made only if it can start within
+/// [`CALL_START_BUDGET`] of the marker, so the marker bounds the call's time window.
 pub(super) async fn issue_cloud(
     ctx: &CertContext<'_>,
     state: &mut CertificateState,
+    slot: Slot,
 ) -> Result<ActiveCert, AwsError> {
     let c = ctx.clients;
+    let start_by = std::time::Instant::now() + CALL_START_BUDGET;
     state.pending_since = Some(Utc::now());
     ctx.save(state).await?;
     step!("aws-before-create-keys");
-    let out = c
-        .call_once(Family::Certificate, "CreateKeysAndCertificate", || {
-            c.iot
-                .create_keys_and_certificate()
-                .set_as_active(true)
-                .send()
-        })
-        .await
-        .map_err(|e| e.into_error("CreateKeysAndCertificate"))?;
+    let res = c
+        .call_once_by(
+            Family::Certificate,
+            "CreateKeysAndCertificate",
+            start_by,
+            || {
+                c.iot
+                    .create_keys_and_certificate()
+                    .set_as_active(true)
+                    .send()
+            },
+        )
+        .await;
+    let out = match res {
+        Ok(out) => out,
+        Err(e) => {
+            // The call has ended: its window ends now. If this write fails too, the next
+            // reconcile closes the marker with the call's bound instead.
+            state.close_pending(ctx.call_bound, Utc::now());
+            if let Err(save) = ctx.save(state).await {
+                tracing::warn!(thing = ctx.thing_name, error = %save, "recording an interrupted issuance failed");
+            }
+            return Err(e.into_error("CreateKeysAndCertificate"));
+        }
+    };
     step!("aws-after-create-keys");
     let id = out.certificate_id().unwrap_or_default().to_string();
     let arn = out.certificate_arn().unwrap_or_default().to_string();
-    state.cert_pem = out.certificate_pem().map(str::to_string);
-    state.key_pem = out
+    let cert_pem = out.certificate_pem().map(str::to_string);
+    let key_pem = out
         .key_pair()
         .and_then(|k| k.private_key())
         .map(str::to_string);
-    state.cert_id = Some(id.clone());
-    state.issued_at = Some(Utc::now());
-    state.rotation_token = ctx.rotation_token.clone();
+    match slot {
+        Slot::Current => {
+            state.cert_pem = cert_pem;
+            state.key_pem = key_pem;
+            state.cert_id = Some(id.clone());
+            state.issued_at = Some(Utc::now());
+            state.rotation_token = ctx.rotation_token.clone();
+        }
+        Slot::Next => {
+            state.next_cert_pem = cert_pem;
+            state.next_key_pem = key_pem;
+            state.next_cert_id = Some(id.clone());
+        }
+    }
     state.pending_since = None;
     ctx.save(state).await?;
     step!("aws-after-store-cloud-key");

@@ -35,6 +35,9 @@ pub struct CertContext<'a> {
     pub policy_name: &'a str,
     pub key_validity_days: i64,
     pub orphan_grace: chrono::Duration,
+    /// The longest a key-creating call can run after its marker (start budget plus attempt
+    /// timeout): an interrupted call's orphan window ends there.
+    pub call_bound: chrono::Duration,
     /// The rotate annotation's current value: a first issuance counts as handling it.
     pub rotation_token: Option<String>,
 }
@@ -70,7 +73,9 @@ pub struct ActiveCert {
 /// certificate), so a certificate the Thing is using or rotating away from is always in it.
 pub fn stale_certificates(status: &ThingStatus, state: &CertificateState) -> Vec<String> {
     let in_secret = |id: &String| {
-        state.cert_id.as_ref() == Some(id) || state.previous_cert_id.as_ref() == Some(id)
+        state.cert_id.as_ref() == Some(id)
+            || state.previous_cert_id.as_ref() == Some(id)
+            || state.next_cert_id.as_ref() == Some(id)
     };
     let recorded = [
         status

@@ -1,16 +1,24 @@
 //! Rotation: when a new certificate is due (`rotateAfter`, or a new value of the rotate
-//! annotation), issuing it while the current one stays valid for the overlap, and revoking the
-//! previous one once the overlap has passed. One rotation at a time.
+//! annotation), issuing it beside the working one, switching the Secret over once it is active
+//! and attached, keeping the old one valid for the overlap, and revoking it once the overlap has
+//! passed. One rotation at a time.
 
 use chrono::{DateTime, Utc};
 use kube::ResourceExt;
 
-use super::{ActiveCert, CertContext, certificate, issue, mirror};
+use super::{
+    ActiveCert, CertContext, certificate,
+    issue::{self, Slot},
+    mirror,
+};
 use crate::{
     api::{Thing, ThingStatus, thing::CredentialsSpec},
-    credentials::codec::CertificateState,
+    credentials::{codec::CertificateState, pki},
     failpoints::step,
-    provider::{Notice, aws::error::AwsError},
+    provider::{
+        Notice,
+        aws::{client::Family, error::AwsError, provision},
+    },
 };
 
 /// Annotation asking for a rotation now: any new value triggers one.
@@ -47,7 +55,17 @@ pub fn rotation_due(
     })
 }
 
-/// Issues a new certificate; the current one becomes `previous` and stays valid for `overlap`.
+/// Whether a rotation was interrupted after its new certificate was recorded: it is finished
+/// before anything else is decided.
+pub fn in_progress(state: &CertificateState) -> bool {
+    state.next_cert_pem.is_some() || state.next_cert_id.is_some()
+}
+
+/// Issues a new certificate into the Secret's `next` slot, registers and attaches it, and only
+/// then makes it the working one: the device's key in `tls.key` keeps working until the new
+/// certificate is active, so a device that restarts while registration fails still connects.
+/// The old certificate becomes `previous` and stays valid for `overlap` from that moment.
+/// Resumes an interrupted rotation from whatever the Secret recorded.
 pub async fn rotate(
     ctx: &CertContext<'_>,
     state: &mut CertificateState,
@@ -56,33 +74,91 @@ pub async fn rotate(
     reason: &str,
     notices: &mut Vec<Notice>,
 ) -> Result<ActiveCert, AwsError> {
-    let old = state.cert_id.clone();
+    step!("aws-before-rotate");
+    if !in_progress(state) {
+        if ctx.cloud_issued {
+            issue::issue_cloud(ctx, state, Slot::Next).await?;
+        } else {
+            let generated = pki::generate_self_signed(ctx.thing_name, ctx.key_validity_days)
+                .map_err(AwsError::KeyGeneration)?;
+            state.next_cert_pem = Some(generated.certificate_pem);
+            state.next_key_pem = Some(generated.private_key_pem);
+            state.next_cert_id = None;
+            // Recorded before it is registered: a crash after registering finds it here.
+            ctx.save(state).await?;
+            step!("aws-after-write-key");
+        }
+    }
+    let next = match (state.next_cert_id.clone(), state.next_cert_pem.clone()) {
+        // CloudIssued, or registered before: the certificate exists, make sure it is active.
+        (Some(id), _) if ctx.cloud_issued => {
+            let arn = certificate_arn(ctx, &id).await?;
+            ActiveCert { id, arn }
+        }
+        (_, Some(pem)) => {
+            let active = certificate::register(ctx.clients, &pem).await?;
+            if state.next_cert_id.as_ref() != Some(&active.id) {
+                state.next_cert_id = Some(active.id.clone());
+                ctx.save(state).await?;
+            }
+            active
+        }
+        // Nothing usable recorded (a next id without its PEM): start over next time.
+        _ => {
+            state.next_cert_pem = None;
+            state.next_key_pem = None;
+            state.next_cert_id = None;
+            ctx.save(state).await?;
+            return Err(AwsError::NotConverged);
+        }
+    };
+    provision::ensure_attachments(
+        ctx.clients,
+        ctx.thing_name,
+        ctx.policy_name,
+        &next.arn,
+        false,
+        notices,
+    )
+    .await?;
+    // One write makes the new certificate the working one and the old one `previous`.
+    let old = state.cert_id.take();
     state.previous_cert_id = old.clone();
     state.previous_revoke_at =
         Some(Utc::now() + chrono::Duration::from_std(overlap).unwrap_or_default());
-    if !ctx.cloud_issued {
-        // The new key replaces the old in the same write that records the old id as previous.
-        state.key_pem = None;
-        state.cert_pem = None;
-        state.cert_id = None;
-    }
-    step!("aws-before-rotate");
-    let active = if ctx.cloud_issued {
-        issue::issue_cloud(ctx, state).await?
-    } else {
-        issue::issue(ctx, state, status).await?
-    };
+    state.cert_pem = state.next_cert_pem.take();
+    state.key_pem = state.next_key_pem.take();
+    state.cert_id = state.next_cert_id.take();
+    state.issued_at = Some(Utc::now());
+    state.rotation_token = ctx.rotation_token.clone();
+    ctx.save(state).await?;
     step!("aws-after-rotate");
-    mirror(status, state, Some(&active));
+    mirror(status, state, Some(&next));
     notices.push(Notice::normal(
         "CertificateRotated",
         format!(
             "{reason}: certificate {} replaces {}; the old one is revoked after the overlap",
-            active.id,
+            next.id,
             old.as_deref().unwrap_or("none")
         ),
     ));
-    Ok(active)
+    Ok(next)
+}
+
+/// The ARN of a certificate known by id (a CloudIssued rotation resumed after a crash).
+async fn certificate_arn(ctx: &CertContext<'_>, id: &str) -> Result<String, AwsError> {
+    let c = ctx.clients;
+    let out = c
+        .call(Family::Certificate, "DescribeCertificate", || {
+            c.iot.describe_certificate().certificate_id(id).send()
+        })
+        .await
+        .map_err(|e| e.into_error("DescribeCertificate"))?;
+    Ok(out
+        .certificate_description()
+        .and_then(|d| d.certificate_arn())
+        .unwrap_or_default()
+        .to_string())
 }
 
 /// Revokes the previous certificate once its overlap has passed.
@@ -98,7 +174,16 @@ pub async fn finish_overlap(
     if Utc::now() < at || Some(&prev) == state.cert_id.as_ref() {
         return Ok(());
     }
-    certificate::remove(ctx.clients, &prev, None).await?;
+    certificate::remove(
+        ctx.clients,
+        &prev,
+        None,
+        Some(certificate::Attachments {
+            thing_name: ctx.thing_name,
+            policy_name: ctx.policy_name,
+        }),
+    )
+    .await?;
     state.previous_cert_id = None;
     state.previous_revoke_at = None;
     ctx.save(state).await?;
