@@ -44,7 +44,9 @@ chart.validate_schema({"aws": {"enabled": True, "region": "eu-west-1"}})
 for bad, path in (({"podDisruptionBudget": {"enabled": "yes"}}, "/podDisruptionBudget/enabled"),
                   ({"networkPolicy": {"backendPorts": [70000]}}, "/networkPolicy/backendPorts/0"),
                   ({"serviceMonitor": {"interval": "often"}}, "/serviceMonitor/interval"),
-                  ({"dashboard": {"enabeld": True}}, "/dashboard")):
+                  ({"dashboard": {"enabeld": True}}, "/dashboard"),
+                  ({"azure": {"hubUnits": 0}}, "/azure/hubUnits"),
+                  ({"statusWriteQps": 0}, "/statusWriteQps")):
     try:
         chart.validate_schema(bad)
     except Exception as e:  # noqa: BLE001
@@ -56,6 +58,8 @@ for bad, path in (({"podDisruptionBudget": {"enabled": "yes"}}, "/podDisruptionB
 # flag's env twin), with every value that sets one switched on.
 EVERYTHING = {"aws": {"enabled": True, "region": "eu-west-1", "iotEndpoint": "https://iot",
                       "dataEndpoint": "https://data", "deviceEndpoint": "d:8883"},
+              "azure": {"enabled": True, "hub": "h.azure-devices.net", "connectionStringSecret": "cs",
+                        "hubUnits": 2, "adoptUnowned": True},
               "mqtt": {"url": "mqtts://m:8883", "passwordSecret": "p", "caSecret": "c",
                        "deviceEndpoint": "m:1883", "deviceTlsEndpoint": "m:8884"},
               "watchNamespace": "team-a", "clusterId": "c1",
@@ -112,6 +116,7 @@ check("kind: CustomResourceDefinition" in rendered.get("thing-operator/templates
 check("helm.sh/resource-policy: keep" in rendered["thing-operator/templates/crds.yaml"], "CRDs not kept")
 values = {"crds": {"enabled": False}, "mqtt": {"url": "mqtt://mosquitto:1883", "passwordSecret": "mqtt-admin"},
           "aws": {"enabled": True, "region": "us-east-1"},
+          "azure": {"enabled": True, "connectionStringSecret": "azure-hub"},
           "tenancy": {"httpSinkAllowCidrs": ["10.20.0.0/16"]},
           # Every optional template on.
           "podDisruptionBudget": {"enabled": True},
@@ -179,6 +184,10 @@ try:
     env = {e["name"]: e.get("value") for e in container["env"]}
     check(env.get("THING_OPERATOR_MQTT_URL") == "mqtt://mosquitto:1883", f"mqtt env: {env}")
     check(env.get("AWS_REGION") == "us-east-1", f"aws env: {env}")
+    check(env.get("THING_OPERATOR_AZURE_CONNECTION_STRING_FILE") == "/etc/thing-operator/azure/connectionString",
+          f"azure env: {env}")
+    check(any(v["name"] == "azure-connection-string" and v.get("secret", {}).get("secretName") == "azure-hub"
+              for v in dep["spec"]["template"]["spec"]["volumes"]), "azure connection-string volume")
     check(env.get("THING_OPERATOR_LEADER_ELECT") == "true", f"leader env: {env}")
     check(env.get("THING_OPERATOR_MIN_POLL_INTERVAL") == "10s", f"tenancy env: {env}")
     check(env.get("THING_OPERATOR_HTTP_SINK_ALLOW_CIDRS") == "10.20.0.0/16", f"egress env: {env}")
