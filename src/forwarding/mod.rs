@@ -20,6 +20,7 @@ mod json;
 pub mod mqtt;
 mod observers;
 pub mod provenance;
+mod publish_tracker;
 mod sink;
 pub mod subscribers;
 mod tasks;

@@ -16,6 +16,7 @@ use rumqttc::{AsyncClient, QoS};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
+use super::publish_tracker::PublishTracker;
 use crate::{
     api::validation::TopicScope,
     metrics::{Metrics, NamespaceLabels},
@@ -59,7 +60,15 @@ struct Shared {
     identities: OnceLock<Arc<dyn NamespaceIdentities>>,
     /// Installed by the Subscriber manager.
     router: OnceLock<Arc<dyn NamespaceRouter>>,
-    connections: Mutex<HashMap<String, Arc<OnceCell<AsyncClient>>>>,
+    connections: Mutex<HashMap<String, Arc<OnceCell<NamespaceConnection>>>>,
+}
+
+/// One namespace's connection: the client, and what tells its publishers when the broker has
+/// their messages.
+#[derive(Clone)]
+pub struct NamespaceConnection {
+    pub client: AsyncClient,
+    pub publishes: Arc<PublishTracker>,
 }
 
 /// The MQTT connections the forwarding tasks may use; clones share them. Empty without a
@@ -109,7 +118,7 @@ impl MqttAccess {
         }
     }
 
-    fn cell(shared: &Shared, namespace: &str) -> Arc<OnceCell<AsyncClient>> {
+    fn cell(shared: &Shared, namespace: &str) -> Arc<OnceCell<NamespaceConnection>> {
         let mut connections = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
         connections
             .entry(namespace.to_string())
@@ -118,7 +127,10 @@ impl MqttAccess {
     }
 
     /// The connection that acts for `namespace`, made (account and all) on first use.
-    pub async fn client_for(&self, namespace: &str) -> Result<AsyncClient, AccessError> {
+    pub async fn connection_for(
+        &self,
+        namespace: &str,
+    ) -> Result<NamespaceConnection, AccessError> {
         let shared = self.shared.as_ref().ok_or(AccessError::NotConfigured)?;
         let cell = Self::cell(shared, namespace);
         cell.get_or_try_init(|| connect(shared, namespace))
@@ -126,16 +138,21 @@ impl MqttAccess {
             .cloned()
     }
 
+    /// The client of [`MqttAccess::connection_for`].
+    pub async fn client_for(&self, namespace: &str) -> Result<AsyncClient, AccessError> {
+        Ok(self.connection_for(namespace).await?.client)
+    }
+
     /// The connection of `namespace` if one was made (for unsubscribing: never makes one).
     pub fn existing_client(&self, namespace: &str) -> Option<AsyncClient> {
         let shared = self.shared.as_ref()?;
         let connections = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
-        connections.get(namespace)?.get().cloned()
+        connections.get(namespace)?.get().map(|c| c.client.clone())
     }
 }
 
 /// Makes `namespace`'s account and starts its connection.
-async fn connect(shared: &Shared, namespace: &str) -> Result<AsyncClient, AccessError> {
+async fn connect(shared: &Shared, namespace: &str) -> Result<NamespaceConnection, AccessError> {
     let identities = shared.identities.get().ok_or(AccessError::NotReady)?;
     let mut roots = vec![shared.scope.subtree(namespace)];
     roots.extend(
@@ -167,10 +184,12 @@ async fn connect(shared: &Shared, namespace: &str) -> Result<AsyncClient, Access
         Some(router) => router.handler_for(namespace),
         None => Arc::new(connection::IgnoreMessages),
     };
+    let publishes = Arc::new(PublishTracker::default());
     let handler = Arc::new(CountRefusals {
         inner,
         metrics: shared.metrics.clone(),
         namespace: namespace.to_string(),
+        publishes: publishes.clone(),
     });
     connection::spawn_driver(
         eventloop,
@@ -182,7 +201,7 @@ async fn connect(shared: &Shared, namespace: &str) -> Result<AsyncClient, Access
         shared.shutdown.clone(),
     );
     tracing::info!(%namespace, "namespace broker connection started");
-    Ok(client)
+    Ok(NamespaceConnection { client, publishes })
 }
 
 /// Counts what the broker's ACL refused a namespace: a refusal means validation let a topic
@@ -191,6 +210,8 @@ struct CountRefusals {
     inner: Arc<dyn Handler>,
     metrics: Arc<Metrics>,
     namespace: String,
+    /// Told which publish went out as which packet and which the broker acknowledged.
+    publishes: Arc<PublishTracker>,
 }
 
 impl Handler for CountRefusals {
@@ -204,6 +225,14 @@ impl Handler for CountRefusals {
 
     fn on_publish(&self, client: &AsyncClient, publish: &rumqttc::Publish) {
         self.inner.on_publish(client, publish)
+    }
+
+    fn on_outgoing_publish(&self, pkid: u16) {
+        self.publishes.sent(pkid)
+    }
+
+    fn on_publish_acknowledged(&self, pkid: u16) {
+        self.publishes.acknowledged(pkid)
     }
 
     fn on_subscriptions_refused(&self, count: usize) {

@@ -11,7 +11,8 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use prometheus_client::metrics::gauge::Gauge;
 use rumqttc::{
-    AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Publish, QoS, Transport,
+    AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, Publish, QoS,
+    Transport,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -115,6 +116,11 @@ pub trait Handler: Send + Sync + 'static {
     }
     /// A SUBACK refused `count` filters (the account's ACL does not allow them).
     fn on_subscriptions_refused(&self, _count: usize) {}
+    /// A PUBLISH of this client went out with packet id `pkid` (0 for QoS 0; the same id again
+    /// when it is retransmitted after a reconnect).
+    fn on_outgoing_publish(&self, _pkid: u16) {}
+    /// The broker acknowledged the QoS 1/2 PUBLISH `pkid` (PUBACK, or PUBCOMP for QoS 2).
+    fn on_publish_acknowledged(&self, _pkid: u16) {}
 }
 
 /// The handler of a connection that only publishes.
@@ -222,6 +228,11 @@ async fn drive(
                 handler.on_connected(&client);
             }
             Ok(Event::Incoming(Incoming::Publish(p))) => handler.on_publish(&client, &p),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => handler.on_outgoing_publish(pkid),
+            Ok(Event::Incoming(Incoming::PubAck(ack))) => handler.on_publish_acknowledged(ack.pkid),
+            Ok(Event::Incoming(Incoming::PubComp(comp))) => {
+                handler.on_publish_acknowledged(comp.pkid)
+            }
             Ok(Event::Incoming(Incoming::SubAck(ack))) => {
                 let refused = ack
                     .return_codes

@@ -17,6 +17,7 @@ use super::{
     json::set_pointer,
     mqtt::{AccessError, MqttAccess, qos},
     provenance::{LoopStop, Provenance, ProvenanceBook},
+    publish_tracker::PublishTracker,
 };
 use crate::{
     api::{Thing, ThingUpdate, observer::SinkSpec, observer::StateSection},
@@ -25,9 +26,14 @@ use crate::{
 
 pub use http::HttpEndpoint;
 
+/// How long a publish may wait for the broker's acknowledgement before it is tried again.
+const BROKER_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub enum Sink {
     Mqtt {
         client: AsyncClient,
+        /// Says when the broker has a publish (the delivery counts only then).
+        publishes: Arc<PublishTracker>,
         topic: String,
         qos: QoS,
         retain: bool,
@@ -59,8 +65,8 @@ impl Sink {
         book: &ProvenanceBook,
     ) -> Result<Sink, DeliveryError> {
         if let Some(m) = &spec.mqtt {
-            let client = match mqtt.client_for(namespace).await {
-                Ok(client) => client,
+            let connection = match mqtt.connection_for(namespace).await {
+                Ok(connection) => connection,
                 Err(e @ AccessError::NotConfigured) => {
                     return Err(DeliveryError::permanent(format!("sink.mqtt: {e}")));
                 }
@@ -69,7 +75,8 @@ impl Sink {
                 Err(e) => return Err(DeliveryError::retryable(format!("sink.mqtt: {e}"))),
             };
             return Ok(Sink::Mqtt {
-                client,
+                client: connection.client,
+                publishes: connection.publishes,
                 topic: m.topic.clone(),
                 qos: qos(m.qos),
                 retain: m.retain,
@@ -123,16 +130,27 @@ impl Sink {
         match self {
             Sink::Mqtt {
                 client,
+                publishes,
                 topic,
                 qos,
                 retain,
             } => {
                 let payload = serde_json::to_vec(&cloud_event(update, section, data, provenance))
                     .map_err(|e| DeliveryError::permanent(format!("encoding: {e}")))?;
-                client
-                    .publish(topic.clone(), *qos, *retain, payload)
+                let acknowledged = publishes
+                    .publish(client, topic.clone(), *qos, *retain, payload)
                     .await
-                    .map_err(|e| DeliveryError::retryable(format!("MQTT publish to {topic}: {e}")))
+                    .map_err(|e| {
+                        DeliveryError::retryable(format!("MQTT publish to {topic}: {e}"))
+                    })?;
+                // Delivered once the broker has it; a broker that does not answer in time gets
+                // the update again (at-least-once).
+                match tokio::time::timeout(BROKER_ACK_WAIT, acknowledged).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) | Err(_) => Err(DeliveryError::retryable(format!(
+                        "MQTT publish to {topic}: not acknowledged by the broker within {BROKER_ACK_WAIT:?}"
+                    ))),
+                }
             }
             Sink::Http(endpoint) => {
                 endpoint
