@@ -15,6 +15,7 @@ pub mod azure;
 pub mod debug;
 pub mod error;
 pub mod mosquitto;
+pub mod ownership;
 mod status;
 
 pub use error::{BackendError, NotConfigured, ProviderError};

@@ -11,25 +11,11 @@ use std::collections::HashMap;
 /// The attribute that names a thing's owner. Reserved: validation refuses it in a spec.
 pub use crate::api::validation::OWNER_ATTRIBUTE;
 
-/// The owner record of a Thing.
-pub fn owner_record(namespace: &str, name: &str, uid: &str) -> String {
-    format!("{namespace}/{name}/{uid}")
-}
+pub use crate::provider::ownership::{Claim, owner_record};
 
-/// What the operator may do with an existing thing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    /// It carries this Thing's record.
-    Ours,
-    /// No record, but this Thing provisioned it (its status recorded the thing's ARN, written by
-    /// an operator version from before owner records) or adopting unowned things is allowed:
-    /// the record is to be added.
-    Adopt,
-    /// Not this Thing's: leave it alone. The reason, for the condition message.
-    Refuse(&'static str),
-}
-
-/// The rule for an existing thing with `attributes` and `arn`.
+/// The rule for an existing thing with `attributes` and `arn`: proven ours without a record
+/// when this Thing's status recorded the thing's ARN (written by an operator version from before
+/// owner records).
 pub fn claim(
     attributes: &HashMap<String, String>,
     arn: &str,
@@ -37,15 +23,13 @@ pub fn claim(
     recorded_arn: Option<&str>,
     adopt_unowned: bool,
 ) -> Claim {
-    match attributes.get(OWNER_ATTRIBUTE) {
-        Some(record) if record == ours => Claim::Ours,
-        Some(_) => Claim::Refuse("belongs to another Thing"),
-        None if recorded_arn == Some(arn) => Claim::Adopt,
-        None if adopt_unowned => Claim::Adopt,
-        None => Claim::Refuse(
-            "has no owner record (created outside this operator; --aws-adopt-unowned allows adopting it)",
-        ),
-    }
+    crate::provider::ownership::claim(
+        attributes.get(OWNER_ATTRIBUTE).map(String::as_str),
+        ours,
+        recorded_arn == Some(arn),
+        adopt_unowned,
+        "has no owner record (created outside this operator; --aws-adopt-unowned allows adopting it)",
+    )
 }
 
 #[cfg(test)]

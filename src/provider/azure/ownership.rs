@@ -13,35 +13,24 @@ use serde_json::{Map, Value};
 
 use super::twin::OWNER_TAG;
 
-/// What the operator may do with an existing device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    /// Its twin carries this Thing's record.
-    Ours,
-    /// No record, but its thumbprint is this Thing's certificate (a crash between creating the
-    /// device and tagging it), or adopting unowned devices is allowed: the record is to be added.
-    Adopt,
-    /// Not this Thing's: leave it alone. The reason, for the condition message.
-    Refuse(&'static str),
-}
+pub use crate::provider::ownership::Claim;
 
 /// The rule for an existing device with twin `tags`. `holds_credential`: the device's registered
-/// credential (thumbprint, or symmetric key) is the one in this Thing's own Secret.
+/// credential (thumbprint, or symmetric key) is the one in this Thing's own Secret, which proves
+/// an unrecorded device ours (a crash between creating the device and tagging it).
 pub fn claim(
     tags: &Map<String, Value>,
     ours: &str,
     holds_credential: bool,
     adopt_unowned: bool,
 ) -> Claim {
-    match tags.get(OWNER_TAG).and_then(Value::as_str) {
-        Some(record) if record == ours => Claim::Ours,
-        Some(_) => Claim::Refuse("belongs to another Thing"),
-        None if holds_credential => Claim::Adopt,
-        None if adopt_unowned => Claim::Adopt,
-        None => Claim::Refuse(
-            "has no owner record (created outside this operator; --azure-adopt-unowned allows adopting it)",
-        ),
-    }
+    crate::provider::ownership::claim(
+        tags.get(OWNER_TAG).and_then(Value::as_str),
+        ours,
+        holds_credential,
+        adopt_unowned,
+        "has no owner record (created outside this operator; --azure-adopt-unowned allows adopting it)",
+    )
 }
 
 #[cfg(test)]

@@ -34,10 +34,8 @@ use crate::{
     failpoints::step,
     provider::{
         DeviceOutcome, DeviceRequest, IotProvider, Notice, ProviderError,
-        aws::{
-            certs::rotation::{rotation_due, rotation_token},
-            ownership::owner_record,
-        },
+        aws::certs::rotation::{rotation_due, rotation_token},
+        ownership::owner_record,
         status::{DeviceIdentity, record_device, record_failure, set_condition},
     },
 };
