@@ -355,3 +355,76 @@ async fn an_expression_filter_forwards_only_what_it_accepts() {
         ready.message
     );
 }
+
+/// A webhook that keeps failing: the Observer retries as `spec.retry` says, then hands the
+/// update to its dead-letter destination with the reason.
+#[tokio::test]
+async fn failing_deliveries_are_retried_then_dead_lettered_with_the_reason() {
+    let s = Setup::new("obs-dead").await;
+    // A webhook answering 500 to everything, counting the tries.
+    let tries = Arc::new(Mutex::new(0usize));
+    let counter = tries.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let failing_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let counter = counter.clone();
+            async move {
+                *counter.lock().unwrap() += 1;
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (dead_url, dead) = http_receiver().await;
+    let _op = s
+        .operator()
+        .args(["--http-sink-allow-cidr", "127.0.0.0/8"])
+        .ready()
+        .await;
+    let things = s.things();
+    azure_thing("boiler", json!({"temp": 60}))
+        .create(&things)
+        .await;
+    let observers: Api<Observer> = s.api();
+    create_resource(
+        &observers,
+        "alerts",
+        json!({
+            "source": {"thingName": "boiler"},
+            "filter": {"section": "Desired"},
+            "sink": {"http": {"url": failing_url}},
+            "retry": {"attempts": 3, "initialBackoff": "50ms", "maxBackoff": "100ms", "deadline": "30s"},
+            "deadLetter": {"http": {"url": dead_url}},
+        }),
+    )
+    .await;
+    let letters = wait_count(&s, &dead, 1).await;
+    let letter = &letters[0];
+    assert_eq!(letter["type"], "dev.thing-operator.deadletter", "{letter}");
+    assert!(
+        letter["data"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("500"),
+        "{letter}"
+    );
+    assert_eq!(
+        letter["data"]["event"]["data"]["state"]["temp"],
+        json!(60),
+        "{letter}"
+    );
+    assert_eq!(
+        *tries.lock().unwrap(),
+        3,
+        "the policy's three tries, no more"
+    );
+    let status = s
+        .wait_for("the failure counted", || async {
+            let st = observers.get("alerts").await.ok()?.status?;
+            (st.failed >= Some(1)).then_some(st)
+        })
+        .await;
+    assert_eq!(status.forwarded.unwrap_or(0), 0);
+}

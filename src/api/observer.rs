@@ -153,6 +153,45 @@ pub struct ObserverSpec {
     /// Which updates are delivered when they come faster than the sink takes them.
     #[serde(default)]
     pub delivery: DeliveryMode,
+    /// How a failing delivery is tried again before it counts as failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Where an update goes when every try failed: its CloudEvent and the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetterSpec>,
+}
+
+/// How a failing delivery is tried again. Defaults: 5 tries, 200ms doubling up to 10s, within 60s.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Tries in all, the first included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 20))]
+    pub attempts: Option<u32>,
+    /// The wait before the second try; it doubles after each (Go duration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$"))]
+    pub initial_backoff: Option<String>,
+    /// The longest wait between tries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$"))]
+    pub max_backoff: Option<String>,
+    /// No try starts later than this after the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$"))]
+    pub deadline: Option<String>,
+}
+
+/// A dead-letter destination: an MQTT topic (under the namespace's tree) or an HTTP endpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("(has(self.mqtt) ? 1 : 0) + (has(self.http) ? 1 : 0) == 1").message("set exactly one of mqtt or http"))]
+pub struct DeadLetterSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<MqttSink>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSink>,
 }
 
 /// How an Observer delivers a stream of updates.

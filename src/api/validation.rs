@@ -503,6 +503,31 @@ pub fn validate_observer(observer: &Observer, topics: &TopicScope) -> Result<(),
     {
         problems.extend(check_json_pointer("sink.thing.path", p));
     }
+    if let Some(retry) = &spec.retry {
+        for (field, value) in [
+            ("retry.initialBackoff", &retry.initial_backoff),
+            ("retry.maxBackoff", &retry.max_backoff),
+            ("retry.deadline", &retry.deadline),
+        ] {
+            if let Some(v) = value
+                && let Err(e) = parse_duration(v)
+            {
+                problems.push(format!("{field}: {e}"));
+            }
+        }
+    }
+    if let Some(dead) = &spec.dead_letter {
+        if let Some(m) = &dead.mqtt {
+            problems.extend(check_publish_topic("deadLetter.mqtt.topic", &m.topic));
+            let namespace = observer.metadata.namespace.as_deref().unwrap_or_default();
+            problems.extend(topics.check("deadLetter.mqtt.topic", namespace, &m.topic));
+        }
+        if let Some(h) = &dead.http
+            && !url::Url::parse(&h.url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+        {
+            problems.push("deadLetter.http.url must be an http or https URL".into());
+        }
+    }
     InvalidSpec::from_problems(problems)
 }
 
@@ -760,6 +785,25 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("exactly one of mqtt, http or thing"), "{msg}");
+    }
+
+    #[test]
+    fn retry_and_dead_letter_rules() {
+        let spec: ObserverSpec = serde_json::from_value(json!({
+            "source": {"thingName": "a"},
+            "sink": {"http": {"url": "https://example.com/x"}},
+            "retry": {"initialBackoff": "soon", "deadline": "30s"},
+            "deadLetter": {"mqtt": {"topic": "things/namespaces/other/dead"}},
+        }))
+        .unwrap();
+        let mut observer = Observer::new("o", spec);
+        observer.metadata.namespace = Some("mine".into());
+        let err = validate_observer(&observer, &TopicScope::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("retry.initialBackoff"), "{msg}");
+        assert!(msg.contains("deadLetter.mqtt.topic"), "{msg}");
+        assert!(!msg.contains("retry.deadline"), "{msg}");
+        assert_eq!(err.problems.len(), 2, "{err}");
     }
 
     #[test]

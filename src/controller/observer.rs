@@ -23,19 +23,22 @@ impl task_kind::TaskKind for Observer {
     fn validate(&self, ctx: &Context) -> Result<(), InvalidSpec> {
         validate_observer(self, &ctx.config.topics)?;
         // A URL whose literal address is refused never becomes a task; names are checked again
-        // at every connect.
-        match self
-            .spec
-            .sink
-            .http
-            .as_ref()
-            .map(|h| url::Url::parse(&h.url))
-        {
-            Some(Ok(url)) => ctx.config.egress.check_url(&url).map_err(|e| InvalidSpec {
-                problems: vec![format!("sink.http.url: {e}")],
-            }),
-            _ => Ok(()),
+        // at every connect. The same for the dead-letter destination.
+        let urls = [
+            ("sink.http.url", self.spec.sink.http.as_ref()),
+            (
+                "deadLetter.http.url",
+                self.spec.dead_letter.as_ref().and_then(|d| d.http.as_ref()),
+            ),
+        ];
+        for (field, http) in urls {
+            if let Some(Ok(url)) = http.map(|h| url::Url::parse(&h.url)) {
+                ctx.config.egress.check_url(&url).map_err(|e| InvalidSpec {
+                    problems: vec![format!("{field}: {e}")],
+                })?;
+            }
         }
+        Ok(())
     }
 
     fn core_status(&self) -> Option<&dyn HasStatusCore> {

@@ -46,6 +46,21 @@ pub fn cloud_event(
     })
 }
 
+/// The CloudEvent a dead-letter destination receives: the event that could not be delivered,
+/// and why (the error never carries a payload or a header value).
+pub fn dead_letter_event(event: &Value, reason: &str) -> Value {
+    json!({
+        "specversion": "1.0",
+        "id": format!("dead-letter/{}", event.get("id").and_then(Value::as_str).unwrap_or_default()),
+        "source": event.get("source").cloned().unwrap_or(Value::Null),
+        "type": "dev.thing-operator.deadletter",
+        "subject": event.get("subject").cloned().unwrap_or(Value::Null),
+        "time": chrono::Utc::now().to_rfc3339(),
+        "datacontenttype": "application/json",
+        "data": {"reason": reason, "event": event},
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,7 @@ pub mod mqtt;
 mod observers;
 pub mod provenance;
 mod publish_tracker;
+mod retry;
 mod sink;
 pub mod subscribers;
 mod tasks;

@@ -18,12 +18,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     DeliveryError, StateBus,
+    cloud_event::{cloud_event, dead_letter_event},
     filter::{
         Context as FilterContext, Decision, Memory, evaluate, memories_from_status,
         memories_to_status, selects,
     },
     mqtt::MqttAccess,
     provenance::{Provenance, ProvenanceBook},
+    retry::RetrySchedule,
     sink::Sink,
     tasks::{TaskRegistry, write_task_status},
 };
@@ -32,14 +34,12 @@ use crate::{
         Observer, ThingUpdate,
         filter_expression::FilterExpression,
         object_key,
-        observer::{DeliveryMode, ObserverSpec, StateSection},
+        observer::{DeliveryMode, ObserverSpec, SinkSpec, StateSection},
     },
     egress::EgressPolicy,
     metrics::Metrics,
 };
 
-/// Deliveries of one update are tried this often before it counts as failed (dead letter).
-const MAX_ATTEMPTS: u32 = 5;
 /// Status counters and filter memory are written at most this often per Observer.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -142,6 +142,7 @@ impl ObserverManager {
             expression: None,
             previous: HashMap::new(),
             versions: HashMap::new(),
+            dead_letter: None,
             api: Api::namespaced(self.client.clone(), &ns),
             client: self.client.clone(),
             mqtt: self.mqtt.clone(),
@@ -181,6 +182,8 @@ struct ObserverTask {
     /// The newest state version seen per Thing: reported state never goes backwards (a paced
     /// snapshot of an older version, re-published after a newer report, is not delivered).
     versions: HashMap<String, i64>,
+    /// Where updates go when every try failed (`spec.deadLetter`), built with the sink.
+    dead_letter: Option<Sink>,
     api: Api<Observer>,
     client: Client,
     /// Where an MQTT sink gets its connection: the one that acts for this namespace.
@@ -205,11 +208,12 @@ impl ObserverTask {
         }
     }
 
-    async fn build_sink(&mut self) -> Option<Sink> {
+    /// The sink of `spec`, or of the dead-letter destination; retried while it may come.
+    async fn build_sink(&mut self, spec: &SinkSpec) -> Option<Sink> {
         let mut delay = Duration::from_millis(500);
         loop {
             match Sink::build(
-                &self.spec.sink,
+                spec,
                 &self.namespace,
                 &self.client,
                 &self.mqtt,
@@ -239,7 +243,7 @@ impl ObserverTask {
         }
     }
 
-    /// Delivers with up to [`MAX_ATTEMPTS`] tries, backing off with jitter so that many
+    /// Delivers with the tries `spec.retry` allows, backing off with jitter so that many
     /// Observers of one failing sink do not retry in step.
     async fn deliver(
         &mut self,
@@ -249,17 +253,18 @@ impl ObserverTask {
         data: &Value,
         provenance: &Provenance,
     ) -> Result<(), DeliveryError> {
-        let mut delay = Duration::from_millis(200);
+        let schedule = RetrySchedule::of(self.spec.retry.as_ref());
+        let started = tokio::time::Instant::now();
         let mut attempt = 1;
         loop {
             match sink.deliver(update, section, data, provenance).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.retryable && attempt < MAX_ATTEMPTS => {
+                Err(e) if e.retryable && schedule.may_retry(attempt, started.elapsed()) => {
+                    let delay = schedule.backoff(attempt);
                     let jittered = delay / 2 + rand::rng().random_range(Duration::ZERO..=delay / 2);
                     if !self.pause(jittered).await {
                         return Err(e);
                     }
-                    delay = (delay * 2).min(Duration::from_secs(10));
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -339,6 +344,8 @@ impl ObserverTask {
                 // which replays the latest state) delivers the then-current state.
                 tracing::warn!(thing = %update.name, error = %e, "delivery failed, update dropped");
                 self.note_refusal(&e);
+                self.send_to_dead_letter(update, section, &data, &provenance, &e)
+                    .await;
                 self.failed += 1;
                 self.last_error = Some(e.message);
                 self.metrics
@@ -347,6 +354,31 @@ impl ObserverTask {
             }
         }
         self.dirty = true;
+    }
+
+    /// Hands an update every try failed for to the dead-letter destination, with the reason.
+    async fn send_to_dead_letter(
+        &mut self,
+        update: &ThingUpdate,
+        section: StateSection,
+        data: &Value,
+        provenance: &Provenance,
+        error: &DeliveryError,
+    ) {
+        let Some(dead_letter) = &self.dead_letter else {
+            return;
+        };
+        let event = dead_letter_event(
+            &cloud_event(update, section, data, provenance),
+            &error.message,
+        );
+        match dead_letter.deliver_event(&event).await {
+            Ok(()) => self.metrics.count_event("Observer", "dead_lettered"),
+            Err(e) => {
+                tracing::warn!(error = %e, "dead-letter destination failed too");
+                self.metrics.count_event("Observer", "dead_letter_failed");
+            }
+        }
     }
 
     /// Remembers a refused destination for the reconciler (see [`Refusals`]).
@@ -393,9 +425,24 @@ impl ObserverTask {
                 }
             }
         }
-        let Some(sink) = self.build_sink().await else {
+        let Some(sink) = self.build_sink(&self.spec.sink.clone()).await else {
             return;
         };
+        let dead_letter = match self.spec.dead_letter.clone() {
+            Some(d) => {
+                let spec = SinkSpec {
+                    mqtt: d.mqtt,
+                    http: d.http,
+                    thing: None,
+                };
+                match self.build_sink(&spec).await {
+                    Some(sink) => Some(sink),
+                    None => return,
+                }
+            }
+            None => None,
+        };
+        self.dead_letter = dead_letter;
         let mut rx = self.bus.subscribe();
         // State, not events: start from the latest state of every matching Thing.
         for update in self.bus.latest(&self.namespace) {

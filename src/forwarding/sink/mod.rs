@@ -118,15 +118,8 @@ impl Sink {
         }
     }
 
-    /// Delivers one update, as `provenance` (from [`Sink::hop`]). At-least-once: the caller
-    /// retries retryable errors.
-    pub async fn deliver(
-        &self,
-        update: &ThingUpdate,
-        section: StateSection,
-        data: &Value,
-        provenance: &Provenance,
-    ) -> Result<(), DeliveryError> {
+    /// Publishes or POSTs one CloudEvent (MQTT and HTTP sinks; a `thing` sink takes no events).
+    pub async fn deliver_event(&self, event: &Value) -> Result<(), DeliveryError> {
         match self {
             Sink::Mqtt {
                 client,
@@ -135,7 +128,7 @@ impl Sink {
                 qos,
                 retain,
             } => {
-                let payload = serde_json::to_vec(&cloud_event(update, section, data, provenance))
+                let payload = serde_json::to_vec(event)
                     .map_err(|e| DeliveryError::permanent(format!("encoding: {e}")))?;
                 let acknowledged = publishes
                     .publish(client, topic.clone(), *qos, *retain, payload)
@@ -152,9 +145,25 @@ impl Sink {
                     ))),
                 }
             }
-            Sink::Http(endpoint) => {
-                endpoint
-                    .post(&cloud_event(update, section, data, provenance))
+            Sink::Http(endpoint) => endpoint.post(event).await,
+            Sink::Thing(_) => Err(DeliveryError::permanent(
+                "a thing sink takes state, not events",
+            )),
+        }
+    }
+
+    /// Delivers one update, as `provenance` (from [`Sink::hop`]). At-least-once: the caller
+    /// retries retryable errors.
+    pub async fn deliver(
+        &self,
+        update: &ThingUpdate,
+        section: StateSection,
+        data: &Value,
+        provenance: &Provenance,
+    ) -> Result<(), DeliveryError> {
+        match self {
+            Sink::Mqtt { .. } | Sink::Http(_) => {
+                self.deliver_event(&cloud_event(update, section, data, provenance))
                     .await
             }
             Sink::Thing(target) => {
