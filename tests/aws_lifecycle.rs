@@ -588,3 +588,54 @@ async fn aws_thing_deletion_clears_its_retained_state() {
     );
     drop(op);
 }
+
+/// A policy with this Thing's policy name that another tool made before the Thing existed is
+/// not taken over: `Conflict`, and its document stays as it was. A policy made after the Thing
+/// (an interrupted run of its own) is adopted; tests/aws_crash.rs covers that.
+#[tokio::test]
+async fn a_policy_made_outside_the_operator_is_a_conflict() {
+    let s = setup("aws-pol").await;
+    let ns = &s.ns;
+    let iot = iot(&s.env);
+    let policy_name = format!("{ns}_heater-policy");
+    let foreign = json!({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}]})
+    .to_string();
+    iot.create_policy()
+        .policy_name(&policy_name)
+        .policy_document(&foreign)
+        .send()
+        .await
+        .expect("another tool's policy");
+    // The Thing comes later than the policy by more than the clock-skew margin (5 s): wait on
+    // the API server's clock, not on a timer.
+    let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> = s.api();
+    let policy_time = chrono::Utc::now();
+    s.wait_for("the API server's clock past the margin", || async {
+        let name = format!("clock-{:08x}", rand::random::<u32>());
+        let cm: k8s_openapi::api::core::v1::ConfigMap =
+            serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        let made = configmaps.create(&Default::default(), &cm).await.ok()?;
+        let at = made.metadata.creation_timestamp?.0.as_second();
+        (at > policy_time.timestamp() + 6).then_some(())
+    })
+    .await;
+    let _op = s.operator().aws().ready().await;
+    let api = s.things();
+    thing("heater").broker("AWS").create(&api).await;
+    let ready = s
+        .wait_condition(&api, "heater", "Ready", |c| c.reason == "Conflict")
+        .await;
+    assert!(ready.message.contains(&policy_name), "{}", ready.message);
+    let after = iot
+        .get_policy()
+        .policy_name(&policy_name)
+        .send()
+        .await
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(after.policy_document().unwrap()).unwrap();
+    assert_eq!(
+        doc,
+        serde_json::from_str::<serde_json::Value>(&foreign).unwrap()
+    );
+}

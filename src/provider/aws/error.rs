@@ -117,6 +117,12 @@ pub enum AwsError {
         thing_name: String,
         why: &'static str,
     },
+    /// The policy of this Thing's name was made outside the operator (before the Thing).
+    #[error("policy {policy_name} exists and {why}; it is left untouched")]
+    PolicyNotOwner {
+        policy_name: String,
+        why: &'static str,
+    },
     /// The policy template does not render into a policy document.
     #[error("{0}")]
     PolicyTemplate(String),
@@ -142,6 +148,7 @@ impl BackendError for AwsError {
             | AwsError::Secret(_) => true,
             AwsError::ThingNameChanged { .. }
             | AwsError::NotOwner { .. }
+            | AwsError::PolicyNotOwner { .. }
             | AwsError::PolicyTemplate(_)
             | AwsError::KeyGeneration(_) => false,
         }
@@ -149,7 +156,7 @@ impl BackendError for AwsError {
 
     fn reason(&self) -> &'static str {
         match self {
-            AwsError::NotOwner { .. } => "Conflict",
+            AwsError::NotOwner { .. } | AwsError::PolicyNotOwner { .. } => "Conflict",
             AwsError::Throttled { .. } => "Throttled",
             AwsError::Service { code, status, .. }
                 if ACCESS_DENIED_CODES.contains(&code.as_str()) || *status == 403 =>

@@ -21,7 +21,12 @@ pub struct Owner<'a> {
     /// The thing ARN this Thing's status recorded, if any.
     pub recorded_arn: Option<&'a str>,
     pub adopt_unowned: bool,
+    /// When the Kubernetes Thing was created: a policy older than that cannot be its own.
+    pub since: Option<aws_smithy_types::DateTime>,
 }
+
+/// Clock skew allowed between the API server and AWS when comparing creation times.
+const CLOCK_SKEW_SECS: i64 = 5;
 
 impl Owner<'_> {
     /// Checks an existing thing's owner record; `Err` leaves the thing untouched.
@@ -167,6 +172,7 @@ pub async fn ensure_policy(
     c: &AwsClients,
     policy_name: &str,
     document: &Value,
+    owner: &Owner<'_>,
     was_provisioned: bool,
     notices: &mut Vec<Notice>,
 ) -> Result<(), AwsError> {
@@ -181,13 +187,17 @@ pub async fn ensure_policy(
                     .create_policy()
                     .policy_name(policy_name)
                     .policy_document(&text)
+                    .set_tags(owner_tag(owner))
                     .send()
             })
             .await;
         step!("aws-after-create-policy");
         match created {
             Ok(_) => return Ok(()),
-            Err(CallError::AlreadyExists { .. }) => {}
+            // Ours from an interrupted run, or someone else's: the policy's age tells.
+            Err(CallError::AlreadyExists { .. }) => {
+                check_policy_owner(c, policy_name, owner).await?;
+            }
             Err(e) => return Err(e.into_error("CreatePolicy")),
         }
     }
@@ -218,6 +228,7 @@ pub async fn ensure_policy(
                         .create_policy()
                         .policy_name(policy_name)
                         .policy_document(&text)
+                        .set_tags(owner_tag(owner))
                         .send()
                 })
                 .await;
@@ -240,6 +251,57 @@ pub async fn ensure_policy(
             }
         }
         Err(e) => Err(e.into_error("GetPolicy")),
+    }
+}
+
+/// The owner record as a tag, set in the call that creates the policy: whoever looks at the
+/// account sees which Thing a policy belongs to.
+fn owner_tag(owner: &Owner<'_>) -> Option<Vec<aws_sdk_iot::types::Tag>> {
+    // `build` fails only without a key, which is set here.
+    aws_sdk_iot::types::Tag::builder()
+        .key(OWNER_ATTRIBUTE)
+        .value(&owner.record)
+        .build()
+        .ok()
+        .map(|tag| vec![tag])
+}
+
+/// A policy of this Thing's policy name that the Thing never completed provisioning with is
+/// its own only if it was made after the Thing existed (by an interrupted run of this Thing:
+/// names derive from the thing name, which this Thing's owner record holds). One older than the
+/// Thing was made outside the operator: `PolicyNotOwner`, unchanged, unless adopting is allowed.
+/// (AWS IoT policies can carry tags, but the policy's creation time is what every AWS answers,
+/// moto included: `ListPolicyVersions` dates each version; the oldest is the creation.)
+async fn check_policy_owner(
+    c: &AwsClients,
+    policy_name: &str,
+    owner: &Owner<'_>,
+) -> Result<(), AwsError> {
+    if owner.adopt_unowned {
+        return Ok(());
+    }
+    let Some(since) = owner.since else {
+        return Ok(());
+    };
+    let versions = c
+        .call(Family::Policy, "ListPolicyVersions", || {
+            c.iot.list_policy_versions().policy_name(policy_name).send()
+        })
+        .await
+        .map_err(|e| e.into_error("ListPolicyVersions"))?;
+    let created = versions
+        .policy_versions()
+        .iter()
+        .filter_map(|v| v.create_date().map(|d| d.secs()))
+        .min();
+    match created {
+        Some(created) if created < since.secs() - CLOCK_SKEW_SECS => {
+            Err(AwsError::PolicyNotOwner {
+                policy_name: policy_name.to_string(),
+                why: "existed before this Thing (made outside this operator; --aws-adopt-unowned allows adopting it)",
+            })
+        }
+        _ => Ok(()),
     }
 }
 

@@ -37,6 +37,12 @@ impl AwsProvider {
             ),
             recorded_arn,
             adopt_unowned: self.settings.adopt_unowned,
+            since: req
+                .thing
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| aws_smithy_types::DateTime::from_secs(t.0.as_second())),
         }
     }
 
@@ -100,7 +106,7 @@ impl AwsProvider {
                 .map_err(|m| {
                     record_failure(status, types::PROVISIONED, AwsError::PolicyTemplate(m))
                 })?;
-        provision::ensure_policy(c, policy_name, &document, was_provisioned, notices)
+        provision::ensure_policy(c, policy_name, &document, &owner, was_provisioned, notices)
             .await
             .map_err(|e| record_failure(status, types::PROVISIONED, e))?;
 
