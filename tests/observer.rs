@@ -428,3 +428,105 @@ async fn failing_deliveries_are_retried_then_dead_lettered_with_the_reason() {
         .await;
     assert_eq!(status.forwarded.unwrap_or(0), 0);
 }
+
+/// A slow destination delays nobody else: while one Observer's webhook holds its request,
+/// another Observer of the same Thing delivers.
+#[tokio::test]
+async fn a_slow_webhook_does_not_delay_another_observer() {
+    let s = Setup::new("obs-slow").await;
+    // A webhook that answers only when the test lets it.
+    let (release, released) = tokio::sync::watch::channel(false);
+    let held = Arc::new(Mutex::new(0usize));
+    let counter = held.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_url = format!("http://{}/slow", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/slow",
+        axum::routing::post(move || {
+            let (counter, mut released) = (counter.clone(), released.clone());
+            async move {
+                *counter.lock().unwrap() += 1;
+                let _ = released.wait_for(|r| *r).await;
+                "ok"
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (fast_url, fast) = http_receiver().await;
+    let _op = s
+        .operator()
+        .args(["--http-sink-allow-cidr", "127.0.0.0/8"])
+        .ready()
+        .await;
+    let things = s.things();
+    azure_thing("kettle", json!({"temp": 20}))
+        .create(&things)
+        .await;
+    let observers: Api<Observer> = s.api();
+    for (name, url) in [("slow", &slow_url), ("fast", &fast_url)] {
+        create_resource(
+            &observers,
+            name,
+            json!({"source": {"thingName": "kettle"}, "filter": {"section": "Desired"},
+                   "sink": {"http": {"url": url}}}),
+        )
+        .await;
+    }
+    s.wait_for("the slow webhook holding a request", || async {
+        (*held.lock().unwrap() >= 1).then_some(())
+    })
+    .await;
+    set_temp(&things, "kettle", 90.0).await;
+    s.wait_for("the fast Observer delivering meanwhile", || async {
+        let r = fast.lock().unwrap().clone();
+        r.iter().any(|e| temp_of(e) == 90.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        *held.lock().unwrap(),
+        1,
+        "the slow webhook still holds its first request"
+    );
+    let _ = release.send(true);
+}
+
+/// One Thing, a hundred Observers: each delivers the change.
+#[tokio::test]
+async fn a_hundred_observers_on_one_thing_each_deliver() {
+    let s = Setup::new("obs-many").await;
+    let (url, received) = http_receiver().await;
+    let _op = s
+        .operator()
+        .args(["--http-sink-allow-cidr", "127.0.0.0/8"])
+        .ready()
+        .await;
+    let things = s.things();
+    azure_thing("hub", json!({"temp": 1})).create(&things).await;
+    let observers: Api<Observer> = s.api();
+    const OBSERVERS: usize = 100;
+    for i in 0..OBSERVERS {
+        create_resource(
+            &observers,
+            &format!("o{i}"),
+            json!({"source": {"thingName": "hub"}, "filter": {"section": "Desired", "fields": ["/temp"]},
+                   "sink": {"http": {"url": url}}}),
+        )
+        .await;
+    }
+    s.wait_for("every Observer's first delivery", || async {
+        (received.lock().unwrap().len() >= OBSERVERS).then_some(())
+    })
+    .await;
+    set_temp(&things, "hub", 2.0).await;
+    s.wait_for("every Observer delivering the change", || async {
+        let r = received.lock().unwrap().clone();
+        (r.iter().filter(|e| temp_of(e) == 2.0).count() >= OBSERVERS).then_some(())
+    })
+    .await;
+    let r = received.lock().unwrap().clone();
+    assert_eq!(
+        r.iter().filter(|e| temp_of(e) == 2.0).count(),
+        OBSERVERS,
+        "exactly one delivery of the change per Observer"
+    );
+}
