@@ -529,4 +529,9 @@ async fn a_hundred_observers_on_one_thing_each_deliver() {
         OBSERVERS,
         "exactly one delivery of the change per Observer"
     );
+    s.wait_for("the Observer's count of the Things it watches", || async {
+        let st = observers.get("o0").await.ok()?.status?;
+        (st.matched_things == Some(1)).then_some(())
+    })
+    .await;
 }

@@ -215,6 +215,7 @@ pub struct ObserverStatus {
     #[serde(default)]
     pub conditions: Conditions,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Things the Observer's source selects now (those the state bus knows).
     pub matched_things: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forwarded: Option<i64>,

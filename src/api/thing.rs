@@ -45,7 +45,8 @@ pub enum CredentialSource {
     /// The operator generates the key; it never leaves the cluster.
     #[default]
     InCluster,
-    /// The backend generates key and certificate (AWS CreateKeysAndCertificate).
+    /// The backend issues the credential: on AWS, key and certificate from
+    /// CreateKeysAndCertificate; on Azure, a symmetric-key device (keys in the Secret).
     CloudIssued,
 }
 

@@ -393,7 +393,21 @@ impl ObserverTask {
         if !self.dirty {
             return;
         }
+        let latest = self.bus.latest(&self.namespace);
+        let matched: std::collections::HashSet<&str> = latest
+            .iter()
+            .filter(|u| selects(&self.spec.source, &self.namespace, u))
+            .map(|u| u.name.as_str())
+            .collect();
+        // What is kept per Thing only in memory goes with the Thing (the bus forgets deleted
+        // Things); the filter memory stays: it is the baseline `changedBy` restarts from.
+        self.previous
+            .retain(|name, _| matched.contains(name.as_str()));
+        self.versions
+            .retain(|name, _| matched.contains(name.as_str()));
+        let matched = matched.len();
         let status = json!({
+            "matchedThings": matched,
             "forwarded": self.forwarded,
             "failed": self.failed,
             "lastForwardedTime": self.last_forwarded_time,
