@@ -120,7 +120,7 @@ impl SubscriberManager {
             // kept the moment the connection is up.
             let key = object_key(&ns, &name);
             self.routes
-                .add_mqtt(key.clone(), &m.topic_filter, qos(m.qos), tx.clone(), None);
+                .add_mqtt(key.clone(), &m.topic_filter, qos(m.qos), tx.clone());
             let client = match self.mqtt.client_for(&ns).await {
                 Ok(client) => client,
                 Err(e) => {

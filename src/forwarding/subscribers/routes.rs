@@ -120,23 +120,10 @@ impl Routes {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Routes messages matching `filter` to the Subscriber `key`, and subscribes `client` to it
-    /// if there is a connection (otherwise, or if the request queue is full, the next
-    /// (re)connect subscribes every route).
-    pub fn add_mqtt(
-        &self,
-        key: String,
-        filter: &str,
-        qos: QoS,
-        tx: mpsc::Sender<Inbound>,
-        client: Option<&AsyncClient>,
-    ) {
+    /// Routes messages matching `filter` to the Subscriber `key` (the caller subscribes; every
+    /// (re)connect subscribes every route again), and hands it the parked messages it matches.
+    pub fn add_mqtt(&self, key: String, filter: &str, qos: QoS, tx: mpsc::Sender<Inbound>) {
         let mut table = self.lock();
-        if let Some(client) = client
-            && let Err(e) = client.try_subscribe(filter, qos)
-        {
-            tracing::warn!(subscriber = %key, error = %e, "subscription queued for reconnect");
-        }
         let namespace = key.split_once('/').map_or("", |(ns, _)| ns).to_string();
         table.mqtt.insert(
             key,
@@ -374,8 +361,8 @@ mod tests {
         let routes = Routes::default();
         let (a, mut a_rx) = mpsc::channel(4);
         let (b, mut b_rx) = mpsc::channel(4);
-        routes.add_mqtt("ns/a".into(), "meters/+/kwh", QoS::AtLeastOnce, a, None);
-        routes.add_mqtt("ns/b".into(), "meters/#", QoS::AtLeastOnce, b, None);
+        routes.add_mqtt("ns/a".into(), "meters/+/kwh", QoS::AtLeastOnce, a);
+        routes.add_mqtt("ns/b".into(), "meters/#", QoS::AtLeastOnce, b);
         let (client, _eventloop) =
             AsyncClient::new(rumqttc::MqttOptions::new("test", "localhost", 1883), 4);
         let router = routes.handler_for("ns");
@@ -397,8 +384,8 @@ mod tests {
         let (a, mut a_rx) = mpsc::channel(4);
         let (b, mut b_rx) = mpsc::channel(4);
         // Both namespaces were granted the same shared feed.
-        routes.add_mqtt("team-a/s".into(), "feeds/#", QoS::AtLeastOnce, a, None);
-        routes.add_mqtt("team-b/s".into(), "feeds/#", QoS::AtLeastOnce, b, None);
+        routes.add_mqtt("team-a/s".into(), "feeds/#", QoS::AtLeastOnce, a);
+        routes.add_mqtt("team-b/s".into(), "feeds/#", QoS::AtLeastOnce, b);
         let (client, _eventloop) =
             AsyncClient::new(rumqttc::MqttOptions::new("test", "localhost", 1883), 4);
         routes

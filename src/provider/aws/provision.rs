@@ -180,19 +180,7 @@ pub async fn ensure_policy(
     if !was_provisioned {
         // Write first: a Thing never provisioned most likely has no policy yet. Only a conflict
         // (a policy of that name exists: ours from a crashed run, or drifted) costs a read.
-        step!("aws-before-create-policy");
-        let created = c
-            .call(Family::Policy, "CreatePolicy", || {
-                c.iot
-                    .create_policy()
-                    .policy_name(policy_name)
-                    .policy_document(&text)
-                    .set_tags(owner_tag(owner))
-                    .send()
-            })
-            .await;
-        step!("aws-after-create-policy");
-        match created {
+        match create_policy(c, policy_name, &text, owner).await {
             Ok(_) => return Ok(()),
             // Ours from an interrupted run, or someone else's: the policy's age tells.
             Err(CallError::AlreadyExists { .. }) => {
@@ -221,19 +209,7 @@ pub async fn ensure_policy(
             Ok(())
         }
         Err(CallError::NotFound) => {
-            step!("aws-before-create-policy");
-            let created = c
-                .call(Family::Policy, "CreatePolicy", || {
-                    c.iot
-                        .create_policy()
-                        .policy_name(policy_name)
-                        .policy_document(&text)
-                        .set_tags(owner_tag(owner))
-                        .send()
-                })
-                .await;
-            step!("aws-after-create-policy");
-            match created {
+            match create_policy(c, policy_name, &text, owner).await {
                 Ok(_) => {
                     if was_provisioned {
                         notices.push(Notice::warning(
@@ -252,6 +228,28 @@ pub async fn ensure_policy(
         }
         Err(e) => Err(e.into_error("GetPolicy")),
     }
+}
+
+/// CreatePolicy with the owner tag, between its two crash points.
+async fn create_policy(
+    c: &AwsClients,
+    policy_name: &str,
+    text: &str,
+    owner: &Owner<'_>,
+) -> Result<(), CallError> {
+    step!("aws-before-create-policy");
+    let created = c
+        .call(Family::Policy, "CreatePolicy", || {
+            c.iot
+                .create_policy()
+                .policy_name(policy_name)
+                .policy_document(text)
+                .set_tags(owner_tag(owner))
+                .send()
+        })
+        .await;
+    step!("aws-after-create-policy");
+    created.map(|_| ())
 }
 
 /// The owner record as a tag, set in the call that creates the policy: whoever looks at the

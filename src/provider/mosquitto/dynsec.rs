@@ -454,20 +454,22 @@ impl Dynsec {
         Ok(())
     }
 
-    /// Deletes a client of ours; gone already is fine; someone else's is left alone.
+    /// Deletes a client of ours; gone already is fine; someone else's is left alone. Returns
+    /// whether a client of ours was there (what proves an unmarked role beside it ours).
     pub async fn delete_client(
         &self,
         username: &str,
         owner: OwnerMark<'_>,
-    ) -> Result<(), DynsecError> {
+    ) -> Result<bool, DynsecError> {
         let Some(existing) = self.get_client(username).await? else {
-            return Ok(());
+            return Ok(false);
         };
         if owner.check(textname(&existing)) == MarkMatch::Other {
             return Err(DynsecError::Foreign(username.to_string()));
         }
         self.delete("deleteClient", json!({"username": username}))
-            .await
+            .await?;
+        Ok(true)
     }
 
     /// Deletes a role of ours; gone already is fine; one marked by someone else is left alone

@@ -177,12 +177,8 @@ impl MosquittoProvider {
         let marks = ThingMarks::of(req.namespace, req.name, req.thing.metadata.uid.as_deref());
         let owner = marks.owner();
         let result = async {
-            let client_was_ours = match self.dynsec.get_client(&thing_name).await {
-                Ok(found) => found.is_some(),
-                Err(e) => return Err(MosquittoError::dynsec("getClient")(e)),
-            };
-            match self.dynsec.delete_client(&thing_name, owner).await {
-                Ok(()) => {}
+            let client_was_ours = match self.dynsec.delete_client(&thing_name, owner).await {
+                Ok(was_there) => was_there,
                 // Not ours: nothing of ours is left under that name, and the role belongs to
                 // the client's owner (another Thing's device would lose its ACLs).
                 Err(DynsecError::Foreign(_)) => {
@@ -190,7 +186,7 @@ impl MosquittoProvider {
                     return Ok(());
                 }
                 Err(e) => return Err(MosquittoError::dynsec("deleteClient")(e)),
-            }
+            };
             let role = role_name(&thing_name);
             match self
                 .dynsec
