@@ -490,6 +490,92 @@ async fn a_slow_webhook_does_not_delay_another_observer() {
     let _ = release.send(true);
 }
 
+/// Within one Observer, a Thing whose deliveries hang holds up only itself: another Thing's
+/// change goes out meanwhile, and the held Thing's updates follow in order once it is let go.
+#[tokio::test]
+async fn a_slow_thing_does_not_delay_another_thing_of_the_same_observer() {
+    let s = Setup::new("obs-lanes").await;
+    // A webhook that holds every request about `slowpoke` until the test lets it go.
+    let (release, released) = tokio::sync::watch::channel(false);
+    let held = Arc::new(Mutex::new(0usize));
+    let received: Received = Arc::default();
+    let (counter, record) = (held.clone(), received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/events",
+        axum::routing::post(move |axum::Json(event): axum::Json<Value>| {
+            let (counter, record, mut released) = (counter.clone(), record.clone(), released.clone());
+            async move {
+                if event["data"]["thing"] == "slowpoke" {
+                    *counter.lock().unwrap() += 1;
+                    let _ = released.wait_for(|r| *r).await;
+                }
+                record.lock().unwrap().push(event);
+                "ok"
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let _op = s
+        .operator()
+        .args(["--http-sink-allow-cidr", "127.0.0.0/8"])
+        .ready()
+        .await;
+    let things = s.things();
+    for name in ["slowpoke", "swift"] {
+        azure_thing(name, json!({"temp": 0}))
+            .label("lane", "test")
+            .create(&things)
+            .await;
+    }
+    let observers: Api<Observer> = s.api();
+    create_resource(
+        &observers,
+        "both",
+        json!({"source": {"matchLabels": {"lane": "test"}}, "filter": {"section": "Desired"},
+               "delivery": "Every", "sink": {"http": {"url": url}}}),
+    )
+    .await;
+    s.wait_for("slowpoke's first delivery held", || async {
+        (*held.lock().unwrap() >= 1).then_some(())
+    })
+    .await;
+    for temp in [1.0, 2.0, 3.0] {
+        set_temp(&things, "slowpoke", temp).await;
+    }
+    set_temp(&things, "swift", 90.0).await;
+    s.wait_for("swift delivering while slowpoke is held", || async {
+        let r = received.lock().unwrap().clone();
+        r.iter()
+            .any(|e| e["data"]["thing"] == "swift" && temp_of(e) == 90.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        *held.lock().unwrap(),
+        1,
+        "slowpoke's later updates wait behind its first: one request at a time per Thing"
+    );
+    let _ = release.send(true);
+    let slowpoke = s
+        .wait_for("slowpoke's updates after the release", || async {
+            let temps: Vec<f64> = received
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e["data"]["thing"] == "slowpoke")
+                .map(temp_of)
+                .collect();
+            temps.contains(&3.0).then_some(temps)
+        })
+        .await;
+    let mut in_order = slowpoke.clone();
+    in_order.sort_by(f64::total_cmp);
+    assert_eq!(slowpoke, in_order, "one Thing's updates arrive in order");
+    assert_eq!(slowpoke.first(), Some(&0.0));
+}
+
 /// One Thing, a hundred Observers: each delivers the change.
 #[tokio::test]
 async fn a_hundred_observers_on_one_thing_each_deliver() {

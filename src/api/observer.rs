@@ -153,6 +153,12 @@ pub struct ObserverSpec {
     /// Which updates are delivered when they come faster than the sink takes them.
     #[serde(default)]
     pub delivery: DeliveryMode,
+    /// Deliveries in flight at once (default 32). Each Thing's updates still go out one at a
+    /// time and in order; this bounds how many Things' deliveries run side by side. `1` sends
+    /// one update at a time across all Things.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_in_flight: Option<u16>,
     /// How a failing delivery is tried again before it counts as failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,

@@ -6,7 +6,8 @@
 //!   and coalescing JSON), [`cloud_event`] (what sinks send);
 //! - I/O: [`sink`] (where Observers deliver), [`desired`] (writing a Thing's `spec.desired`),
 //!   [`mqtt`] (the MQTT client a namespace's tasks act with);
-//! - the tasks: [`observers`], [`subscribers`], and what both share in [`tasks`].
+//! - the tasks: [`observers`] (with [`lanes`], one per Thing, and the [`outbox`] each delivery
+//!   runs through), [`subscribers`], and what both share in [`tasks`].
 //!
 //! Forwarding is fed by channels and trait objects the runner wires in (the state bus, the
 //! MQTT client, a [`ReportedStateWriter`](crate::feed::ReportedStateWriter), the egress policy
@@ -17,8 +18,10 @@ mod cloud_event;
 pub(crate) mod desired;
 mod filter;
 mod json;
+mod lanes;
 pub mod mqtt;
 mod observers;
+mod outbox;
 pub mod provenance;
 mod publish_tracker;
 mod retry;

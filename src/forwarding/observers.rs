@@ -11,20 +11,20 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use kube::{Api, Client, ResourceExt};
-use rand::Rng;
 use serde_json::{Value, json};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::{sync::broadcast::error::RecvError, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::{
     DeliveryError, StateBus,
-    cloud_event::{cloud_event, dead_letter_event},
     filter::{
         Context as FilterContext, Decision, Memory, evaluate, memories_from_status,
         memories_to_status, selects,
     },
+    lanes::{Lanes, Offer},
     mqtt::MqttAccess,
-    provenance::{Provenance, ProvenanceBook},
+    outbox::{Delivered, Delivery, Outbox},
+    provenance::ProvenanceBook,
     retry::RetrySchedule,
     sink::Sink,
     tasks::{TaskRegistry, write_task_status},
@@ -42,6 +42,15 @@ use crate::{
 
 /// Status counters and filter memory are written at most this often per Observer.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Deliveries of one Observer in flight at once, unless `spec.maxInFlight` says otherwise.
+pub const DEFAULT_MAX_IN_FLIGHT: u16 = 32;
+/// Updates of one Thing waiting behind its running delivery under `Every`; beyond it the
+/// oldest is dropped and counted (`thing_operator_observer_overflow_total`).
+const EVERY_LANE_CAPACITY: usize = 256;
+/// Updates waiting in all lanes of one Observer before it stops reading the state bus (whose
+/// own bounded ring then takes the backlog).
+const QUEUED_CAPACITY: usize = 4096;
 
 /// Observers whose destination the egress policy refused, by `namespace/name`, with the
 /// message. Known only to the task (a name resolves at connect time); the reconciler, woken by
@@ -142,7 +151,7 @@ impl ObserverManager {
             expression: None,
             previous: HashMap::new(),
             versions: HashMap::new(),
-            dead_letter: None,
+            lanes: lanes_for(&observer.spec),
             api: Api::namespaced(self.client.clone(), &ns),
             client: self.client.clone(),
             mqtt: self.mqtt.clone(),
@@ -182,8 +191,8 @@ struct ObserverTask {
     /// The newest state version seen per Thing: reported state never goes backwards (a paced
     /// snapshot of an older version, re-published after a newer report, is not delivered).
     versions: HashMap<String, i64>,
-    /// Where updates go when every try failed (`spec.deadLetter`), built with the sink.
-    dead_letter: Option<Sink>,
+    /// One lane per Thing: in order per Thing, Things side by side.
+    lanes: Lanes<Arc<ThingUpdate>>,
     api: Api<Observer>,
     client: Client,
     /// Where an MQTT sink gets its connection: the one that acts for this namespace.
@@ -197,6 +206,16 @@ struct ObserverTask {
     dirty: bool,
     last_forwarded_time: Option<DateTime<Utc>>,
     last_error: Option<String>,
+}
+
+/// The lanes of an Observer with this spec: `Latest` keeps one waiting update per Thing.
+fn lanes_for(spec: &ObserverSpec) -> Lanes<Arc<ThingUpdate>> {
+    let in_flight = usize::from(spec.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT));
+    let lane_capacity = match spec.delivery {
+        DeliveryMode::Every => EVERY_LANE_CAPACITY,
+        DeliveryMode::Latest => 1,
+    };
+    Lanes::new(in_flight, lane_capacity, QUEUED_CAPACITY)
 }
 
 impl ObserverTask {
@@ -228,7 +247,7 @@ impl ObserverTask {
                     self.note_refusal(&e);
                     self.last_error = Some(e.message.clone());
                     self.dirty = true;
-                    self.flush().await;
+                    self.flush_now().await;
                     if !e.retryable {
                         // Only a spec change (which restarts this task) can fix it.
                         self.cancel.cancelled().await;
@@ -243,39 +262,56 @@ impl ObserverTask {
         }
     }
 
-    /// Delivers with the tries `spec.retry` allows, backing off with jitter so that many
-    /// Observers of one failing sink do not retry in step.
-    async fn deliver(
+    /// Takes an update from the bus into its Thing's lane, starting it when the lane is free.
+    fn accept(
         &mut self,
-        sink: &Sink,
-        update: &ThingUpdate,
-        section: StateSection,
-        data: &Value,
-        provenance: &Provenance,
-    ) -> Result<(), DeliveryError> {
-        let schedule = RetrySchedule::of(self.spec.retry.as_ref());
-        let started = tokio::time::Instant::now();
-        let mut attempt = 1;
-        loop {
-            match sink.deliver(update, section, data, provenance).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.retryable && schedule.may_retry(attempt, started.elapsed()) => {
-                    let delay = schedule.backoff(attempt);
-                    let jittered = delay / 2 + rand::rng().random_range(Duration::ZERO..=delay / 2);
-                    if !self.pause(jittered).await {
-                        return Err(e);
-                    }
-                    attempt += 1;
+        outbox: &Outbox,
+        running: &mut JoinSet<Delivered>,
+        update: Arc<ThingUpdate>,
+    ) {
+        if !selects(&self.spec.source, &self.namespace, &update) {
+            return;
+        }
+        let thing = update.name.clone();
+        match self.lanes.offer(&thing, update) {
+            Offer::Start(update) => self.start(outbox, running, update),
+            Offer::Queued => {}
+            // `Latest`: the replaced update was older than the one now waiting.
+            Offer::Replaced(_) => self.metrics.count_event("Observer", "coalesced"),
+            Offer::Overflowed(_) => {
+                self.metrics.count_observer_overflow(&self.namespace, 1);
+                let why = format!(
+                    "fell behind on Thing {thing}: its oldest waiting update was dropped (the sink is slower than its updates come)"
+                );
+                if self.last_error.as_deref() != Some(why.as_str()) {
+                    self.last_error = Some(why);
+                    self.dirty = true;
                 }
-                Err(e) => return Err(e),
             }
         }
     }
 
-    async fn handle(&mut self, sink: &Sink, update: &ThingUpdate) {
-        if !selects(&self.spec.source, &self.namespace, update) {
-            return;
+    /// Runs `update` of a lane that was given a slot: filters it and, when it passes, sends it
+    /// off. An update that does not pass frees the slot at once for the next waiting one.
+    fn start(
+        &mut self,
+        outbox: &Outbox,
+        running: &mut JoinSet<Delivered>,
+        update: Arc<ThingUpdate>,
+    ) {
+        let mut next = Some(update);
+        while let Some(update) = next.take() {
+            match self.prepare(&outbox.sink, update.clone()) {
+                Some(delivery) => {
+                    running.spawn(outbox.clone().send(delivery));
+                }
+                None => next = self.lanes.finish(&update.name).map(|(_, u)| u),
+            }
         }
+    }
+
+    /// The filter and loop rules, in lane order: the delivery to make, or `None` to skip.
+    fn prepare(&mut self, sink: &Sink, update: Arc<ThingUpdate>) -> Option<Delivery> {
         let filter = self.spec.filter.as_ref();
         let section = filter.map(|f| f.section).unwrap_or_default();
         if section != StateSection::Desired
@@ -284,7 +320,7 @@ impl ObserverTask {
             let newest = self.versions.entry(update.name.clone()).or_insert(version);
             if version < *newest {
                 self.metrics.count_event("Observer", "skipped_older");
-                return;
+                return None;
             }
             *newest = version;
         }
@@ -304,7 +340,7 @@ impl ObserverTask {
         };
         let (data, memory) = match evaluate(filter, context, current, &memory) {
             Decision::Forward { data, memory } => (data, memory),
-            Decision::Skip => return,
+            Decision::Skip => return None,
             Decision::Failed(why) => {
                 tracing::debug!(thing = %update.name, %why, "filter expression not evaluated");
                 self.metrics.count_event("Observer", "filter_failed");
@@ -312,72 +348,63 @@ impl ObserverTask {
                     self.last_error = Some(why);
                     self.dirty = true;
                 }
-                return;
+                return None;
             }
         };
         // Where this update's chain of events started: a loop back into it, or a chain too
         // long, ends here (not a failure: the graph settles).
-        let provenance = match sink.hop(&self.provenance.of_update(update, section)) {
+        let provenance = match sink.hop(&self.provenance.of_update(&update, section)) {
             Ok(next) => next,
             Err(stop) => {
                 tracing::debug!(thing = %update.name, %stop, "event not passed on");
                 self.metrics.count_event("Observer", "dropped_loop");
-                return;
+                return None;
             }
         };
-        match self
-            .deliver(sink, update, section, &data, &provenance)
-            .await
-        {
+        Some(Delivery {
+            update,
+            section,
+            data,
+            provenance,
+            memory,
+        })
+    }
+
+    /// Records how a delivery ended and gives its slot to the next waiting update.
+    fn complete(
+        &mut self,
+        outbox: &Outbox,
+        running: &mut JoinSet<Delivered>,
+        delivered: Delivered,
+    ) {
+        let kind = outbox.sink.kind();
+        match delivered.result {
             Ok(()) => {
                 self.refusals
                     .clear(&object_key(&self.namespace, &self.name));
-                self.memory.insert(update.name.clone(), memory);
+                self.memory
+                    .insert(delivered.thing.clone(), delivered.memory);
                 self.forwarded += 1;
                 self.last_forwarded_time = Some(Utc::now());
                 self.last_error = None;
                 self.metrics
-                    .count_event("Observer", &format!("forwarded_{}", sink.kind()));
+                    .count_event("Observer", &format!("forwarded_{kind}"));
             }
             Err(e) => {
                 // Dead letter: the update is dropped and counted; the next change (or a restart,
                 // which replays the latest state) delivers the then-current state.
-                tracing::warn!(thing = %update.name, error = %e, "delivery failed, update dropped");
+                tracing::warn!(thing = %delivered.thing, error = %e, "delivery failed, update dropped");
                 self.note_refusal(&e);
-                self.send_to_dead_letter(update, section, &data, &provenance, &e)
-                    .await;
                 self.failed += 1;
                 self.last_error = Some(e.message);
                 self.metrics
-                    .count_event("Observer", &format!("failed_{}", sink.kind()));
+                    .count_event("Observer", &format!("failed_{kind}"));
                 self.metrics.count_dead_letter(&self.namespace);
             }
         }
         self.dirty = true;
-    }
-
-    /// Hands an update every try failed for to the dead-letter destination, with the reason.
-    async fn send_to_dead_letter(
-        &mut self,
-        update: &ThingUpdate,
-        section: StateSection,
-        data: &Value,
-        provenance: &Provenance,
-        error: &DeliveryError,
-    ) {
-        let Some(dead_letter) = &self.dead_letter else {
-            return;
-        };
-        let event = dead_letter_event(
-            &cloud_event(update, section, data, provenance),
-            &error.message,
-        );
-        match dead_letter.deliver_event(&event).await {
-            Ok(()) => self.metrics.count_event("Observer", "dead_lettered"),
-            Err(e) => {
-                tracing::warn!(error = %e, "dead-letter destination failed too");
-                self.metrics.count_event("Observer", "dead_letter_failed");
-            }
+        if let Some((_, update)) = self.lanes.finish(&delivered.thing) {
+            self.start(outbox, running, update);
         }
     }
 
@@ -389,10 +416,8 @@ impl ObserverTask {
         }
     }
 
-    async fn flush(&mut self) {
-        if !self.dirty {
-            return;
-        }
+    /// The task's status fields now; prunes what is kept per Thing for Things that are gone.
+    fn status(&mut self) -> Value {
         let latest = self.bus.latest(&self.namespace);
         let matched: std::collections::HashSet<&str> = latest
             .iter()
@@ -406,17 +431,39 @@ impl ObserverTask {
         self.versions
             .retain(|name, _| matched.contains(name.as_str()));
         let matched = matched.len();
-        let status = json!({
+        json!({
             "matchedThings": matched,
             "forwarded": self.forwarded,
             "failed": self.failed,
             "lastForwardedTime": self.last_forwarded_time,
             "lastError": self.last_error,
             "lastForwarded": memories_to_status(&self.memory),
-        });
+        })
+    }
+
+    /// Writes the status now (before the task delivers, and when it ends).
+    async fn flush_now(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        let status = self.status();
         if write_task_status(&self.api, &self.name, status, &self.metrics).await {
             self.dirty = false;
         }
+    }
+
+    /// Starts a status write beside the deliveries (one at a time): a slow API server delays
+    /// the counters, never an update.
+    fn flush_in_background(&mut self, flushes: &mut JoinSet<bool>) {
+        if !self.dirty || !flushes.is_empty() {
+            return;
+        }
+        let status = self.status();
+        self.dirty = false;
+        let api = self.api.clone();
+        let name = self.name.clone();
+        let metrics = self.metrics.clone();
+        flushes.spawn(async move { write_task_status(&api, &name, status, &metrics).await });
     }
 
     async fn run(mut self) {
@@ -433,7 +480,7 @@ impl ObserverTask {
                     // here. Say so and wait for a spec change.
                     self.last_error = Some(e.to_string());
                     self.dirty = true;
-                    self.flush().await;
+                    self.flush_now().await;
                     self.cancel.cancelled().await;
                     return;
                 }
@@ -450,31 +497,55 @@ impl ObserverTask {
                     thing: None,
                 };
                 match self.build_sink(&spec).await {
-                    Some(sink) => Some(sink),
+                    Some(sink) => Some(Arc::new(sink)),
                     None => return,
                 }
             }
             None => None,
         };
-        self.dead_letter = dead_letter;
+        let outbox = Outbox {
+            sink: Arc::new(sink),
+            dead_letter,
+            retry: RetrySchedule::of(self.spec.retry.as_ref()),
+            metrics: self.metrics.clone(),
+            cancel: self.cancel.clone(),
+        };
+        // Dropped with the task: a cancelled task's deliveries and status write stop with it.
+        let mut running: JoinSet<Delivered> = JoinSet::new();
+        let mut flushes: JoinSet<bool> = JoinSet::new();
         let mut rx = self.bus.subscribe();
         // State, not events: start from the latest state of every matching Thing.
         for update in self.bus.latest(&self.namespace) {
-            self.handle(&sink, &update).await;
+            self.accept(&outbox, &mut running, update);
         }
         let mut flush = tokio::time::interval(FLUSH_INTERVAL);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
-                _ = flush.tick() => self.flush().await,
-                msg = rx.recv() => match msg {
-                    Ok(update) => self.handle(&sink, &update).await,
+                _ = flush.tick() => self.flush_in_background(&mut flushes),
+                Some(written) = flushes.join_next() => {
+                    if !matches!(written, Ok(true)) {
+                        self.dirty = true;
+                    }
+                }
+                Some(done) = running.join_next() => match done {
+                    Ok(delivered) => self.complete(&outbox, &mut running, delivered),
+                    // A delivery panicked (a bug): its lane would stay busy forever, so the task
+                    // ends and the next reconcile starts a fresh one from the latest state.
+                    Err(e) => {
+                        tracing::error!(error = %e, "a delivery task failed; restarting the Observer task");
+                        self.cancel.cancel();
+                        break;
+                    }
+                },
+                msg = rx.recv(), if self.lanes.has_room() => match msg {
+                    Ok(update) => self.accept(&outbox, &mut running, update),
                     Err(RecvError::Lagged(missed)) => match self.spec.delivery {
                         DeliveryMode::Latest => {
                             tracing::debug!(missed, "fell behind; resuming from the latest state");
                             for update in self.bus.latest(&self.namespace) {
-                                self.handle(&sink, &update).await;
+                                self.accept(&outbox, &mut running, update);
                             }
                         }
                         DeliveryMode::Every => {
@@ -492,6 +563,9 @@ impl ObserverTask {
                 },
             }
         }
-        self.flush().await;
+        running.abort_all();
+        flushes.abort_all();
+        self.dirty = true;
+        self.flush_now().await;
     }
 }
