@@ -505,7 +505,8 @@ async fn a_slow_thing_does_not_delay_another_thing_of_the_same_observer() {
     let app = axum::Router::new().route(
         "/events",
         axum::routing::post(move |axum::Json(event): axum::Json<Value>| {
-            let (counter, record, mut released) = (counter.clone(), record.clone(), released.clone());
+            let (counter, record, mut released) =
+                (counter.clone(), record.clone(), released.clone());
             async move {
                 if event["data"]["thing"] == "slowpoke" {
                     *counter.lock().unwrap() += 1;

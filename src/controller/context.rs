@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::{
     backoff::RetryBackoff,
     status::StatusMemory,
+    valid_specs::ValidSpecs,
     write_budget::{self, WriteBudget},
 };
 use crate::{
@@ -84,6 +85,8 @@ pub struct Context {
     pub backoff: RetryBackoff,
     /// Our own last status writes, to skip repeats read from a stale cache.
     pub status_memory: StatusMemory,
+    /// Spec generations that passed validation, not validated again.
+    pub valid_specs: ValidSpecs,
     pub feed: Arc<dyn StateFeed>,
     /// Observer tasks and the state bus they read.
     pub observers: ObserverManager,
@@ -104,6 +107,7 @@ impl Context {
             config: parts.config,
             backoff: RetryBackoff::new(Duration::from_secs(2), Duration::from_secs(300)),
             status_memory: StatusMemory::default(),
+            valid_specs: ValidSpecs::default(),
             feed: parts.feed,
             observers: parts.observers,
             subscribers: parts.subscribers,

@@ -21,6 +21,7 @@ mod subscriber;
 mod task_kind;
 mod thing;
 mod things_gauge;
+mod valid_specs;
 pub mod write_budget;
 
 #[cfg(test)]

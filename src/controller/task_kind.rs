@@ -85,6 +85,7 @@ pub async fn reconcile<K: TaskKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Ac
                 FinalizerEvent::Cleanup(obj) => {
                     obj.stop(&ctx);
                     ctx.status_memory.forget(&object_key(obj.as_ref()));
+                    ctx.valid_specs.forget(obj.uid().as_deref());
                     Ok(Action::await_change())
                 }
             }
@@ -99,7 +100,12 @@ async fn apply<K: TaskKind>(obj: Arc<K>, ctx: &Context, api: &Api<K>) -> Result<
     let old = obj.status_core();
     let mut status = old.clone();
     let generation = obj.meta().generation;
-    let ready = match obj.validate(ctx) {
+    let validated = ctx
+        .valid_specs
+        .check(obj.uid().as_deref(), obj.meta().generation, || {
+            obj.validate(ctx)
+        });
+    let ready = match validated {
         Ok(()) => obj.start(ctx).await,
         Err(invalid) => {
             tracing::info!(problems = %invalid, "invalid spec");

@@ -125,8 +125,12 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
     let now = Utc::now();
     let generation = thing.metadata.generation;
 
-    if let Err(invalid) =
-        validate_thing(&thing, &ctx.config.limits).and_then(|()| check_against_status(&thing))
+    if let Err(invalid) = ctx
+        .valid_specs
+        .check(thing.uid().as_deref(), generation, || {
+            validate_thing(&thing, &ctx.config.limits)
+        })
+        .and_then(|()| check_against_status(&thing))
     {
         tracing::info!(problems = %invalid, "invalid spec");
         status.conditions.set(
@@ -211,6 +215,7 @@ async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
     let name = thing.name_any();
     ctx.feed.thing_removed(&ns, &name);
     ctx.status_memory.forget(&object_key(thing.as_ref()));
+    ctx.valid_specs.forget(thing.uid().as_deref());
     let status = thing.status.clone().unwrap_or_default();
     let reference = thing.object_ref(&());
     let recorded = status.device.is_some();
