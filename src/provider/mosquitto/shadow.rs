@@ -87,6 +87,15 @@ pub struct Shadow {
     meta_reported: Map<String, Value>,
     version: i64,
     last_reported: Option<DateTime<Utc>>,
+    /// At least the encoded size of `reported`: a report that cannot reach the limit skips
+    /// encoding the whole state to measure it (the most frequent request, made cheap).
+    reported_size_bound: usize,
+    /// The `current` document of the last change, which is the next change's `previous`.
+    last_doc: Option<Value>,
+}
+
+fn encoded_size(state: &Map<String, Value>) -> usize {
+    serde_json::to_vec(state).map_or(usize::MAX, |v| v.len())
 }
 
 /// `{"a":{"b":1},"c":2}` -> `{"a":{"b":{"timestamp":t}},"c":{"timestamp":t}}`.
@@ -195,10 +204,12 @@ impl Shadow {
         Self {
             meta_desired: meta(&desired),
             meta_reported: meta(&reported),
+            reported_size_bound: encoded_size(&reported),
             desired,
             reported,
             version,
             last_reported,
+            last_doc: None,
         }
     }
 
@@ -220,6 +231,18 @@ impl Shadow {
 
     pub fn delta(&self) -> Map<String, Value> {
         delta(&self.desired, &self.reported)
+    }
+
+    /// The document before a change: the last change's `current`, or built now.
+    fn previous_doc(&mut self) -> Value {
+        self.last_doc.take().unwrap_or_else(|| self.state_doc())
+    }
+
+    /// The document after a change, kept as the next change's `previous`.
+    fn current_doc(&mut self) -> Value {
+        let doc = self.state_doc();
+        self.last_doc = Some(doc.clone());
+        doc
     }
 
     fn state_doc(&self) -> Value {
@@ -265,7 +288,7 @@ impl Shadow {
         if desired == self.desired {
             return None;
         }
-        let previous = self.state_doc();
+        let previous = self.previous_doc();
         let ts = now.timestamp();
         self.meta_desired.retain(|k, _| desired.contains_key(k));
         for (k, v) in &desired {
@@ -277,7 +300,7 @@ impl Shadow {
         self.version += 1;
         Some(DesiredChanged {
             delta: self.delta_doc(now),
-            documents: json!({"previous": previous, "current": self.state_doc(), "timestamp": ts}),
+            documents: json!({"previous": previous, "current": self.current_doc(), "timestamp": ts}),
         })
     }
 
@@ -350,18 +373,24 @@ impl Shadow {
             }
             None => reported.clear(),
         }
-        let encoded = serde_json::to_vec(&reported)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
-        if encoded > limits.max_state {
-            return Err(reject(
-                413,
-                "The reported state would exceed the maximum size allowed",
-            ));
+        // Merging a patch adds at most the patch's encoding and a separator per key to the
+        // state's: twice the payload bounds both.
+        let mut size_bound = self.reported_size_bound.saturating_add(payload.len() * 2);
+        if patch.is_none() {
+            size_bound = 2;
+        } else if size_bound > limits.max_state {
+            size_bound = encoded_size(&reported);
+            if size_bound > limits.max_state {
+                return Err(reject(
+                    413,
+                    "The reported state would exceed the maximum size allowed",
+                ));
+            }
         }
 
         // Accepted: only from here on is the state changed.
-        let previous = self.state_doc();
+        self.reported_size_bound = size_bound;
+        let previous = self.previous_doc();
         let ts = now.timestamp();
         let request_reported = state.get("reported").cloned().unwrap_or(Value::Null);
         let request_meta = stamp(&request_reported, ts);
@@ -382,7 +411,7 @@ impl Shadow {
             "timestamp": ts,
         });
         let mut documents =
-            json!({"previous": previous, "current": self.state_doc(), "timestamp": ts});
+            json!({"previous": previous, "current": self.current_doc(), "timestamp": ts});
         if let Some(t) = token {
             accepted["clientToken"] = Value::String(t.clone());
             documents["clientToken"] = Value::String(t);
