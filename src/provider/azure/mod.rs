@@ -6,6 +6,7 @@
 //!
 //! Modules: [`client`] (the service REST client on azure_core's pipeline: retries, rate
 //! limits), [`model`] (its documents), `pipeline` (its SAS policy, call counter and transport),
+//! `entra` (the other way in: Entra workload identity, a bearer token for the hub),
 //! [`sas`] (connection strings and tokens, pure), [`error`] (what a failure is and whether a
 //! retry may help), [`twin`] (twin rules, patches, status; pure), [`ownership`] (who owns a
 //! device; pure), [`credentials`] (the device certificate and Secret), [`symmetric`]
@@ -19,6 +20,7 @@
 
 pub mod client;
 pub mod credentials;
+mod entra;
 pub mod error;
 pub mod model;
 pub mod ownership;
