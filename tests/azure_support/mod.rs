@@ -206,6 +206,38 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// The device simulator for a SAS device: reports `reported` with a device token signed
+    /// with `key` (the way a device SDK holding the connection string would).
+    pub async fn report_with_key(&self, id: &str, key: &str, reported: Value) -> u16 {
+        let token = thing_operator::provider::azure::sas::token(
+            &format!("{}/devices/{id}", self.host),
+            None,
+            &azure_core::credentials::Secret::new(key.to_string()),
+            chrono::Utc::now().timestamp() + 600,
+        )
+        .unwrap();
+        self.http
+            .patch(format!("{}/_double/devices/{id}/reported", self.url))
+            .header("Authorization", token)
+            .json(&reported)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+}
+
+/// The key of a device connection string (`...;SharedAccessKey=<key>`).
+pub fn key_of(connection_string: &str) -> String {
+    connection_string
+        .split(';')
+        .find_map(|p| p.strip_prefix("SharedAccessKey="))
+        .unwrap_or_default()
+        .to_string()
+}
+
 pub async fn secret_data(
     client: &Client,
     ns: &str,
