@@ -462,3 +462,58 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::{Cli, Command};
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let argv = ["thing-operator", "run"]
+            .into_iter()
+            .chain(extra.iter().copied());
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(args) => *args,
+            _ => unreachable!("run was parsed"),
+        }
+    }
+
+    fn refusal(extra: &[&str]) -> String {
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        format!(
+            "{:#}",
+            azure_provider(&run_args(extra), metrics).err().unwrap()
+        )
+    }
+
+    #[test]
+    fn azure_auth_modes_need_their_own_settings_and_exclude_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = dir.path().join("cs");
+        std::fs::write(
+            &cs,
+            "HostName=h.azure-devices.net;SharedAccessKeyName=p;SharedAccessKey=QUJD",
+        )
+        .unwrap();
+        let cs = cs.display().to_string();
+        let wi = ["--azure-auth", "workload-identity"];
+        assert!(refusal(&wi).contains("needs --azure-hub"));
+        let both = [
+            &wi[..],
+            &["--azure-hub", "h", "--azure-connection-string-file", &cs],
+        ]
+        .concat();
+        assert!(refusal(&both).contains("exclude each other"));
+        assert!(
+            refusal(&["--azure-auth", "connection-string"])
+                .contains("needs --azure-connection-string-file")
+        );
+        // A connection string alone is enough, and names the hub.
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let p =
+            azure_provider(&run_args(&["--azure-connection-string-file", &cs]), metrics).unwrap();
+        assert_eq!(p.host_name(), "h.azure-devices.net");
+    }
+}
