@@ -272,16 +272,38 @@ M
 
 # The Azure IoT Hub test double (tests/azure_double): no emulator of IoT Hub exists. Its SAS
 # policy key is made here and handed to the operator as a connection string in a file, the way a
-# mounted Secret would.
+# mounted Secret would. It also listens over TLS (a test CA made here; a client trusts it with
+# SSL_CERT_FILE=$AZURE_CA_FILE), where it serves the hub API and Microsoft Entra's token endpoint
+# for workload identity (azure_identity and bearer tokens refuse plain http).
 start_azure_double() {
-  mkdir -p "$DIR/azure"
-  if [[ ! -f "$DIR/azure/key" ]]; then
-    openssl rand -base64 32 | tr -d '\n' >"$DIR/azure/key"
+  local a="$DIR/azure"
+  mkdir -p "$a"
+  if [[ ! -f "$a/key" ]]; then
+    openssl rand -base64 32 | tr -d '\n' >"$a/key"
     printf 'HostName=double.azure-devices.net;SharedAccessKeyName=iothubowner;SharedAccessKey=%s' \
-      "$(cat "$DIR/azure/key")" >"$DIR/azure/connection-string"
+      "$(cat "$a/key")" >"$a/connection-string"
   fi
+  if [[ ! -f "$a/ca.crt" ]]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+      -subj "/CN=thing-operator test Azure CA" -keyout "$a/ca.key" -out "$a/ca.crt" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=127.0.0.1" \
+      -keyout "$a/server.key" -out "$a/server.csr" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$a/server.ext"
+    openssl x509 -req -in "$a/server.csr" -CA "$a/ca.crt" -CAkey "$a/ca.key" -CAcreateserial -days 30 \
+      -extfile "$a/server.ext" -out "$a/server.crt" 2>/dev/null
+  fi
+  if ! grep -q '^export AZURE_TLS_PORT=' "$DIR/env"; then
+    local port
+    port=$(free_port)
+    { echo "export AZURE_TLS_PORT=$port"; echo "export AZURE_TLS_URL=https://127.0.0.1:$port"
+      echo "export AZURE_CA_FILE=$a/ca.crt"; } >>"$DIR/env"
+  fi
+  # shellcheck disable=SC1091
+  source "$DIR/env"
   start_bg azure-double "$DIR/logs/azure-double.log" python3 "$ROOT/tests/azure_double/iothub_double.py" \
-    --port "$AZURE_PORT" --hub double.azure-devices.net --policy iothubowner --key-file "$DIR/azure/key"
+    --port "$AZURE_PORT" --hub double.azure-devices.net --policy iothubowner --key-file "$a/key" \
+    --tls-port "$AZURE_TLS_PORT" --tls-cert "$a/server.crt" --tls-key "$a/server.key"
 }
 
 down() {

@@ -232,18 +232,42 @@ pub struct AwsArgs {
     pub adopt_unowned: bool,
 }
 
-/// Azure IoT Hub backend (docs/azure.md). Enabled with `--azure-connection-string-file`.
+/// How the operator authenticates to IoT Hub.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AzureAuth {
+    /// A SAS policy from `--azure-connection-string-file`.
+    #[default]
+    ConnectionString,
+    /// Microsoft Entra workload identity: a bearer token for the hub, exchanged for the
+    /// federated service-account token the AKS webhook mounts (`AZURE_CLIENT_ID`,
+    /// `AZURE_TENANT_ID`, `AZURE_FEDERATED_TOKEN_FILE`, `AZURE_AUTHORITY_HOST`).
+    WorkloadIdentity,
+}
+
+/// Azure IoT Hub backend (docs/azure.md). Enabled with `--azure-connection-string-file`, or with
+/// `--azure-auth workload-identity` and `--azure-hub`.
 #[derive(Args, Debug, Clone, Default)]
 pub struct AzureArgs {
+    /// How the operator authenticates to the hub. `workload-identity` enables the Azure backend
+    /// and needs `--azure-hub`; it excludes `--azure-connection-string-file`.
+    #[arg(
+        id = "azure_auth",
+        long = "azure-auth",
+        env = "THING_OPERATOR_AZURE_AUTH",
+        value_enum,
+        default_value = "connection-string"
+    )]
+    pub auth: AzureAuth,
     /// File holding a hub connection string (`HostName=..;SharedAccessKeyName=..;
     /// SharedAccessKey=..`), e.g. a mounted Secret; re-read whenever a token is renewed. Setting
-    /// it enables the Azure backend.
+    /// it enables the Azure backend (with `--azure-auth connection-string`, the default).
     #[arg(
         long = "azure-connection-string-file",
         env = "THING_OPERATOR_AZURE_CONNECTION_STRING_FILE"
     )]
     pub connection_string_file: Option<PathBuf>,
     /// The hub's host name (`<hub>.azure-devices.net`); default: the connection string's.
+    /// Required with `--azure-auth workload-identity`.
     #[arg(long = "azure-hub", env = "THING_OPERATOR_AZURE_HUB")]
     pub hub: Option<String>,
     /// Where service requests go instead of `https://<hub>` (a private endpoint, or the test

@@ -114,39 +114,61 @@ async fn build_providers(
         let provider = AwsProvider::new(settings, Vec::new(), Some(metrics.clone())).await;
         registry.register(Arc::new(provider));
     }
-    if let Some(path) = &args.azure.connection_string_file {
-        registry.register(Arc::new(azure_provider(args, path, metrics.clone())?));
+    if args.azure.connection_string_file.is_some()
+        || args.azure.auth == crate::config::AzureAuth::WorkloadIdentity
+    {
+        registry.register(Arc::new(azure_provider(args, metrics.clone())?));
     }
     Ok(registry)
 }
 
-/// The Azure backend from its flags. The hub's host name is the flag's, else the connection
-/// string's (read once here to learn it; the client re-reads the file at every token renewal).
+/// The Azure backend from its flags. With a connection string, the hub's host name is the
+/// flag's, else the connection string's (read once here to learn it; the client re-reads the file
+/// at every token renewal). With workload identity, `--azure-hub` names the hub.
 fn azure_provider(
     args: &RunArgs,
-    path: &std::path::Path,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<crate::provider::azure::AzureProvider> {
+    use crate::config::AzureAuth;
     use crate::provider::azure::{
         AzureProvider, AzureSettings,
         client::{ClientSettings, CredentialSource, HubQuotas},
         sas::ConnectionString,
     };
-    let host_name = match &args.azure.hub {
-        Some(h) => h.clone(),
-        None => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            ConnectionString::parse(&text)
-                .context("the Azure connection string")?
-                .host_name
+    let (host_name, credentials) = match (args.azure.auth, &args.azure.connection_string_file) {
+        (AzureAuth::WorkloadIdentity, Some(_)) => anyhow::bail!(
+            "--azure-auth workload-identity and --azure-connection-string-file exclude each other"
+        ),
+        (AzureAuth::WorkloadIdentity, None) => {
+            let host_name = args
+                .azure
+                .hub
+                .clone()
+                .context("--azure-auth workload-identity needs --azure-hub")?;
+            (host_name, CredentialSource::WorkloadIdentity)
+        }
+        (AzureAuth::ConnectionString, None) => {
+            anyhow::bail!("--azure-auth connection-string needs --azure-connection-string-file")
+        }
+        (AzureAuth::ConnectionString, Some(path)) => {
+            let host_name = match &args.azure.hub {
+                Some(h) => h.clone(),
+                None => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    ConnectionString::parse(&text)
+                        .context("the Azure connection string")?
+                        .host_name
+                }
+            };
+            (host_name, CredentialSource::File(path.to_path_buf()))
         }
     };
     let settings = AzureSettings {
         client: ClientSettings {
             host_name,
             endpoint: args.azure.endpoint.clone(),
-            credentials: CredentialSource::File(path.to_path_buf()),
+            credentials,
             quotas: HubQuotas::s1(args.azure.hub_units),
             max_retries: 3,
         },
@@ -439,4 +461,59 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::{Cli, Command};
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let argv = ["thing-operator", "run"]
+            .into_iter()
+            .chain(extra.iter().copied());
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(args) => *args,
+            _ => unreachable!("run was parsed"),
+        }
+    }
+
+    fn refusal(extra: &[&str]) -> String {
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        format!(
+            "{:#}",
+            azure_provider(&run_args(extra), metrics).err().unwrap()
+        )
+    }
+
+    #[test]
+    fn azure_auth_modes_need_their_own_settings_and_exclude_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = dir.path().join("cs");
+        std::fs::write(
+            &cs,
+            "HostName=h.azure-devices.net;SharedAccessKeyName=p;SharedAccessKey=QUJD",
+        )
+        .unwrap();
+        let cs = cs.display().to_string();
+        let wi = ["--azure-auth", "workload-identity"];
+        assert!(refusal(&wi).contains("needs --azure-hub"));
+        let both = [
+            &wi[..],
+            &["--azure-hub", "h", "--azure-connection-string-file", &cs],
+        ]
+        .concat();
+        assert!(refusal(&both).contains("exclude each other"));
+        assert!(
+            refusal(&["--azure-auth", "connection-string"])
+                .contains("needs --azure-connection-string-file")
+        );
+        // A connection string alone is enough, and names the hub.
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let p =
+            azure_provider(&run_args(&["--azure-connection-string-file", &cs]), metrics).unwrap();
+        assert_eq!(p.host_name(), "h.azure-devices.net");
+    }
 }

@@ -3,7 +3,8 @@
 //! holds exactly one device per Thing whose registered thumbprint is the certificate in the
 //! Secret (whose key matches it), and after deletion no device identity of the namespace is left.
 //! The crash between creating a device and writing its owner tag is the interesting one: the
-//! restarted operator proves the device is its own by the thumbprint of the key it kept.
+//! restarted operator proves the device is its own by the thumbprint of the key it kept. A
+//! symmetric-key rotation is interrupted at each of its steps too.
 //!
 //! Needs the `failpoints` feature: `cargo test --features failpoints --test azure_crash`.
 #![cfg(feature = "failpoints")]
@@ -170,6 +171,60 @@ async fn crash_at_every_step_converges_without_orphaned_devices() {
         assert!(secret["connectionString"].ends_with(&key), "{step}");
         drop(op);
     }
+
+    // A symmetric-key rotation interrupted at each of its steps in turn: after the new key is in
+    // the Secret's next slot, after the hub has it as primary, and after the hub dropped the old
+    // key at the end of the overlap. At every crash the Secret's working key opens the device
+    // (zero downtime), and the restarted operator finishes the rotation.
+    let name = format!("k{}", "azure-after-create-device".len());
+    let id = format!("{}_{name}", s.ns.name());
+    let working = || async {
+        let d = secret_data(&s.client, s.ns.name(), &format!("{name}-device"))
+            .await
+            .unwrap();
+        key_of(&d["connectionString"])
+    };
+    let old = working().await;
+    crash_at(&s, "azure-after-rotate-secret", || async {
+        common::merge_patch(
+            &api,
+            &name,
+            json!({"spec": {"credentials": {"rotationOverlap": "2s"}},
+                "metadata": {"annotations": {"iot.thing-operator.dev/rotate": "r1"}}}),
+        )
+        .await;
+    })
+    .await;
+    assert_eq!(
+        working().await,
+        old,
+        "the working key moved before the hub had the new one"
+    );
+    assert_eq!(hub.report_with_key(&id, &old, json!({"at": 1})).await, 200);
+    crash_at(&s, "azure-after-register-keys", || async {}).await;
+    assert_eq!(
+        hub.report_with_key(&id, &working().await, json!({"at": 2}))
+            .await,
+        200
+    );
+    crash_at(&s, "azure-after-revoke-previous-key", || async {}).await;
+    let new = working().await;
+    assert_ne!(new, old);
+    assert_eq!(hub.report_with_key(&id, &new, json!({"at": 3})).await, 200);
+    let op = operator(&s).start();
+    s.wait_for("the rotation finished", || async {
+        let d = secret_data(&s.client, s.ns.name(), &format!("{name}-device")).await?;
+        let k = hub.device(&id).await?["authentication"]["symmetricKey"].clone();
+        (!d.contains_key("previous.connectionString")
+            && !d.contains_key("next.connectionString")
+            && k["primaryKey"] == json!(new)
+            && k["secondaryKey"] != json!(old))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(hub.report_with_key(&id, &old, json!({"at": 4})).await, 401);
+    s.wait_ready(&api, &name).await;
+    drop(op);
 
     // Teardown interrupted just before the device is deleted: the restarted operator finishes.
     let names: Vec<String> = api

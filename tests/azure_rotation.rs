@@ -1,7 +1,9 @@
 //! Credential rotation on IoT Hub with zero downtime: the rotate annotation issues a new key and
 //! certificate into the Secret, the hub registers the new thumbprint as primary and keeps the old
 //! one as secondary for the overlap (a device still on the old certificate keeps working), and
-//! after the overlap only the new one is registered (the old certificate is refused).
+//! after the overlap only the new one is registered (the old certificate is refused). The same
+//! for a symmetric-key device: a new key becomes the hub's primary and the old one its secondary
+//! for the overlap, then the old one is replaced by a key nobody holds.
 
 mod azure_support;
 mod common;
@@ -89,4 +91,89 @@ async fn rotation_overlaps_old_and_new_certificates_then_drops_the_old() {
     // No drift was reported for the operator's own changes.
     let ev = events(&s.client, s.ns.name()).await;
     assert!(!ev.iter().any(|e| e.starts_with("DriftRepaired")), "{ev:?}");
+}
+
+#[tokio::test]
+async fn symmetric_key_rotation_overlaps_old_and_new_keys_then_drops_the_old() {
+    let s = setup("az-rotate-key").await;
+    let hub = Hub::new(&s.env);
+    let api = s.things();
+    let _op = azure(s.operator(), &s.env).ready().await;
+    thing("tag")
+        .spec(json!({"broker": "Azure",
+            "credentials": {"source": "CloudIssued", "rotationOverlap": "15s"}}))
+        .create(&api)
+        .await;
+    s.wait_ready(&api, "tag").await;
+    let id = format!("{}_tag", s.ns.name());
+    let before = secret_data(&s.client, s.ns.name(), "tag-device")
+        .await
+        .unwrap();
+    let old = key_of(&before["connectionString"]);
+    assert!(!before.contains_key("previous.connectionString"));
+    assert_eq!(hub.report_with_key(&id, &old, json!({"v": 0})).await, 200);
+
+    merge_patch(
+        &api,
+        "tag",
+        json!({"metadata": {"annotations": {"iot.thing-operator.dev/rotate": "1"}}}),
+    )
+    .await;
+    // The new key is the working one in the Secret; the old one stays readable beside it.
+    let new = s
+        .wait_for("a new key in the Secret", || async {
+            let d = secret_data(&s.client, s.ns.name(), "tag-device").await?;
+            let new = key_of(&d["connectionString"]);
+            (new != old && key_of(d.get("previous.connectionString")?) == old).then_some(new)
+        })
+        .await;
+    // The overlap: the hub holds both, and both work.
+    let keys = &hub.device(&id).await.unwrap()["authentication"]["symmetricKey"];
+    assert_eq!(keys["primaryKey"], json!(new));
+    assert_eq!(keys["secondaryKey"], json!(old));
+    s.wait_for("the overlap in status", || async {
+        let t = api.get("tag").await.ok()?.status?;
+        t.credentials?.previous_revoke_at.map(|_| ())
+    })
+    .await;
+    assert_eq!(hub.report_with_key(&id, &old, json!({"v": 1})).await, 200);
+    assert_eq!(hub.report_with_key(&id, &new, json!({"v": 2})).await, 200);
+    s.wait_for("a KeyRotated Event", || async {
+        let ev = events(&s.client, s.ns.name()).await;
+        ev.iter().any(|e| e.starts_with("KeyRotated")).then_some(())
+    })
+    .await;
+
+    // After the overlap the old key is refused, the new one works, the Secret forgets the old.
+    s.wait_for("old key replaced on the hub", || async {
+        let d = hub.device(&id).await?;
+        let k = &d["authentication"]["symmetricKey"];
+        (k["primaryKey"] == json!(new) && k["secondaryKey"] != json!(old)).then_some(())
+    })
+    .await;
+    assert_eq!(hub.report_with_key(&id, &old, json!({"v": 3})).await, 401);
+    assert_eq!(hub.report_with_key(&id, &new, json!({"v": 4})).await, 200);
+    s.wait_for("previous key forgotten", || async {
+        let d = secret_data(&s.client, s.ns.name(), "tag-device").await?;
+        (!d.contains_key("previous.connectionString") && key_of(&d["connectionString"]) == new)
+            .then_some(())
+    })
+    .await;
+    s.wait_for("a PreviousKeyRevoked Event", || async {
+        let ev = events(&s.client, s.ns.name()).await;
+        ev.iter()
+            .any(|e| e.starts_with("PreviousKeyRevoked"))
+            .then_some(())
+    })
+    .await;
+    let shown = format!(
+        "{}\n{}",
+        serde_json::to_string(&api.get("tag").await.unwrap()).unwrap(),
+        events(&s.client, s.ns.name()).await.join("\n")
+    );
+    assert!(
+        !shown.contains(&old) && !shown.contains(&new),
+        "a key in status or Events"
+    );
+    s.wait_ready(&api, "tag").await;
 }

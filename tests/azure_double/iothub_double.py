@@ -18,18 +18,39 @@ substitute, and it is as strict as the documentation:
 - desired and reported `$version` increment by one on every change, the twin `version` too;
 - `self-signed` devices carry thumbprints; `sas` devices get generated keys when none are given.
 
+Microsoft Entra workload identity (on the TLS listener only: the token endpoint, like Entra, and
+bearer tokens, like the hub, are https-only; `--tls-port`, `--tls-cert`, `--tls-key`):
+- `POST /{tenant}/oauth2/v2.0/token` as Entra's v2.0 token endpoint serves the client-credentials
+  grant with a federated client assertion (form fields `grant_type=client_credentials`,
+  `client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer`,
+  `client_assertion`, `client_id`, `scope`): the tenant and client id must be a registered app
+  (`POST /_double/entra/apps`), and the assertion must be exactly the content of the federated
+  token file registered with it (read at every request, as a projected token is rotated); the
+  scope must be `<resource>/.default`. Success: `{"token_type": "Bearer", "expires_in": N,
+  "ext_expires_in": N, "access_token": ...}` with the app's `expiresIn`; failures answer 400 with
+  Entra's error document (`error`, `error_description` with an AADSTS code, `error_codes`) and
+  never echo the assertion;
+- the hub accepts `Authorization: Bearer <token>` for a token the endpoint issued for resource
+  `https://iothubs.azure.net`, until it expires; an unknown, expired or foreign-audience token,
+  or a bearer token over plain http, is 401 IotHubUnauthorizedAccess.
+
 Test-only endpoints, outside the IoT Hub API (no SAS, loopback only):
 - `POST /_double/faults` `{"status": 429, "count": 3, "retryAfter": 1, "match": "/twins/"}`:
   the next `count` API requests whose path contains `match` answer `status`;
 - `GET /_double/state`: every device and twin, request counters and the time of every injected
   fault served (`faultLog`: are retries spaced as Retry-After asks?), for assertions;
 - `POST /_double/reset`: forget everything;
+- `POST /_double/entra/apps` `{"tenant": .., "clientId": .., "federatedTokenFile": .., "expiresIn":
+  3600}`: registers an app (a user-assigned managed identity with a federated credential);
+  `/_double/state` counts token requests per client id (`entra.tokenRequests`, failures
+  included) and hub requests each one's tokens authenticated (`entra.bearerRequests`);
 - `PATCH /_double/devices/{id}/reported`: a device writing reported properties (the device
   simulator). The device proves who it is like a real one would: header `x-device-cert` with its
   PEM certificate, whose SHA-1 or SHA-256 thumbprint must be registered (X.509 devices), or
   `Authorization` with a SAS token for `<hub>/devices/<id>` signed with one of its keys.
 
 Usage: iothub_double.py --port PORT --hub HOSTNAME --policy NAME --key-file FILE (base64 key)
+       [--tls-port PORT --tls-cert PEM --tls-key PEM]
 """
 
 import argparse
@@ -38,6 +59,7 @@ import hashlib
 import hmac
 import json
 import re
+import secrets
 import ssl
 import threading
 import time
@@ -50,6 +72,10 @@ MAX_SECTION = 32 * 1024
 MAX_DEPTH = 10
 LOCK = threading.Lock()
 STATE = {"devices": {}, "twins": {}, "faults": [], "requests": {}, "faultLog": []}
+# Entra: registered apps by (tenant, client id); issued tokens; counters by client id.
+ENTRA = {"apps": {}, "tokens": {}, "tokenRequests": {}, "bearerRequests": {}}
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+IOT_HUB_RESOURCE = "https://iothubs.azure.net"
 
 
 def sign(key_b64, resource_encoded, expiry):
@@ -197,6 +223,11 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if path.startswith("/_double/"):
                 return self.control(method, path)
+            m = re.fullmatch(r"/([^/]+)/oauth2/v2\.0/token", path)
+            if m and method == "POST":
+                if not self.server.tls:
+                    return self.entra_error("invalid_request", 90000, "The token endpoint is served over TLS only.")
+                return self.token_endpoint(urllib.parse.unquote(m.group(1)))
             with LOCK:
                 key = f"{method} {re.sub(r'/[^/]+$', '/{id}', path)}"
                 STATE["requests"][key] = STATE["requests"].get(key, 0) + 1
@@ -214,7 +245,11 @@ class Handler(BaseHTTPRequestHandler):
             if "api-version" not in query:
                 return self.error(400, "InvalidProtocolVersion", "api-version is required")
             resource = self.server.hub + urllib.parse.unquote(path)
-            reason = check_sas(self.headers.get("Authorization"), [self.server.key], resource, self.server.policy)
+            authorization = self.headers.get("Authorization") or ""
+            if authorization.startswith("Bearer "):
+                reason = self.check_bearer(authorization[len("Bearer "):])
+            else:
+                reason = check_sas(authorization, [self.server.key], resource, self.server.policy)
             if reason:
                 return self.error(401, "IotHubUnauthorizedAccess", reason)
             m = re.fullmatch(r"/(devices|twins)/([^/]+)", path)
@@ -230,6 +265,62 @@ class Handler(BaseHTTPRequestHandler):
                 return self.twins(method, device_id, body)
         except (ValueError, json.JSONDecodeError) as e:
             return self.error(400, "IotHubFormatError", str(e))
+
+    def check_bearer(self, token):
+        """None when `token` is an unexpired Entra token for IoT Hub, else the reason."""
+        if not self.server.tls:
+            return "bearer tokens are accepted over TLS only"
+        with LOCK:
+            issued = ENTRA["tokens"].get(token)
+            if issued is None:
+                return "unknown bearer token"
+            if issued["exp"] < time.time():
+                return "bearer token expired"
+            if issued["aud"] != IOT_HUB_RESOURCE:
+                return "bearer token audience is not IoT Hub"
+            client = issued["clientId"]
+            ENTRA["bearerRequests"][client] = ENTRA["bearerRequests"].get(client, 0) + 1
+        return None
+
+    def entra_error(self, error, code, description):
+        self.reply(400, {"error": error, "error_description": f"AADSTS{code}: {description}",
+                         "error_codes": [code], "timestamp": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
+                         "trace_id": str(uuid.uuid4()), "correlation_id": str(uuid.uuid4())})
+
+    def token_endpoint(self, tenant):
+        """Entra's v2.0 token endpoint: the client-credentials grant with a federated assertion."""
+        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+            return self.entra_error("invalid_request", 900144, "The request body must be form-encoded.")
+        form = dict(urllib.parse.parse_qsl(self.raw_body.decode("utf-8", "replace")))
+        client_id = form.get("client_id", "")
+        with LOCK:
+            ENTRA["tokenRequests"][client_id] = ENTRA["tokenRequests"].get(client_id, 0) + 1
+            tenants = {t for (t, _) in ENTRA["apps"]}
+            app = ENTRA["apps"].get((tenant, client_id))
+        if form.get("grant_type") != "client_credentials":
+            return self.entra_error("unsupported_grant_type", 70003, "The app requested an unsupported grant type.")
+        if form.get("client_assertion_type") != ASSERTION_TYPE or not form.get("client_assertion"):
+            return self.entra_error("invalid_request", 90014, "The request body must contain a client_assertion of type jwt-bearer.")
+        if tenant not in tenants:
+            return self.entra_error("invalid_request", 90002, f"Tenant '{tenant}' not found.")
+        if app is None:
+            return self.entra_error("unauthorized_client", 700016, f"Application with identifier '{client_id}' was not found in the directory.")
+        try:
+            with open(app["federatedTokenFile"]) as f:
+                expected = f.read()
+        except OSError:
+            expected = None
+        if expected is None or not hmac.compare_digest(form["client_assertion"].encode(), expected.encode()):
+            return self.entra_error("invalid_client", 700213, "No matching federated identity record found for presented assertion.")
+        scope = form.get("scope", "")
+        if not scope.endswith("/.default") or " " in scope:
+            return self.entra_error("invalid_scope", 70011, "The provided scope is not valid; it must be one resource's /.default.")
+        token = secrets.token_urlsafe(32)
+        expires_in = int(app["expiresIn"])
+        with LOCK:
+            ENTRA["tokens"][token] = {"exp": time.time() + expires_in, "aud": scope[: -len("/.default")], "clientId": client_id}
+        return self.reply(200, {"token_type": "Bearer", "expires_in": expires_in, "ext_expires_in": expires_in,
+                                "access_token": token})
 
     def devices(self, method, device_id, body):
         devices, twins = STATE["devices"], STATE["twins"]
@@ -337,12 +428,21 @@ class Handler(BaseHTTPRequestHandler):
     def control(self, method, path):
         with LOCK:
             if path == "/_double/state" and method == "GET":
-                return self.reply(200, {"devices": STATE["devices"], "twins": STATE["twins"], "requests": STATE["requests"], "faults": STATE["faults"], "faultLog": STATE["faultLog"]})
+                entra = {"tokenRequests": ENTRA["tokenRequests"], "bearerRequests": ENTRA["bearerRequests"]}
+                return self.reply(200, {"devices": STATE["devices"], "twins": STATE["twins"], "requests": STATE["requests"], "faults": STATE["faults"], "faultLog": STATE["faultLog"], "entra": entra})
+            if path == "/_double/entra/apps" and method == "POST":
+                a = self.body() or {}
+                if not all(isinstance(a.get(k), str) and a.get(k) for k in ("tenant", "clientId", "federatedTokenFile")):
+                    return self.error(400, "ArgumentInvalid", "tenant, clientId and federatedTokenFile are required")
+                ENTRA["apps"][(a["tenant"], a["clientId"])] = {"federatedTokenFile": a["federatedTokenFile"], "expiresIn": int(a.get("expiresIn", 3600))}
+                return self.reply(204)
             if path == "/_double/reset" and method == "POST":
                 for k in ("devices", "twins", "requests"):
                     STATE[k].clear()
                 STATE["faults"].clear()
                 STATE["faultLog"].clear()
+                for v in ENTRA.values():
+                    v.clear()
                 return self.reply(204)
             if path == "/_double/faults" and method == "POST":
                 f = self.body() or {}
@@ -403,13 +503,26 @@ def main():
     p.add_argument("--hub", required=True, help="host name the hub answers as, e.g. double.azure-devices.net")
     p.add_argument("--policy", default="iothubowner")
     p.add_argument("--key-file", required=True, help="file holding the policy's base64 key")
+    p.add_argument("--tls-port", type=int, help="also serve over TLS here (the hub and Entra's token endpoint)")
+    p.add_argument("--tls-cert", help="PEM server certificate for --tls-port")
+    p.add_argument("--tls-key", help="PEM server key for --tls-port")
     a = p.parse_args()
     with open(a.key_file) as f:
         key = f.read().strip()
-    server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
-    server.hub, server.policy, server.key = a.hub, a.policy, key
-    server.daemon_threads = True
-    server.serve_forever()
+
+    def server_on(port, tls):
+        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        server.hub, server.policy, server.key, server.tls = a.hub, a.policy, key, tls
+        server.daemon_threads = True
+        return server
+
+    if a.tls_port:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(a.tls_cert, a.tls_key)
+        tls = server_on(a.tls_port, True)
+        tls.socket = context.wrap_socket(tls.socket, server_side=True)
+        threading.Thread(target=tls.serve_forever, daemon=True).start()
+    server_on(a.port, False).serve_forever()
 
 
 if __name__ == "__main__":

@@ -206,6 +206,38 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// The device simulator for a SAS device: reports `reported` with a device token signed
+    /// with `key` (the way a device SDK holding the connection string would).
+    pub async fn report_with_key(&self, id: &str, key: &str, reported: Value) -> u16 {
+        let token = thing_operator::provider::azure::sas::token(
+            &format!("{}/devices/{id}", self.host),
+            None,
+            &azure_core::credentials::Secret::new(key.to_string()),
+            chrono::Utc::now().timestamp() + 600,
+        )
+        .unwrap();
+        self.http
+            .patch(format!("{}/_double/devices/{id}/reported", self.url))
+            .header("Authorization", token)
+            .json(&reported)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+}
+
+/// The key of a device connection string (`...;SharedAccessKey=<key>`).
+pub fn key_of(connection_string: &str) -> String {
+    connection_string
+        .split(';')
+        .find_map(|p| p.strip_prefix("SharedAccessKey="))
+        .unwrap_or_default()
+        .to_string()
+}
+
 pub async fn secret_data(
     client: &Client,
     ns: &str,
@@ -240,4 +272,103 @@ pub async fn events(client: &Client, ns: &str) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A workload identity as the test registers it at the double's Entra token endpoint: a
+/// user-assigned managed identity (tenant, client id) whose federated credential accepts exactly
+/// the content of `federated_token_file` (what the kubelet projects into the pod).
+pub struct EntraApp {
+    pub tenant: String,
+    pub client_id: String,
+    pub federated_token_file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl EntraApp {
+    /// A new app whose tokens live `expires_in` seconds; the federated token is random.
+    pub async fn register(env: &TestEnv, expires_in: u64) -> EntraApp {
+        let dir = tempfile::tempdir().unwrap();
+        let federated_token_file = dir.path().join("azure-identity-token");
+        std::fs::write(&federated_token_file, federated_token()).unwrap();
+        let app = EntraApp {
+            tenant: random_id(),
+            client_id: random_id(),
+            federated_token_file,
+            _dir: dir,
+        };
+        let r = reqwest::Client::new()
+            .post(format!("{}/_double/entra/apps", env.var("AZURE_URL")))
+            .json(&json!({"tenant": app.tenant, "clientId": app.client_id,
+                "federatedTokenFile": app.federated_token_file, "expiresIn": expires_in}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        app
+    }
+
+    /// The federated token the app accepts.
+    pub fn federated_token(&self) -> String {
+        std::fs::read_to_string(&self.federated_token_file).unwrap()
+    }
+
+    /// (token requests at the Entra double, hub requests its tokens authenticated).
+    pub async fn counts(&self, hub: &Hub) -> (u64, u64) {
+        let state = hub.state().await;
+        let n = |k: &str| state["entra"][k][&self.client_id].as_u64().unwrap_or(0);
+        (n("tokenRequests"), n("bearerRequests"))
+    }
+}
+
+/// A random stand-in for a projected service-account token (a JWT's shape; the double compares
+/// it byte for byte).
+pub fn federated_token() -> String {
+    format!("eyJhbGciOiJSUzI1NiJ9.{}.{}", random_id(), random_id())
+}
+
+/// A random id in the GUID format Entra uses for tenants and clients.
+fn random_id() -> String {
+    let h = format!("{:032x}", rand::random::<u128>());
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+/// The Azure backend against the double's TLS listener with Entra workload identity: the
+/// environment the AKS webhook injects (client id, tenant, federated token file, authority host)
+/// pointing at `app` and the double, which the operator trusts through `SSL_CERT_FILE` (the test
+/// CA), the way a user trusts a private CA. `federated_token_file` is the file the operator reads.
+pub fn azure_workload_identity(
+    op: OperatorBuilder,
+    env: &TestEnv,
+    app: &EntraApp,
+    federated_token_file: &std::path::Path,
+) -> OperatorBuilder {
+    op.args([
+        "--azure-auth",
+        "workload-identity",
+        "--azure-hub",
+        &env.var("AZURE_HUB"),
+        "--azure-endpoint",
+        &env.var("AZURE_TLS_URL"),
+        "--poll-interval",
+        "1s",
+        "--resync-interval",
+        "2s",
+        "--min-poll-interval",
+        "1s",
+    ])
+    .env("AZURE_CLIENT_ID", app.client_id.clone())
+    .env("AZURE_TENANT_ID", app.tenant.clone())
+    .env(
+        "AZURE_FEDERATED_TOKEN_FILE",
+        federated_token_file.display().to_string(),
+    )
+    .env("AZURE_AUTHORITY_HOST", env.var("AZURE_TLS_URL"))
+    .env("SSL_CERT_FILE", env.var("AZURE_CA_FILE"))
 }

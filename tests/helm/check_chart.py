@@ -71,6 +71,51 @@ dep = yaml.safe_load(chart.render(EVERYTHING, name="x", namespace="x")["thing-op
 for var in dep["spec"]["template"]["spec"]["containers"][0]["env"]:
     check(f"[env: {var['name']}=" in help_text, f"the chart sets {var['name']}, which no flag reads")
 
+# Azure with Entra workload identity: the webhook's ServiceAccount annotation and pod label, the
+# hub and the auth mode in the environment, and no connection-string Secret mounted.
+WI = {"azure": {"enabled": True, "auth": "workloadIdentity", "hub": "h.azure-devices.net",
+                "workloadIdentity": {"clientId": "00000000-0000-0000-0000-0000000000a1",
+                                     "tenantId": "00000000-0000-0000-0000-0000000000b2"}},
+      "serviceAccount": {"annotations": {"example.com/kept": "yes"}}}
+chart.validate_schema(WI)
+wi = chart.render(WI, name="x", namespace="x")
+wi_dep = yaml.safe_load(wi["thing-operator/templates/deployment.yaml"])
+wi_pod = wi_dep["spec"]["template"]
+wi_env = {e["name"]: e.get("value") for e in wi_pod["spec"]["containers"][0]["env"]}
+check(wi_pod["metadata"]["labels"].get("azure.workload.identity/use") == "true", f"pod labels: {wi_pod['metadata']}")
+check(wi_env.get("THING_OPERATOR_AZURE_AUTH") == "workload-identity"
+      and wi_env.get("THING_OPERATOR_AZURE_HUB") == "h.azure-devices.net"
+      and "THING_OPERATOR_AZURE_CONNECTION_STRING_FILE" not in wi_env, f"workload identity env: {wi_env}")
+for var in wi_env:
+    check(f"[env: {var}=" in help_text, f"the chart sets {var}, which no flag reads")
+check(not any(v["name"] == "azure-connection-string" for v in wi_pod["spec"].get("volumes") or []),
+      "a connection-string volume with workload identity")
+wi_sa = next(d for d in yaml.safe_load_all(wi["thing-operator/templates/rbac.yaml"])
+             if d and d["kind"] == "ServiceAccount")
+check(wi_sa["metadata"].get("annotations") == {
+    "example.com/kept": "yes",
+    "azure.workload.identity/client-id": "00000000-0000-0000-0000-0000000000a1",
+    "azure.workload.identity/tenant-id": "00000000-0000-0000-0000-0000000000b2"},
+    f"ServiceAccount annotations: {wi_sa['metadata']}")
+check("azure.workload.identity/use" not in yaml.safe_load(
+    chart.render({}, name="x", namespace="x")["thing-operator/templates/deployment.yaml"]
+)["spec"]["template"]["metadata"]["labels"], "workload identity label without workload identity")
+for bad in ({"azure": {"enabled": True, "auth": "workloadIdentity", "hub": "h"}},
+            {"azure": {"enabled": True, "auth": "workloadIdentity",
+                       "workloadIdentity": {"clientId": "00000000-0000-0000-0000-0000000000a1"}}}):
+    try:
+        chart.render(bad, name="x", namespace="x")
+    except Exception as e:  # noqa: BLE001 - the expected refusal
+        check("required" in str(e), f"refusal of {bad}: {e}")
+        continue
+    check(False, f"the chart rendered {bad}")
+for bad in ({"azure": {"auth": "managedIdentity"}}, {"azure": {"workloadIdentity": {"clientId": "x"}}}):
+    try:
+        chart.validate_schema(bad)
+    except Exception:  # noqa: BLE001
+        continue
+    check(False, f"values.schema.json accepted {bad}")
+
 # replicas > 1 without leader election would let two replicas act at once: refused.
 try:
     chart.render({"replicas": 2, "leaderElection": False}, name="x", namespace="x")

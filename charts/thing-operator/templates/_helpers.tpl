@@ -8,3 +8,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/name: thing-operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
+
+{{/* Non-empty when the Azure backend authenticates with Entra workload identity. */}}
+{{- define "thing-operator.azureWorkloadIdentity" -}}
+{{- if and .Values.azure.enabled (eq (.Values.azure.auth | default "connectionString") "workloadIdentity") -}}
+true
+{{- end -}}
+{{- end }}

@@ -5,7 +5,8 @@
 //!
 //! The pipeline brings the Azure SDK's retry policy (429, 408 and 5xx retried with exponential
 //! backoff and jitter, `Retry-After` honoured) and error types; this module adds the SAS policy
-//! (a token from the connection string, renewed before it expires), a counter of attempts and
+//! (a token from the connection string, renewed before it expires) or the Entra bearer-token
+//! policy (workload identity, [`super::entra`]), a counter of attempts and
 //! throttled answers, and client-side rate limits at IoT Hub's published quotas, so a fleet never
 //! exceeds the hub's limits in the first place. The transport is the process's own reqwest
 //! (rustls), not a second HTTP stack.
@@ -114,7 +115,7 @@ impl HubClient {
             .map_err(|e| format!("building the HTTP client: {e}"))?;
         let stats = Arc::new(CallStats::default());
         let options = ClientOptions {
-            transport: Some(Transport::new(Arc::new(ReqwestTransport(http)))),
+            transport: Some(Transport::new(Arc::new(ReqwestTransport(http.clone())))),
             retry: RetryOptions::exponential(ExponentialRetryOptions {
                 initial_delay: azure_core::time::Duration::milliseconds(500),
                 max_retries: settings.max_retries,
@@ -123,17 +124,21 @@ impl HubClient {
             }),
             ..ClientOptions::default()
         };
-        let sas: Arc<dyn Policy> = Arc::new(SasPolicy::new(
-            settings.credentials.clone(),
-            settings.host_name.clone(),
-        ));
+        let auth: Arc<dyn Policy> = match &settings.credentials {
+            CredentialSource::File(path) => {
+                Arc::new(SasPolicy::new(path.clone(), settings.host_name.clone()))
+            }
+            CredentialSource::WorkloadIdentity => Arc::new(super::entra::bearer_policy(
+                Transport::new(Arc::new(ReqwestTransport(http.clone()))),
+            )?),
+        };
         let counter: Arc<dyn Policy> = Arc::new(CountingPolicy(stats.clone()));
         let pipeline = Pipeline::new(
             Some("thing-operator"),
             Some(env!("CARGO_PKG_VERSION")),
             options,
             Vec::new(),
-            vec![sas, counter],
+            vec![auth, counter],
             None,
         );
         let q = settings.quotas;
@@ -249,6 +254,11 @@ impl HubClient {
                         code,
                         kind,
                     })
+                }
+                // No token for the hub: the connection string or Entra refused (the error
+                // carries Entra's description, never the assertion or a token).
+                azure_core::error::ErrorKind::Credential => {
+                    Err(AzureError::Authentication { op, source: error })
                 }
                 _ => Err(AzureError::Transport { op, source: error }),
             },

@@ -52,6 +52,14 @@ pub enum AzureError {
         #[source]
         source: azure_core::Error,
     },
+    /// No credential for the hub: a connection string that cannot be read or used, or a token
+    /// Microsoft Entra would not issue (workload identity).
+    #[error("iothub {op}: no credential for the hub")]
+    Authentication {
+        op: &'static str,
+        #[source]
+        source: azure_core::Error,
+    },
     #[error("iothub {op}: unreadable answer")]
     Decode {
         op: &'static str,
@@ -118,9 +126,9 @@ impl BackendError for AzureError {
             },
             AzureError::Transport { .. } => "BackendUnreachable",
             AzureError::Decode { .. } | AzureError::Key(_) => "BackendError",
-            AzureError::Credentials(_) | AzureError::ConnectionStringFile { .. } => {
-                "BackendUnauthorized"
-            }
+            AzureError::Credentials(_)
+            | AzureError::ConnectionStringFile { .. }
+            | AzureError::Authentication { .. } => "BackendUnauthorized",
             AzureError::Secret(e) => e.reason(),
             AzureError::InvalidSpec(_) | AzureError::DeviceIdChanged { .. } => "InvalidSpec",
             AzureError::NotOwner { .. } => "Conflict",

@@ -6,10 +6,12 @@
 //!
 //! Modules: [`client`] (the service REST client on azure_core's pipeline: retries, rate
 //! limits), [`model`] (its documents), `pipeline` (its SAS policy, call counter and transport),
+//! `entra` (the other way in: Entra workload identity, a bearer token for the hub),
 //! [`sas`] (connection strings and tokens, pure), [`error`] (what a failure is and whether a
 //! retry may help), [`twin`] (twin rules, patches, status; pure), [`ownership`] (who owns a
 //! device; pure), [`credentials`] (the device certificate and Secret), [`symmetric`]
-//! (symmetric-key devices, `CloudIssued`), `reconcile` (the steps of a reconcile and a cleanup).
+//! (symmetric-key devices, `CloudIssued`, and their key rotation), [`key_state`] (their Secret
+//! layout and rotation journal; pure), `reconcile` (the steps of a reconcile and a cleanup).
 //! This file holds the provider and when a full check runs.
 //!
 //! Cost model: a full check (device read, ownership, thumbprint drift, rotation) runs when the
@@ -19,7 +21,9 @@
 
 pub mod client;
 pub mod credentials;
+mod entra;
 pub mod error;
+pub mod key_state;
 pub mod model;
 pub mod ownership;
 mod pipeline;

@@ -2,6 +2,7 @@
 //! every attempt, from the connection string, renewed before it expires and re-read from its file
 //! then, so a rotated policy key is picked up), a counter of attempts and throttled answers, and
 //! the transport, which is the process's own reqwest (rustls) rather than a second HTTP stack.
+//! The other way to authenticate, Entra workload identity, is in [`super::entra`].
 
 use std::{
     path::PathBuf,
@@ -34,6 +35,9 @@ pub enum CredentialSource {
     /// A file holding the connection string (a mounted Secret: re-read at every renewal, so a
     /// rotated policy key is picked up without a restart).
     File(PathBuf),
+    /// Microsoft Entra workload identity, configured by the environment the AKS webhook sets
+    /// (see [`super::entra`]).
+    WorkloadIdentity,
 }
 
 /// Attempts and throttled answers since start (the throttling tests assert there was no storm).
@@ -66,7 +70,8 @@ impl Policy for CountingPolicy {
 
 /// Puts a SAS token for the hub on every attempt, renewing it before it expires.
 pub(super) struct SasPolicy {
-    source: CredentialSource,
+    /// The file holding the connection string.
+    source: PathBuf,
     host_name: String,
     cached: Mutex<Option<(String, Instant)>>,
 }
@@ -80,7 +85,7 @@ impl std::fmt::Debug for SasPolicy {
 }
 
 impl SasPolicy {
-    pub(super) fn new(source: CredentialSource, host_name: String) -> Self {
+    pub(super) fn new(source: PathBuf, host_name: String) -> Self {
         SasPolicy {
             source,
             host_name,
@@ -89,7 +94,7 @@ impl SasPolicy {
     }
 
     fn load(&self) -> Result<ConnectionString, AzureError> {
-        let CredentialSource::File(path) = &self.source;
+        let path = &self.source;
         let text =
             std::fs::read_to_string(path).map_err(|source| AzureError::ConnectionStringFile {
                 path: path.display().to_string(),
@@ -224,7 +229,7 @@ mod tests {
         let path = dir.path().join("cs");
         write_cs(&path, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=");
         let policy = SasPolicy {
-            source: CredentialSource::File(path.clone()),
+            source: path.clone(),
             host_name: "h.azure-devices.net".into(),
             cached: Mutex::new(None),
         };

@@ -36,20 +36,53 @@ pub fn rotation_due(
     token: Option<&str>,
     now: DateTime<Utc>,
 ) -> Option<String> {
-    if state.previous_cert_id.is_some() {
-        // One rotation at a time: the previous certificate is still in its overlap.
+    rotation_due_for(
+        RotationJournal {
+            what: "certificate",
+            in_overlap: state.previous_cert_id.is_some(),
+            issued_at: state.issued_at,
+            handled_token: state.rotation_token.as_deref(),
+        },
+        spec,
+        token,
+        now,
+    )
+}
+
+/// What a backend's Secret records about the credential it may rotate.
+pub struct RotationJournal<'a> {
+    /// The credential's name in messages ("certificate", "key").
+    pub what: &'a str,
+    /// A previous credential is still in its overlap.
+    pub in_overlap: bool,
+    pub issued_at: Option<DateTime<Utc>>,
+    /// The last handled value of the rotate annotation.
+    pub handled_token: Option<&'a str>,
+}
+
+/// Why a rotation of the credential `journal` describes is due now, if it is: a new value of the
+/// rotate annotation, or `rotateAfter` passed; never while an overlap lasts (one at a time).
+pub fn rotation_due_for(
+    journal: RotationJournal<'_>,
+    spec: &CredentialsSpec,
+    token: Option<&str>,
+    now: DateTime<Utc>,
+) -> Option<String> {
+    if journal.in_overlap {
+        // One rotation at a time: the previous credential is still in its overlap.
         return None;
     }
     if let Some(t) = token
-        && state.rotation_token.as_deref() != Some(t)
+        && journal.handled_token != Some(t)
     {
         return Some(format!("annotation {ROTATE_ANNOTATION}={t}"));
     }
     let every = spec.rotate_after_duration()?;
-    let due = spec.rotation_due_at(state.issued_at?)?;
+    let due = spec.rotation_due_at(journal.issued_at?)?;
     (now >= due).then(|| {
         format!(
-            "certificate older than {}",
+            "{} older than {}",
+            journal.what,
             humantime::format_duration(every)
         )
     })
