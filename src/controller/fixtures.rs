@@ -22,7 +22,7 @@ use super::{Context, ContextParts, ControllerConfig, ThingTrigger};
 use crate::{
     api::Thing,
     feed::NoFeed,
-    forwarding::{ObserverManager, StateBus, SubscriberManager},
+    forwarding::{BrokerConnections, ObserverManager, StateBus, SubscriberManager},
     metrics::Metrics,
     provider::{ProviderRegistry, debug::DebugProvider},
 };
@@ -192,12 +192,14 @@ pub fn context(provider: Arc<DebugProvider>) -> (Arc<Context>, ApiServer) {
         controller: "thing-operator-test".into(),
         instance: None,
     };
+    let connections = BrokerConnections::new(metrics.clone(), shutdown.clone());
     let ctx = Context::new(ContextParts {
         recorder: Recorder::new(client.clone(), reporter),
         observers: ObserverManager::new(
             StateBus::default(),
             client.clone(),
             Default::default(),
+            connections.clone(),
             Arc::default(),
             Default::default(),
             metrics.clone(),
@@ -206,6 +208,7 @@ pub fn context(provider: Arc<DebugProvider>) -> (Arc<Context>, ApiServer) {
         subscribers: Arc::new(SubscriberManager::new(
             client.clone(),
             Default::default(),
+            connections.clone(),
             Arc::new(NoFeed),
             Default::default(),
             metrics.clone(),
@@ -217,6 +220,7 @@ pub fn context(provider: Arc<DebugProvider>) -> (Arc<Context>, ApiServer) {
         config: ControllerConfig::default(),
         feed: Arc::new(NoFeed),
         thing_triggers,
+        connections,
     });
     (Arc::new(ctx), server)
 }

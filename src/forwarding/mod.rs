@@ -5,15 +5,18 @@
 //! - pure rules and codecs: [`filter`] (which updates an Observer forwards), [`json`] (placing
 //!   and coalescing JSON), [`cloud_event`] (what sinks send);
 //! - I/O: [`sink`] (where Observers deliver), [`desired`] (writing a Thing's `spec.desired`),
-//!   [`mqtt`] (the MQTT client a namespace's tasks act with);
+//!   [`mqtt`] (the MQTT client a namespace's tasks act with on the operator's broker),
+//!   [`broker_connections`] (the sessions with brokers tenants name themselves);
 //! - the tasks: [`observers`], [`subscribers`], and what both share in [`tasks`].
 //!
 //! Forwarding is fed by channels and trait objects the runner wires in (the state bus, the
 //! MQTT client, a [`ReportedStateWriter`](crate::feed::ReportedStateWriter), the egress policy
 //! of HTTP sinks); it imports no backend, controller or runner code.
 
+pub mod broker_connections;
 mod bus;
 mod cloud_event;
+pub mod connection_settings;
 pub(crate) mod desired;
 mod filter;
 mod json;
@@ -26,6 +29,7 @@ mod sink;
 pub mod subscribers;
 mod tasks;
 
+pub use broker_connections::BrokerConnections;
 pub use bus::StateBus;
 pub use observers::ObserverManager;
 pub use subscribers::SubscriberManager;

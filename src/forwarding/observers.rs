@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     DeliveryError, StateBus,
+    broker_connections::BrokerConnections,
     cloud_event::{cloud_event, dead_letter_event},
     filter::{
         Context as FilterContext, Decision, Memory, evaluate, memories_from_status,
@@ -72,6 +73,8 @@ pub struct ObserverManager {
     bus: StateBus,
     client: Client,
     mqtt: MqttAccess,
+    /// Sessions with the brokers BrokerConnections name.
+    connections: BrokerConnections,
     /// Where HTTP sinks may connect.
     egress: Arc<EgressPolicy>,
     metrics: Arc<Metrics>,
@@ -87,6 +90,7 @@ impl ObserverManager {
         bus: StateBus,
         client: Client,
         mqtt: MqttAccess,
+        connections: BrokerConnections,
         egress: Arc<EgressPolicy>,
         provenance: ProvenanceBook,
         metrics: Arc<Metrics>,
@@ -96,6 +100,7 @@ impl ObserverManager {
             bus,
             client,
             mqtt,
+            connections,
             provenance,
             egress,
             metrics,
@@ -146,6 +151,7 @@ impl ObserverManager {
             api: Api::namespaced(self.client.clone(), &ns),
             client: self.client.clone(),
             mqtt: self.mqtt.clone(),
+            connections: self.connections.clone(),
             egress: self.egress.clone(),
             bus: self.bus.clone(),
             metrics: self.metrics.clone(),
@@ -188,6 +194,7 @@ struct ObserverTask {
     client: Client,
     /// Where an MQTT sink gets its connection: the one that acts for this namespace.
     mqtt: MqttAccess,
+    connections: BrokerConnections,
     egress: Arc<EgressPolicy>,
     bus: StateBus,
     metrics: Arc<Metrics>,
@@ -217,6 +224,7 @@ impl ObserverTask {
                 &self.namespace,
                 &self.client,
                 &self.mqtt,
+                &self.connections,
                 &self.egress,
                 &self.provenance,
             )

@@ -1,0 +1,129 @@
+//! The BrokerConnection reconciler: validation, the session's settings (Secrets, egress) and
+//! its `Ready` condition here; the session itself runs in
+//! [`BrokerConnections`](crate::forwarding::BrokerConnections).
+//!
+//! Ready follows the session: the session asks for a reconcile whenever its state changes, so a
+//! broker that goes away turns Ready False (with an Event) and back. While Ready, the object is
+//! looked at again every resync interval, which picks up a rotated Secret (a different login
+//! or certificate restarts the session).
+
+use std::sync::Arc;
+
+use kube::{ResourceExt, runtime::controller::Action};
+
+use super::{
+    Context,
+    task_kind::{self, HasStatusCore},
+};
+use crate::{
+    api::{
+        BrokerConnection, BrokerConnectionStatus, Condition, ConditionStatus,
+        conditions::{Conditions, types},
+        validation::{InvalidSpec, validate_broker_connection},
+    },
+    error::Result,
+    forwarding::{
+        broker_connections::{SessionState, reasons},
+        connection_settings::session_settings,
+    },
+};
+
+#[async_trait::async_trait]
+impl task_kind::TaskKind for BrokerConnection {
+    fn validate(&self, ctx: &Context) -> Result<(), InvalidSpec> {
+        validate_broker_connection(self)?;
+        // A literal address the policy refuses is refused before anything else; names are
+        // checked when they resolve.
+        if let Ok(url) = url::Url::parse(&self.spec.url) {
+            ctx.config.egress.check_url(&url).map_err(|e| InvalidSpec {
+                problems: vec![format!("url: {e}")],
+            })?;
+        }
+        Ok(())
+    }
+
+    fn core_status(&self) -> Option<&dyn HasStatusCore> {
+        self.status.as_ref().map(|s| s as &dyn HasStatusCore)
+    }
+
+    async fn start(&self, ctx: &Context) -> Condition {
+        let (namespace, name) = (self.namespace().unwrap_or_default(), self.name_any());
+        let settings = match session_settings(
+            &ctx.client,
+            &ctx.config.egress,
+            self,
+            &namespace,
+            &name,
+        )
+        .await
+        {
+            Ok(settings) => settings,
+            Err(e) => {
+                // Nothing to connect with (or to): no session, until the next reconcile
+                // finds what was missing.
+                ctx.connections.stop(&namespace, &name);
+                return Condition::new(types::READY, ConditionStatus::False, e.reason, e.message);
+            }
+        };
+        let endpoint = settings.address.endpoint();
+        match ctx.connections.ensure(&namespace, &name, settings) {
+            SessionState::Connected => Condition::new(
+                types::READY,
+                ConditionStatus::True,
+                reasons::CONNECTED,
+                format!("connected to {endpoint}"),
+            ),
+            state => Condition::new(
+                types::READY,
+                ConditionStatus::False,
+                state.reason(),
+                format!("{endpoint}: {}", state.message()),
+            ),
+        }
+    }
+
+    fn stop(&self, ctx: &Context) {
+        ctx.connections
+            .stop(&self.namespace().unwrap_or_default(), &self.name_any());
+    }
+
+    fn requeue_when_ready(&self, ctx: &Context) -> Option<std::time::Duration> {
+        Some(ctx.config.resync_interval)
+    }
+}
+
+pub async fn reconcile(obj: Arc<BrokerConnection>, ctx: Arc<Context>) -> Result<Action> {
+    task_kind::reconcile(obj, ctx).await
+}
+
+impl HasStatusCore for BrokerConnectionStatus {
+    fn observed_generation(&self) -> Option<i64> {
+        self.observed_generation
+    }
+
+    fn conditions(&self) -> &Conditions {
+        &self.conditions
+    }
+}
+
+/// The Ready condition of an Observer or Subscriber that names `connections`: `None` when all
+/// are connected, otherwise `ConnectionNotReady` naming the first that is not.
+pub fn connections_not_ready(
+    ctx: &Context,
+    namespace: &str,
+    connections: &[&str],
+) -> Option<Condition> {
+    connections.iter().find_map(|connection| {
+        let why = match ctx.connections.state(namespace, connection) {
+            Some(SessionState::Connected) => return None,
+            Some(state) => format!("{}: {}", state.reason(), state.message()),
+            None => "no session (missing, invalid, or its Secrets or destination refused)".into(),
+        };
+        Some(Condition::new(
+            types::READY,
+            ConditionStatus::False,
+            reasons::CONNECTION_NOT_READY,
+            format!("BrokerConnection {connection} is not connected: {why}"),
+        ))
+    })
+}
