@@ -14,7 +14,7 @@ use crate::{
     config::RunArgs,
     controller::{self, Context, ContextParts, ControllerConfig, ThingTrigger},
     forwarding::{
-        BrokerConnections, ObserverManager, StateBus, SubscriberManager,
+        BrokerConnections, MqttBrokers, ObserverManager, StateBus, SubscriberManager,
         mqtt::{BrokerEndpoint, MqttAccess},
     },
     http::{self, Readiness},
@@ -357,8 +357,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let observers = ObserverManager::new(
         bus,
         client.clone(),
-        mqtt_access.clone(),
-        connections.clone(),
+        MqttBrokers {
+            mqtt: mqtt_access.clone(),
+            connections: connections.clone(),
+        },
         egress.clone(),
         provenance,
         metrics.clone(),

@@ -22,7 +22,7 @@ use super::{Context, ContextParts, ControllerConfig, ThingTrigger};
 use crate::{
     api::Thing,
     feed::NoFeed,
-    forwarding::{BrokerConnections, ObserverManager, StateBus, SubscriberManager},
+    forwarding::{BrokerConnections, MqttBrokers, ObserverManager, StateBus, SubscriberManager},
     metrics::Metrics,
     provider::{ProviderRegistry, debug::DebugProvider},
 };
@@ -198,8 +198,10 @@ pub fn context(provider: Arc<DebugProvider>) -> (Arc<Context>, ApiServer) {
         observers: ObserverManager::new(
             StateBus::default(),
             client.clone(),
-            Default::default(),
-            connections.clone(),
+            MqttBrokers {
+                mqtt: Default::default(),
+                connections: connections.clone(),
+            },
             Arc::default(),
             Default::default(),
             metrics.clone(),

@@ -217,14 +217,13 @@ async fn read(
             ));
         }
     };
-    if credentials
-        && !secret
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(CREDENTIALS_OPT_IN_LABEL))
-            .is_some_and(|v| v == "true")
-    {
+    let opted_in = secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(CREDENTIALS_OPT_IN_LABEL))
+        .is_some_and(|v| v == "true");
+    if credentials && !opted_in {
         return Err(SettingsError::new(
             reasons::SECRET_INVALID,
             format!(

@@ -31,7 +31,7 @@ mod tasks;
 
 pub use broker_connections::BrokerConnections;
 pub use bus::StateBus;
-pub use observers::ObserverManager;
+pub use observers::{MqttBrokers, ObserverManager};
 pub use subscribers::SubscriberManager;
 
 /// Why a delivery (an Observer's sink) or a write (a Subscriber's target Thing) failed. The

@@ -68,6 +68,13 @@ impl Refusals {
     }
 }
 
+/// Where MQTT sinks publish: the operator's broker (each namespace with its own account), or a
+/// broker a BrokerConnection names.
+pub struct MqttBrokers {
+    pub mqtt: MqttAccess,
+    pub connections: BrokerConnections,
+}
+
 /// Starts, restarts and stops Observer tasks.
 pub struct ObserverManager {
     bus: StateBus,
@@ -89,8 +96,7 @@ impl ObserverManager {
     pub fn new(
         bus: StateBus,
         client: Client,
-        mqtt: MqttAccess,
-        connections: BrokerConnections,
+        MqttBrokers { mqtt, connections }: MqttBrokers,
         egress: Arc<EgressPolicy>,
         provenance: ProvenanceBook,
         metrics: Arc<Metrics>,
