@@ -286,11 +286,8 @@ where
 async fn a_sink_and_a_source_on_a_tenants_broker_share_one_session_and_survive_its_restart() {
     let s = Setup::new("brokerconn").await;
     let mut broker = SecondBroker::start();
-    let _op = s
-        .operator()
-        .args(["--http-sink-allow-cidr", "127.0.0.0/8"])
-        .ready()
-        .await;
+    let operator = s.operator().args(["--http-sink-allow-cidr", "127.0.0.0/8"]);
+    let mut op = operator.ready().await;
     let secrets: Api<Secret> = s.api();
     login_secret(&secrets, "plant-login", TENANT_PASSWORD, true).await;
     let connections: Api<BrokerConnection> = s.api();
@@ -398,6 +395,26 @@ async fn a_sink_and_a_source_on_a_tenants_broker_share_one_session_and_survive_i
         2,
         "one session again after the restart"
     );
+
+    // The session is persistent under a fixed client id: a QoS 1 message published while the
+    // operator is down (killed, no goodbye) waits at the broker and lands after the restart.
+    op.kill();
+    watcher
+        .client
+        .publish(
+            "plant/in/line-3",
+            QoS::AtLeastOnce,
+            false,
+            json!({"level": 11}).to_string(),
+        )
+        .await
+        .unwrap();
+    let _op = operator.ready().await;
+    s.wait_for("the message kept while the operator was down", || async {
+        let desired = things.get("lamp").await.ok()?.spec.desired?;
+        (serde_json::to_value(desired).ok()?["fromPlant"]["level"] == 11).then_some(())
+    })
+    .await;
 
     // Deleting the connection ends the session; its users say so.
     connections
