@@ -52,28 +52,25 @@ impl task_kind::TaskKind for BrokerConnection {
         .await
         {
             Ok(settings) => settings,
+            // A name that does not resolve right now does not end a session that runs (a DNS
+            // hiccup at a resync); its own state says how it is doing.
+            Err(e)
+                if e.reason == reasons::CONNECT_FAILED
+                    && let Some(state) = ctx.connections.state(&namespace, &name) =>
+            {
+                tracing::info!(error = %e, "keeping the running session");
+                return ready_of(&state, &self.spec.url);
+            }
             Err(e) => {
-                // Nothing to connect with (or to): no session, until the next reconcile
-                // finds what was missing.
+                // Nothing to connect with (or to, or allowed to): no session, until the next
+                // reconcile finds what was missing.
                 ctx.connections.stop(&namespace, &name);
                 return Condition::new(types::READY, ConditionStatus::False, e.reason, e.message);
             }
         };
         let endpoint = settings.address.endpoint();
-        match ctx.connections.ensure(&namespace, &name, settings) {
-            SessionState::Connected => Condition::new(
-                types::READY,
-                ConditionStatus::True,
-                reasons::CONNECTED,
-                format!("connected to {endpoint}"),
-            ),
-            state => Condition::new(
-                types::READY,
-                ConditionStatus::False,
-                state.reason(),
-                format!("{endpoint}: {}", state.message()),
-            ),
-        }
+        let state = ctx.connections.ensure(&namespace, &name, settings);
+        ready_of(&state, &endpoint)
     }
 
     fn stop(&self, ctx: &Context) {
@@ -97,6 +94,24 @@ impl HasStatusCore for BrokerConnectionStatus {
 
     fn conditions(&self) -> &Conditions {
         &self.conditions
+    }
+}
+
+/// The Ready condition of a BrokerConnection whose session (to `endpoint`) is in `state`.
+fn ready_of(state: &SessionState, endpoint: &str) -> Condition {
+    match state {
+        SessionState::Connected => Condition::new(
+            types::READY,
+            ConditionStatus::True,
+            reasons::CONNECTED,
+            format!("connected to {endpoint}"),
+        ),
+        state => Condition::new(
+            types::READY,
+            ConditionStatus::False,
+            state.reason(),
+            format!("{endpoint}: {}", state.message()),
+        ),
     }
 }
 
