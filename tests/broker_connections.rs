@@ -32,11 +32,108 @@ const OPT_IN: &str = "iot.thing-operator.dev/broker-credentials";
 struct SecondBroker {
     dir: PathBuf,
     port: u16,
+    /// With [`SecondBroker::start_with_tls`]: a listener that requires a client certificate
+    /// signed by `dir/ca.crt`, serving a certificate for `localhost`.
+    tls_port: Option<u16>,
     child: Option<Child>,
+}
+
+/// Runs openssl in `dir`; panics when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for localhost and a client certificate, as PEM files in `dir`.
+fn make_pki(dir: &std::path::Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let ca = [
+        &ec[..],
+        &[
+            "-x509",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=second-broker-ca",
+        ],
+    ]
+    .concat();
+    openssl(dir, &[&["req"][..], &ca].concat());
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        let (key, csr, crt, extfile) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        std::fs::write(dir.join(&extfile), ext).unwrap();
+        let subject = format!("/CN=second-broker-{name}");
+        openssl(
+            dir,
+            &[
+                &["req"][..],
+                &ec,
+                &["-keyout", &key, "-out", &csr, "-subj", &subject],
+            ]
+            .concat(),
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &extfile,
+            ],
+        );
+    }
 }
 
 impl SecondBroker {
     fn start() -> SecondBroker {
+        Self::start_with(false)
+    }
+
+    fn start_with_tls() -> SecondBroker {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> SecondBroker {
         let dir = std::env::temp_dir().join(format!("second-broker-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();
         let passwd = dir.join("passwd");
@@ -58,17 +155,27 @@ impl SecondBroker {
             assert!(ok, "mosquitto_passwd failed");
         }
         let port = free_port();
-        std::fs::write(
-            dir.join("mosquitto.conf"),
-            format!(
-                "per_listener_settings false\nallow_anonymous false\nlistener {port} 127.0.0.1\n\
-                 password_file {}\npersistence false\nlog_dest file {}\nlog_type all\n\
-                 connection_messages true\nsys_interval 1\n",
-                passwd.display(),
-                dir.join("broker.log").display()
-            ),
-        )
-        .unwrap();
+        let mut conf = format!(
+            "per_listener_settings false\nallow_anonymous false\nlistener {port} 127.0.0.1\n\
+             password_file {}\npersistence false\nlog_dest file {}\nlog_type all\n\
+             connection_messages true\nsys_interval 1\n",
+            passwd.display(),
+            dir.join("broker.log").display()
+        );
+        let tls_port = tls.then(|| {
+            make_pki(&dir);
+            let tls_port = free_port();
+            let file = |f: &str| dir.join(f).display().to_string();
+            conf.push_str(&format!(
+                "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+                 require_certificate true\n",
+                file("ca.crt"),
+                file("server.crt"),
+                file("server.key")
+            ));
+            tls_port
+        });
+        std::fs::write(dir.join("mosquitto.conf"), conf).unwrap();
         // Run as root, Mosquitto drops to the `mosquitto` user, which must read its files.
         let _ = Command::new("chown")
             .args(["-R", "mosquitto", dir.to_str().unwrap()])
@@ -76,6 +183,7 @@ impl SecondBroker {
         let mut broker = SecondBroker {
             dir,
             port,
+            tls_port,
             child: None,
         };
         broker.launch();
@@ -94,7 +202,8 @@ impl SecondBroker {
             .expect("mosquitto starts");
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        let last = self.tls_port.unwrap_or(self.port);
+        while std::net::TcpStream::connect(("127.0.0.1", last)).is_err() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "second broker did not start"
@@ -112,6 +221,10 @@ impl SecondBroker {
 
     fn url(&self, host: &str) -> String {
         format!("mqtt://{host}:{}", self.port)
+    }
+
+    fn pem(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.join(file)).unwrap()
     }
 
     fn log(&self) -> String {
@@ -535,4 +648,73 @@ async fn bad_logins_foreign_secrets_and_inward_urls_are_conditions_never_passwor
             "a password in the operator's log"
         );
     }
+}
+
+#[tokio::test]
+async fn tls_with_a_ca_and_a_client_certificate_from_the_namespaces_secrets() {
+    let s = Setup::new("brokerconn-tls").await;
+    let broker = SecondBroker::start_with_tls();
+    let tls_port = broker.tls_port.expect("a TLS listener");
+    let _op = s
+        .operator()
+        .args(["--egress-allow-cidr", "127.0.0.0/8"])
+        .ready()
+        .await;
+    let secrets: Api<Secret> = s.api();
+    login_secret(&secrets, "login", TENANT_PASSWORD, true).await;
+    // The CA is only read, never sent: no opt-in needed.
+    let ca: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "broker-ca"},
+        "stringData": {"ca.crt": broker.pem("ca.crt")},
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &ca).await.unwrap();
+    let client: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "client-cert", "labels": {OPT_IN: "true"}},
+        "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": broker.pem("client.crt"), "tls.key": broker.pem("client.key")},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &client)
+        .await
+        .unwrap();
+    let connections: Api<BrokerConnection> = s.api();
+    let url = format!("mqtts://localhost:{tls_port}");
+    create_resource(
+        &connections,
+        "mtls",
+        json!({"url": url, "auth": {"usernamePasswordSecret": "login"},
+               "tls": {"caSecret": {"name": "broker-ca"}, "clientCertificateSecret": "client-cert"}}),
+    )
+    .await;
+    wait_reason(&s, &connections, "mtls", "Connected").await;
+    // Without a client certificate the broker refuses the handshake; without our CA the
+    // operator refuses the broker's certificate.
+    create_resource(
+        &connections,
+        "no-client-cert",
+        json!({"url": url, "auth": {"usernamePasswordSecret": "login"},
+               "tls": {"caSecret": {"name": "broker-ca"}}}),
+    )
+    .await;
+    wait_reason(&s, &connections, "no-client-cert", "ConnectFailed").await;
+    create_resource(
+        &connections,
+        "public-roots",
+        json!({"url": url, "auth": {"usernamePasswordSecret": "login"},
+               "tls": {"clientCertificateSecret": "client-cert"}}),
+    )
+    .await;
+    let why = wait_reason(&s, &connections, "public-roots", "ConnectFailed").await;
+    assert!(why.to_lowercase().contains("certificate"), "{why}");
+    // A CA key that is no certificate is SecretInvalid, naming the key, not its content.
+    create_resource(
+        &connections,
+        "bad-ca",
+        json!({"url": url, "tls": {"caSecret": {"name": "client-cert", "key": "tls.key"}}}),
+    )
+    .await;
+    let why = wait_reason(&s, &connections, "bad-ca", "SecretInvalid").await;
+    assert!(why.contains("tls.key") && !why.contains("PRIVATE"), "{why}");
 }
