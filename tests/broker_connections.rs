@@ -509,6 +509,20 @@ async fn a_sink_and_a_source_on_a_tenants_broker_share_one_session_and_survive_i
         "one session again after the restart"
     );
 
+    // A spec change reconnects with the new settings (the broker logs the keepalive).
+    merge_patch(
+        &connections,
+        "plant",
+        json!({"spec": {"keepAliveSeconds": 20}}),
+    )
+    .await;
+    s.wait_for("a new session after the spec change", || async {
+        let logins = broker.tenant_logins();
+        (logins.len() == 3 && logins[2].contains("k20")).then_some(())
+    })
+    .await;
+    wait_reason(&s, &connections, "plant", "Connected").await;
+
     // The session is persistent under a fixed client id: a QoS 1 message published while the
     // operator is down (killed, no goodbye) waits at the broker and lands after the restart.
     op.kill();
