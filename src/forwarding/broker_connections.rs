@@ -54,7 +54,7 @@ pub mod reasons {
 
 /// Longest wait between two connection attempts to a tenant's broker.
 const MAX_RECONNECT: Duration = Duration::from_secs(30);
-/// Queued reconcile requests per kind; more are dropped (the periodic requeue catches up).
+/// Reconcile requests queued per kind before senders wait.
 const TRIGGER_QUEUE: usize = 1024;
 
 /// What a session connects to and with. Built by the BrokerConnection reconciler.
@@ -355,28 +355,38 @@ impl BrokerConnections {
             .map(|((_, user), _)| user.clone())
             .collect();
         for user in users {
-            // A full queue drops the request; the users' periodic requeue catches up.
             match user {
-                User::Observer(name) => {
-                    let _ = (self.0.senders.observers)
-                        .try_send(ObjectRef::new(&name).within(namespace));
-                }
-                User::Subscriber(name) => {
-                    let _ = (self.0.senders.subscribers)
-                        .try_send(ObjectRef::new(&name).within(namespace));
-                }
+                User::Observer(name) => request(
+                    &self.0.senders.observers,
+                    ObjectRef::new(&name).within(namespace),
+                ),
+                User::Subscriber(name) => request(
+                    &self.0.senders.subscribers,
+                    ObjectRef::new(&name).within(namespace),
+                ),
             }
         }
     }
 
     /// A session's state changed: its BrokerConnection and its users reconcile again.
     fn state_changed(&self, namespace: &str, name: &str) {
-        let _ = self
-            .0
-            .senders
-            .connections
-            .try_send(ObjectRef::new(name).within(namespace));
+        request(
+            &self.0.senders.connections,
+            ObjectRef::new(name).within(namespace),
+        );
         self.notify_users(namespace, &object_key(namespace, name));
+    }
+}
+
+/// Queues a reconcile request. Never dropped: a user whose connection went away must not stay
+/// Ready. A full queue (the controller is behind) is waited on in a task of its own, since this
+/// runs on a session's event loop.
+fn request<T: Send + 'static>(sender: &mpsc::Sender<T>, item: T) {
+    if let Err(mpsc::error::TrySendError::Full(item)) = sender.try_send(item) {
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            let _ = sender.send(item).await;
+        });
     }
 }
 
