@@ -1,6 +1,9 @@
 //! The operator's one MQTT connection to the broker (admin credentials): dynamic-security
 //! commands, the shadow service and the retained state publisher all share it.
 //!
+//! The sessions with tenants' own brokers (`forwarding::broker_connections`) are built and
+//! driven here too, with their own keepalive and a longer, jittered backoff ([`Reconnect`]).
+//!
 //! rumqttc reconnects when its event loop is polled again after an error; this module keeps
 //! polling with a capped backoff and tells the handler on every (re)connect, so subscriptions
 //! are renewed even when the broker lost its sessions (a restart without persistence).
