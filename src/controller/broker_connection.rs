@@ -136,3 +136,149 @@ pub fn connections_not_ready(
         ))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kube::runtime::reflector::ObjectRef;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::{
+        api::thing::Broker,
+        controller::{
+            ControllerConfig,
+            fixtures::{self, ApiServer},
+        },
+        egress::EgressPolicy,
+        provider::debug::DebugProvider,
+    };
+
+    const PATH: &str =
+        "/apis/iot.thing-operator.dev/v1alpha1/namespaces/team-a/brokerconnections/plant";
+    const SECRET: &str = "/api/v1/namespaces/team-a/secrets/login";
+
+    fn setup() -> (Arc<Context>, ApiServer, u16) {
+        // A loopback port nobody listens on: connecting is refused at once.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let config = ControllerConfig {
+            egress: Arc::new(EgressPolicy {
+                allowed: vec!["127.0.0.0/8".parse().expect("cidr")],
+                ..EgressPolicy::default()
+            }),
+            ..ControllerConfig::default()
+        };
+        let (ctx, server) =
+            fixtures::context_with(Arc::new(DebugProvider::new(Broker::Mosquitto)), config);
+        server.seed_at(
+            PATH,
+            json!({
+                "apiVersion": "iot.thing-operator.dev/v1alpha1", "kind": "BrokerConnection",
+                "metadata": {"name": "plant", "namespace": "team-a", "uid": "uid-plant",
+                             "generation": 1, "resourceVersion": "1",
+                             "finalizers": [crate::api::FINALIZER]},
+                "spec": {"url": format!("mqtt://127.0.0.1:{port}"),
+                         "auth": {"usernamePasswordSecret": "login"}},
+            }),
+        );
+        (ctx, server, port)
+    }
+
+    async fn reconcile_stored(ctx: &Arc<Context>, server: &ApiServer) {
+        let stored: BrokerConnection =
+            serde_json::from_value(server.object_at(PATH).expect("stored")).expect("decodes");
+        reconcile(Arc::new(stored), ctx.clone())
+            .await
+            .expect("reconciles");
+    }
+
+    fn ready(server: &ApiServer) -> (String, String, String) {
+        let stored = server.object_at(PATH).expect("stored");
+        let ready = stored["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let text = |k: &str| ready[k].as_str().unwrap_or_default().to_string();
+        (text("status"), text("reason"), text("message"))
+    }
+
+    fn events(server: &ApiServer) -> Vec<(String, String)> {
+        server.requests().iter().filter_map(|r| r.event()).collect()
+    }
+
+    #[tokio::test]
+    async fn the_condition_follows_secrets_and_the_session_and_deletion_ends_it() {
+        let (ctx, server, port) = setup();
+        let mut triggers = ctx.connections.take_triggers().expect("triggers");
+
+        // No Secret: SecretMissing, a Warning Event, no session.
+        reconcile_stored(&ctx, &server).await;
+        assert_eq!(ready(&server).1, reasons::SECRET_MISSING);
+        assert_eq!(
+            events(&server),
+            [(reasons::SECRET_MISSING.to_string(), "Warning".to_string())]
+        );
+        assert!(ctx.connections.state("team-a", "plant").is_none());
+        // Idempotent: the same again writes nothing and publishes nothing.
+        server.clear();
+        reconcile_stored(&ctx, &server).await;
+        assert!(
+            server
+                .requests()
+                .iter()
+                .all(|r| !r.is_status_write() && !r.is_event())
+        );
+
+        // A Secret that did not opt in is not sent: SecretInvalid.
+        let mut secret = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "login", "namespace": "team-a"},
+            "data": {"username": "dGVuYW50", "password": "czNjcjN0LXB3"},
+        });
+        server.seed_at(SECRET, secret.clone());
+        reconcile_stored(&ctx, &server).await;
+        let (_, reason, message) = ready(&server);
+        assert_eq!(reason, reasons::SECRET_INVALID);
+        assert!(!message.contains("s3cr3t-pw"), "{message}");
+
+        // Opted in: a session starts; its refused connection reconciles the object again.
+        secret["metadata"]["labels"] = json!({"iot.thing-operator.dev/broker-credentials": "true"});
+        server.seed_at(SECRET, secret);
+        reconcile_stored(&ctx, &server).await;
+        assert_eq!(
+            ready(&server),
+            (
+                "False".to_string(),
+                reasons::CONNECTING.to_string(),
+                format!("127.0.0.1:{port}: connecting")
+            )
+        );
+        let asked = tokio::time::timeout(Duration::from_secs(10), triggers.connections.recv())
+            .await
+            .expect("the session's state change asks for a reconcile");
+        assert_eq!(asked, Some(ObjectRef::new("plant").within("team-a")));
+        reconcile_stored(&ctx, &server).await;
+        let (status, reason, message) = ready(&server);
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", reasons::CONNECT_FAILED)
+        );
+        assert!(!message.contains("s3cr3t-pw"), "{message}");
+
+        // Deleted: the session ends and the finalizer goes.
+        let mut stored = server.object_at(PATH).expect("stored");
+        stored["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        server.seed_at(PATH, stored);
+        reconcile_stored(&ctx, &server).await;
+        assert!(ctx.connections.state("team-a", "plant").is_none());
+        assert_eq!(
+            server.object_at(PATH).expect("stored")["metadata"]["finalizers"],
+            json!([])
+        );
+    }
+}

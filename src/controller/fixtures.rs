@@ -79,6 +79,16 @@ impl ApiServer {
         self.lock().objects.insert(thing_path(thing), value);
     }
 
+    /// Stores any object at its API path (e.g. `/api/v1/namespaces/team-a/secrets/login`).
+    pub fn seed_at(&self, path: &str, value: Value) {
+        self.lock().objects.insert(path.to_string(), value);
+    }
+
+    /// The object stored at `path` now.
+    pub fn object_at(&self, path: &str) -> Option<Value> {
+        self.lock().objects.get(path).cloned()
+    }
+
     /// The Thing as stored now (after the controller's patches).
     pub fn thing(&self, thing: &Thing) -> Thing {
         let value = self.lock().objects[&thing_path(thing)].clone();
@@ -182,6 +192,14 @@ fn mock_client() -> (Client, ApiServer) {
 
 /// A Context whose only backend is `provider`, talking to a mocked API server.
 pub fn context(provider: Arc<DebugProvider>) -> (Arc<Context>, ApiServer) {
+    context_with(provider, ControllerConfig::default())
+}
+
+/// [`context`] with the given settings (e.g. an egress policy).
+pub fn context_with(
+    provider: Arc<DebugProvider>,
+    config: ControllerConfig,
+) -> (Arc<Context>, ApiServer) {
     let (client, server) = mock_client();
     let metrics = Arc::new(Metrics::default());
     let shutdown = CancellationToken::new();
@@ -219,7 +237,7 @@ pub fn context(provider: Arc<DebugProvider>) -> (Arc<Context>, ApiServer) {
         client,
         metrics,
         providers,
-        config: ControllerConfig::default(),
+        config,
         feed: Arc::new(NoFeed),
         thing_triggers,
         connections,
