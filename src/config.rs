@@ -156,21 +156,25 @@ impl LimitArgs {
     }
 }
 
-/// Where Observer HTTP sinks may connect (docs/security.md). By default only public addresses.
+/// Where Observer HTTP sinks and BrokerConnections may connect (docs/security.md). By default
+/// only public addresses. One policy for both: the `--egress-*` aliases say so; the older
+/// `--http-sink-*` names stay.
 #[derive(Args, Debug, Clone, Default)]
 pub struct EgressArgs {
-    /// CIDR HTTP sinks may reach although it is not public (e.g. an in-cluster collector);
-    /// comma-separated or repeated.
+    /// CIDR HTTP sinks and BrokerConnections may reach although it is not public (e.g. an
+    /// in-cluster collector or broker); comma-separated or repeated.
     #[arg(
         long = "http-sink-allow-cidr",
+        visible_alias = "egress-allow-cidr",
         env = "THING_OPERATOR_HTTP_SINK_ALLOW_CIDRS",
         value_delimiter = ','
     )]
     pub allow: Vec<ipnet::IpNet>,
-    /// CIDR HTTP sinks may never reach although it is public (e.g. the cluster's service and
-    /// pod ranges); comma-separated or repeated.
+    /// CIDR HTTP sinks and BrokerConnections may never reach although it is public (e.g. the
+    /// cluster's service and pod ranges); comma-separated or repeated.
     #[arg(
         long = "http-sink-deny-cidr",
+        visible_alias = "egress-deny-cidr",
         env = "THING_OPERATOR_HTTP_SINK_DENY_CIDRS",
         value_delimiter = ','
     )]

@@ -20,13 +20,13 @@ use ipnet::IpNet;
 /// Why a destination is refused. Names the address class, never anything fetched from it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("{0} is a {1} address, which HTTP sinks may not reach")]
+    #[error("{0} is a {1} address, which sinks and broker connections may not reach")]
     Address(IpAddr, &'static str),
     #[error("{0} is in a range this operator denies")]
     Denied(IpAddr),
     #[error("port {0} is one of the operator's own ports")]
     OwnPort(u16),
-    #[error("{0} resolves to no address HTTP sinks may reach ({1})")]
+    #[error("{0} resolves to no address sinks and broker connections may reach ({1})")]
     NoAllowedAddress(String, String),
 }
 

@@ -14,7 +14,7 @@ use crate::{
     config::RunArgs,
     controller::{self, Context, ContextParts, ControllerConfig, ThingTrigger},
     forwarding::{
-        ObserverManager, StateBus, SubscriberManager,
+        BrokerConnections, MqttBrokers, ObserverManager, StateBus, SubscriberManager,
         mqtt::{BrokerEndpoint, MqttAccess},
     },
     http::{self, Readiness},
@@ -221,6 +221,7 @@ fn events_mqtt_connection(args: &RunArgs) -> anyhow::Result<Option<EventsMqtt>> 
         ),
         last_will: None,
         session: Default::default(),
+        keep_alive: None,
     });
     Ok(Some((client, eventloop, config.layout, endpoint)))
 }
@@ -251,6 +252,7 @@ fn start_desired_patches(
         client_id: format!("thing-operator-desired-patch/{}", config.layout.prefix()),
         last_will: None,
         session: connection::Session::PersistentManualAcks,
+        keep_alive: None,
     });
     let (router, writer) = crate::rest_broker::desired_inbound::desired_patches(
         config.layout,
@@ -350,9 +352,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // What the operator's own writes into Things caused, shared by both task kinds so that
     // Observer/Subscriber graphs settle instead of looping.
     let provenance = crate::forwarding::provenance::ProvenanceBook::default();
+    // Sessions with the brokers tenants name (BrokerConnection), shared by both task kinds.
+    let connections = BrokerConnections::new(metrics.clone(), shutdown.clone());
     let subscribers = Arc::new(SubscriberManager::new(
         client.clone(),
         mqtt_access.clone(),
+        connections.clone(),
         // Reported state goes through the Thing's shadow topic, on the events connection: the
         // target is always a Thing of the Subscriber's own namespace.
         Arc::new(ShadowUpdateWriter::new(
@@ -374,7 +379,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let observers = ObserverManager::new(
         bus,
         client.clone(),
-        mqtt_access.clone(),
+        MqttBrokers {
+            mqtt: mqtt_access.clone(),
+            connections: connections.clone(),
+        },
         egress.clone(),
         provenance,
         metrics.clone(),
@@ -442,6 +450,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         thing_triggers: trigger_rx,
         observers,
         subscribers,
+        connections,
     }));
 
     tracing::info!(

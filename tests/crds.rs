@@ -30,7 +30,10 @@ fn helm_chart_ships_the_same_crds() {
 fn crds_carry_the_api_users_rely_on() {
     let crds = thing_operator::api::all_crds();
     let names: Vec<_> = crds.iter().map(|c| c.spec.names.kind.clone()).collect();
-    assert_eq!(names, ["Thing", "Observer", "Subscriber"]);
+    assert_eq!(
+        names,
+        ["Thing", "Observer", "Subscriber", "BrokerConnection"]
+    );
     for crd in &crds {
         assert_eq!(crd.spec.group, "iot.thing-operator.dev");
         assert_eq!(crd.spec.scope, "Namespaced");
@@ -61,5 +64,5 @@ fn crds_carry_the_api_users_rely_on() {
         .iter()
         .map(|c| c.spec.names.short_names.clone().unwrap()[0].clone())
         .collect();
-    assert_eq!(short, ["th", "obs", "sub"]);
+    assert_eq!(short, ["th", "obs", "sub", "brokerconn"]);
 }

@@ -31,7 +31,7 @@ static CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const TEST_OVERLAY: &str = "tests/kustomize/k8s-1.20";
 const NAMESPACED: &str = "examples/kustomize/namespaced";
 const TEAM_NS: &str = "thing-operator-team-a";
-const KINDS: [&str; 3] = ["things", "observers", "subscribers"];
+const KINDS: [&str; 4] = ["things", "observers", "subscribers", "brokerconnections"];
 
 fn repo(path: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))

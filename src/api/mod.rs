@@ -1,5 +1,6 @@
 //! Custom resource types. Pure data and pure validation: nothing in here does I/O.
 
+pub mod broker_connection;
 pub mod conditions;
 pub mod filter_expression;
 pub mod json;
@@ -9,6 +10,7 @@ pub mod thing;
 pub mod update;
 pub mod validation;
 
+pub use broker_connection::{BrokerConnection, BrokerConnectionSpec, BrokerConnectionStatus};
 pub use conditions::{Condition, ConditionStatus};
 pub use json::JsonObject;
 pub use observer::{Observer, ObserverSpec, ObserverStatus};
@@ -41,7 +43,12 @@ pub fn all_crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
-    vec![Thing::crd(), Observer::crd(), Subscriber::crd()]
+    vec![
+        Thing::crd(),
+        Observer::crd(),
+        Subscriber::crd(),
+        BrokerConnection::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML stream, exactly what `crds/` holds.

@@ -64,6 +64,10 @@ pub struct FilterSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MqttSink {
+    /// A `BrokerConnection` of this namespace to publish through. Default: the operator's broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub connection: Option<String>,
     /// Topic to publish to (no wildcards).
     #[schemars(length(min = 1, max = 1024))]
     pub topic: String,

@@ -9,7 +9,12 @@ use super::conditions::Conditions;
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MqttSource {
-    /// MQTT topic filter (wildcards allowed) on the operator's broker.
+    /// A `BrokerConnection` of this namespace to subscribe through. Default: the operator's
+    /// broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub connection: Option<String>,
+    /// MQTT topic filter (wildcards allowed) on the broker.
     #[schemars(length(min = 1, max = 1024))]
     pub topic_filter: String,
     #[serde(default = "default_qos")]

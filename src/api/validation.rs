@@ -10,7 +10,7 @@ use std::{str::FromStr, time::Duration};
 use serde_json::Value;
 
 use super::{
-    JsonObject, Observer, Subscriber, Thing,
+    BrokerConnection, JsonObject, Observer, Subscriber, Thing,
     thing::{Broker, MAX_DESIRED_BYTES},
 };
 
@@ -482,8 +482,12 @@ pub fn validate_observer(observer: &Observer, topics: &TopicScope) -> Result<(),
     }
     if let Some(m) = &spec.sink.mqtt {
         problems.extend(check_publish_topic("sink.mqtt.topic", &m.topic));
-        let namespace = observer.metadata.namespace.as_deref().unwrap_or_default();
-        problems.extend(topics.check("sink.mqtt.topic", namespace, &m.topic));
+        // The operator's broker is shared by every tenant: its topics are scoped. A broker a
+        // BrokerConnection names is the tenant's own: its topics are theirs.
+        if m.connection.is_none() {
+            let namespace = observer.metadata.namespace.as_deref().unwrap_or_default();
+            problems.extend(topics.check("sink.mqtt.topic", namespace, &m.topic));
+        }
         if m.qos > 2 {
             problems.push("sink.mqtt.qos must be 0, 1 or 2".into());
         }
@@ -519,8 +523,10 @@ pub fn validate_observer(observer: &Observer, topics: &TopicScope) -> Result<(),
     if let Some(dead) = &spec.dead_letter {
         if let Some(m) = &dead.mqtt {
             problems.extend(check_publish_topic("deadLetter.mqtt.topic", &m.topic));
-            let namespace = observer.metadata.namespace.as_deref().unwrap_or_default();
-            problems.extend(topics.check("deadLetter.mqtt.topic", namespace, &m.topic));
+            if m.connection.is_none() {
+                let namespace = observer.metadata.namespace.as_deref().unwrap_or_default();
+                problems.extend(topics.check("deadLetter.mqtt.topic", namespace, &m.topic));
+            }
         }
         if let Some(h) = &dead.http
             && !url::Url::parse(&h.url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
@@ -543,8 +549,10 @@ pub fn validate_subscriber(
             "source.mqtt.topicFilter",
             &m.topic_filter,
         ));
-        let namespace = subscriber.metadata.namespace.as_deref().unwrap_or_default();
-        problems.extend(topics.check("source.mqtt.topicFilter", namespace, &m.topic_filter));
+        if m.connection.is_none() {
+            let namespace = subscriber.metadata.namespace.as_deref().unwrap_or_default();
+            problems.extend(topics.check("source.mqtt.topicFilter", namespace, &m.topic_filter));
+        }
         if m.qos > 2 {
             problems.push("source.mqtt.qos must be 0, 1 or 2".into());
         }
@@ -555,9 +563,131 @@ pub fn validate_subscriber(
     InvalidSpec::from_problems(problems)
 }
 
+/// The rules of a BrokerConnection beyond its schema (which older API servers may not enforce
+/// in full): a URL the operator can use without putting credentials in it, and a client id a
+/// broker takes. Where the URL may point is the egress policy's question, asked at connect.
+pub fn validate_broker_connection(connection: &BrokerConnection) -> Result<(), InvalidSpec> {
+    let mut problems = Vec::new();
+    let spec = &connection.spec;
+    match url::Url::parse(&spec.url) {
+        Ok(u) => {
+            let tls = match u.scheme() {
+                "mqtt" => false,
+                "mqtts" => true,
+                other => {
+                    problems.push(format!("url scheme {other:?} must be mqtt or mqtts"));
+                    false
+                }
+            };
+            if !u.username().is_empty() || u.password().is_some() {
+                // Never echo the URL: it holds a credential.
+                problems
+                    .push("url must not carry credentials; use auth.usernamePasswordSecret".into());
+            }
+            if u.host_str().is_none_or(str::is_empty) {
+                problems.push("url has no host".into());
+            }
+            if !matches!(u.path(), "" | "/") || u.query().is_some() || u.fragment().is_some() {
+                problems.push("url must be scheme://host[:port] only".into());
+            }
+            if spec.tls.is_some() && !tls {
+                problems.push("tls is set but the url is mqtt://; use mqtts://".into());
+            }
+        }
+        // The parser's message may quote the URL; it holds no credential we accept, but say
+        // only what is wrong.
+        Err(e) => problems.push(format!("url is not a URL: {e}")),
+    }
+    if let Some(id) = &spec.client_id
+        && (id.is_empty()
+            || id.len() > super::broker_connection::MAX_CLIENT_ID
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    {
+        problems.push("clientId must be 1-64 characters of A-Z a-z 0-9 . _ : -".into());
+    }
+    if spec
+        .keep_alive_seconds
+        .is_some_and(|k| !(5..=3600).contains(&k))
+    {
+        problems.push("keepAliveSeconds must be 5-3600".into());
+    }
+    InvalidSpec::from_problems(problems)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tenants_own_broker_has_no_topic_scope_but_no_wildcard_sinks() {
+        let observer: Observer = serde_json::from_value(json!({
+            "apiVersion": "iot.thing-operator.dev/v1alpha1", "kind": "Observer",
+            "metadata": {"name": "o", "namespace": "team-a"},
+            "spec": {"source": {"thingName": "t"},
+                     "sink": {"mqtt": {"connection": "mine", "topic": "plant/line-1/temp"}}}
+        }))
+        .unwrap();
+        assert!(validate_observer(&observer, &TopicScope::default()).is_ok());
+        let mut wild = observer.clone();
+        if let Some(m) = wild.spec.sink.mqtt.as_mut() {
+            m.topic = "plant/+/temp".into();
+        }
+        assert!(validate_observer(&wild, &TopicScope::default()).is_err());
+        let mut own_broker = observer;
+        if let Some(m) = own_broker.spec.sink.mqtt.as_mut() {
+            m.connection = None;
+        }
+        assert!(
+            validate_observer(&own_broker, &TopicScope::default()).is_err(),
+            "without a connection the operator's scope applies"
+        );
+        let subscriber: Subscriber = serde_json::from_value(json!({
+            "apiVersion": "iot.thing-operator.dev/v1alpha1", "kind": "Subscriber",
+            "metadata": {"name": "s", "namespace": "team-a"},
+            "spec": {"source": {"mqtt": {"connection": "mine", "topicFilter": "plant/#"}},
+                     "target": {"thingName": "t"}}
+        }))
+        .unwrap();
+        assert!(validate_subscriber(&subscriber, &TopicScope::default()).is_ok());
+    }
+
+    #[test]
+    fn broker_connection_rules() {
+        let conn =
+            |spec: Value| BrokerConnection::new("b", serde_json::from_value(spec).expect("a spec"));
+        for ok in [
+            json!({"url": "mqtt://broker.example"}),
+            json!({"url": "mqtts://broker.example:8883", "tls": {}}),
+            json!({"url": "mqtt://10.0.0.1:1883/", "clientId": "plant-7"}),
+        ] {
+            assert!(
+                validate_broker_connection(&conn(ok.clone())).is_ok(),
+                "{ok}"
+            );
+        }
+        for (bad, says) in [
+            (json!({"url": "http://broker"}), "scheme"),
+            (json!({"url": "mqtt://admin:hunter2@broker"}), "credentials"),
+            (json!({"url": "mqtt://broker/topic"}), "host[:port] only"),
+            (json!({"url": "mqtt://broker", "tls": {}}), "mqtts"),
+            (
+                json!({"url": "mqtt://broker", "clientId": "a b"}),
+                "clientId",
+            ),
+            (
+                json!({"url": "mqtt://broker", "keepAliveSeconds": 1}),
+                "keepAlive",
+            ),
+        ] {
+            let err = validate_broker_connection(&conn(bad.clone()))
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
     use crate::api::{ObserverSpec, SubscriberSpec, ThingSpec};
     use serde_json::json;
 

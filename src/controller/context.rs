@@ -23,7 +23,7 @@ use crate::{
     },
     egress::EgressPolicy,
     feed::StateFeed,
-    forwarding::{ObserverManager, SubscriberManager},
+    forwarding::{BrokerConnections, ObserverManager, SubscriberManager},
     metrics::Metrics,
     provider::ProviderRegistry,
 };
@@ -73,6 +73,8 @@ pub struct ContextParts {
     pub thing_triggers: ThingTriggerReceiver,
     pub observers: ObserverManager,
     pub subscribers: Arc<SubscriberManager>,
+    /// Sessions with the brokers tenants name (BrokerConnection).
+    pub connections: BrokerConnections,
 }
 
 /// Shared by every reconcile.
@@ -92,6 +94,8 @@ pub struct Context {
     pub observers: ObserverManager,
     /// Subscriber tasks and their MQTT/HTTP routes.
     pub subscribers: Arc<SubscriberManager>,
+    /// Sessions with the brokers BrokerConnections name.
+    pub connections: BrokerConnections,
     thing_triggers: std::sync::Mutex<Option<mpsc::Receiver<ObjectRef<Thing>>>>,
     /// The fleet-wide budget for status writes of reported state, when there is one.
     pub write_budget: Option<WriteBudget>,
@@ -111,6 +115,7 @@ impl Context {
             feed: parts.feed,
             observers: parts.observers,
             subscribers: parts.subscribers,
+            connections: parts.connections,
             thing_triggers: std::sync::Mutex::new(Some(parts.thing_triggers.0)),
             write_budget: parts.thing_triggers.1,
         }

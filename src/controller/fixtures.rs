@@ -22,7 +22,7 @@ use super::{Context, ContextParts, ControllerConfig, ThingTrigger};
 use crate::{
     api::Thing,
     feed::NoFeed,
-    forwarding::{ObserverManager, StateBus, SubscriberManager},
+    forwarding::{BrokerConnections, MqttBrokers, ObserverManager, StateBus, SubscriberManager},
     metrics::Metrics,
     provider::{ProviderRegistry, debug::DebugProvider},
 };
@@ -77,6 +77,16 @@ impl ApiServer {
     pub fn seed(&self, thing: &Thing) {
         let value = serde_json::to_value(thing).expect("a Thing serializes");
         self.lock().objects.insert(thing_path(thing), value);
+    }
+
+    /// Stores any object at its API path (e.g. `/api/v1/namespaces/team-a/secrets/login`).
+    pub fn seed_at(&self, path: &str, value: Value) {
+        self.lock().objects.insert(path.to_string(), value);
+    }
+
+    /// The object stored at `path` now.
+    pub fn object_at(&self, path: &str) -> Option<Value> {
+        self.lock().objects.get(path).cloned()
     }
 
     /// The Thing as stored now (after the controller's patches).
@@ -182,6 +192,14 @@ fn mock_client() -> (Client, ApiServer) {
 
 /// A Context whose only backend is `provider`, talking to a mocked API server.
 pub fn context(provider: Arc<DebugProvider>) -> (Arc<Context>, ApiServer) {
+    context_with(provider, ControllerConfig::default())
+}
+
+/// [`context`] with the given settings (e.g. an egress policy).
+pub fn context_with(
+    provider: Arc<DebugProvider>,
+    config: ControllerConfig,
+) -> (Arc<Context>, ApiServer) {
     let (client, server) = mock_client();
     let metrics = Arc::new(Metrics::default());
     let shutdown = CancellationToken::new();
@@ -192,12 +210,16 @@ pub fn context(provider: Arc<DebugProvider>) -> (Arc<Context>, ApiServer) {
         controller: "thing-operator-test".into(),
         instance: None,
     };
+    let connections = BrokerConnections::new(metrics.clone(), shutdown.clone());
     let ctx = Context::new(ContextParts {
         recorder: Recorder::new(client.clone(), reporter),
         observers: ObserverManager::new(
             StateBus::default(),
             client.clone(),
-            Default::default(),
+            MqttBrokers {
+                mqtt: Default::default(),
+                connections: connections.clone(),
+            },
             Arc::default(),
             Default::default(),
             metrics.clone(),
@@ -206,6 +228,7 @@ pub fn context(provider: Arc<DebugProvider>) -> (Arc<Context>, ApiServer) {
         subscribers: Arc::new(SubscriberManager::new(
             client.clone(),
             Default::default(),
+            connections.clone(),
             Arc::new(NoFeed),
             Default::default(),
             metrics.clone(),
@@ -214,9 +237,10 @@ pub fn context(provider: Arc<DebugProvider>) -> (Arc<Context>, ApiServer) {
         client,
         metrics,
         providers,
-        config: ControllerConfig::default(),
+        config,
         feed: Arc::new(NoFeed),
         thing_triggers,
+        connections,
     });
     (Arc::new(ctx), server)
 }

@@ -6,11 +6,12 @@
 //! - `thing`: the Thing reconciler; `ready`: its pure rules (Ready condition, when the Ready
 //!   Event fires, what to requeue);
 //! - `task_kind`: the shared reconciler of the kinds that run in-memory tasks (`observer`,
-//!   `subscriber`);
+//!   `subscriber`, and `broker_connection`, whose task is a broker session);
 //! - `status`, `kube_events`, `backoff`: status writes, Events, retry delays;
 //! - `things_gauge`: the Things-by-Ready-reason gauge, recomputed from the Thing cache.
 
 mod backoff;
+mod broker_connection;
 mod context;
 mod instrument;
 pub mod kube_events;
@@ -41,7 +42,7 @@ pub use backoff::{RetryBackoff, jittered};
 pub use context::{Context, ContextParts, ControllerConfig, ThingTrigger, ThingTriggerReceiver};
 
 use crate::{
-    api::{Observer, Subscriber, Thing},
+    api::{BrokerConnection, Observer, Subscriber, Thing},
     error::Error,
     http::Readiness,
 };
@@ -127,7 +128,7 @@ fn tokio_stream_from<T: Send + 'static>(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-/// Runs the three controllers until `shutdown` fires. Marks `readiness` once every cache synced.
+/// Runs the four controllers until `shutdown` fires. Marks `readiness` once every cache synced.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken, readiness: Arc<Readiness>) {
     let ns = ctx.config.watch_namespace.clone();
     let (things, things_fut) = start(
@@ -137,19 +138,32 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken, readiness: Arc<
         ctx.take_thing_triggers(),
         thing::reconcile,
     );
+    // A broker connection's state changes reconcile it and the Observers/Subscribers naming it.
+    let (connection_triggers, observer_triggers, subscriber_triggers) =
+        match ctx.connections.take_triggers() {
+            Some(t) => (Some(t.connections), Some(t.observers), Some(t.subscribers)),
+            None => (None, None, None),
+        };
     let (observers, observers_fut) = start(
         api_for::<Observer>(ctx.client.clone(), ns.as_deref()),
         ctx.clone(),
         shutdown.clone(),
-        None,
+        observer_triggers,
         observer::reconcile,
     );
     let (subscribers, subscribers_fut) = start(
         api_for::<Subscriber>(ctx.client.clone(), ns.as_deref()),
         ctx.clone(),
         shutdown.clone(),
-        None,
+        subscriber_triggers,
         subscriber::reconcile,
+    );
+    let (connections, connections_fut) = start(
+        api_for::<BrokerConnection>(ctx.client.clone(), ns.as_deref()),
+        ctx.clone(),
+        shutdown.clone(),
+        connection_triggers,
+        broker_connection::reconcile,
     );
     let gauge = things_gauge::run(things.clone(), ctx.metrics.clone(), shutdown.clone());
     let ready = async move {
@@ -157,11 +171,19 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken, readiness: Arc<
             things.wait_until_ready().await.is_ok()
                 && observers.wait_until_ready().await.is_ok()
                 && subscribers.wait_until_ready().await.is_ok()
+                && connections.wait_until_ready().await.is_ok()
         };
         if synced.await {
             tracing::info!("caches synced, controllers ready");
             readiness.set_ready(true);
         }
     };
-    tokio::join!(things_fut, observers_fut, subscribers_fut, ready, gauge);
+    tokio::join!(
+        things_fut,
+        observers_fut,
+        subscribers_fut,
+        connections_fut,
+        ready,
+        gauge
+    );
 }

@@ -7,6 +7,7 @@ use kube::{ResourceExt, runtime::controller::Action};
 
 use super::{
     Context,
+    broker_connection::connections_not_ready,
     task_kind::{self, HasStatusCore},
 };
 use crate::{
@@ -16,6 +17,7 @@ use crate::{
         validation::{InvalidSpec, validate_observer},
     },
     error::Result,
+    forwarding::broker_connections::User,
 };
 
 #[async_trait::async_trait]
@@ -46,7 +48,18 @@ impl task_kind::TaskKind for Observer {
     }
 
     async fn start(&self, ctx: &Context) -> Condition {
-        if self.spec.sink.mqtt.is_some() && !ctx.observers.has_mqtt() {
+        let (namespace, name) = (self.namespace().unwrap_or_default(), self.name_any());
+        let connections = self.broker_connections();
+        // Told when a connection it names changes, so Ready follows it.
+        ctx.connections
+            .set_uses(&namespace, User::Observer(name.clone()), &connections);
+        let on_operator_broker = self
+            .spec
+            .sink
+            .mqtt
+            .as_ref()
+            .is_some_and(|m| m.connection.is_none());
+        if on_operator_broker && !ctx.observers.has_mqtt() {
             self.stop(ctx);
             return Condition::new(
                 types::READY,
@@ -56,7 +69,6 @@ impl task_kind::TaskKind for Observer {
             );
         }
         ctx.observers.ensure(self);
-        let (namespace, name) = (self.namespace().unwrap_or_default(), self.name_any());
         if let Some(refusal) = ctx.observers.refusal(&namespace, &name) {
             // The task keeps running: a later delivery that succeeds (the name resolves
             // elsewhere) clears this.
@@ -67,6 +79,10 @@ impl task_kind::TaskKind for Observer {
                 refusal,
             );
         }
+        // The task runs meanwhile: it delivers once the connection is up.
+        if let Some(not_ready) = connections_not_ready(ctx, &namespace, &connections) {
+            return not_ready;
+        }
         Condition::new(
             types::READY,
             ConditionStatus::True,
@@ -76,8 +92,29 @@ impl task_kind::TaskKind for Observer {
     }
 
     fn stop(&self, ctx: &Context) {
-        ctx.observers
-            .stop(&self.namespace().unwrap_or_default(), &self.name_any());
+        let (namespace, name) = (self.namespace().unwrap_or_default(), self.name_any());
+        ctx.connections
+            .set_uses(&namespace, User::Observer(name.clone()), &[]);
+        ctx.observers.stop(&namespace, &name);
+    }
+}
+
+trait NamesConnections {
+    /// The BrokerConnections the spec names (sink and dead-letter destination).
+    fn broker_connections(&self) -> Vec<&str>;
+}
+
+impl NamesConnections for Observer {
+    fn broker_connections(&self) -> Vec<&str> {
+        let sink = self.spec.sink.mqtt.as_ref();
+        let dead_letter = self.spec.dead_letter.as_ref().and_then(|d| d.mqtt.as_ref());
+        let mut names: Vec<&str> = [sink, dead_letter]
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m.connection.as_deref())
+            .collect();
+        names.dedup();
+        names
     }
 }
 

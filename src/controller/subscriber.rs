@@ -7,6 +7,7 @@ use kube::{ResourceExt, runtime::controller::Action};
 
 use super::{
     Context,
+    broker_connection::connections_not_ready,
     task_kind::{self, HasStatusCore},
 };
 use crate::{
@@ -16,6 +17,7 @@ use crate::{
         validation::{InvalidSpec, validate_subscriber},
     },
     error::Result,
+    forwarding::broker_connections::User,
 };
 
 #[async_trait::async_trait]
@@ -29,7 +31,16 @@ impl task_kind::TaskKind for Subscriber {
     }
 
     async fn start(&self, ctx: &Context) -> Condition {
-        if self.spec.source.mqtt.is_some() && !ctx.subscribers.has_mqtt() {
+        let (namespace, name) = (self.namespace().unwrap_or_default(), self.name_any());
+        let mqtt = self.spec.source.mqtt.as_ref();
+        let connections: Vec<&str> = mqtt
+            .and_then(|m| m.connection.as_deref())
+            .into_iter()
+            .collect();
+        // Told when the connection it names changes, so Ready follows it.
+        ctx.connections
+            .set_uses(&namespace, User::Subscriber(name.clone()), &connections);
+        if mqtt.is_some() && connections.is_empty() && !ctx.subscribers.has_mqtt() {
             self.stop(ctx);
             return Condition::new(
                 types::READY,
@@ -39,6 +50,12 @@ impl task_kind::TaskKind for Subscriber {
             );
         }
         match ctx.subscribers.ensure(self).await {
+            // Receiving starts once the connection is up (its session subscribes then).
+            Ok(())
+                if let Some(not_ready) = connections_not_ready(ctx, &namespace, &connections) =>
+            {
+                not_ready
+            }
             Ok(()) => Condition::new(
                 types::READY,
                 ConditionStatus::True,
@@ -52,8 +69,10 @@ impl task_kind::TaskKind for Subscriber {
     }
 
     fn stop(&self, ctx: &Context) {
-        ctx.subscribers
-            .stop(&self.namespace().unwrap_or_default(), &self.name_any());
+        let (namespace, name) = (self.namespace().unwrap_or_default(), self.name_any());
+        ctx.connections
+            .set_uses(&namespace, User::Subscriber(name.clone()), &[]);
+        ctx.subscribers.stop(&namespace, &name);
     }
 }
 

@@ -71,6 +71,10 @@ pub trait TaskKind:
     async fn start(&self, ctx: &Context) -> Condition;
     /// Stops the task (invalid spec or deletion).
     fn stop(&self, ctx: &Context);
+    /// When to look again while Ready is True; `None`: only on a change (the default).
+    fn requeue_when_ready(&self, _ctx: &Context) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 pub async fn reconcile<K: TaskKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
@@ -138,6 +142,11 @@ async fn apply<K: TaskKind>(obj: Arc<K>, ctx: &Context, api: &Api<K>) -> Result<
     if retry {
         // E.g. a referenced Secret that does not exist yet: look again later, slowly.
         return Ok(Action::requeue(std::time::Duration::from_secs(60)));
+    }
+    if !notice.warning
+        && let Some(after) = obj.requeue_when_ready(ctx)
+    {
+        return Ok(Action::requeue(after));
     }
     Ok(Action::await_change())
 }

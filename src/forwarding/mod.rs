@@ -5,7 +5,8 @@
 //! - pure rules and codecs: [`filter`] (which updates an Observer forwards), [`json`] (placing
 //!   and coalescing JSON), [`cloud_event`] (what sinks send);
 //! - I/O: [`sink`] (where Observers deliver), [`desired`] (writing a Thing's `spec.desired`),
-//!   [`mqtt`] (the MQTT client a namespace's tasks act with);
+//!   [`mqtt`] (the MQTT client a namespace's tasks act with on the operator's broker),
+//!   [`broker_connections`] (the sessions with brokers tenants name themselves);
 //! - the tasks: [`observers`] (with [`lanes`], one per Thing, and the [`outbox`] each delivery
 //!   runs through), [`subscribers`], and what both share in [`tasks`].
 //!
@@ -13,8 +14,10 @@
 //! MQTT client, a [`ReportedStateWriter`](crate::feed::ReportedStateWriter), the egress policy
 //! of HTTP sinks); it imports no backend, controller or runner code.
 
+pub mod broker_connections;
 mod bus;
 mod cloud_event;
+pub mod connection_settings;
 pub(crate) mod desired;
 mod filter;
 mod json;
@@ -29,8 +32,9 @@ mod sink;
 pub mod subscribers;
 mod tasks;
 
+pub use broker_connections::BrokerConnections;
 pub use bus::StateBus;
-pub use observers::ObserverManager;
+pub use observers::{MqttBrokers, ObserverManager};
 pub use subscribers::SubscriberManager;
 
 /// Why a delivery (an Observer's sink) or a write (a Subscriber's target Thing) failed. The

@@ -179,6 +179,7 @@ async fn connect(shared: &Shared, namespace: &str) -> Result<NamespaceConnection
         // Subscribers acknowledge a message once it is written: the broker keeps what was not
         // acknowledged for the next session of this namespace (same client id).
         session: connection::Session::PersistentManualAcks,
+        keep_alive: None,
     });
     let inner = match shared.router.get() {
         Some(router) => router.handler_for(namespace),

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     DeliveryError, StateBus,
+    broker_connections::BrokerConnections,
     filter::{
         Context as FilterContext, Decision, Memory, evaluate, memories_from_status,
         memories_to_status, selects,
@@ -76,11 +77,20 @@ impl Refusals {
     }
 }
 
+/// Where MQTT sinks publish: the operator's broker (each namespace with its own account), or a
+/// broker a BrokerConnection names.
+pub struct MqttBrokers {
+    pub mqtt: MqttAccess,
+    pub connections: BrokerConnections,
+}
+
 /// Starts, restarts and stops Observer tasks.
 pub struct ObserverManager {
     bus: StateBus,
     client: Client,
     mqtt: MqttAccess,
+    /// Sessions with the brokers BrokerConnections name.
+    connections: BrokerConnections,
     /// Where HTTP sinks may connect.
     egress: Arc<EgressPolicy>,
     metrics: Arc<Metrics>,
@@ -95,7 +105,7 @@ impl ObserverManager {
     pub fn new(
         bus: StateBus,
         client: Client,
-        mqtt: MqttAccess,
+        MqttBrokers { mqtt, connections }: MqttBrokers,
         egress: Arc<EgressPolicy>,
         provenance: ProvenanceBook,
         metrics: Arc<Metrics>,
@@ -105,6 +115,7 @@ impl ObserverManager {
             bus,
             client,
             mqtt,
+            connections,
             provenance,
             egress,
             metrics,
@@ -155,6 +166,7 @@ impl ObserverManager {
             api: Api::namespaced(self.client.clone(), &ns),
             client: self.client.clone(),
             mqtt: self.mqtt.clone(),
+            connections: self.connections.clone(),
             egress: self.egress.clone(),
             bus: self.bus.clone(),
             metrics: self.metrics.clone(),
@@ -197,6 +209,7 @@ struct ObserverTask {
     client: Client,
     /// Where an MQTT sink gets its connection: the one that acts for this namespace.
     mqtt: MqttAccess,
+    connections: BrokerConnections,
     egress: Arc<EgressPolicy>,
     bus: StateBus,
     metrics: Arc<Metrics>,
@@ -236,6 +249,7 @@ impl ObserverTask {
                 &self.namespace,
                 &self.client,
                 &self.mqtt,
+                &self.connections,
                 &self.egress,
                 &self.provenance,
             )

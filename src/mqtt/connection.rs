@@ -1,6 +1,9 @@
 //! The operator's one MQTT connection to the broker (admin credentials): dynamic-security
 //! commands, the shadow service and the retained state publisher all share it.
 //!
+//! The sessions with tenants' own brokers (`forwarding::broker_connections`) are built and
+//! driven here too, with their own keepalive and a longer, jittered backoff ([`Reconnect`]).
+//!
 //! rumqttc reconnects when its event loop is polled again after an error; this module keeps
 //! polling with a capped backoff and tells the handler on every (re)connect, so subscriptions
 //! are renewed even when the broker lost its sessions (a restart without persistence).
@@ -121,6 +124,8 @@ pub trait Handler: Send + Sync + 'static {
     fn on_outgoing_publish(&self, _pkid: u16) {}
     /// The broker acknowledged the QoS 1/2 PUBLISH `pkid` (PUBACK, or PUBCOMP for QoS 2).
     fn on_publish_acknowledged(&self, _pkid: u16) {}
+    /// Connecting failed or the connection broke; the driver tries again after a backoff.
+    fn on_connection_lost(&self, _error: &rumqttc::ConnectionError) {}
 }
 
 /// The handler of a connection that only publishes.
@@ -152,6 +157,41 @@ pub struct ConnectionSettings {
     /// Published (retained) by the broker if the operator vanishes.
     pub last_will: Option<(String, Vec<u8>)>,
     pub session: Session,
+    /// MQTT keepalive; `None`: [`DEFAULT_KEEP_ALIVE`].
+    pub keep_alive: Option<Duration>,
+}
+
+/// The keepalive of the operator's own connections.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// How a connection is tried again after it failed: from 100 ms, doubling up to `max`; with
+/// `jitter`, each wait is spread by ±10 % so that many connections to one broker that failed
+/// together do not come back in step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconnect {
+    pub max: Duration,
+    pub jitter: bool,
+}
+
+impl Default for Reconnect {
+    /// The operator's own broker: a short cap, it is expected back soon.
+    fn default() -> Self {
+        Self {
+            max: Duration::from_secs(2),
+            jitter: false,
+        }
+    }
+}
+
+impl Reconnect {
+    fn wait(&self, backoff: Duration) -> Duration {
+        let spread = backoff / 10;
+        if !self.jitter || spread.is_zero() {
+            return backoff;
+        }
+        use rand::Rng;
+        backoff - spread + rand::rng().random_range(Duration::ZERO..=spread * 2)
+    }
 }
 
 /// Largest packet in either direction: Mosquitto's `max_packet_size` in the test environment.
@@ -167,9 +207,12 @@ pub fn build(settings: ConnectionSettings) -> (AsyncClient, EventLoop) {
         settings.address.host.clone(),
         settings.address.port,
     );
+    // No login at all for a broker that takes anonymous clients (a tenant's own).
+    if !(settings.username.is_empty() && settings.password.is_empty()) {
+        options.set_credentials(settings.username, settings.password);
+    }
     options
-        .set_credentials(settings.username, settings.password)
-        .set_keep_alive(Duration::from_secs(15))
+        .set_keep_alive(settings.keep_alive.unwrap_or(DEFAULT_KEEP_ALIVE))
         .set_clean_session(settings.session == Session::Clean)
         .set_manual_acks(settings.session == Session::PersistentManualAcks)
         .set_max_packet_size(MAX_PACKET, MAX_PACKET);
@@ -199,7 +242,28 @@ pub fn spawn_driver(
     connected: Gauge,
     shutdown: CancellationToken,
 ) {
-    tokio::spawn(drive(eventloop, client, handler, connected, shutdown));
+    spawn_driver_with(
+        eventloop,
+        client,
+        handler,
+        connected,
+        shutdown,
+        Reconnect::default(),
+    );
+}
+
+/// [`spawn_driver`] with its own reconnect policy.
+pub fn spawn_driver_with(
+    eventloop: EventLoop,
+    client: AsyncClient,
+    handler: Arc<dyn Handler>,
+    connected: Gauge,
+    shutdown: CancellationToken,
+    reconnect: Reconnect,
+) {
+    tokio::spawn(drive(
+        eventloop, client, handler, connected, shutdown, reconnect,
+    ));
 }
 
 async fn drive(
@@ -208,6 +272,7 @@ async fn drive(
     handler: Arc<dyn Handler>,
     connected: Gauge,
     shutdown: CancellationToken,
+    reconnect: Reconnect,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -248,12 +313,14 @@ async fn drive(
             Err(e) => {
                 connected.set(0);
                 // The error names the connection problem, never credentials.
-                tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection lost");
+                let wait = reconnect.wait(backoff);
+                tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection lost");
+                handler.on_connection_lost(&e);
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => return,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff = (backoff * 2).min(reconnect.max);
             }
         }
     }

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::{
     DeliveryError,
+    broker_connections::BrokerConnections,
     cloud_event::cloud_event,
     desired::{merge_into_desired, refused},
     json::set_pointer,
@@ -34,6 +35,16 @@ pub enum Sink {
         client: AsyncClient,
         /// Says when the broker has a publish (the delivery counts only then).
         publishes: Arc<PublishTracker>,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+    },
+    /// A topic on a broker a BrokerConnection names: its session is looked up at each
+    /// delivery, so a reconnect with new settings (a new session) is used at once.
+    Connection {
+        connections: BrokerConnections,
+        namespace: String,
+        connection: String,
         topic: String,
         qos: QoS,
         retain: bool,
@@ -61,9 +72,22 @@ impl Sink {
         namespace: &str,
         client: &Client,
         mqtt: &MqttAccess,
+        connections: &BrokerConnections,
         egress: &Arc<EgressPolicy>,
         book: &ProvenanceBook,
     ) -> Result<Sink, DeliveryError> {
+        if let Some(m) = &spec.mqtt
+            && let Some(connection) = &m.connection
+        {
+            return Ok(Sink::Connection {
+                connections: connections.clone(),
+                namespace: namespace.to_string(),
+                connection: connection.clone(),
+                topic: m.topic.clone(),
+                qos: qos(m.qos),
+                retain: m.retain,
+            });
+        }
         if let Some(m) = &spec.mqtt {
             let connection = match mqtt.connection_for(namespace).await {
                 Ok(connection) => connection,
@@ -102,7 +126,7 @@ impl Sink {
     /// The sink's kind, as metrics label it.
     pub fn kind(&self) -> &'static str {
         match self {
-            Sink::Mqtt { .. } => "mqtt",
+            Sink::Mqtt { .. } | Sink::Connection { .. } => "mqtt",
             Sink::Http(_) => "http",
             Sink::Thing(_) => "thing",
         }
@@ -114,7 +138,7 @@ impl Sink {
     pub fn hop(&self, provenance: &Provenance) -> Result<Provenance, LoopStop> {
         match self {
             Sink::Thing(target) => provenance.into_thing(&target.namespace, &target.name),
-            Sink::Mqtt { .. } | Sink::Http(_) => provenance.next(),
+            Sink::Mqtt { .. } | Sink::Connection { .. } | Sink::Http(_) => provenance.next(),
         }
     }
 
@@ -127,23 +151,30 @@ impl Sink {
                 topic,
                 qos,
                 retain,
+            } => publish_acknowledged(client, publishes, topic, *qos, *retain, event).await,
+            Sink::Connection {
+                connections,
+                namespace,
+                connection,
+                topic,
+                qos,
+                retain,
             } => {
-                let payload = serde_json::to_vec(event)
-                    .map_err(|e| DeliveryError::permanent(format!("encoding: {e}")))?;
-                let acknowledged = publishes
-                    .publish(client, topic.clone(), *qos, *retain, payload)
-                    .await
-                    .map_err(|e| {
-                        DeliveryError::retryable(format!("MQTT publish to {topic}: {e}"))
-                    })?;
-                // Delivered once the broker has it; a broker that does not answer in time gets
-                // the update again (at-least-once).
-                match tokio::time::timeout(BROKER_ACK_WAIT, acknowledged).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(_)) | Err(_) => Err(DeliveryError::retryable(format!(
-                        "MQTT publish to {topic}: not acknowledged by the broker within {BROKER_ACK_WAIT:?}"
-                    ))),
-                }
+                let Some(session) = connections.connection(namespace, connection) else {
+                    // It may come (the BrokerConnection is created later, or its Secret).
+                    return Err(DeliveryError::retryable(format!(
+                        "BrokerConnection {connection} has no session (missing, invalid or refused)"
+                    )));
+                };
+                publish_acknowledged(
+                    &session.client,
+                    &session.publishes,
+                    topic,
+                    *qos,
+                    *retain,
+                    event,
+                )
+                .await
             }
             Sink::Http(endpoint) => endpoint.post(event).await,
             Sink::Thing(_) => Err(DeliveryError::permanent(
@@ -162,7 +193,7 @@ impl Sink {
         provenance: &Provenance,
     ) -> Result<(), DeliveryError> {
         match self {
-            Sink::Mqtt { .. } | Sink::Http(_) => {
+            Sink::Mqtt { .. } | Sink::Connection { .. } | Sink::Http(_) => {
                 self.deliver_event(&cloud_event(update, section, data, provenance))
                     .await
             }
@@ -198,5 +229,29 @@ impl Sink {
                 Ok(())
             }
         }
+    }
+}
+
+/// Publishes `event` and waits for the broker's acknowledgement (QoS 1/2): the delivery counts
+/// only then. A broker that does not answer in time gets the update again (at-least-once).
+async fn publish_acknowledged(
+    client: &AsyncClient,
+    publishes: &PublishTracker,
+    topic: &str,
+    qos: QoS,
+    retain: bool,
+    event: &Value,
+) -> Result<(), DeliveryError> {
+    let payload = serde_json::to_vec(event)
+        .map_err(|e| DeliveryError::permanent(format!("encoding: {e}")))?;
+    let acknowledged = publishes
+        .publish(client, topic.to_string(), qos, retain, payload)
+        .await
+        .map_err(|e| DeliveryError::retryable(format!("MQTT publish to {topic}: {e}")))?;
+    match tokio::time::timeout(BROKER_ACK_WAIT, acknowledged).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(DeliveryError::retryable(format!(
+            "MQTT publish to {topic}: not acknowledged by the broker within {BROKER_ACK_WAIT:?}"
+        ))),
     }
 }

@@ -9,7 +9,7 @@
 mod auth;
 pub mod message;
 mod receipt;
-mod routes;
+pub(crate) mod routes;
 mod task;
 mod write;
 
@@ -29,6 +29,7 @@ use receipt::Receipt;
 
 use self::{auth::read_token, routes::Routes, task::SubscriberTask, write::TargetWriter};
 use super::{
+    broker_connections::BrokerConnections,
     mqtt::{MqttAccess, qos},
     tasks::TaskRegistry,
 };
@@ -48,6 +49,8 @@ const HTTP_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 pub struct SubscriberManager {
     client: Client,
     mqtt: MqttAccess,
+    /// Sessions with the brokers BrokerConnections name; each has its own routes.
+    connections: BrokerConnections,
     /// Shared with the Observers: what the operator's own writes into Things caused.
     provenance: ProvenanceBook,
     /// Where `target.field: Reported` writes go (wired by the runner: forwarding does not know
@@ -65,6 +68,7 @@ impl SubscriberManager {
     pub fn new(
         client: Client,
         mqtt: MqttAccess,
+        connections: BrokerConnections,
         reported: Arc<dyn ReportedStateWriter>,
         provenance: ProvenanceBook,
         metrics: Arc<Metrics>,
@@ -75,6 +79,7 @@ impl SubscriberManager {
         Self {
             client,
             mqtt,
+            connections,
             reported,
             provenance,
             metrics,
@@ -115,7 +120,26 @@ impl SubscriberManager {
             None => None,
         };
         let (tx, rx) = mpsc::channel(QUEUE);
-        if let Some(m) = &spec.source.mqtt {
+        if let Some(m) = &spec.source.mqtt
+            && let Some(connection) = &m.connection
+        {
+            // The route first: the session subscribes every route of its connection on each
+            // connect, and a persistent session hands over what it kept at once.
+            self.connections.routes(&ns, connection).add_mqtt(
+                object_key(&ns, &name),
+                &m.topic_filter,
+                qos(m.qos),
+                tx.clone(),
+            );
+            // Not connected (or no session yet): the next connect subscribes it.
+            if let Some(session) = self.connections.connection(&ns, connection)
+                && let Err(e) = session
+                    .client
+                    .try_subscribe(m.topic_filter.clone(), qos(m.qos))
+            {
+                tracing::warn!(error = %e, "subscription queued for reconnect");
+            }
+        } else if let Some(m) = &spec.source.mqtt {
             // The route first: the broker hands over what the namespace's persistent session
             // kept the moment the connection is up.
             let key = object_key(&ns, &name);
@@ -160,10 +184,10 @@ impl SubscriberManager {
 
     pub fn stop(&self, namespace: &str, name: &str) {
         self.tasks.stop(namespace, name);
-        self.routes.remove(
-            &object_key(namespace, name),
-            self.mqtt.existing_client(namespace).as_ref(),
-        );
+        let key = object_key(namespace, name);
+        self.routes
+            .remove(&key, self.mqtt.existing_client(namespace).as_ref());
+        self.connections.remove_routes(namespace, &key);
     }
 
     /// Hands an HTTP request body to the Subscriber serving `namespace`/`path`.

@@ -57,6 +57,7 @@ impl MosquittoProvider {
             ),
             last_will: Some((status_topic.clone(), b"offline".to_vec())),
             session: Default::default(),
+            keep_alive: None,
         });
         let dynsec = Arc::new(Dynsec::new(client.clone(), DYNSEC_TIMEOUT));
         let registry = SharedRegistry::default();
