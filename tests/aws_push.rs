@@ -57,7 +57,11 @@ impl StandIn {
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.join("logs").join(format!("push-standin-{tls_port}.log"))).unwrap();
+        let log = std::fs::File::create(
+            dir.join("logs")
+                .join(format!("push-standin-{tls_port}.log")),
+        )
+        .unwrap();
         let child = Command::new("mosquitto")
             .arg("-c")
             .arg(&conf)
@@ -74,7 +78,11 @@ impl StandIn {
 
     /// A publisher on the plain listener, connected (its event loop driven in the background).
     async fn publisher(&self) -> AsyncClient {
-        let mut options = MqttOptions::new(format!("aws-{}", self.plain_port), "127.0.0.1", self.plain_port);
+        let mut options = MqttOptions::new(
+            format!("aws-{}", self.plain_port),
+            "127.0.0.1",
+            self.plain_port,
+        );
         options.set_keep_alive(Duration::from_secs(10));
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -177,7 +185,10 @@ async fn push_connected(s: &Setup, op: &OperatorProcess, up: bool) {
     let want = if up { 1.0 } else { 0.0 };
     s.wait_for(&format!("aws-push connected = {want}"), || async {
         let v = op
-            .metric("thing_operator_mqtt_connected", &["connection=\"aws-push\""])
+            .metric(
+                "thing_operator_mqtt_connected",
+                &["connection=\"aws-push\""],
+            )
             .await;
         (v == want).then_some(())
     })
@@ -186,7 +197,10 @@ async fn push_connected(s: &Setup, op: &OperatorProcess, up: bool) {
 
 async fn identity_secret(s: &Setup, cluster: &str) -> std::collections::BTreeMap<String, String> {
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), "thing-operator-system");
-    let secret = secrets.get(&format!("{cluster}-push")).await.expect("identity Secret");
+    let secret = secrets
+        .get(&format!("{cluster}-push"))
+        .await
+        .expect("identity Secret");
     secret
         .data
         .unwrap_or_default()
@@ -196,11 +210,17 @@ async fn identity_secret(s: &Setup, cluster: &str) -> std::collections::BTreeMap
 }
 
 /// The device's shadow update through moto's data plane; returns the new version.
-async fn device_reports(data: &aws_sdk_iotdataplane::Client, thing_name: &str, reported: Value) -> i64 {
+async fn device_reports(
+    data: &aws_sdk_iotdataplane::Client,
+    thing_name: &str,
+    reported: Value,
+) -> i64 {
     let out = data
         .update_thing_shadow()
         .thing_name(thing_name)
-        .payload(Blob::new(json!({"state": {"reported": reported}}).to_string()))
+        .payload(Blob::new(
+            json!({"state": {"reported": reported}}).to_string(),
+        ))
         .send()
         .await
         .expect("shadow update");
@@ -220,7 +240,12 @@ async fn publish_documents(client: &AsyncClient, topic: String, reported: Value,
         "timestamp": 1700000000
     });
     client
-        .publish(topic, QoS::AtLeastOnce, false, message.to_string().into_bytes())
+        .publish(
+            topic,
+            QoS::AtLeastOnce,
+            false,
+            message.to_string().into_bytes(),
+        )
         .await
         .unwrap();
 }
@@ -229,24 +254,45 @@ fn documents_topic(thing_name: &str) -> String {
     format!("$aws/things/{thing_name}/shadow/update/documents")
 }
 
-async fn reported_temp(s: &Setup, api: &Api<Thing>, name: &str, temp: i64, within: Duration) -> Thing {
-    common::wait_for(&format!("status.reported.temp = {temp}"), within, || async {
-        let t = api.get(name).await.ok()?;
-        let got = t.status.as_ref()?.reported.as_ref()?.0.get("temp")?.as_i64()?;
-        (got == temp).then_some(t)
-    })
+async fn reported_temp(
+    s: &Setup,
+    api: &Api<Thing>,
+    name: &str,
+    temp: i64,
+    within: Duration,
+) -> Thing {
+    common::wait_for(
+        &format!("status.reported.temp = {temp}"),
+        within,
+        || async {
+            let t = api.get(name).await.ok()?;
+            let got = t
+                .status
+                .as_ref()?
+                .reported
+                .as_ref()?
+                .0
+                .get("temp")?
+                .as_i64()?;
+            (got == temp).then_some(t)
+        },
+    )
     .await;
     let _ = s;
     api.get(name).await.unwrap()
 }
 
 async fn observed_temp(received: &Received, temp: i64, within: Duration) {
-    common::wait_for(&format!("an Observer event with temp {temp}"), within, || async {
-        let r = received.lock().unwrap().clone();
-        r.iter()
-            .any(|e| e["data"]["state"]["temp"].as_i64() == Some(temp))
-            .then_some(())
-    })
+    common::wait_for(
+        &format!("an Observer event with temp {temp}"),
+        within,
+        || async {
+            let r = received.lock().unwrap().clone();
+            r.iter()
+                .any(|e| e["data"]["state"]["temp"].as_i64() == Some(temp))
+                .then_some(())
+        },
+    )
     .await
 }
 
@@ -282,7 +328,11 @@ async fn pushed_shadow_documents_reach_status_and_observers_and_polling_takes_ov
     let identity = identity_secret(&s, &cluster).await;
     let cert_id = identity["certificate-id"].clone();
     assert!(
-        thing_operator::credentials::pki::key_matches_certificate(&identity["tls.key"], &identity["tls.crt"]).unwrap(),
+        thing_operator::credentials::pki::key_matches_certificate(
+            &identity["tls.key"],
+            &identity["tls.crt"]
+        )
+        .unwrap(),
         "the Secret holds the key of its certificate"
     );
     assert!(!identity.contains_key("next.crt"), "no rotation pending");
@@ -298,21 +348,42 @@ async fn pushed_shadow_documents_reach_status_and_observers_and_polling_takes_ov
         .certificate_arn()
         .unwrap()
         .to_string();
-    let attached = iot.list_attached_policies().target(&cert_arn).send().await.unwrap();
-    let names: Vec<&str> = attached.policies().iter().filter_map(|p| p.policy_name()).collect();
+    let attached = iot
+        .list_attached_policies()
+        .target(&cert_arn)
+        .send()
+        .await
+        .unwrap();
+    let names: Vec<&str> = attached
+        .policies()
+        .iter()
+        .filter_map(|p| p.policy_name())
+        .collect();
     assert_eq!(names, [policy_name.as_str()]);
-    let policy = iot.get_policy().policy_name(&policy_name).send().await.unwrap();
+    let policy = iot
+        .get_policy()
+        .policy_name(&policy_name)
+        .send()
+        .await
+        .unwrap();
     let document: Value = serde_json::from_str(policy.policy_document().unwrap()).unwrap();
     let text = document.to_string();
     assert!(text.contains(&format!(":client/{client_id}\"")), "{text}");
-    assert!(text.contains(&format!("topic/$aws/things/{cluster}:*/shadow/update/documents")), "{text}");
+    assert!(
+        text.contains(&format!(
+            "topic/$aws/things/{cluster}:*/shadow/update/documents"
+        )),
+        "{text}"
+    );
     assert!(!text.contains("iot:Publish"), "{text}");
 
     // A Thing polled every 30 s, and an Observer of its reported state.
     let api = s.things();
     let (url, received) = http_receiver().await;
     thing("lamp")
-        .spec(json!({"broker": "AWS", "desired": {"power": "on"}, "shadow": {"pollInterval": POLL}}))
+        .spec(
+            json!({"broker": "AWS", "desired": {"power": "on"}, "shadow": {"pollInterval": POLL}}),
+        )
         .create(&api)
         .await;
     let observers: Api<Observer> = s.api();
@@ -332,7 +403,13 @@ async fn pushed_shadow_documents_reach_status_and_observers_and_polling_takes_ov
     // The device reports; AWS publishes the documents message: status and the Observer see it
     // well within the poll interval.
     let v1 = device_reports(&data, &thing_name, json!({"temp": 21})).await;
-    publish_documents(&publisher, documents_topic(&thing_name), json!({"temp": 21}), v1).await;
+    publish_documents(
+        &publisher,
+        documents_topic(&thing_name),
+        json!({"temp": 21}),
+        v1,
+    )
+    .await;
     let t = reported_temp(&s, &api, "lamp", 21, PROMPT).await;
     assert_eq!(t.status.unwrap().version, Some(v1));
     observed_temp(&received, 21, PROMPT).await;
@@ -343,13 +420,25 @@ async fn pushed_shadow_documents_reach_status_and_observers_and_polling_takes_ov
     // nothing. MQTT keeps the order of one publisher's messages, so once the last one shows,
     // all of them were handled.
     let v2 = device_reports(&data, &thing_name, json!({"temp": 23})).await;
-    publish_documents(&publisher, documents_topic(&thing_name), json!({"temp": 5}), v1 - 1).await;
+    publish_documents(
+        &publisher,
+        documents_topic(&thing_name),
+        json!({"temp": 5}),
+        v1 - 1,
+    )
+    .await;
     for other in [
         format!("{cluster}:other-ns_lamp"),
         format!("x{cluster}:{ns}_lamp"),
         format!("{ns}_lamp"),
     ] {
-        publish_documents(&publisher, documents_topic(&other), json!({"temp": 99}), v2 + 100).await;
+        publish_documents(
+            &publisher,
+            documents_topic(&other),
+            json!({"temp": 99}),
+            v2 + 100,
+        )
+        .await;
     }
     publish_documents(
         &publisher,
@@ -358,13 +447,22 @@ async fn pushed_shadow_documents_reach_status_and_observers_and_polling_takes_ov
         v2 + 100,
     )
     .await;
-    publish_documents(&publisher, documents_topic(&thing_name), json!({"temp": 23}), v2).await;
+    publish_documents(
+        &publisher,
+        documents_topic(&thing_name),
+        json!({"temp": 23}),
+        v2,
+    )
+    .await;
     let t = reported_temp(&s, &api, "lamp", 23, PROMPT).await;
     assert_eq!(t.status.unwrap().version, Some(v2));
     observed_temp(&received, 23, PROMPT).await;
     let seen = observed(&received);
     for never in [5, 98, 99] {
-        assert!(!seen.contains(&never), "{never} reached an Observer: {seen:?}");
+        assert!(
+            !seen.contains(&never),
+            "{never} reached an Observer: {seen:?}"
+        );
     }
 
     // A report whose documents message is lost: the Thing's state stays as pushed while the
@@ -381,12 +479,21 @@ async fn pushed_shadow_documents_reach_status_and_observers_and_polling_takes_ov
     relay.reopen().await;
     push_connected(&s, &op, true).await;
     let v4 = device_reports(&data, &thing_name, json!({"temp": 31})).await;
-    publish_documents(&publisher, documents_topic(&thing_name), json!({"temp": 31}), v4).await;
+    publish_documents(
+        &publisher,
+        documents_topic(&thing_name),
+        json!({"temp": 31}),
+        v4,
+    )
+    .await;
     reported_temp(&s, &api, "lamp", 31, PROMPT).await;
     observed_temp(&received, 31, PROMPT).await;
 
     // The key never leaves the Secret.
-    let key_body: String = identity["tls.key"].lines().filter(|l| !l.starts_with("-----")).collect();
+    let key_body: String = identity["tls.key"]
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
     assert!(!op.logs().contains(&key_body[..40]));
 }
 
@@ -431,17 +538,26 @@ async fn the_operator_identity_is_crash_safe_idempotent_and_rotates() {
     let op = push_operator(&s, &cluster, relay.port).ready().await;
     push_connected(&s, &op, true).await;
     let identity = identity_secret(&s, &cluster).await;
-    assert_eq!(identity["tls.crt"], pending, "the interrupted certificate was carried on");
+    assert_eq!(
+        identity["tls.crt"], pending,
+        "the interrupted certificate was carried on"
+    );
     assert!(!identity.contains_key("next.crt"));
     let first = identity["certificate-id"].clone();
-    assert_eq!(operator_certificates(&iot, &client_id).await, [first.clone()]);
+    assert_eq!(
+        operator_certificates(&iot, &client_id).await,
+        std::slice::from_ref(&first)
+    );
     drop(op);
 
     // A restart provisions nothing new.
     let op = push_operator(&s, &cluster, relay.port).ready().await;
     push_connected(&s, &op, true).await;
     assert_eq!(identity_secret(&s, &cluster).await["certificate-id"], first);
-    assert_eq!(operator_certificates(&iot, &client_id).await, [first.clone()]);
+    assert_eq!(
+        operator_certificates(&iot, &client_id).await,
+        std::slice::from_ref(&first)
+    );
     drop(op);
 
     // Rotation: the certificate is older than --aws-push-rotate-after.
@@ -454,27 +570,37 @@ async fn the_operator_identity_is_crash_safe_idempotent_and_rotates() {
             let identity = identity_secret(&s, &cluster).await;
             let current = identity.get("certificate-id")?.clone();
             let ours = operator_certificates(&iot, &client_id).await;
-            (current != first && ours == [current.clone()] && !identity.contains_key("retired-certificate-id"))
-                .then_some(current)
+            (current != first
+                && ours == [current.clone()]
+                && !identity.contains_key("retired-certificate-id"))
+            .then_some(current)
         })
         .await;
     push_connected(&s, &op, true).await;
     assert_eq!(cert_status(&iot, &second).await.as_deref(), Some("ACTIVE"));
-    let arn = format!(
-        "{}",
-        iot.describe_certificate()
-            .certificate_id(&second)
-            .send()
-            .await
-            .unwrap()
-            .certificate_description()
-            .unwrap()
-            .certificate_arn()
-            .unwrap()
-    );
-    let attached = iot.list_attached_policies().target(&arn).send().await.unwrap();
+    let arn = iot
+        .describe_certificate()
+        .certificate_id(&second)
+        .send()
+        .await
+        .unwrap()
+        .certificate_description()
+        .unwrap()
+        .certificate_arn()
+        .unwrap()
+        .to_string();
+    let attached = iot
+        .list_attached_policies()
+        .target(&arn)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(
-        attached.policies().iter().filter_map(|p| p.policy_name()).collect::<Vec<_>>(),
+        attached
+            .policies()
+            .iter()
+            .filter_map(|p| p.policy_name())
+            .collect::<Vec<_>>(),
         [policy_name.as_str()]
     );
 }
@@ -501,17 +627,36 @@ async fn a_policy_the_operator_did_not_create_is_never_taken_over() {
     let relay = Relay::open(standin.tls_port).await;
     let op = push_operator(&s, &cluster, relay.port).ready().await;
     s.wait_for("the operator to refuse the policy", || async {
-        op.logs().contains(&format!("policy {policy_name}")).then_some(())
+        op.logs()
+            .contains(&format!("policy {policy_name}"))
+            .then_some(())
     })
     .await;
     assert!(op.logs().contains("existed before"), "{}", op.logs());
     assert_eq!(
-        op.metric("thing_operator_mqtt_connected", &["connection=\"aws-push\""]).await,
+        op.metric(
+            "thing_operator_mqtt_connected",
+            &["connection=\"aws-push\""]
+        )
+        .await,
         0.0
     );
-    let policy = iot.get_policy().policy_name(&policy_name).send().await.unwrap();
+    let policy = iot
+        .get_policy()
+        .policy_name(&policy_name)
+        .send()
+        .await
+        .unwrap();
     let document: Value = serde_json::from_str(policy.policy_document().unwrap()).unwrap();
-    assert_eq!(document.to_string(), serde_json::from_str::<Value>(&foreign).unwrap().to_string());
-    let versions = iot.list_policy_versions().policy_name(&policy_name).send().await.unwrap();
+    assert_eq!(
+        document.to_string(),
+        serde_json::from_str::<Value>(&foreign).unwrap().to_string()
+    );
+    let versions = iot
+        .list_policy_versions()
+        .policy_name(&policy_name)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(versions.policy_versions().len(), 1, "no version added");
 }

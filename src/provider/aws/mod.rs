@@ -178,7 +178,12 @@ impl AwsProvider {
 
     /// `pushed`: the push channel delivers this Thing's state, so the idle check waits the
     /// longer of the resync and the push drift interval.
-    fn needs_full_check(&self, req: &DeviceRequest<'_>, status: &ThingStatus, pushed: bool) -> bool {
+    fn needs_full_check(
+        &self,
+        req: &DeviceRequest<'_>,
+        status: &ThingStatus,
+        pushed: bool,
+    ) -> bool {
         let all_true = [types::PROVISIONED, types::CREDENTIALS_READY, types::IN_SYNC]
             .iter()
             .all(|t| status.conditions.is_true(t));

@@ -302,11 +302,11 @@ impl IotProvider for AwsProvider {
                     self.push.record_read(&thing_name, read.as_ref());
                 }
                 set_condition(
-                status,
-                types::IN_SYNC,
-                true,
-                "ShadowInSync",
-                "shadow desired state matches the spec",
+                    status,
+                    types::IN_SYNC,
+                    true,
+                    "ShadowInSync",
+                    "shadow desired state matches the spec",
                 )
             }
             Err(e) => return Err(record_failure(status, types::IN_SYNC, e).into()),

@@ -99,7 +99,10 @@ pub fn shadow_document(payload: &[u8]) -> Result<Value, DocumentError> {
 }
 
 /// AWS's delta: every desired key whose reported value differs, objects compared key by key.
-pub fn delta(desired: &Map<String, Value>, reported: Option<&Map<String, Value>>) -> Map<String, Value> {
+pub fn delta(
+    desired: &Map<String, Value>,
+    reported: Option<&Map<String, Value>>,
+) -> Map<String, Value> {
     let mut out = Map::new();
     for (k, want) in desired {
         match (want, reported.and_then(|r| r.get(k))) {
@@ -253,7 +256,13 @@ impl Store {
 
     /// Whether pushed documents stand in for reads of this Thing now: the connection is up, the
     /// shadow was read since it came up, and the drift read is not due.
-    pub fn covers(&self, thing_name: &str, shadow: Option<&str>, drift: Duration, now: Instant) -> bool {
+    pub fn covers(
+        &self,
+        thing_name: &str,
+        shadow: Option<&str>,
+        drift: Duration,
+        now: Instant,
+    ) -> bool {
         self.up
             && self.things.get(thing_name).is_some_and(|t| {
                 t.shadow.as_deref() == shadow
@@ -263,7 +272,13 @@ impl Store {
     }
 
     /// The newest document of a covered Thing (see [`Self::covers`]).
-    pub fn document(&self, thing_name: &str, shadow: Option<&str>, drift: Duration, now: Instant) -> Option<Value> {
+    pub fn document(
+        &self,
+        thing_name: &str,
+        shadow: Option<&str>,
+        drift: Duration,
+        now: Instant,
+    ) -> Option<Value> {
         if !self.covers(thing_name, shadow, drift, now) {
             return None;
         }
@@ -367,15 +382,25 @@ mod tests {
         };
         assert_eq!(store.offer(&other, doc(9, 1)), Offer::Unknown);
         assert_eq!(store.offer(&named, doc(9, 1)), Offer::Unknown);
-        assert!(matches!(store.offer(&classic, doc(5, 5)), Offer::Accepted { .. }));
+        assert!(matches!(
+            store.offer(&classic, doc(5, 5)),
+            Offer::Accepted { .. }
+        ));
         assert_eq!(store.offer(&classic, doc(4, 4)), Offer::Stale);
-        assert_eq!(store.offer(&classic, doc(5, 5)), Offer::Stale, "a redelivery");
+        assert_eq!(
+            store.offer(&classic, doc(5, 5)),
+            Offer::Stale,
+            "a redelivery"
+        );
         // A read of older state (a GET that raced the push) keeps the newer document.
         let now = Instant::now();
         store.set_up(true);
         store.record_read("team-a_lamp", Some(&doc(3, 3)), now);
         let hour = Duration::from_secs(3600);
-        assert_eq!(store.document("team-a_lamp", None, hour, now), Some(doc(5, 5)));
+        assert_eq!(
+            store.document("team-a_lamp", None, hour, now),
+            Some(doc(5, 5))
+        );
         store.forget("team-a_lamp");
         assert_eq!(store.offer(&classic, doc(6, 6)), Offer::Unknown);
     }
@@ -390,14 +415,26 @@ mod tests {
         store.record_read("ns_t", Some(&doc(1, 1)), t0);
         assert!(!store.covers("ns_t", None, drift, t0), "connection down");
         store.set_up(true);
-        assert!(!store.covers("ns_t", None, drift, t0), "not read since it came up");
+        assert!(
+            !store.covers("ns_t", None, drift, t0),
+            "not read since it came up"
+        );
         store.record_read("ns_t", Some(&doc(1, 1)), t0);
         assert!(store.covers("ns_t", None, drift, t0));
-        assert!(!store.covers("ns_t", Some("cfg"), drift, t0), "another shadow");
-        assert!(!store.covers("ns_t", None, drift, t0 + drift), "drift read due");
+        assert!(
+            !store.covers("ns_t", Some("cfg"), drift, t0),
+            "another shadow"
+        );
+        assert!(
+            !store.covers("ns_t", None, drift, t0 + drift),
+            "drift read due"
+        );
         store.set_up(false);
         store.set_up(true);
-        assert!(!store.covers("ns_t", None, drift, t0), "a reconnect may have missed messages");
+        assert!(
+            !store.covers("ns_t", None, drift, t0),
+            "a reconnect may have missed messages"
+        );
         assert!(!store.covers("ns_u", None, drift, t0), "not managed");
     }
 }

@@ -234,11 +234,9 @@ impl IdentitySettings {
         if let Some(id) = text(&data, keys::RETIRED_ID) {
             self.retire(c, &id).await?;
         }
-        let due = current
-            .as_ref()
-            .is_none_or(|(cert, ..)| {
-                self.rotation_due(cert, text(&data, keys::ISSUED_AT).as_deref())
-            });
+        let due = current.as_ref().is_none_or(|(cert, ..)| {
+            self.rotation_due(cert, text(&data, keys::ISSUED_AT).as_deref())
+        });
         if next.is_none() && due {
             let fresh = pki::generate_self_signed(&self.client_id, VALIDITY_DAYS)
                 .map_err(|e| PushError::Key(e.to_string()))?;

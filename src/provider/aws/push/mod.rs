@@ -186,7 +186,13 @@ impl PushChannel {
     }
 
     /// A documents message arrived.
-    fn handle(self: &Arc<Self>, topic: &str, payload: &[u8], feed: &Arc<dyn StateFeed>, interval: Duration) {
+    fn handle(
+        self: &Arc<Self>,
+        topic: &str,
+        payload: &[u8],
+        feed: &Arc<dyn StateFeed>,
+        interval: Duration,
+    ) {
         let Some(parsed) = documents::parse_topic(topic) else {
             tracing::debug!(%topic, "unexpected message ignored");
             return;

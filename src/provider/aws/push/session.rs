@@ -11,11 +11,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio_util::sync::CancellationToken;
 
 use super::{PushChannel, PushError, PushSettings, documents::FILTERS, identity::Identity};
-use crate::{
-    feed::StateFeed,
-    mqtt::connection::BrokerAddress,
-    provider::aws::AwsProvider,
-};
+use crate::{feed::StateFeed, mqtt::connection::BrokerAddress, provider::aws::AwsProvider};
 
 /// AWS IoT's largest MQTT message (128 KiB) plus headers.
 const MAX_PACKET: usize = 160 * 1024;
@@ -66,7 +62,10 @@ pub fn start(
 }
 
 /// Where to connect: the flag, else the device endpoint (`host:port`) on its port.
-async fn address(provider: &AwsProvider, settings: &PushSettings) -> Result<BrokerAddress, PushError> {
+async fn address(
+    provider: &AwsProvider,
+    settings: &PushSettings,
+) -> Result<BrokerAddress, PushError> {
     if let Some(a) = &settings.address {
         return Ok(a.clone());
     }
@@ -151,7 +150,8 @@ async fn session(
         match event {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                 tracing::info!(endpoint = %address.endpoint(), certificate = %identity.certificate_id, "AWS push channel connected");
-                let filters = FILTERS.map(|f| rumqttc::SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce));
+                let filters =
+                    FILTERS.map(|f| rumqttc::SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce));
                 client
                     .try_subscribe_many(filters)
                     .map_err(|e| PushError::Connection(e.to_string()))?;
