@@ -136,7 +136,10 @@ async fn build_providers(
 
 /// The AWS push channel from its flags: its identity lives in a Secret of the operator's
 /// namespace; its client id and policy name carry the cluster id, so clusters sharing an
-/// account keep apart.
+/// account keep apart. Both hold a character no Thing's names can hold (thing names, which are
+/// also device client ids, never contain `.`; device policy names never contain `@`), so no
+/// namespace can name a Thing whose device may connect as the channel (AWS drops the older of
+/// two connections with one client id) or whose policy takes the channel's policy's name.
 fn aws_push_settings(
     args: &RunArgs,
     client: &Client,
@@ -147,9 +150,9 @@ fn aws_push_settings(
         .lease_namespace
         .clone()
         .unwrap_or_else(|| "thing-operator-system".into());
-    let base = match &args.cluster_id {
-        Some(cluster) => format!("thing-operator-{cluster}-push"),
-        None => "thing-operator-push".to_string(),
+    let client_id = match &args.cluster_id {
+        Some(cluster) => format!("thing-operator.{cluster}.push"),
+        None => "thing-operator.push".to_string(),
     };
     let address = args
         .aws
@@ -169,8 +172,8 @@ fn aws_push_settings(
         identity: IdentitySettings {
             secrets: kube::Api::namespaced(client.clone(), &namespace),
             secret_name: args.aws.push_secret.clone(),
-            policy_name: format!("{base}-policy"),
-            client_id: base,
+            policy_name: format!("{client_id}@policy"),
+            client_id,
             name_scope: name_scope.to_string(),
             rotate_after: args.aws.push_rotate_after,
             adopt_unowned: args.aws.adopt_unowned,

@@ -323,8 +323,8 @@ async fn pushed_shadow_documents_reach_status_and_observers_and_polling_takes_ov
     push_connected(&s, &op, true).await;
 
     // The operator's identity, as AWS would check it at connect time.
-    let policy_name = format!("thing-operator-{cluster}-push-policy");
-    let client_id = format!("thing-operator-{cluster}-push");
+    let policy_name = format!("thing-operator.{cluster}.push@policy");
+    let client_id = format!("thing-operator.{cluster}.push");
     let identity = identity_secret(&s, &cluster).await;
     let cert_id = identity["certificate-id"].clone();
     assert!(
@@ -518,8 +518,8 @@ async fn operator_certificates(iot: &aws_sdk_iot::Client, client_id: &str) -> Ve
 async fn the_operator_identity_is_crash_safe_idempotent_and_rotates() {
     let s = setup("aws-push-id").await;
     let cluster = cluster_id();
-    let client_id = format!("thing-operator-{cluster}-push");
-    let policy_name = format!("{client_id}-policy");
+    let client_id = format!("thing-operator.{cluster}.push");
+    let policy_name = format!("{client_id}@policy");
     let iot = iot(&s.env);
     let standin = StandIn::start(&s);
     let relay = Relay::open(standin.tls_port).await;
@@ -611,7 +611,7 @@ async fn the_operator_identity_is_crash_safe_idempotent_and_rotates() {
 async fn a_policy_the_operator_did_not_create_is_never_taken_over() {
     let s = setup("aws-push-own").await;
     let cluster = cluster_id();
-    let policy_name = format!("thing-operator-{cluster}-push-policy");
+    let policy_name = format!("thing-operator.{cluster}.push@policy");
     let iot = iot(&s.env);
     let foreign = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}]}).to_string();
     iot.create_policy()
