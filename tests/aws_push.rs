@@ -605,6 +605,69 @@ async fn the_operator_identity_is_crash_safe_idempotent_and_rotates() {
     );
 }
 
+/// A crash at each step of a rotation: the restarted operator finishes it, and exactly one
+/// certificate of the operator is left, the Secret's, ACTIVE, with nothing pending.
+#[tokio::test]
+async fn a_rotation_interrupted_at_any_step_is_finished_after_a_restart() {
+    let s = setup("aws-push-rot").await;
+    let cluster = cluster_id();
+    let client_id = format!("thing-operator.{cluster}.push");
+    let iot = iot(&s.env);
+    let standin = StandIn::start(&s);
+    let relay = Relay::open(standin.tls_port).await;
+    let op = push_operator(&s, &cluster, relay.port).ready().await;
+    push_connected(&s, &op, true).await;
+    drop(op);
+    for step in [
+        "aws-push-after-new-key",
+        "aws-push-before-attach-policy",
+        "aws-push-before-promote",
+        "aws-push-after-retire",
+    ] {
+        let before = identity_secret(&s, &cluster).await["certificate-id"].clone();
+        let mut op = push_operator(&s, &cluster, relay.port)
+            .args(["--aws-push-rotate-after", "1s"])
+            .failpoint(&format!("{step}=return"))
+            .start();
+        op.wait_exit(&format!("the operator to crash at {step}"), s.timeout)
+            .await;
+        assert!(op.logs().contains("failpoint reached"), "{step}");
+        drop(op);
+        let op = push_operator(&s, &cluster, relay.port).ready().await;
+        push_connected(&s, &op, true).await;
+        let current = s
+            .wait_for(
+                &format!("one certificate left after a crash at {step}"),
+                || async {
+                    let identity = identity_secret(&s, &cluster).await;
+                    let current = identity.get("certificate-id")?.clone();
+                    let settled = ["next.crt", "next.key", "retired-certificate-id"]
+                        .iter()
+                        .all(|k| !identity.contains_key(*k));
+                    (settled && operator_certificates(&iot, &client_id).await == [current.clone()])
+                        .then_some(current)
+                },
+            )
+            .await;
+        // Every step is reached after the new key is in the Secret: the restart carries it on.
+        assert_ne!(current, before, "{step}: the rotation was finished");
+        assert_eq!(
+            cert_status(&iot, &current).await.as_deref(),
+            Some("ACTIVE"),
+            "{step}"
+        );
+        let identity = identity_secret(&s, &cluster).await;
+        assert!(
+            thing_operator::credentials::pki::key_matches_certificate(
+                &identity["tls.key"],
+                &identity["tls.crt"]
+            )
+            .unwrap(),
+            "{step}"
+        );
+    }
+}
+
 /// A policy of the operator policy's name that existed before the operator's identity Secret
 /// was made by someone else: the operator leaves it alone and the channel stays down.
 #[tokio::test]

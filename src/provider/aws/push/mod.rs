@@ -270,3 +270,26 @@ impl PushChannel {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_outside_the_policy_scope_are_never_covered() {
+        let channel = PushChannel::new("c1:".into(), Duration::from_secs(3600));
+        let key = ThingKey::new("ns", "lamp");
+        let labels = BTreeMap::new();
+        channel.store().set_up(true);
+        // An explicit thingName without the cluster prefix: AWS would never deliver its
+        // documents to the channel, so it must keep being polled.
+        channel.track("shared-lamp-7", &key, &labels, None);
+        channel.record_read("shared-lamp-7", None);
+        assert!(!channel.covers("shared-lamp-7", None));
+        channel.track("c1:ns_lamp", &key, &labels, None);
+        channel.record_read("c1:ns_lamp", None);
+        assert!(channel.covers("c1:ns_lamp", None));
+        channel.forget("c1:ns_lamp", &key);
+        assert!(!channel.covers("c1:ns_lamp", None));
+    }
+}
