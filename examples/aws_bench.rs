@@ -13,7 +13,11 @@
 //! 3. Idle: cloud calls and status writes per idle Thing per poll interval, with the push channel
 //!    up (a Mosquitto of the benchmark's own stands in for the AWS IoT endpoint, as in
 //!    tests/aws_push.rs), and the same as calls per Thing per minute (issue 11's target: <= 0.1).
-//!    `BENCH_PUSH=off` runs the operator without the push channel instead.
+//!    `BENCH_PUSH=off` runs the operator without the push channel instead. The drift check
+//!    (one full check and one shadow read per Thing per `--aws-push-drift-interval`, 1 h by
+//!    default) falls outside a short window: `BENCH_PUSH_DRIFT=SECONDS` sets the drift and
+//!    resync intervals to SECONDS so that the window measures one drift check per Thing, and
+//!    prints what that costs per minute at the default interval.
 //! 4. Deletion of all of them: seconds, cloud calls per Thing, and the ratio to the floor's
 //!    teardown (DetachPolicy, DetachThingPrincipal, UpdateCertificate, DeleteCertificate,
 //!    DeletePolicy, DeleteThingShadow, DeleteThing per device, with moto's DeleteCertificate race
@@ -356,6 +360,19 @@ async fn main() -> anyhow::Result<()> {
             "--cluster-id".into(),
             format!("b{tag}"),
         ];
+        let args = match std::env::var("BENCH_PUSH_DRIFT").ok() {
+            Some(secs) => [
+                args,
+                vec![
+                    "--aws-push-drift-interval".into(),
+                    format!("{secs}s"),
+                    "--resync-interval".into(),
+                    format!("{secs}s"),
+                ],
+            ]
+            .concat(),
+            None => args,
+        };
         (Some(standin), args)
     } else {
         (None, vec!["--aws-push".to_string(), "off".into()])
@@ -529,6 +546,18 @@ async fn main() -> anyhow::Result<()> {
         if push_up { "up" } else { "down/off" },
         idle_calls / n as f64 / (poll as f64 / 60.0)
     );
+    if let Some(drift) = std::env::var("BENCH_PUSH_DRIFT")
+        .ok()
+        .and_then(|d| d.parse::<f64>().ok())
+    {
+        // A Thing is looked at every max(poll, drift) seconds while the channel is up.
+        let checks = poll as f64 / drift.max(poll as f64);
+        let per_check = idle_calls / n as f64 / checks;
+        println!(
+            "  drift check: {per_check:.2} cloud calls per Thing; at the default 1h drift interval {:.3} per Thing per minute",
+            per_check / 60.0
+        );
+    }
 
     // 4. Deletion.
     let calls_before_delete = metric_sum(
