@@ -5,12 +5,15 @@
 //! Modules: [`client`] (SDK clients, rate limits, retries), [`error`] (what a failure is and
 //! whether a retry may help), [`naming`] (names and the policy document), [`provision`] (thing,
 //! policy, attachments), [`certs`] (issuance, rotation, orphan sweep), [`shadow`]
-//! (desired/reported sync), [`teardown`] (deletion order), `reconcile` (the steps of a reconcile
-//! and a cleanup). This file holds the provider itself and when a full check runs.
+//! (desired/reported sync), [`push`] (the push channel: reported state over MQTT as it
+//! changes), [`teardown`] (deletion order), `reconcile` (the steps of a reconcile and a cleanup).
+//! This file holds the provider itself and when a full check runs.
 //!
 //! Cost model: a full check (every resource described, drift repaired) runs when the spec or the
 //! rotate annotation changed, when a condition is not True, when a rotation or revocation is due,
 //! and otherwise once per resync interval; between full checks a reconcile is one shadow read.
+//! While the push channel delivers a Thing's state, its reconciles read nothing (they copy the
+//! pushed document) and the idle read and full check wait for the push drift interval.
 
 pub mod certs;
 pub mod client;
