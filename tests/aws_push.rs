@@ -215,9 +215,19 @@ async fn device_reports(
     thing_name: &str,
     reported: Value,
 ) -> i64 {
+    device_reports_to(data, thing_name, None, reported).await
+}
+
+async fn device_reports_to(
+    data: &aws_sdk_iotdataplane::Client,
+    thing_name: &str,
+    shadow: Option<&str>,
+    reported: Value,
+) -> i64 {
     let out = data
         .update_thing_shadow()
         .thing_name(thing_name)
+        .set_shadow_name(shadow.map(str::to_string))
         .payload(Blob::new(
             json!({"state": {"reported": reported}}).to_string(),
         ))
@@ -464,6 +474,24 @@ async fn pushed_shadow_documents_reach_status_and_observers_and_polling_takes_ov
             "{never} reached an Observer: {seen:?}"
         );
     }
+
+    // A Thing on a named shadow gets the documents of that shadow.
+    thing("gauge")
+        .spec(json!({"broker": "AWS", "desired": {"power": "on"}, "shadow": {"name": "cfg", "pollInterval": POLL}}))
+        .create(&api)
+        .await;
+    s.wait_ready(&api, "gauge").await;
+    let gauge_name = format!("{cluster}:{ns}_gauge");
+    let g1 = device_reports_to(&data, &gauge_name, Some("cfg"), json!({"temp": 40})).await;
+    publish_documents(
+        &publisher,
+        format!("$aws/things/{gauge_name}/shadow/name/cfg/update/documents"),
+        json!({"temp": 40}),
+        g1,
+    )
+    .await;
+    let t = reported_temp(&s, &api, "gauge", 40, PROMPT).await;
+    assert_eq!(t.status.unwrap().version, Some(g1));
 
     // A report whose documents message is lost: the Thing's state stays as pushed while the
     // channel is up (the next drift read is 10 minutes away). Cutting the connection makes the
