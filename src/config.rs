@@ -240,8 +240,8 @@ pub struct AwsArgs {
         default_value = "auto"
     )]
     pub push: AwsPushMode,
-    /// Where the push channel connects, `mqtts://host[:8883]` (default: DescribeEndpoint
-    /// `iot:Data-ATS` on port 8883).
+    /// Where the push channel connects, `mqtts://host[:8883]` (default: the device endpoint,
+    /// `--aws-device-endpoint` or else DescribeEndpoint `iot:Data-ATS` on port 8883).
     #[arg(long = "aws-push-url", env = "THING_OPERATOR_AWS_PUSH_URL")]
     pub push_url: Option<String>,
     /// CA bundle (PEM) that verifies the push endpoint (default: Amazon Root CA 1 and 3).

@@ -70,7 +70,8 @@ pub enum PushError {
 
 /// How the channel is started (the runner builds it from flags).
 pub struct PushSettings {
-    /// `--aws-push-url`; default: the device endpoint (DescribeEndpoint `iot:Data-ATS`).
+    /// `--aws-push-url`; default: the device endpoint (`--aws-device-endpoint`, else
+    /// DescribeEndpoint `iot:Data-ATS`).
     pub address: Option<BrokerAddress>,
     /// CA bundle (PEM) for the endpoint; default: Amazon Root CA 1 and 3.
     pub ca_pem: Option<Vec<u8>>,
