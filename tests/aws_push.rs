@@ -588,9 +588,10 @@ async fn the_operator_identity_is_crash_safe_idempotent_and_rotates() {
     );
     drop(op);
 
-    // Rotation: the certificate is older than --aws-push-rotate-after.
+    // Rotation: the certificate is older than --aws-push-rotate-after (1 ms: whatever the
+    // timing, it is due at start).
     let op = push_operator(&s, &cluster, relay.port)
-        .args(["--aws-push-rotate-after", "1s"])
+        .args(["--aws-push-rotate-after", "1ms"])
         .ready()
         .await;
     let second = s
@@ -654,7 +655,7 @@ async fn a_rotation_interrupted_at_any_step_is_finished_after_a_restart() {
     ] {
         let before = identity_secret(&s, &cluster).await["certificate-id"].clone();
         let mut op = push_operator(&s, &cluster, relay.port)
-            .args(["--aws-push-rotate-after", "1s"])
+            .args(["--aws-push-rotate-after", "1ms"])
             .failpoint(&format!("{step}=return"))
             .start();
         op.wait_exit(&format!("the operator to crash at {step}"), s.timeout)
