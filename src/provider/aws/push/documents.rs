@@ -217,6 +217,13 @@ impl Store {
         self.things.values().map(|t| t.key.clone()).collect()
     }
 
+    /// Whether `topic` is about a thing name and shadow this operator manages.
+    pub fn manages(&self, topic: &DocumentTopic<'_>) -> bool {
+        self.things
+            .get(topic.thing_name)
+            .is_some_and(|t| t.shadow.as_deref() == topic.shadow)
+    }
+
     /// A pushed document for `topic`.
     pub fn offer(&mut self, topic: &DocumentTopic<'_>, document: Value) -> Offer {
         let Some(t) = self.things.get_mut(topic.thing_name) else {
@@ -380,6 +387,7 @@ mod tests {
             thing_name: "team-a_lamp",
             shadow: Some("cfg"),
         };
+        assert!(!store.manages(&other) && !store.manages(&named) && store.manages(&classic));
         assert_eq!(store.offer(&other, doc(9, 1)), Offer::Unknown);
         assert_eq!(store.offer(&named, doc(9, 1)), Offer::Unknown);
         assert!(matches!(

@@ -198,6 +198,11 @@ impl PushChannel {
             tracing::debug!(%topic, "unexpected message ignored");
             return;
         };
+        // Without a cluster id the policy lets every thing's documents in: drop the ones of
+        // other things before their payload costs a parse.
+        if !self.store().manages(&parsed) {
+            return;
+        }
         let document = match documents::shadow_document(payload) {
             Ok(d) => d,
             Err(e) => {
