@@ -10,7 +10,14 @@
 //! 2. The operator (target/debug/thing-operator, the same concurrency, rate limits scaled out of
 //!    the way because moto has none): THINGS Things applied at once; seconds until all are Ready,
 //!    cloud calls and status writes per Thing, peak RSS and CPU seconds of the process.
-//! 3. Idle: cloud calls and status writes per idle Thing per poll interval.
+//! 3. Idle: cloud calls and status writes per idle Thing per poll interval, with the push channel
+//!    up (a Mosquitto of the benchmark's own stands in for the AWS IoT endpoint, as in
+//!    tests/aws_push.rs), and the same as calls per Thing per minute (issue 11's target: <= 0.1).
+//!    `BENCH_PUSH=off` runs the operator without the push channel instead. The drift check
+//!    (one full check and one shadow read per Thing per `--aws-push-drift-interval`, 1 h by
+//!    default) falls outside a short window: `BENCH_PUSH_DRIFT=SECONDS` sets the drift and
+//!    resync intervals to SECONDS so that the window measures one drift check per Thing, and
+//!    prints what that costs per minute at the default interval.
 //! 4. Deletion of all of them: seconds, cloud calls per Thing, and the ratio to the floor's
 //!    teardown (DetachPolicy, DetachThingPrincipal, UpdateCertificate, DeleteCertificate,
 //!    DeletePolicy, DeleteThingShadow, DeleteThing per device, with moto's DeleteCertificate race
@@ -217,6 +224,45 @@ impl Drop for Operator {
     }
 }
 
+/// A Mosquitto standing in for the AWS IoT endpoint: TLS with the test CA's server certificate,
+/// anonymous clients (see docs/aws.md, "Push channel"). Stopped when dropped.
+struct StandIn(Child);
+
+impl StandIn {
+    fn start(dir: &Path) -> anyhow::Result<(StandIn, u16)> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let certs = dir.join("mosquitto");
+        let conf = dir.join(format!("bench-standin-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "allow_anonymous true\npersistence false\nlistener {port} 127.0.0.1\n\
+                 cafile {c}/ca.crt\ncertfile {c}/server.crt\nkeyfile {c}/server.key\n",
+                c = certs.display()
+            ),
+        )?;
+        let log =
+            std::fs::File::create(dir.join("logs").join(format!("bench-standin-{port}.log")))?;
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting mosquitto")?;
+        Ok((StandIn(child), port))
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -298,6 +344,39 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| root.join("target"))
         .join("debug/thing-operator");
     let log = std::fs::File::create(dir.join("logs").join(format!("operator-{ns}.log")))?;
+    let push = std::env::var("BENCH_PUSH").as_deref() != Ok("off");
+    let (_standin, push_args) = if push {
+        let (standin, port) = StandIn::start(&dir)?;
+        let args = vec![
+            "--aws-push".to_string(),
+            "auto".into(),
+            "--aws-push-url".into(),
+            format!("mqtts://127.0.0.1:{port}"),
+            "--aws-push-ca-file".into(),
+            dir.join("mosquitto/ca.crt").display().to_string(),
+            "--aws-push-secret".into(),
+            format!("{ns}-push"),
+            // Its own policy and client id (thing names get the prefix too).
+            "--cluster-id".into(),
+            format!("b{tag}"),
+        ];
+        let args = match std::env::var("BENCH_PUSH_DRIFT").ok() {
+            Some(secs) => [
+                args,
+                vec![
+                    "--aws-push-drift-interval".into(),
+                    format!("{secs}s"),
+                    "--resync-interval".into(),
+                    format!("{secs}s"),
+                ],
+            ]
+            .concat(),
+            None => args,
+        };
+        (Some(standin), args)
+    } else {
+        (None, vec!["--aws-push".to_string(), "off".into()])
+    };
     let child = Command::new(&bin)
         .args([
             "run",
@@ -327,6 +406,7 @@ async fn main() -> anyhow::Result<()> {
             "--poll-interval",
             &format!("{poll}s"),
         ])
+        .args(&push_args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("KUBECONFIG", var(&env, "OPERATOR_KUBECONFIG")?)
@@ -347,6 +427,19 @@ async fn main() -> anyhow::Result<()> {
     {
         if Instant::now() > deadline {
             bail!("operator not ready");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // With the channel up before the Things exist, each is covered from its first reconcile.
+    while push
+        && metric_sum(
+            &metrics(port).await,
+            "thing_operator_mqtt_connected",
+            &["connection=\"aws-push\""],
+        ) != 1.0
+    {
+        if Instant::now() > deadline {
+            bail!("push channel not up");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -438,11 +531,33 @@ async fn main() -> anyhow::Result<()> {
         "thing_operator_status_writes_total",
         &["kind=\"Thing\""],
     ) - writes0;
+    let push_up = metric_sum(
+        &body,
+        "thing_operator_mqtt_connected",
+        &["connection=\"aws-push\""],
+    ) == 1.0;
     println!(
         "idle: {:.2} cloud calls and {:.3} status writes per Thing per {poll}s poll interval",
         idle_calls / n as f64,
         idle_writes / n as f64
     );
+    println!(
+        "  push channel {}: {:.3} cloud calls per Thing per minute",
+        if push_up { "up" } else { "down/off" },
+        idle_calls / n as f64 / (poll as f64 / 60.0)
+    );
+    if let Some(drift) = std::env::var("BENCH_PUSH_DRIFT")
+        .ok()
+        .and_then(|d| d.parse::<f64>().ok())
+    {
+        // A Thing is looked at every max(poll, drift) seconds while the channel is up.
+        let checks = poll as f64 / drift.max(poll as f64);
+        let per_check = idle_calls / n as f64 / checks;
+        println!(
+            "  drift check: {per_check:.2} cloud calls per Thing; at the default 1h drift interval {:.3} per Thing per minute",
+            per_check / 60.0
+        );
+    }
 
     // 4. Deletion.
     let calls_before_delete = metric_sum(

@@ -234,6 +234,49 @@ pub struct AwsArgs {
         default_value_t = false
     )]
     pub adopt_unowned: bool,
+    /// The push channel (docs/aws.md): `auto` keeps one MQTT connection to the account's IoT
+    /// data endpoint, under the operator's own certificate and policy, and takes reported state
+    /// from shadow update documents as they happen; polling stays the fallback. `off`: poll only.
+    #[arg(
+        long = "aws-push",
+        env = "THING_OPERATOR_AWS_PUSH",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub push: AwsPushMode,
+    /// Where the push channel connects, `mqtts://host[:8883]` (default: the device endpoint,
+    /// `--aws-device-endpoint` or else DescribeEndpoint `iot:Data-ATS` on port 8883).
+    #[arg(long = "aws-push-url", env = "THING_OPERATOR_AWS_PUSH_URL")]
+    pub push_url: Option<String>,
+    /// CA bundle (PEM) that verifies the push endpoint (default: Amazon Root CA 1 and 3).
+    #[arg(long = "aws-push-ca-file", env = "THING_OPERATOR_AWS_PUSH_CA_FILE")]
+    pub push_ca_file: Option<PathBuf>,
+    /// While the push channel is up, how often an idle Thing's shadow is read anyway and its
+    /// resources checked for drift (instead of every poll and resync interval).
+    #[arg(long = "aws-push-drift-interval", env = "THING_OPERATOR_AWS_PUSH_DRIFT_INTERVAL", value_parser = parse_duration, default_value = "1h")]
+    pub push_drift_interval: Duration,
+    /// Secret in the operator's namespace (POD_NAMESPACE) holding the push channel's own key and
+    /// certificate; created by the operator.
+    #[arg(
+        long = "aws-push-secret",
+        env = "THING_OPERATOR_AWS_PUSH_SECRET",
+        default_value = "thing-operator-aws-push"
+    )]
+    pub push_secret: String,
+    /// Age at which the push channel's own certificate is replaced (the new one is active before
+    /// the old one is removed).
+    #[arg(long = "aws-push-rotate-after", env = "THING_OPERATOR_AWS_PUSH_ROTATE_AFTER", value_parser = parse_duration, default_value = "720h")]
+    pub push_rotate_after: Duration,
+}
+
+/// Whether the AWS backend keeps a push channel.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AwsPushMode {
+    /// Push channel on (the default); polling is the fallback while it is down.
+    #[default]
+    Auto,
+    /// Poll only.
+    Off,
 }
 
 /// How the operator authenticates to IoT Hub.

@@ -62,6 +62,7 @@ async fn build_providers(
     metrics: &Arc<Metrics>,
     wiring: &Arc<Wiring>,
     mqtt_access: &MqttAccess,
+    shutdown: &CancellationToken,
 ) -> anyhow::Result<ProviderRegistry> {
     let mut registry = ProviderRegistry::default();
     // Mosquitto: on when --mqtt-url is set. Its connection also carries the REST message
@@ -109,10 +110,23 @@ async fn build_providers(
             orphan_grace: args.aws.orphan_grace,
             adopt_unowned: args.aws.adopt_unowned,
             cluster_id: args.cluster_id.clone(),
+            push_drift_interval: args.aws.push_drift_interval,
             ..AwsSettings::default()
         };
-        let provider = AwsProvider::new(settings, Vec::new(), Some(metrics.clone())).await;
-        registry.register(Arc::new(provider));
+        let provider =
+            Arc::new(AwsProvider::new(settings, Vec::new(), Some(metrics.clone())).await);
+        if args.aws.push == crate::config::AwsPushMode::Auto {
+            let push = aws_push_settings(args, client, provider.push_name_scope())
+                .context("AWS push channel configuration")?;
+            crate::provider::aws::push::start(
+                provider.clone(),
+                push,
+                wiring.clone(),
+                metrics.mqtt_connection("aws-push"),
+                shutdown.clone(),
+            );
+        }
+        registry.register(provider);
     }
     if args.azure.connection_string_file.is_some()
         || args.azure.auth == crate::config::AzureAuth::WorkloadIdentity
@@ -120,6 +134,55 @@ async fn build_providers(
         registry.register(Arc::new(azure_provider(args, metrics.clone())?));
     }
     Ok(registry)
+}
+
+/// The AWS push channel from its flags: its identity lives in a Secret of the operator's
+/// namespace; its client id and policy name carry the cluster id, so clusters sharing an
+/// account keep apart. Both hold a character no Thing's names can hold (thing names, which are
+/// also device client ids, never contain `.`; device policy names never contain `@`), so no
+/// namespace can name a Thing whose device may connect as the channel (AWS drops the older of
+/// two connections with one client id) or whose policy takes the channel's policy's name.
+fn aws_push_settings(
+    args: &RunArgs,
+    client: &Client,
+    name_scope: &str,
+) -> anyhow::Result<crate::provider::aws::push::PushSettings> {
+    use crate::provider::aws::push::{PushSettings, identity::IdentitySettings};
+    let namespace = args
+        .lease_namespace
+        .clone()
+        .unwrap_or_else(|| "thing-operator-system".into());
+    let client_id = match &args.cluster_id {
+        Some(cluster) => format!("thing-operator.{cluster}.push"),
+        None => "thing-operator.push".to_string(),
+    };
+    let address = args
+        .aws
+        .push_url
+        .as_deref()
+        .map(crate::mqtt::connection::BrokerAddress::parse)
+        .transpose()?;
+    let ca_pem = args
+        .aws
+        .push_ca_file
+        .as_ref()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .transpose()?;
+    Ok(PushSettings {
+        address,
+        ca_pem,
+        identity: IdentitySettings {
+            secrets: kube::Api::namespaced(client.clone(), &namespace),
+            secret_name: args.aws.push_secret.clone(),
+            policy_name: format!("{client_id}@policy"),
+            client_id,
+            name_scope: name_scope.to_string(),
+            rotate_after: args.aws.push_rotate_after,
+            adopt_unowned: args.aws.adopt_unowned,
+        },
+        status_interval: args.status_write_interval,
+        identity_check: std::time::Duration::from_secs(3600),
+    })
 }
 
 /// The Azure backend from its flags. With a connection string, the hub's host name is the
@@ -421,7 +484,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // from the Things' status as they are now (loading them at boot would roll a standby's
     // shadows back to what they were when it started), and a standby keeps no broker session
     // whose last will could announce the leader's broker connection offline.
-    let providers = build_providers(&args, &client, &metrics, &wiring, &mqtt_access).await?;
+    let providers =
+        build_providers(&args, &client, &metrics, &wiring, &mqtt_access, &shutdown).await?;
     start_desired_patches(&args, &client, &metrics, &shutdown).context("MQTT configuration")?;
     let reporter = Reporter {
         controller: args.controller_name.clone(),

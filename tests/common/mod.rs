@@ -556,6 +556,9 @@ impl OperatorBuilder {
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_EC2_METADATA_DISABLED", "true")
+        // moto has no MQTT endpoint: the push channel is tested on its own (tests/aws_push.rs),
+        // which turns it on with `--aws-push auto` (a flag beats this variable).
+        .env("THING_OPERATOR_AWS_PUSH", "off")
     }
 
     /// The Mosquitto backend (and MQTT for Observers and Subscribers) on the test broker, as its

@@ -57,7 +57,9 @@ for bad, path in (({"podDisruptionBudget": {"enabled": "yes"}}, "/podDisruptionB
 # Every environment variable the chart sets is a flag of the binary (`run --help` lists each
 # flag's env twin), with every value that sets one switched on.
 EVERYTHING = {"aws": {"enabled": True, "region": "eu-west-1", "iotEndpoint": "https://iot",
-                      "dataEndpoint": "https://data", "deviceEndpoint": "d:8883"},
+                      "dataEndpoint": "https://data", "deviceEndpoint": "d:8883",
+                      "push": {"enabled": True, "url": "mqtts://iot:8883", "driftInterval": "2h",
+                               "rotateAfter": "240h"}},
               "azure": {"enabled": True, "hub": "h.azure-devices.net", "connectionStringSecret": "cs",
                         "hubUnits": 2, "adoptUnowned": True},
               "mqtt": {"url": "mqtts://m:8883", "passwordSecret": "p", "caSecret": "c",

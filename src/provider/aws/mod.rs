@@ -5,12 +5,15 @@
 //! Modules: [`client`] (SDK clients, rate limits, retries), [`error`] (what a failure is and
 //! whether a retry may help), [`naming`] (names and the policy document), [`provision`] (thing,
 //! policy, attachments), [`certs`] (issuance, rotation, orphan sweep), [`shadow`]
-//! (desired/reported sync), [`teardown`] (deletion order), `reconcile` (the steps of a reconcile
-//! and a cleanup). This file holds the provider itself and when a full check runs.
+//! (desired/reported sync), [`push`] (the push channel: reported state over MQTT as it
+//! changes), [`teardown`] (deletion order), `reconcile` (the steps of a reconcile and a cleanup).
+//! This file holds the provider itself and when a full check runs.
 //!
 //! Cost model: a full check (every resource described, drift repaired) runs when the spec or the
 //! rotate annotation changed, when a condition is not True, when a rotation or revocation is due,
 //! and otherwise once per resync interval; between full checks a reconcile is one shadow read.
+//! While the push channel delivers a Thing's state, its reconciles read nothing (they copy the
+//! pushed document) and the idle read and full check wait for the push drift interval.
 
 pub mod certs;
 pub mod client;
@@ -18,6 +21,7 @@ pub mod error;
 pub mod naming;
 pub mod ownership;
 pub mod provision;
+pub mod push;
 mod reconcile;
 pub mod shadow;
 pub mod teardown;
@@ -65,6 +69,8 @@ pub struct AwsSettings {
     pub adopt_unowned: bool,
     /// `--cluster-id`: goes into the device topic prefix.
     pub cluster_id: Option<String>,
+    /// While the push channel is up, how often an idle Thing is read and checked anyway.
+    pub push_drift_interval: Duration,
 }
 
 impl Default for AwsSettings {
@@ -79,6 +85,7 @@ impl Default for AwsSettings {
             default_rotation_overlap: Duration::from_secs(3600),
             adopt_unowned: false,
             cluster_id: None,
+            push_drift_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -97,6 +104,8 @@ pub struct AwsProvider {
     endpoint: OnceCell<String>,
     ca_bundle: String,
     checks: Mutex<HashMap<ThingKey, FullCheck>>,
+    /// Reported state pushed by AWS; never up unless [`push::start`] runs.
+    push: Arc<push::PushChannel>,
 }
 
 impl AwsProvider {
@@ -107,7 +116,14 @@ impl AwsProvider {
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
         let clients = AwsClients::new(&settings.client, interceptors, metrics).await;
+        // Derived names carry the cluster prefix: the operator policy can be scoped to it.
+        let scope = settings
+            .cluster_id
+            .as_ref()
+            .map(|c| format!("{c}:"))
+            .unwrap_or_default();
         Self {
+            push: Arc::new(push::PushChannel::new(scope, settings.push_drift_interval)),
             clients,
             settings,
             endpoint: OnceCell::new(),
@@ -117,6 +133,11 @@ impl AwsProvider {
             ]),
             checks: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The prefix of the thing names whose documents the push channel receives.
+    pub fn push_name_scope(&self) -> &str {
+        self.push.name_scope()
     }
 
     /// Call counters (attempts, retries, throttled answers) since start.
@@ -158,7 +179,14 @@ impl AwsProvider {
             .unwrap_or(self.settings.poll_interval)
     }
 
-    fn needs_full_check(&self, req: &DeviceRequest<'_>, status: &ThingStatus) -> bool {
+    /// `pushed`: the push channel delivers this Thing's state, so the idle check waits the
+    /// longer of the resync and the push drift interval.
+    fn needs_full_check(
+        &self,
+        req: &DeviceRequest<'_>,
+        status: &ThingStatus,
+        pushed: bool,
+    ) -> bool {
         let all_true = [types::PROVISIONED, types::CREDENTIALS_READY, types::IN_SYNC]
             .iter()
             .all(|t| status.conditions.is_true(t));
@@ -181,8 +209,15 @@ impl AwsProvider {
         match checks.get(&req.key()) {
             None => true,
             Some(c) => {
+                let resync = match pushed {
+                    true => self
+                        .settings
+                        .resync_interval
+                        .max(self.settings.push_drift_interval),
+                    false => self.settings.resync_interval,
+                };
                 c.fingerprint != fingerprint(req)
-                    || c.at.elapsed() >= self.settings.resync_interval
+                    || c.at.elapsed() >= resync
                     || c.due.is_some_and(|d| d <= now)
             }
         }

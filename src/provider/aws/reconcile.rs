@@ -253,22 +253,18 @@ impl IotProvider for AwsProvider {
             },
         );
 
-        let mut next = Utc::now() + chrono::Duration::from_std(poll).unwrap_or_default();
         // A deadline an earlier full check found (the end of a rotation overlap, a rotation, an
         // orphan sweep) holds for every reconcile until then: a reconcile that does no full
         // check (the one the status write itself triggers) must not push it back to the poll.
-        if let Some(due) = self.pending_deadline(req) {
-            next = next.min(due);
-        }
+        let mut deadline = self.pending_deadline(req);
+        let shadow_name = shadow_name(req);
         let mut fresh = false;
-        if self.needs_full_check(req, status) {
+        if self.needs_full_check(req, status, self.push.covers(&thing_name, shadow_name)) {
             let (due, created) = self
                 .converge(req, &thing_name, &policy_name, endpoint, status, outcome)
                 .await?;
             fresh = created;
-            if let Some(d) = due {
-                next = next.min(d);
-            }
+            deadline = deadline.into_iter().chain(due).min();
             self.checks
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -282,32 +278,52 @@ impl IotProvider for AwsProvider {
                 );
         }
 
-        let shadow_name = shadow_name(req);
+        // The thing is this Thing's (provisioned by it, or every condition True): its pushed
+        // documents count from now on.
+        self.push
+            .track(&thing_name, &req.key(), req.thing.labels(), shadow_name);
+        let pushed = self
+            .push
+            .document(&thing_name, shadow_name)
+            .filter(|d| d.get("version").and_then(serde_json::Value::as_i64) >= status.version);
         match shadow::sync(
             &self.clients,
             &thing_name,
             shadow_name,
             req.thing.spec.desired.as_ref(),
             fresh,
+            pushed,
             status,
         )
         .await
         {
-            Ok(_) => set_condition(
-                status,
-                types::IN_SYNC,
-                true,
-                "ShadowInSync",
-                "shadow desired state matches the spec",
-            ),
+            Ok(result) => {
+                if let Some(read) = &result.read {
+                    self.push.record_read(&thing_name, read.as_ref());
+                }
+                set_condition(
+                    status,
+                    types::IN_SYNC,
+                    true,
+                    "ShadowInSync",
+                    "shadow desired state matches the spec",
+                )
+            }
             Err(e) => return Err(record_failure(status, types::IN_SYNC, e).into()),
         }
+        // While the push channel delivers this Thing's state, the poll is only a drift check.
+        let period = match self.push.covers(&thing_name, shadow_name) {
+            true => poll.max(self.push.drift_interval()),
+            false => poll,
+        };
+        let next = Utc::now() + chrono::Duration::from_std(period).unwrap_or_default();
+        let next = deadline.map_or(next, |d| next.min(d));
         // A deadline slightly in the past still waits a moment: no hot loop on a skewed clock.
         let wait = (next - Utc::now())
             .to_std()
             .unwrap_or(Duration::from_secs(1))
             .max(Duration::from_millis(500));
-        outcome.requeue_after = Some(wait.min(poll));
+        outcome.requeue_after = Some(wait.min(period));
         Ok(())
     }
 
@@ -355,6 +371,7 @@ impl IotProvider for AwsProvider {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&req.key());
+        self.push.forget(&thing_name, &req.key());
         Ok(())
     }
 }

@@ -18,6 +18,9 @@ use crate::api::{JsonObject, ThingStatus};
 pub struct SyncResult {
     /// The desired state was written to the shadow in this sync.
     pub pushed: bool,
+    /// The shadow was read (or, for a thing created just now, is known) in this sync: the
+    /// document, `None` when there is no shadow.
+    pub read: Option<Option<Value>>,
 }
 
 async fn get(
@@ -131,21 +134,27 @@ pub fn apply_to_status(doc: Option<&Value>, status: &mut ThingStatus) {
 /// One sync. `desired = None` leaves the shadow's desired state alone (not managed). `fresh`:
 /// the thing was created in this reconcile, so it has no shadow to read; the desired state is
 /// written without a read before or after (nothing is reported yet, so the delta is the whole
-/// desired state), and the next poll reads the whole document.
+/// desired state), and the next poll reads the whole document. `known`: a document the push
+/// channel delivered, which stands in for the read.
 pub async fn sync(
     c: &AwsClients,
     thing_name: &str,
     shadow: Option<&str>,
     desired: Option<&JsonObject>,
     fresh: bool,
+    known: Option<Value>,
     status: &mut ThingStatus,
 ) -> Result<SyncResult, AwsError> {
-    let mut doc = if fresh {
-        None
-    } else {
-        get(c, thing_name, shadow).await?
-    };
     let mut result = SyncResult::default();
+    let mut doc = match (fresh, known) {
+        (true, _) => None,
+        (false, Some(doc)) => Some(doc),
+        (false, None) => {
+            let doc = get(c, thing_name, shadow).await?;
+            result.read = Some(doc.clone());
+            doc
+        }
+    };
     if let Some(want) = desired {
         let have = doc
             .as_ref()
@@ -174,7 +183,12 @@ pub async fn sync(
                 // The update's answer lacks reported and delta: read the whole document back.
                 get(c, thing_name, shadow).await?
             };
+            result.read = Some(doc.clone());
         }
+    }
+    if fresh && result.read.is_none() {
+        // Nothing can have been reported to a thing created just now.
+        result.read = Some(doc.clone());
     }
     apply_to_status(doc.as_ref(), status);
     Ok(result)
