@@ -1,13 +1,16 @@
 //! An acknowledgement is a promise: a Subscriber acknowledges an MQTT QoS 1 message only once
 //! it is written into the Thing, and the namespace's broker session is persistent, so a
-//! `kill -9` of the operator at any moment loses nothing the broker took from the sender.
+//! `kill -9` of the operator at any moment loses nothing the broker took from the sender; and an
+//! Observer delivering that Thing's state while the operator is killed reaches its sink with all
+//! of it (state, not events: a restarted Observer delivers the latest state it has not
+//! delivered).
 
 mod common;
 
-use common::{Setup, create_resource, thing};
+use common::{Setup, create_resource, http_receiver, thing};
 use kube::Api;
 use serde_json::json;
-use thing_operator::api::{Subscriber, Thing};
+use thing_operator::api::{Observer, Subscriber, Thing};
 
 /// How many of `keys` (k1..kN) the Thing's `spec.desired.keys` holds.
 async fn landed(things: &Api<Thing>) -> usize {
@@ -25,7 +28,11 @@ async fn every_acknowledged_message_lands_across_kill_9() {
     let s = Setup::new("sub-kill").await;
     let ns = &s.ns;
     let prefix = format!("t-{ns}");
-    let builder = s.operator().mqtt(&prefix);
+    let (sink_url, delivered) = http_receiver().await;
+    let builder = s
+        .operator()
+        .mqtt(&prefix)
+        .args(["--http-sink-allow-cidr", "127.0.0.0/8"]);
     let mut operator = builder.ready().await;
     let things = s.things();
     thing("sink")
@@ -43,6 +50,15 @@ async fn every_acknowledged_message_lands_across_kill_9() {
     )
     .await;
     s.wait_ready(&subscribers, "keys").await;
+    let observers: Api<Observer> = s.api();
+    create_resource(
+        &observers,
+        "keys-out",
+        json!({"source": {"thingName": "sink"}, "filter": {"section": "Desired"},
+               "sink": {"http": {"url": sink_url}}}),
+    )
+    .await;
+    s.wait_ready(&observers, "keys-out").await;
 
     let mut options = rumqttc::MqttOptions::new(
         format!("sender-{ns}"),
@@ -115,5 +131,23 @@ async fn every_acknowledged_message_lands_across_kill_9() {
         .await;
     for key in 1..=MESSAGES {
         assert_eq!(keys.get(&format!("k{key}")), Some(&json!(key)), "k{key}");
+    }
+    // The Observer's sink: what was acknowledged reached it too, across both kills.
+    let last = s
+        .wait_for("the sink receiving every acknowledged message", || async {
+            let events = delivered.lock().unwrap().clone();
+            events.into_iter().rev().find(|e| {
+                e["data"]["state"]["keys"]
+                    .as_object()
+                    .is_some_and(|k| k.len() > MESSAGES)
+            })
+        })
+        .await;
+    for key in 1..=MESSAGES {
+        assert_eq!(
+            last["data"]["state"]["keys"][format!("k{key}")],
+            json!(key),
+            "k{key} at the sink"
+        );
     }
 }
