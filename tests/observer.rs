@@ -105,6 +105,17 @@ async fn changed_by_filter_forwards_cloud_events_and_remembers_across_restarts()
         "replay or 24 leaked through: {events:?}"
     );
     assert_eq!(received.lock().unwrap().len(), 3);
+
+    // The memory goes with the Thing: the status stays as large as the fleet is.
+    things
+        .delete("t1", &Default::default())
+        .await
+        .expect("delete t1");
+    s.wait_for("t1's filter memory pruned from status", || async {
+        let st = observers.get("o1").await.ok()?.status?;
+        (!st.last_forwarded.unwrap_or_default().contains_key("t1")).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -15,6 +15,8 @@ use crate::api::{ThingUpdate, object_key};
 #[derive(Clone)]
 pub struct StateBus {
     tx: broadcast::Sender<Arc<ThingUpdate>>,
+    /// Deleted Things, `(namespace, name)`: what tasks keep per Thing goes with it.
+    removals: broadcast::Sender<(String, String)>,
     latest: Arc<Mutex<HashMap<String, Arc<ThingUpdate>>>>,
 }
 
@@ -27,8 +29,10 @@ impl Default for StateBus {
 impl StateBus {
     pub fn new(capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(capacity);
+        let (removals, _) = broadcast::channel(capacity);
         Self {
             tx,
+            removals,
             latest: Arc::default(),
         }
     }
@@ -49,12 +53,22 @@ impl StateBus {
         true
     }
 
-    /// Forgets a deleted Thing.
+    /// Forgets a deleted Thing, and tells the subscribers of [`StateBus::removals`].
     pub fn remove(&self, namespace: &str, name: &str) {
         self.latest
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&object_key(namespace, name));
+        // No receiver is fine: no task keeps anything for it.
+        let _ = self
+            .removals
+            .send((namespace.to_string(), name.to_string()));
+    }
+
+    /// Deleted Things as they go. A task that misses some (it fell behind) prunes what it keeps
+    /// against [`StateBus::latest`] instead.
+    pub fn removals(&self) -> broadcast::Receiver<(String, String)> {
+        self.removals.subscribe()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<ThingUpdate>> {
@@ -107,7 +121,9 @@ mod tests {
         assert!(rx.try_recv().is_err());
         assert_eq!(bus.latest("ns").len(), 1);
         assert_eq!(bus.latest("other").len(), 0);
+        let mut removals = bus.removals();
         bus.remove("ns", "a");
         assert!(bus.latest("ns").is_empty());
+        assert_eq!(removals.recv().await.unwrap(), ("ns".into(), "a".into()));
     }
 }

@@ -4,7 +4,7 @@
 //! restart of the operator.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -174,6 +174,7 @@ impl ObserverManager {
             provenance: self.provenance.clone(),
             cancel: cancel.clone(),
             dirty: false,
+            forgotten: BTreeSet::new(),
             last_forwarded_time: None,
             last_error: None,
         };
@@ -217,8 +218,17 @@ struct ObserverTask {
     provenance: ProvenanceBook,
     cancel: CancellationToken,
     dirty: bool,
+    /// Deleted Things whose filter memory the status still holds: the merge patch of the next
+    /// status write removes them (`null`), since leaving a key out of a merge patch keeps it.
+    forgotten: BTreeSet<String>,
     last_forwarded_time: Option<DateTime<Utc>>,
     last_error: Option<String>,
+}
+
+/// How a background status write ended, with the removals it carried.
+struct Flushed {
+    written: bool,
+    forgotten: BTreeSet<String>,
 }
 
 /// The lanes of an Observer with this spec: `Latest` keeps one waiting update per Thing.
@@ -422,6 +432,36 @@ impl ObserverTask {
         }
     }
 
+    /// A deleted Thing's filter memory and what else is kept for it go with it: the status stays
+    /// as large as the fleet is, not as large as it ever was.
+    fn forget(&mut self, thing: &str) {
+        self.previous.remove(thing);
+        self.versions.remove(thing);
+        if self.memory.remove(thing).is_some() {
+            self.forgotten.insert(thing.to_string());
+            self.dirty = true;
+        }
+    }
+
+    /// After missing removals: forgets every Thing the bus no longer has.
+    fn forget_unmatched(&mut self) {
+        let known: std::collections::HashSet<String> = self
+            .bus
+            .latest(&self.namespace)
+            .iter()
+            .map(|u| u.name.clone())
+            .collect();
+        let gone: Vec<String> = self
+            .memory
+            .keys()
+            .filter(|name| !known.contains(*name))
+            .cloned()
+            .collect();
+        for thing in gone {
+            self.forget(&thing);
+        }
+    }
+
     /// Remembers a refused destination for the reconciler (see [`Refusals`]).
     fn note_refusal(&self, e: &DeliveryError) {
         if e.refused {
@@ -439,19 +479,26 @@ impl ObserverTask {
             .map(|u| u.name.as_str())
             .collect();
         // What is kept per Thing only in memory goes with the Thing (the bus forgets deleted
-        // Things); the filter memory stays: it is the baseline `changedBy` restarts from.
+        // Things); the filter memory goes when the Thing is deleted (`forget`), not when the bus
+        // merely has not seen it yet: after a restart it is the baseline `changedBy` resumes from.
         self.previous
             .retain(|name, _| matched.contains(name.as_str()));
         self.versions
             .retain(|name, _| matched.contains(name.as_str()));
         let matched = matched.len();
+        let mut last_forwarded = json!(memories_to_status(&self.memory));
+        for thing in &self.forgotten {
+            if !self.memory.contains_key(thing) {
+                last_forwarded[thing.as_str()] = Value::Null;
+            }
+        }
         json!({
             "matchedThings": matched,
             "forwarded": self.forwarded,
             "failed": self.failed,
             "lastForwardedTime": self.last_forwarded_time,
             "lastError": self.last_error,
-            "lastForwarded": memories_to_status(&self.memory),
+            "lastForwarded": last_forwarded,
         })
     }
 
@@ -463,21 +510,41 @@ impl ObserverTask {
         let status = self.status();
         if write_task_status(&self.api, &self.name, status, &self.metrics).await {
             self.dirty = false;
+            self.forgotten.clear();
         }
     }
 
     /// Starts a status write beside the deliveries (one at a time): a slow API server delays
     /// the counters, never an update.
-    fn flush_in_background(&mut self, flushes: &mut JoinSet<bool>) {
+    fn flush_in_background(&mut self, flushes: &mut JoinSet<Flushed>) {
         if !self.dirty || !flushes.is_empty() {
             return;
         }
         let status = self.status();
         self.dirty = false;
+        let forgotten = std::mem::take(&mut self.forgotten);
         let api = self.api.clone();
         let name = self.name.clone();
         let metrics = self.metrics.clone();
-        flushes.spawn(async move { write_task_status(&api, &name, status, &metrics).await });
+        flushes.spawn(async move {
+            let written = write_task_status(&api, &name, status, &metrics).await;
+            Flushed { written, forgotten }
+        });
+    }
+
+    /// A background status write ended: a failed one is made again by the next flush.
+    fn flushed(&mut self, flushed: Option<Flushed>) {
+        match flushed {
+            Some(Flushed {
+                written: true,
+                forgotten: _,
+            }) => {}
+            Some(Flushed { forgotten, .. }) => {
+                self.forgotten.extend(forgotten);
+                self.dirty = true;
+            }
+            None => self.dirty = true,
+        }
     }
 
     async fn run(mut self) {
@@ -526,8 +593,9 @@ impl ObserverTask {
         };
         // Dropped with the task: a cancelled task's deliveries and status write stop with it.
         let mut running: JoinSet<Delivered> = JoinSet::new();
-        let mut flushes: JoinSet<bool> = JoinSet::new();
+        let mut flushes: JoinSet<Flushed> = JoinSet::new();
         let mut rx = self.bus.subscribe();
+        let mut removals = self.bus.removals();
         // State, not events: start from the latest state of every matching Thing.
         for update in self.bus.latest(&self.namespace) {
             self.accept(&outbox, &mut running, update);
@@ -538,11 +606,7 @@ impl ObserverTask {
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 _ = flush.tick() => self.flush_in_background(&mut flushes),
-                Some(written) = flushes.join_next() => {
-                    if !matches!(written, Ok(true)) {
-                        self.dirty = true;
-                    }
-                }
+                Some(flushed) = flushes.join_next() => self.flushed(flushed.ok()),
                 Some(done) = running.join_next() => match done {
                     Ok(delivered) => self.complete(&outbox, &mut running, delivered),
                     // A delivery panicked (a bug): its lane would stay busy forever, so the task
@@ -552,6 +616,12 @@ impl ObserverTask {
                         self.cancel.cancel();
                         break;
                     }
+                },
+                removed = removals.recv() => match removed {
+                    Ok((namespace, thing)) if namespace == self.namespace => self.forget(&thing),
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => self.forget_unmatched(),
+                    Err(RecvError::Closed) => break,
                 },
                 msg = rx.recv(), if self.lanes.has_room() => match msg {
                     Ok(update) => self.accept(&outbox, &mut running, update),
