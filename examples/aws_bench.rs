@@ -2,7 +2,7 @@
 //! numbers; it is not a timed test.
 //!
 //!   bash scripts/testenv.sh up
-//!   cargo build && cargo run --example aws_bench -- [THINGS] [CONCURRENCY] [POLL_SECONDS]
+//!   cargo build --release && cargo run --release --example aws_bench -- [THINGS] [CONCURRENCY] [POLL_SECONDS]
 //!
 //! 1. The floor: a bare SDK loop making the calls one device needs (CreateThing, CreatePolicy,
 //!    RegisterCertificateWithoutCA, AttachPolicy, AttachThingPrincipal, UpdateThingShadow,
@@ -23,7 +23,9 @@
 //!    DeletePolicy, DeleteThingShadow, DeleteThing per device, with moto's DeleteCertificate race
 //!    retried the same way the operator retries it).
 //!
-//! The operator binary is `$CARGO_TARGET_DIR/debug/thing-operator` (default `target/`).
+//! The operator binary is the one of the benchmark's own profile:
+//! `$CARGO_TARGET_DIR/{release,debug}/thing-operator` (default `target/`), so build it first
+//! with the same profile.
 
 use std::{
     collections::BTreeMap,
@@ -342,7 +344,12 @@ async fn main() -> anyhow::Result<()> {
     let bin = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
-        .join("debug/thing-operator");
+        .join(if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        })
+        .join("thing-operator");
     let log = std::fs::File::create(dir.join("logs").join(format!("operator-{ns}.log")))?;
     let push = std::env::var("BENCH_PUSH").as_deref() != Ok("off");
     let (_standin, push_args) = if push {

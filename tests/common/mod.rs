@@ -688,6 +688,11 @@ pub struct OperatorProcess {
 }
 
 impl OperatorProcess {
+    /// The process id while it runs (benchmarks read its memory and CPU from /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
