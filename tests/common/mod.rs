@@ -530,6 +530,11 @@ impl OperatorBuilder {
     /// The AWS backend against the test environment's moto, with fast polls so the tests need
     /// not wait long.
     pub fn aws(self) -> Self {
+        self.aws_resync("2s")
+    }
+
+    /// [`Self::aws`] with full drift checks every `resync` instead of every 2 s.
+    pub fn aws_resync(self, resync: &str) -> Self {
         let moto = self.env.var("MOTO_URL");
         self.args([
             "--aws",
@@ -544,7 +549,7 @@ impl OperatorBuilder {
             "--poll-interval",
             "1s",
             "--resync-interval",
-            "2s",
+            resync,
             "--aws-orphan-grace",
             "2s",
             // The tests poll and rotate fast; production floors are 10s and 1m.
