@@ -194,6 +194,35 @@ fn metric_sum(body: &str, name: &str, filters: &[&str]) -> f64 {
         .sum()
 }
 
+/// `name`'s values by the value of `label`, e.g. cloud calls by operation.
+fn metric_by(body: &str, name: &str, label: &str, filters: &[&str]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let key = format!("{label}=\"");
+    for l in body.lines().filter(|l| {
+        l.starts_with(name)
+            && l[name.len()..].starts_with('{')
+            && filters.iter().all(|f| l.contains(f))
+    }) {
+        let value = l.split(&key).nth(1).and_then(|r| r.split('"').next());
+        let n = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let (Some(value), Some(n)) = (value, n) {
+            *out.entry(value.to_string()).or_default() += n;
+        }
+    }
+    out
+}
+
+/// Per Thing, the calls of each operation that grew between two metric bodies.
+fn per_thing(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, n: usize) -> String {
+    after
+        .iter()
+        .map(|(op, v)| (op, v - before.get(op).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d > 0.0)
+        .map(|(op, d)| format!("{op} {:.2}", d / n as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Peak RSS (MiB) and CPU seconds (user + system) of a process, from /proc.
 fn proc_usage(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -306,6 +335,8 @@ async fn main() -> anyhow::Result<()> {
         .collect()
         .await;
     let floor_secs = started.elapsed().as_secs_f64();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("  (load {})", load.trim());
     let floor_ok: Vec<(String, String)> = results.into_iter().filter_map(Result::ok).collect();
     println!(
         "floor: {} devices in {floor_secs:.1}s ({} calls per device)",
@@ -502,7 +533,26 @@ async fn main() -> anyhow::Result<()> {
         &["kind=\"Thing\""],
     );
     let (rss, cpu) = proc_usage(pid);
-    println!("operator: {n} Things applied in {applied:.1}s, all Ready after {op_secs:.1}s");
+    let by_op = |body: &str| {
+        metric_by(
+            body,
+            "thing_operator_backend_calls_total",
+            "operation",
+            &["backend=\"aws\""],
+        )
+    };
+    let reconciles =
+        |body: &str| metric_sum(body, "thing_operator_reconciles_total", &["kind=\"Thing\""]);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "operator: {n} Things applied in {applied:.1}s, all Ready after {op_secs:.1}s (load {})",
+        load.trim()
+    );
+    println!(
+        "  per Thing: {}; {:.2} reconciles",
+        per_thing(&BTreeMap::new(), &by_op(&body), n),
+        reconciles(&body) / n as f64
+    );
     println!(
         "  cloud calls per Thing {:.1}, status writes per Thing {:.2}, peak RSS {rss:.0} MiB, CPU {cpu:.1}s",
         calls / n as f64,
@@ -572,6 +622,7 @@ async fn main() -> anyhow::Result<()> {
         "thing_operator_backend_calls_total",
         &["backend=\"aws\""],
     );
+    let ops_before_delete = by_op(&metrics(port).await);
     let started = Instant::now();
     things
         .delete_collection(&DeleteParams::default(), &ListParams::default())
@@ -586,11 +637,18 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let delete_secs = started.elapsed().as_secs_f64();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("  (load after deletion {})", load.trim());
+    let body = metrics(port).await;
     let delete_calls = metric_sum(
-        &metrics(port).await,
+        &body,
         "thing_operator_backend_calls_total",
         &["backend=\"aws\""],
     ) - calls_before_delete;
+    println!(
+        "  deletion per Thing: {}",
+        per_thing(&ops_before_delete, &by_op(&body), n)
+    );
     println!(
         "deletion: all {n} Things and their cloud resources gone after {delete_secs:.1}s, {:.1} cloud calls per Thing",
         delete_calls / n as f64

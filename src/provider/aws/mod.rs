@@ -12,8 +12,9 @@
 //! Cost model: a full check (every resource described, drift repaired) runs when the spec or the
 //! rotate annotation changed, when a condition is not True, when a rotation or revocation is due,
 //! and otherwise once per resync interval; between full checks a reconcile is one shadow read,
-//! at most once per poll interval (a reconcile sooner, unless the spec changed, copies the last
-//! read's document: the ones the operator's own Secret and status writes trigger cost nothing).
+//! except that a reconcile within half a poll interval of the last read, unless the spec
+//! changed, copies that read's document (the ones the operator's own Secret and status writes
+//! trigger cost nothing).
 //! While the push channel delivers a Thing's state, its reconciles read nothing (they copy the
 //! pushed document) and the idle read and full check wait for the push drift interval.
 
@@ -93,7 +94,7 @@ impl Default for AwsSettings {
 }
 
 /// The shadow document the last read (or first write) of a Thing found, while the push channel
-/// does not cover it: a reconcile before the next poll that no spec change asked for (the ones
+/// does not cover it: a reconcile soon after that no spec change asked for (the ones
 /// the operator's own Secret and status writes trigger, a grant of the write budget) copies it
 /// instead of reading the shadow again. Polled Things only: for pushed ones the channel keeps
 /// the document.
@@ -238,7 +239,8 @@ impl AwsProvider {
         }
     }
 
-    /// The document of a read less than `poll` ago under the same spec, and its age.
+    /// The document of a read less than half a poll interval ago under the same spec, and its
+    /// age. Half: the requeue for the next poll is jittered by ±10%, and must read, not copy.
     fn recent_read(
         &self,
         req: &DeviceRequest<'_>,
@@ -247,7 +249,8 @@ impl AwsProvider {
         let reads = self.last_reads.lock().unwrap_or_else(|p| p.into_inner());
         let last = reads.get(&req.key())?;
         let age = last.at.elapsed();
-        (age < poll && last.fingerprint == fingerprint(req)).then(|| (last.document.clone(), age))
+        (age < poll / 2 && last.fingerprint == fingerprint(req))
+            .then(|| (last.document.clone(), age))
     }
 
     /// Remembers what a read found for [`Self::recent_read`]; `None` (no shadow, or the
