@@ -13,7 +13,8 @@
 //!   Things (default 10,000) each reporting once a second for `BENCH_STORM_SECONDS` (60),
 //!   published by `BENCH_STORM_CONNECTIONS` (4) clients of the broker's admin account, each
 //!   publishing for its share of the devices on their own `$aws/things/<name>/shadow/update`
-//!   topics (one device connection each would measure the test, not the operator): status
+//!   topics (one device connection each would measure the test, not the operator; QoS 1, or
+//!   `BENCH_STORM_QOS=0`): status
 //!   writes per second against `--status-write-qps` (`BENCH_STORM_QPS`, default 50), the
 //!   operator's peak RSS, and how long after the last report the latest state of every Thing
 //!   is in status. Run it on a release build:
@@ -291,6 +292,10 @@ async fn bench_status_write_storm() {
     let seconds: i64 = env_or("BENCH_STORM_SECONDS", 60);
     let connections: usize = env_or("BENCH_STORM_CONNECTIONS", 4).max(1);
     let qps: f64 = env_or("BENCH_STORM_QPS", 50.0);
+    let qos = match env_or("BENCH_STORM_QOS", 1) {
+        0 => rumqttc::QoS::AtMostOnce,
+        _ => rumqttc::QoS::AtLeastOnce,
+    };
     let interval = Duration::from_secs(2);
     let s = setup(
         "mq-storm",
@@ -304,7 +309,7 @@ async fn bench_status_write_storm() {
     .await;
     let pid = s.operator.pid().expect("operator runs");
     println!(
-        "storm: {n} Things x 1 report/s for {seconds} s over {connections} connections, \
+        "storm: {n} Things x 1 report/s for {seconds} s over {connections} connections ({qos:?}), \
          budget {qps}/s, interval {interval:?}; load {}",
         load_average()
     );
@@ -400,12 +405,7 @@ async fn bench_status_write_storm() {
                 let body = format!(r#"{{"state":{{"reported":{{"seq":{seq}}}}}}}"#);
                 for topic in &topics {
                     let _ = client
-                        .publish(
-                            topic.clone(),
-                            rumqttc::QoS::AtLeastOnce,
-                            false,
-                            body.clone(),
-                        )
+                        .publish(topic.clone(), qos, false, body.clone())
                         .await;
                 }
                 if round.elapsed() > Duration::from_secs(1) {
