@@ -117,7 +117,7 @@ async fn a_healthy_device_is_written_once_and_announced_once() {
 
 #[tokio::test]
 async fn a_reconcile_from_a_cache_behind_its_own_write_starts_from_that_write() {
-    let (_provider, ctx, server) = setup();
+    let (provider, ctx, server) = setup();
     let t = finalized(thing("lamp", json!({"desired": {"on": true}})));
     server.seed(&t);
     reconcile_stored(&server, &ctx, &t)
@@ -133,6 +133,13 @@ async fn a_reconcile_from_a_cache_behind_its_own_write_starts_from_that_write() 
         .expect("reconciles");
     assert_eq!(status_writes(&server), 0, "{:?}", server.requests());
     assert!(events(&server).is_empty(), "{:?}", events(&server));
+    // The backend was handed the written status, not an empty one (which would send a real
+    // backend through its provisioning checks again).
+    assert_eq!(
+        provider.last_status(),
+        server.thing(&t).status,
+        "the backend started from a stale status"
+    );
 }
 
 #[tokio::test]

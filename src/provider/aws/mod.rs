@@ -13,7 +13,7 @@
 //! rotate annotation changed, when a condition is not True, when a rotation or revocation is due,
 //! and otherwise once per resync interval; between full checks a reconcile is one shadow read,
 //! except that a reconcile within half a poll interval of the last read, unless the spec
-//! changed, copies that read's document (the ones the operator's own Secret and status writes
+//! changed or the push channel is up, copies that read's document (the ones the operator's own Secret and status writes
 //! trigger cost nothing).
 //! While the push channel delivers a Thing's state, its reconciles read nothing (they copy the
 //! pushed document) and the idle read and full check wait for the push drift interval.
@@ -94,7 +94,8 @@ impl Default for AwsSettings {
 }
 
 /// The shadow document the last read (or first write) of a Thing found, while the push channel
-/// does not cover it: a reconcile soon after that no spec change asked for (the ones
+/// does not cover it: a reconcile soon after, while the channel is down or off, that no spec
+/// change asked for (the ones
 /// the operator's own Secret and status writes trigger, a grant of the write budget) copies it
 /// instead of reading the shadow again. Polled Things only: for pushed ones the channel keeps
 /// the document.

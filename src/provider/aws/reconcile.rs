@@ -291,10 +291,12 @@ impl IotProvider for AwsProvider {
             .push
             .document(&thing_name, shadow_name)
             .filter(not_older);
-        // Between polls, a reconcile no spec change asked for copies the last read.
+        // Between polls, a reconcile no spec change asked for copies the last read. Not while
+        // the push channel is up: a Thing it does not cover needs a read to be covered again
+        // (after a reconnect), and its pushed documents may be newer than that read.
         let (known, read_age) = match pushed {
             Some(doc) => (Some(doc), Duration::ZERO),
-            None if !full_check => self
+            None if !full_check && !self.push.is_up() => self
                 .recent_read(req, poll)
                 .filter(|(doc, _)| not_older(doc))
                 .map_or((None, Duration::ZERO), |(doc, age)| (Some(doc), age)),
