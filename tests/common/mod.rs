@@ -626,10 +626,13 @@ impl OperatorBuilder {
         std::fs::create_dir_all(&log_dir).unwrap();
         let log_path = log_dir.join(format!("operator-{}-{http_port}.log", self.namespace));
         let log = std::fs::File::create(&log_path).unwrap();
-        let binary = if self.failpoints_binary {
-            failpoints_binary()
-        } else {
-            Path::new(env!("CARGO_BIN_EXE_thing-operator"))
+        // `THING_OPERATOR_BENCH_BIN` runs another build of the operator (benchmarks measure a
+        // release build from a debug test harness); never for failpoint tests.
+        let other = std::env::var_os("THING_OPERATOR_BENCH_BIN").map(PathBuf::from);
+        let binary = match (&other, self.failpoints_binary) {
+            (_, true) => failpoints_binary(),
+            (Some(other), false) => other.as_path(),
+            (None, false) => Path::new(env!("CARGO_BIN_EXE_thing-operator")),
         };
         let mut cmd = Command::new(binary);
         cmd.arg("run")
