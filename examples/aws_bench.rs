@@ -2,7 +2,7 @@
 //! numbers; it is not a timed test.
 //!
 //!   bash scripts/testenv.sh up
-//!   cargo build && cargo run --example aws_bench -- [THINGS] [CONCURRENCY] [POLL_SECONDS]
+//!   cargo build --release && cargo run --release --example aws_bench -- [THINGS] [CONCURRENCY] [POLL_SECONDS]
 //!
 //! 1. The floor: a bare SDK loop making the calls one device needs (CreateThing, CreatePolicy,
 //!    RegisterCertificateWithoutCA, AttachPolicy, AttachThingPrincipal, UpdateThingShadow,
@@ -23,7 +23,9 @@
 //!    DeletePolicy, DeleteThingShadow, DeleteThing per device, with moto's DeleteCertificate race
 //!    retried the same way the operator retries it).
 //!
-//! The operator binary is `$CARGO_TARGET_DIR/debug/thing-operator` (default `target/`).
+//! The operator binary is the one of the benchmark's own profile:
+//! `$CARGO_TARGET_DIR/{release,debug}/thing-operator` (default `target/`), so build it first
+//! with the same profile.
 
 use std::{
     collections::BTreeMap,
@@ -192,6 +194,35 @@ fn metric_sum(body: &str, name: &str, filters: &[&str]) -> f64 {
         .sum()
 }
 
+/// `name`'s values by the value of `label`, e.g. cloud calls by operation.
+fn metric_by(body: &str, name: &str, label: &str, filters: &[&str]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let key = format!("{label}=\"");
+    for l in body.lines().filter(|l| {
+        l.starts_with(name)
+            && l[name.len()..].starts_with('{')
+            && filters.iter().all(|f| l.contains(f))
+    }) {
+        let value = l.split(&key).nth(1).and_then(|r| r.split('"').next());
+        let n = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let (Some(value), Some(n)) = (value, n) {
+            *out.entry(value.to_string()).or_default() += n;
+        }
+    }
+    out
+}
+
+/// Per Thing, the calls of each operation that grew between two metric bodies.
+fn per_thing(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, n: usize) -> String {
+    after
+        .iter()
+        .map(|(op, v)| (op, v - before.get(op).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d > 0.0)
+        .map(|(op, d)| format!("{op} {:.2}", d / n as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Peak RSS (MiB) and CPU seconds (user + system) of a process, from /proc.
 fn proc_usage(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -304,6 +335,8 @@ async fn main() -> anyhow::Result<()> {
         .collect()
         .await;
     let floor_secs = started.elapsed().as_secs_f64();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("  (load {})", load.trim());
     let floor_ok: Vec<(String, String)> = results.into_iter().filter_map(Result::ok).collect();
     println!(
         "floor: {} devices in {floor_secs:.1}s ({} calls per device)",
@@ -342,7 +375,12 @@ async fn main() -> anyhow::Result<()> {
     let bin = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
-        .join("debug/thing-operator");
+        .join(if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        })
+        .join("thing-operator");
     let log = std::fs::File::create(dir.join("logs").join(format!("operator-{ns}.log")))?;
     let push = std::env::var("BENCH_PUSH").as_deref() != Ok("off");
     let (_standin, push_args) = if push {
@@ -495,7 +533,26 @@ async fn main() -> anyhow::Result<()> {
         &["kind=\"Thing\""],
     );
     let (rss, cpu) = proc_usage(pid);
-    println!("operator: {n} Things applied in {applied:.1}s, all Ready after {op_secs:.1}s");
+    let by_op = |body: &str| {
+        metric_by(
+            body,
+            "thing_operator_backend_calls_total",
+            "operation",
+            &["backend=\"aws\""],
+        )
+    };
+    let reconciles =
+        |body: &str| metric_sum(body, "thing_operator_reconciles_total", &["kind=\"Thing\""]);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "operator: {n} Things applied in {applied:.1}s, all Ready after {op_secs:.1}s (load {})",
+        load.trim()
+    );
+    println!(
+        "  per Thing: {}; {:.2} reconciles",
+        per_thing(&BTreeMap::new(), &by_op(&body), n),
+        reconciles(&body) / n as f64
+    );
     println!(
         "  cloud calls per Thing {:.1}, status writes per Thing {:.2}, peak RSS {rss:.0} MiB, CPU {cpu:.1}s",
         calls / n as f64,
@@ -565,6 +622,7 @@ async fn main() -> anyhow::Result<()> {
         "thing_operator_backend_calls_total",
         &["backend=\"aws\""],
     );
+    let ops_before_delete = by_op(&metrics(port).await);
     let started = Instant::now();
     things
         .delete_collection(&DeleteParams::default(), &ListParams::default())
@@ -579,11 +637,18 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let delete_secs = started.elapsed().as_secs_f64();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("  (load after deletion {})", load.trim());
+    let body = metrics(port).await;
     let delete_calls = metric_sum(
-        &metrics(port).await,
+        &body,
         "thing_operator_backend_calls_total",
         &["backend=\"aws\""],
     ) - calls_before_delete;
+    println!(
+        "  deletion per Thing: {}",
+        per_thing(&ops_before_delete, &by_op(&body), n)
+    );
     println!(
         "deletion: all {n} Things and their cloud resources gone after {delete_secs:.1}s, {:.1} cloud calls per Thing",
         delete_calls / n as f64

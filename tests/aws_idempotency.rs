@@ -1,6 +1,8 @@
 //! Reconciling again changes nothing: no AWS write, no status write, no Secret write, the same
 //! state in moto; also after a restart of the operator (empty memory, full checks).
-//! Covers both credential sources; the CloudIssued Thing also goes through deletion.
+//! Covers both credential sources; the CloudIssued Thing also goes through deletion. And the
+//! other side of it (issue 11): a Thing never provisioned costs six cloud calls, none of them a
+//! read, and the reconciles its own Secret and status writes trigger cost none.
 
 mod aws_support;
 mod common;
@@ -237,5 +239,77 @@ async fn a_changed_thing_name_is_refused_not_leaked() {
     api.delete("dev", &DeleteParams::default()).await.unwrap();
     s.wait_gone(&api, "dev").await;
     assert!(!thing_exists(&iot, &tn).await);
+    drop(op);
+}
+
+/// AWS calls so far by operation (`thing_operator_backend_calls_total`).
+async fn calls_by_operation(op: &OperatorProcess) -> std::collections::BTreeMap<String, f64> {
+    let (_, body) = op.get("/metrics").await.expect("metrics served");
+    let mut calls = std::collections::BTreeMap::new();
+    for line in body.lines().filter(|l| {
+        l.starts_with("thing_operator_backend_calls_total{") && l.contains("backend=\"aws\"")
+    }) {
+        let operation = line
+            .split("operation=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or_default();
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default();
+        *calls.entry(operation.to_string()).or_default() += value;
+    }
+    calls
+}
+
+#[tokio::test]
+async fn provisioning_writes_first_and_its_own_writes_cost_no_call() {
+    let s = setup("aws-six").await;
+    // No drift check and no poll falls into the test: every call is provisioning's or a
+    // reconcile's that the operator's own writes triggered.
+    let op = s.operator().aws_resync("1h").ready().await;
+    let api = s.things();
+    thing("lamp")
+        .spec(json!({
+            "broker": "AWS",
+            "attributes": {"model": "rpi4"},
+            "desired": {"temp": 26},
+            "shadow": {"pollInterval": "1h"}
+        }))
+        .create(&api)
+        .await;
+    s.wait_ready(&api, "lamp").await;
+    // The finalizer, provisioning, and at least one reconcile queued by the Secret and status
+    // writes of provisioning.
+    s.wait_for("the reconciles of the operator's own writes", || async {
+        (reconciles(&op).await >= 3.0).then_some(())
+    })
+    .await;
+    let calls = calls_by_operation(&op).await;
+    let want: std::collections::BTreeMap<String, f64> = [
+        "CreateThing",
+        "CreatePolicy",
+        "RegisterCertificateWithoutCA",
+        "AttachPolicy",
+        "AttachThingPrincipal",
+        "UpdateThingShadow",
+    ]
+    .into_iter()
+    .map(|o| (o.to_string(), 1.0))
+    .collect();
+    assert_eq!(calls, want, "after {} reconciles", reconciles(&op).await);
+    // Status took the shadow as the first write left it: the delta is the whole desired state.
+    let t = api.get("lamp").await.unwrap();
+    let status = t.status.unwrap();
+    assert_eq!(status.version, Some(1));
+    assert_eq!(
+        status.delta.map(|d| d.0),
+        json!({"temp": 26}).as_object().cloned()
+    );
+    api.delete("lamp", &DeleteParams::default()).await.unwrap();
+    s.wait_gone(&api, "lamp").await;
+    assert!(!thing_exists(&iot(&s.env), &format!("{}_lamp", s.ns)).await);
     drop(op);
 }

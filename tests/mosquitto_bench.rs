@@ -8,7 +8,22 @@
 //!   broker -> device), p50/p99: the upper bound of publish -> state visible in memory;
 //! - devices x reports per second the operator keeps up with, the latest state landing in
 //!   status within the coalescing interval;
-//! - Mosquitto's own loopback throughput (mosquitto_pub -> mosquitto_sub) as the ceiling.
+//! - Mosquitto's own loopback throughput (mosquitto_pub -> mosquitto_sub) as the ceiling;
+//! - the status-write storm (`bench_status_write_storm`, issue 11): `BENCH_STORM_THINGS`
+//!   Things (default 10,000) each reporting once a second for `BENCH_STORM_SECONDS` (60),
+//!   published by `BENCH_STORM_CONNECTIONS` (4) clients of the broker's admin account, each
+//!   publishing for its share of the devices on their own `$aws/things/<name>/shadow/update`
+//!   topics (one device connection each would measure the test, not the operator; QoS 1, or
+//!   `BENCH_STORM_QOS=0`): status
+//!   writes per second against `--status-write-qps` (`BENCH_STORM_QPS`, default 50), the
+//!   operator's peak RSS, and how long after the last report the latest state of every Thing
+//!   is in status. Run it on a release build of the operator:
+//!
+//!   ```text
+//!   cargo build --release --bin thing-operator
+//!   THING_OPERATOR_BENCH_BIN=$CARGO_TARGET_DIR/release/thing-operator \
+//!     cargo test --test mosquitto_bench storm -- --ignored --nocapture
+//!   ```
 
 mod common;
 mod mosquitto_support;
@@ -18,10 +33,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::{StreamExt, stream};
+use kube::api::{DeleteParams, ListParams};
 use serde_json::json;
 
 use common::thing;
-use mosquitto_support::{Device, setup};
+use mosquitto_support::{Credentials, Device, setup};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -214,5 +231,292 @@ async fn bench_mosquitto_shadow_service() {
     println!(
         "bench: mosquitto loopback ceiling, QoS 1, one publisher -> one subscriber: {n} messages in {elapsed:?} = {:.0}/s",
         n as f64 / elapsed.as_secs_f64()
+    );
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Peak RSS (MiB) and CPU seconds (user + system) of a process, from /proc.
+fn proc_usage(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    (hwm_kb / 1024.0, ticks / 100.0)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// How often the test broker logged that it dropped messages for a subscriber whose queue
+/// (`max_queued_messages`) was full: a Thing whose last report was dropped cannot show it.
+fn broker_drops(env: &common::TestEnv) -> usize {
+    std::fs::read_to_string(env.dir.join("logs/mosquitto.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Outgoing messages are being dropped"))
+        .count()
+}
+
+/// How many Things' status holds `seq` as the reported `seq`.
+async fn things_at(things: &kube::Api<thing_operator::api::Thing>, seq: i64) -> usize {
+    let list = things
+        .list(&ListParams::default())
+        .await
+        .expect("Things listed");
+    list.items
+        .iter()
+        .filter(|t| {
+            t.status
+                .as_ref()
+                .and_then(|st| st.reported.as_ref())
+                .and_then(|r| r.0.get("seq")?.as_i64())
+                == Some(seq)
+        })
+        .count()
+}
+
+#[tokio::test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+async fn bench_status_write_storm() {
+    let n: usize = env_or("BENCH_STORM_THINGS", 10_000);
+    let seconds: i64 = env_or("BENCH_STORM_SECONDS", 60);
+    let connections: usize = env_or("BENCH_STORM_CONNECTIONS", 4).max(1);
+    let qps: f64 = env_or("BENCH_STORM_QPS", 50.0);
+    let qos = match env_or("BENCH_STORM_QOS", 1) {
+        0 => rumqttc::QoS::AtMostOnce,
+        _ => rumqttc::QoS::AtLeastOnce,
+    };
+    let interval = Duration::from_secs(2);
+    let s = setup(
+        "mq-storm",
+        &[
+            "--status-write-qps",
+            &qps.to_string(),
+            "--status-write-interval",
+            "2s",
+        ],
+    )
+    .await;
+    let pid = s.operator.pid().expect("operator runs");
+    println!(
+        "storm: {n} Things x 1 report/s for {seconds} s over {connections} connections ({qos:?}), \
+         budget {qps}/s, interval {interval:?}; load {}",
+        load_average()
+    );
+
+    // 1. The fleet.
+    let started = Instant::now();
+    stream::iter(0..n)
+        .for_each_concurrent(32, |i| {
+            let things = s.things.clone();
+            async move {
+                thing(&format!("s{i}")).create(&things).await;
+            }
+        })
+        .await;
+    let created = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let ready = s
+            .things
+            .list(&ListParams::default())
+            .await
+            .expect("Things listed")
+            .items
+            .iter()
+            .filter(|t| common::is_ready(*t))
+            .count();
+        if ready == n {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {ready}/{n} Ready after an hour"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    println!(
+        "storm: {n} Things created in {created:.1?}, all Ready after {:.1?} ({:.0} Things/s); load {}",
+        started.elapsed(),
+        n as f64 / started.elapsed().as_secs_f64(),
+        load_average()
+    );
+
+    // 2. The storm: every device reports `seq` = 1..=seconds, once a second.
+    let names: Vec<String> = (0..n)
+        .map(|i| {
+            thing_operator::api::thing::ThingSpec::default().backend_name(&s.ns, &format!("s{i}"))
+        })
+        .collect();
+    let admin = s.admin_credentials();
+    let mut publishers = Vec::new();
+    for c in 0..connections {
+        let creds = Credentials {
+            client_id: format!("{}-storm-{c}", admin.client_id),
+            ..admin.clone()
+        };
+        let mut d = Device::start(&creds, Vec::new());
+        d.connected().await;
+        let topics: Vec<String> = names
+            .iter()
+            .skip(c)
+            .step_by(connections)
+            .map(|name| format!("$aws/things/{name}/shadow/update"))
+            .collect();
+        publishers.push((d, topics));
+    }
+    let writes = |body: &str| -> f64 {
+        body.lines()
+            .filter(|l| {
+                l.starts_with("thing_operator_status_writes_total{") && l.contains("kind=\"Thing\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let metrics = || async {
+        s.operator
+            .get("/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    };
+    let writes_before = writes(&metrics().await);
+    let drops_before = broker_drops(&s.env);
+    let storm_started = Instant::now();
+    let mut tasks = Vec::new();
+    for (d, topics) in &publishers {
+        let client = d.client.clone();
+        let topics = topics.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut late_rounds = 0;
+            for seq in 1..=seconds {
+                tick.tick().await;
+                let round = Instant::now();
+                let body = format!(r#"{{"state":{{"reported":{{"seq":{seq}}}}}}}"#);
+                for topic in &topics {
+                    let _ = client
+                        .publish(topic.clone(), qos, false, body.clone())
+                        .await;
+                }
+                if round.elapsed() > Duration::from_secs(1) {
+                    late_rounds += 1;
+                }
+            }
+            late_rounds
+        }));
+    }
+    // Sample status writes per second while it runs.
+    let mut samples = Vec::new();
+    let mut last = (Instant::now(), writes_before);
+    let mut peak_rss = 0.0f64;
+    while !tasks.iter().all(|t| t.is_finished()) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = (Instant::now(), writes(&metrics().await));
+        samples.push((now.1 - last.1) / now.0.duration_since(last.0).as_secs_f64());
+        last = now;
+        peak_rss = peak_rss.max(proc_usage(pid).0);
+    }
+    let mut late_rounds = 0;
+    for t in tasks {
+        late_rounds += t.await.unwrap_or(0);
+    }
+    let published = storm_started.elapsed();
+    let window_writes = writes(&metrics().await) - writes_before;
+    println!(
+        "storm: {} reports sent in {published:.1?} ({:.0}/s offered; {late_rounds} of {} rounds took over 1 s); load {}",
+        n as i64 * seconds,
+        (n as i64 * seconds) as f64 / published.as_secs_f64(),
+        seconds as usize * connections,
+        load_average()
+    );
+    let max = samples.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "storm: status writes during the storm {window_writes:.0} = {:.1}/s (5 s samples: max {max:.1}/s), budget {qps}/s",
+        window_writes / published.as_secs_f64()
+    );
+
+    // 3. The lag: until every Thing's status holds the last report. A full pass over the fleet
+    //    at the budget takes n/qps seconds.
+    let expected = Duration::from_secs_f64((n as f64 / qps).max(interval.as_secs_f64()));
+    let deadline = Instant::now() + expected * 3 + Duration::from_secs(120);
+    let (mut landed, mut after_last) = (0, Duration::ZERO);
+    while Instant::now() < deadline {
+        let now = things_at(&s.things, seconds).await;
+        if now > landed {
+            // When the latest count was first seen (polled every 2 s, so up to 2 s late).
+            (landed, after_last) = (now, storm_started.elapsed().saturating_sub(published));
+        }
+        peak_rss = peak_rss.max(proc_usage(pid).0);
+        if landed == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    println!(
+        "storm: the broker logged 'Outgoing messages are being dropped' {} times during the storm",
+        broker_drops(&s.env) - drops_before
+    );
+    let (rss, cpu) = proc_usage(pid);
+    let total_writes = writes(&metrics().await) - writes_before;
+    println!(
+        "storm: latest state of {landed}/{n} Things in status {after_last:.1?} after the last report \
+         (one pass at the budget: {expected:.0?}); status writes after the storm {:.0}",
+        total_writes - window_writes
+    );
+    println!(
+        "storm: operator peak RSS {:.0} MiB, CPU {cpu:.1} s; load {}",
+        peak_rss.max(rss),
+        load_average()
+    );
+
+    // 4. Clean up while the operator runs: every broker client and role goes with its Thing.
+    drop(publishers);
+    let started = Instant::now();
+    s.things
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .expect("Things deleted");
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while !s
+        .things
+        .list(&ListParams::default().limit(1))
+        .await
+        .expect("Things listed")
+        .items
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "deletion did not finish in an hour"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    println!("storm: all {n} Things deleted in {:.1?}", started.elapsed());
+    assert_eq!(
+        landed, n,
+        "the latest report of some Things never reached status"
     );
 }

@@ -42,6 +42,25 @@ impl StatusMemory {
             .insert(key, (resource_version, status));
     }
 
+    /// The status this process last wrote to the object, when `resource_version` is the one
+    /// the object had just before that write: the cache the reconcile read the object from has
+    /// not seen the write yet, and the written status (which the API server accepted) is the
+    /// newer one. A reconcile triggered by the operator's own writes (the device Secret, the
+    /// status) then starts from what it wrote, not from an empty status that would send the
+    /// backend through provisioning checks again.
+    pub fn unseen_own_write<S: DeserializeOwned>(
+        &self,
+        key: &str,
+        resource_version: &str,
+    ) -> Option<S> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let (rv, written) = last.get(key)?;
+        if rv != resource_version {
+            return None;
+        }
+        serde_json::from_value(written.clone()).ok()
+    }
+
     /// Forgets a deleted object.
     pub fn forget(&self, key: &str) {
         self.last
@@ -94,4 +113,26 @@ where
     metrics.count_status_write(&K::kind(&()));
     memory.remember(key, resource_version, value);
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_write_stands_in_only_for_the_version_it_was_made_on() {
+        let memory = StatusMemory::default();
+        let written = serde_json::json!({"version": 3});
+        memory.remember("Thing/ns/a".into(), "10".into(), written.clone());
+        let seen: Option<serde_json::Value> = memory.unseen_own_write("Thing/ns/a", "10");
+        assert_eq!(seen, Some(written));
+        // The cache caught up (or someone else wrote since): its object is the truth.
+        let seen: Option<serde_json::Value> = memory.unseen_own_write("Thing/ns/a", "11");
+        assert_eq!(seen, None);
+        let seen: Option<serde_json::Value> = memory.unseen_own_write("Thing/ns/b", "10");
+        assert_eq!(seen, None);
+        memory.forget("Thing/ns/a");
+        let seen: Option<serde_json::Value> = memory.unseen_own_write("Thing/ns/a", "10");
+        assert_eq!(seen, None);
+    }
 }

@@ -120,7 +120,19 @@ async fn apply(thing: Arc<Thing>, ctx: &Context, api: &Api<Thing>) -> Result<Act
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = thing.name_any();
-    let old = thing.status.clone().unwrap_or_default();
+    // A reconcile queued by our own last write can read the object from a cache that has not
+    // seen that write: start from what was written.
+    let old = ctx
+        .status_memory
+        .unseen_own_write(
+            &object_key(thing.as_ref()),
+            thing
+                .metadata
+                .resource_version
+                .as_deref()
+                .unwrap_or_default(),
+        )
+        .unwrap_or_else(|| thing.status.clone().unwrap_or_default());
     let mut status = old.clone();
     let now = Utc::now();
     let generation = thing.metadata.generation;

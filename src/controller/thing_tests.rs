@@ -116,6 +116,33 @@ async fn a_healthy_device_is_written_once_and_announced_once() {
 }
 
 #[tokio::test]
+async fn a_reconcile_from_a_cache_behind_its_own_write_starts_from_that_write() {
+    let (provider, ctx, server) = setup();
+    let t = finalized(thing("lamp", json!({"desired": {"on": true}})));
+    server.seed(&t);
+    reconcile_stored(&server, &ctx, &t)
+        .await
+        .expect("reconciles");
+    assert_eq!(status_writes(&server), 1);
+
+    // The watch event of that write has not reached the cache: the reconcile it queued (or one
+    // the device Secret's event queued) gets the Thing as it was before, without status.
+    server.clear();
+    reconcile(Arc::new(t.clone()), ctx.clone())
+        .await
+        .expect("reconciles");
+    assert_eq!(status_writes(&server), 0, "{:?}", server.requests());
+    assert!(events(&server).is_empty(), "{:?}", events(&server));
+    // The backend was handed the written status, not an empty one (which would send a real
+    // backend through its provisioning checks again).
+    assert_eq!(
+        provider.last_status(),
+        server.thing(&t).status,
+        "the backend started from a stale status"
+    );
+}
+
+#[tokio::test]
 async fn an_invalid_spec_is_parked_without_a_backend_call() {
     let (provider, ctx, server) = setup();
     let t = finalized(thing("lamp", json!({"shadow": {"pollInterval": "soon"}})));

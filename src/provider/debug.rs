@@ -56,6 +56,8 @@ pub struct DebugProvider {
     broker: Broker,
     calls: Mutex<Vec<Call>>,
     script: Mutex<Script>,
+    /// The status the last reconcile was handed.
+    last_status: Mutex<Option<ThingStatus>>,
 }
 
 impl DebugProvider {
@@ -65,7 +67,16 @@ impl DebugProvider {
             broker,
             calls: Mutex::default(),
             script: Mutex::default(),
+            last_status: Mutex::default(),
         }
+    }
+
+    /// The status the last reconcile started from (what the controller took to be current).
+    pub fn last_status(&self) -> Option<ThingStatus> {
+        self.last_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn script(&self, script: Script) {
@@ -104,6 +115,7 @@ impl IotProvider for DebugProvider {
             thing: req.key().to_string(),
             backend_name: req.backend_name.clone(),
         });
+        *self.last_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
         status.device = Some(DeviceStatus {
             broker: Some(self.broker),
             thing_name: Some(req.backend_name.clone()),

@@ -530,6 +530,11 @@ impl OperatorBuilder {
     /// The AWS backend against the test environment's moto, with fast polls so the tests need
     /// not wait long.
     pub fn aws(self) -> Self {
+        self.aws_resync("2s")
+    }
+
+    /// [`Self::aws`] with full drift checks every `resync` instead of every 2 s.
+    pub fn aws_resync(self, resync: &str) -> Self {
         let moto = self.env.var("MOTO_URL");
         self.args([
             "--aws",
@@ -544,7 +549,7 @@ impl OperatorBuilder {
             "--poll-interval",
             "1s",
             "--resync-interval",
-            "2s",
+            resync,
             "--aws-orphan-grace",
             "2s",
             // The tests poll and rotate fast; production floors are 10s and 1m.
@@ -621,10 +626,13 @@ impl OperatorBuilder {
         std::fs::create_dir_all(&log_dir).unwrap();
         let log_path = log_dir.join(format!("operator-{}-{http_port}.log", self.namespace));
         let log = std::fs::File::create(&log_path).unwrap();
-        let binary = if self.failpoints_binary {
-            failpoints_binary()
-        } else {
-            Path::new(env!("CARGO_BIN_EXE_thing-operator"))
+        // `THING_OPERATOR_BENCH_BIN` runs another build of the operator (benchmarks measure a
+        // release build from a debug test harness); never for failpoint tests.
+        let other = std::env::var_os("THING_OPERATOR_BENCH_BIN").map(PathBuf::from);
+        let binary = match (&other, self.failpoints_binary) {
+            (_, true) => failpoints_binary(),
+            (Some(other), false) => other.as_path(),
+            (None, false) => Path::new(env!("CARGO_BIN_EXE_thing-operator")),
         };
         let mut cmd = Command::new(binary);
         cmd.arg("run")
@@ -688,6 +696,11 @@ pub struct OperatorProcess {
 }
 
 impl OperatorProcess {
+    /// The process id while it runs (benchmarks read its memory and CPU from /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }

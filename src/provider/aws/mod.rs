@@ -11,7 +11,10 @@
 //!
 //! Cost model: a full check (every resource described, drift repaired) runs when the spec or the
 //! rotate annotation changed, when a condition is not True, when a rotation or revocation is due,
-//! and otherwise once per resync interval; between full checks a reconcile is one shadow read.
+//! and otherwise once per resync interval; between full checks a reconcile is one shadow read,
+//! except that a reconcile within half a poll interval of the last read, unless the spec
+//! changed or the push channel is up, copies that read's document (the ones the operator's own Secret and status writes
+//! trigger cost nothing).
 //! While the push channel delivers a Thing's state, its reconciles read nothing (they copy the
 //! pushed document) and the idle read and full check wait for the push drift interval.
 
@@ -90,6 +93,18 @@ impl Default for AwsSettings {
     }
 }
 
+/// The shadow document the last read (or first write) of a Thing found, while the push channel
+/// does not cover it: a reconcile soon after, while the channel is down or off, that no spec
+/// change asked for (the ones
+/// the operator's own Secret and status writes trigger, a grant of the write budget) copies it
+/// instead of reading the shadow again. Polled Things only: for pushed ones the channel keeps
+/// the document.
+struct LastRead {
+    at: Instant,
+    fingerprint: (Option<i64>, Option<String>),
+    document: serde_json::Value,
+}
+
 /// When the last full check ran and for which spec/annotation.
 struct FullCheck {
     at: Instant,
@@ -104,6 +119,7 @@ pub struct AwsProvider {
     endpoint: OnceCell<String>,
     ca_bundle: String,
     checks: Mutex<HashMap<ThingKey, FullCheck>>,
+    last_reads: Mutex<HashMap<ThingKey, LastRead>>,
     /// Reported state pushed by AWS; never up unless [`push::start`] runs.
     push: Arc<push::PushChannel>,
 }
@@ -132,6 +148,7 @@ impl AwsProvider {
                 "Amazon Root CA 3",
             ]),
             checks: Mutex::new(HashMap::new()),
+            last_reads: Mutex::new(HashMap::new()),
         }
     }
 
@@ -219,6 +236,41 @@ impl AwsProvider {
                 c.fingerprint != fingerprint(req)
                     || c.at.elapsed() >= resync
                     || c.due.is_some_and(|d| d <= now)
+            }
+        }
+    }
+
+    /// The document of a read less than half a poll interval ago under the same spec, and its
+    /// age. Half: the requeue for the next poll is jittered by ±10%, and must read, not copy.
+    fn recent_read(
+        &self,
+        req: &DeviceRequest<'_>,
+        poll: Duration,
+    ) -> Option<(serde_json::Value, Duration)> {
+        let reads = self.last_reads.lock().unwrap_or_else(|p| p.into_inner());
+        let last = reads.get(&req.key())?;
+        let age = last.at.elapsed();
+        (age < poll / 2 && last.fingerprint == fingerprint(req))
+            .then(|| (last.document.clone(), age))
+    }
+
+    /// Remembers what a read found for [`Self::recent_read`]; `None` (no shadow, or the
+    /// push channel covers the Thing) forgets.
+    fn remember_read(&self, req: &DeviceRequest<'_>, document: Option<&serde_json::Value>) {
+        let mut reads = self.last_reads.lock().unwrap_or_else(|p| p.into_inner());
+        match document {
+            Some(doc) => {
+                reads.insert(
+                    req.key(),
+                    LastRead {
+                        at: Instant::now(),
+                        fingerprint: fingerprint(req),
+                        document: doc.clone(),
+                    },
+                );
+            }
+            None => {
+                reads.remove(&req.key());
             }
         }
     }

@@ -61,9 +61,16 @@ impl Owner<'_> {
 }
 
 /// Makes the thing exist with exactly the spec's attributes and this Thing's owner record.
-/// Returns its ARN and whether this call created it (then it has no shadow yet). An existing
-/// thing another Thing owns (or nobody, unless adopting is allowed)
-/// is refused before anything is changed.
+/// Returns its ARN and whether CreateThing answered for it in this call (then its shadow most
+/// likely does not exist yet: see [`super::shadow::sync`]). An existing thing another Thing owns
+/// (or nobody, unless adopting is allowed) is refused before anything is changed.
+///
+/// Write first: a Thing never provisioned most likely has no thing yet, so CreateThing goes
+/// without a read. AWS answers it with success only when no thing of that name exists or one
+/// exists with exactly these attributes, which hold this Thing's owner record (namespace, name
+/// and uid): the thing of an interrupted earlier run of this same Thing. Any other thing of that
+/// name gets ResourceAlreadyExists, and only then is it read and the ownership rule applied.
+/// A Thing provisioned before is described first: that read is the drift check.
 pub async fn ensure_thing(
     c: &AwsClients,
     thing_name: &str,
@@ -77,6 +84,15 @@ pub async fn ensure_thing(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     want.insert(OWNER_ATTRIBUTE.to_string(), owner.record.clone());
+    if !was_provisioned {
+        return match create_thing(c, thing_name, &want).await {
+            Ok(arn) => Ok((arn, true)),
+            Err(CallError::AlreadyExists { .. }) => {
+                converge_existing(c, thing_name, &want, owner, notices).await
+            }
+            Err(e) => Err(e.into_error("CreateThing")),
+        };
+    }
     let described = c
         .call(Family::ThingRead, "DescribeThing", || {
             c.iot.describe_thing().thing_name(thing_name).send()
@@ -96,53 +112,69 @@ pub async fn ensure_thing(
             }
             Ok((arn, false))
         }
-        Err(CallError::NotFound) => {
-            step!("aws-before-create-thing");
-            let payload = AttributePayload::builder()
-                .set_attributes(Some(want.clone()))
-                .build();
-            let created = c
-                .call(Family::ThingWrite, "CreateThing", || {
-                    c.iot
-                        .create_thing()
-                        .thing_name(thing_name)
-                        .attribute_payload(payload.clone())
-                        .send()
-                })
-                .await;
-            step!("aws-after-create-thing");
-            match created {
-                Ok(out) => {
-                    if was_provisioned {
-                        notices.push(Notice::warning(
-                            "DriftRepaired",
-                            format!(
-                                "thing {thing_name} was deleted outside the operator; recreated"
-                            ),
-                        ));
-                    }
-                    Ok((out.thing_arn().unwrap_or_default().to_string(), true))
-                }
-                // AWS answers 409 when the thing exists with other attributes (created
-                // concurrently, by someone else): converge it in place only if it is ours.
-                Err(CallError::AlreadyExists { .. }) => {
-                    let out = c
-                        .call(Family::ThingRead, "DescribeThing", || {
-                            c.iot.describe_thing().thing_name(thing_name).send()
-                        })
-                        .await
-                        .map_err(|e| e.into_error("DescribeThing"))?;
-                    let arn = out.thing_arn().unwrap_or_default().to_string();
-                    let have = out.attributes().cloned().unwrap_or_default();
-                    owner.check(thing_name, &arn, &have, notices)?;
-                    update_attributes(c, thing_name, &want).await?;
-                    Ok((arn, false))
-                }
-                Err(e) => Err(e.into_error("CreateThing")),
+        Err(CallError::NotFound) => match create_thing(c, thing_name, &want).await {
+            Ok(arn) => {
+                notices.push(Notice::warning(
+                    "DriftRepaired",
+                    format!("thing {thing_name} was deleted outside the operator; recreated"),
+                ));
+                Ok((arn, true))
             }
-        }
+            // Created concurrently, by someone else: converge it in place only if it is ours.
+            Err(CallError::AlreadyExists { .. }) => {
+                converge_existing(c, thing_name, &want, owner, notices).await
+            }
+            Err(e) => Err(e.into_error("CreateThing")),
+        },
         Err(e) => Err(e.into_error("DescribeThing")),
     }
+}
+
+/// CreateThing with the owner record in its attributes, between its two crash points.
+async fn create_thing(
+    c: &AwsClients,
+    thing_name: &str,
+    want: &HashMap<String, String>,
+) -> Result<String, CallError> {
+    step!("aws-before-create-thing");
+    let payload = AttributePayload::builder()
+        .set_attributes(Some(want.clone()))
+        .build();
+    let created = c
+        .call(Family::ThingWrite, "CreateThing", || {
+            c.iot
+                .create_thing()
+                .thing_name(thing_name)
+                .attribute_payload(payload.clone())
+                .send()
+        })
+        .await;
+    step!("aws-after-create-thing");
+    created.map(|out| out.thing_arn().unwrap_or_default().to_string())
+}
+
+/// A thing of this name exists with other attributes (AWS's 409): read it, and converge it in
+/// place only if the ownership rule says it is this Thing's.
+async fn converge_existing(
+    c: &AwsClients,
+    thing_name: &str,
+    want: &HashMap<String, String>,
+    owner: &Owner<'_>,
+    notices: &mut Vec<Notice>,
+) -> Result<(String, bool), AwsError> {
+    let out = c
+        .call(Family::ThingRead, "DescribeThing", || {
+            c.iot.describe_thing().thing_name(thing_name).send()
+        })
+        .await
+        .map_err(|e| e.into_error("DescribeThing"))?;
+    let arn = out.thing_arn().unwrap_or_default().to_string();
+    let have = out.attributes().cloned().unwrap_or_default();
+    owner.check(thing_name, &arn, &have, notices)?;
+    if have != *want {
+        update_attributes(c, thing_name, want).await?;
+    }
+    Ok((arn, false))
 }
 
 async fn update_attributes(

@@ -259,7 +259,9 @@ impl IotProvider for AwsProvider {
         let mut deadline = self.pending_deadline(req);
         let shadow_name = shadow_name(req);
         let mut fresh = false;
-        if self.needs_full_check(req, status, self.push.covers(&thing_name, shadow_name)) {
+        let full_check =
+            self.needs_full_check(req, status, self.push.covers(&thing_name, shadow_name));
+        if full_check {
             let (due, created) = self
                 .converge(req, &thing_name, &policy_name, endpoint, status, outcome)
                 .await?;
@@ -282,17 +284,31 @@ impl IotProvider for AwsProvider {
         // documents count from now on.
         self.push
             .track(&thing_name, &req.key(), req.thing.labels(), shadow_name);
+        let not_older = |d: &serde_json::Value| {
+            d.get("version").and_then(serde_json::Value::as_i64) >= status.version
+        };
         let pushed = self
             .push
             .document(&thing_name, shadow_name)
-            .filter(|d| d.get("version").and_then(serde_json::Value::as_i64) >= status.version);
+            .filter(not_older);
+        // Between polls, a reconcile no spec change asked for copies the last read. Not while
+        // the push channel is up: a Thing it does not cover needs a read to be covered again
+        // (after a reconnect), and its pushed documents may be newer than that read.
+        let (known, read_age) = match pushed {
+            Some(doc) => (Some(doc), Duration::ZERO),
+            None if !full_check && !self.push.is_up() => self
+                .recent_read(req, poll)
+                .filter(|(doc, _)| not_older(doc))
+                .map_or((None, Duration::ZERO), |(doc, age)| (Some(doc), age)),
+            None => (None, Duration::ZERO),
+        };
         match shadow::sync(
             &self.clients,
             &thing_name,
             shadow_name,
             req.thing.spec.desired.as_ref(),
             fresh,
-            pushed,
+            known,
             status,
         )
         .await
@@ -300,6 +316,8 @@ impl IotProvider for AwsProvider {
             Ok(result) => {
                 if let Some(read) = &result.read {
                     self.push.record_read(&thing_name, read.as_ref());
+                    let covered = self.push.covers(&thing_name, shadow_name);
+                    self.remember_read(req, read.as_ref().filter(|_| !covered));
                 }
                 set_condition(
                     status,
@@ -316,7 +334,9 @@ impl IotProvider for AwsProvider {
             true => poll.max(self.push.drift_interval()),
             false => poll,
         };
-        let next = Utc::now() + chrono::Duration::from_std(period).unwrap_or_default();
+        // A copied read is as old as the read: the next one is due a poll after it.
+        let next = Utc::now()
+            + chrono::Duration::from_std(period.saturating_sub(read_age)).unwrap_or_default();
         let next = deadline.map_or(next, |d| next.min(d));
         // A deadline slightly in the past still waits a moment: no hot loop on a skewed clock.
         let wait = (next - Utc::now())
@@ -358,7 +378,18 @@ impl IotProvider for AwsProvider {
         let shadow_name = shadow_name(req);
         let owner = self.owner(req, device.thing_arn.as_deref());
         if provision::may_tear_down(&self.clients, &thing_name, &owner).await? {
-            teardown::teardown(&ctx, &recorded, shadow_name, &mut outcome.notices).await?;
+            let recorded_arn = device
+                .certificate_id
+                .as_deref()
+                .zip(device.certificate_arn.as_deref());
+            teardown::teardown(
+                &ctx,
+                &recorded,
+                recorded_arn,
+                shadow_name,
+                &mut outcome.notices,
+            )
+            .await?;
         } else {
             // Another Thing's (or nobody's): this Thing never provisioned anything under that
             // name, so there is nothing of its own to delete.
@@ -371,6 +402,7 @@ impl IotProvider for AwsProvider {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&req.key());
+        self.remember_read(req, None);
         self.push.forget(&thing_name, &req.key());
         Ok(())
     }

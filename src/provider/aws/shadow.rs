@@ -132,9 +132,10 @@ pub fn apply_to_status(doc: Option<&Value>, status: &mut ThingStatus) {
 }
 
 /// One sync. `desired = None` leaves the shadow's desired state alone (not managed). `fresh`:
-/// the thing was created in this reconcile, so it has no shadow to read; the desired state is
-/// written without a read before or after (nothing is reported yet, so the delta is the whole
-/// desired state), and the next poll reads the whole document. `known`: a document the push
+/// CreateThing answered for the thing in this reconcile, so it most likely has no shadow; the
+/// desired state is written without a read before, and without one after when the answer shows
+/// it was the shadow's first version (nothing is reported yet, so the delta is the whole desired
+/// state); the next poll reads the whole document. `known`: a document the push
 /// channel delivered, which stands in for the read.
 pub async fn sync(
     c: &AwsClients,
@@ -177,37 +178,39 @@ pub async fn sync(
                 .await
                 .map_err(|e| e.into_error("UpdateThingShadow"))?;
             result.pushed = true;
-            doc = if fresh {
-                Some(fresh_document(&want.0, answer.payload()))
-            } else {
+            doc = match fresh
+                .then(|| fresh_document(&want.0, answer.payload()))
+                .flatten()
+            {
+                Some(doc) => Some(doc),
                 // The update's answer lacks reported and delta: read the whole document back.
-                get(c, thing_name, shadow).await?
+                None => get(c, thing_name, shadow).await?,
             };
             result.read = Some(doc.clone());
         }
     }
     if fresh && result.read.is_none() {
-        // Nothing can have been reported to a thing created just now.
+        // Nothing managed to write: nothing can have been reported to a thing created just now
+        // (after an interrupted run, the next poll reads what was).
         result.read = Some(doc.clone());
     }
     apply_to_status(doc.as_ref(), status);
     Ok(result)
 }
 
-/// The document of a shadow that had no reported state when `desired` was written: the delta
-/// is the whole desired state. The version comes from the update's answer when it has one.
+/// The document of a shadow that `desired` was the first write to: nothing reported, the
+/// delta is the whole desired state. `None` unless the update's answer says version 1: a later
+/// version means the shadow existed before (the thing is left from an interrupted run, whose
+/// CreateThing AWS answers like a new one, or the shadow outlived an earlier thing of that
+/// name), so it has to be read.
 fn fresh_document(
     desired: &serde_json::Map<String, Value>,
     answer: Option<&aws_smithy_types::Blob>,
-) -> Value {
+) -> Option<Value> {
     let version = answer
         .and_then(|b| serde_json::from_slice::<Value>(b.as_ref()).ok())
-        .and_then(|d| d.get("version").cloned());
-    let mut doc = json!({"state": {"desired": desired, "delta": desired}});
-    if let Some(v) = version {
-        doc["version"] = v;
-    }
-    doc
+        .and_then(|d| d.get("version").and_then(Value::as_i64))?;
+    (version == 1).then(|| json!({"state": {"desired": desired, "delta": desired}, "version": 1}))
 }
 
 /// Deletes the shadow (teardown); a missing shadow is fine.

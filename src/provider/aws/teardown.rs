@@ -20,9 +20,12 @@ use crate::{
     provider::Notice,
 };
 
+/// `recorded_cert_ids`: certificates the status recorded; `recorded_arn`: the ARN it recorded
+/// for one of them (id, ARN), which spares that certificate's DescribeCertificate.
 pub async fn teardown(
     ctx: &CertContext<'_>,
     recorded_cert_ids: &[String],
+    recorded_arn: Option<(&str, &str)>,
     shadow_name: Option<&str>,
     notices: &mut Vec<Notice>,
 ) -> Result<(), AwsError> {
@@ -58,10 +61,13 @@ pub async fn teardown(
     ids.sort();
     ids.dedup();
     for id in &ids {
+        let arn = recorded_arn
+            .filter(|(recorded, _)| recorded == id)
+            .map(|(_, arn)| arn);
         certificate::remove(
             c,
             id,
-            None,
+            arn,
             Some(certificate::Attachments {
                 thing_name,
                 policy_name,

@@ -153,6 +153,12 @@ impl PushChannel {
             .covers(thing_name, shadow, self.drift_interval, Instant::now())
     }
 
+    /// Whether the connection is up (documents arrive; a Thing it does not cover yet needs a
+    /// read to be covered).
+    pub fn is_up(&self) -> bool {
+        self.store().is_up()
+    }
+
     pub fn drift_interval(&self) -> Duration {
         self.drift_interval
     }
