@@ -312,6 +312,14 @@ impl Metrics {
             })
             .clone()
     }
+
+    /// Drops the series of a connection that is gone for good (a deleted BrokerConnection), so
+    /// it does not stay at 0 forever.
+    pub fn forget_mqtt_connection(&self, name: &str) {
+        self.mqtt_connected.remove(&ConnectionLabels {
+            connection: name.into(),
+        });
+    }
 }
 
 #[cfg(test)]

@@ -536,7 +536,7 @@ async fn a_sink_and_a_source_on_a_tenants_broker_share_one_session_and_survive_i
         )
         .await
         .unwrap();
-    let _op = operator.ready().await;
+    let op = operator.ready().await;
     s.wait_for("the message kept while the operator was down", || async {
         let desired = things.get("lamp").await.ok()?.spec.desired?;
         (serde_json::to_value(desired).ok()?["fromPlant"]["level"] == 11).then_some(())
@@ -550,6 +550,13 @@ async fn a_sink_and_a_source_on_a_tenants_broker_share_one_session_and_survive_i
         .unwrap();
     s.wait_gone(&connections, "plant").await;
     wait_reason(&s, &observers, "to-plant", "ConnectionNotReady").await;
+    // Its connection-state series goes with it, instead of staying at 0 forever.
+    let series = format!("connection=\"connection/{}/plant\"", s.ns);
+    s.wait_for("the deleted connection's gauge series gone", || async {
+        let (_, body) = op.get("/metrics").await?;
+        (!body.contains(&series)).then_some(())
+    })
+    .await;
     // Only the watcher is left on the broker.
     loop {
         let p = watcher

@@ -77,7 +77,8 @@ pub struct CredentialsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$"))]
     pub rotate_after: Option<String>,
-    /// How long the previous certificate stays valid after a rotation. Default: `1h`.
+    /// How long the previous credential (certificate, or Azure symmetric key) stays valid after a
+    /// rotation. Default: `1h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$"))]
     pub rotation_overlap: Option<String>,

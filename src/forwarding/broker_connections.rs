@@ -171,6 +171,11 @@ struct Inner {
     triggers: Mutex<Option<ConnectionTriggers>>,
 }
 
+/// The `connection` label of a BrokerConnection's `thing_operator_mqtt_connected` series.
+fn gauge_label(namespace: &str, name: &str) -> String {
+    format!("connection/{namespace}/{name}")
+}
+
 /// The sessions with tenants' brokers; clones share them.
 #[derive(Clone)]
 pub struct BrokerConnections(Arc<Inner>);
@@ -257,7 +262,7 @@ impl BrokerConnections {
             handler,
             self.0
                 .metrics
-                .mqtt_connection(&format!("connection/{namespace}/{name}")),
+                .mqtt_connection(&gauge_label(namespace, name)),
             cancel.clone(),
             Reconnect {
                 max: MAX_RECONNECT,
@@ -285,6 +290,9 @@ impl BrokerConnections {
         let removed = self.tables().sessions.remove(&key);
         if let Some(session) = removed {
             session.cancel.cancel();
+            self.0
+                .metrics
+                .forget_mqtt_connection(&gauge_label(namespace, name));
             tracing::info!(connection = %key, "broker connection session stopped");
             self.notify_users(namespace, &key);
         }
