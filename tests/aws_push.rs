@@ -17,16 +17,14 @@ use std::{
 
 use aws_smithy_types::Blob;
 use aws_support::*;
-use common::{OperatorProcess, Received, Setup, create_resource, free_port, http_receiver, thing};
+use common::{
+    OperatorProcess, Received, Relay, Setup, create_resource, free_port, http_receiver, thing,
+};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{Value, json};
 use thing_operator::api::{Observer, Thing};
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::{JoinHandle, JoinSet},
-};
 
 /// How long pushed state may take to reach status and Observers: far below the poll interval
 /// of the Things here ([`POLL`]), so only the push can meet it.
@@ -112,47 +110,6 @@ impl Drop for StandIn {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A TCP relay (as in tests/dashboard.rs) the test can cut: every relayed connection closes and
-/// the port refuses new ones until it reopens.
-struct Relay {
-    port: u16,
-    upstream: u16,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Relay {
-    async fn open(upstream: u16) -> Relay {
-        let mut relay = Relay {
-            port: free_port(),
-            upstream,
-            task: None,
-        };
-        relay.reopen().await;
-        relay
-    }
-
-    async fn reopen(&mut self) {
-        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
-        let upstream = self.upstream;
-        self.task = Some(tokio::spawn(async move {
-            let mut connections = JoinSet::new();
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                connections.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", upstream)).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        }));
-    }
-
-    fn cut(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
     }
 }
 
@@ -328,7 +285,7 @@ async fn pushed_shadow_documents_reach_status_and_observers_and_polling_takes_ov
     let data = data(&s.env);
     let standin = StandIn::start(&s);
     let publisher = standin.publisher().await;
-    let mut relay = Relay::open(standin.tls_port).await;
+    let mut relay = Relay::open(format!("127.0.0.1:{}", standin.tls_port)).await;
     let op = push_operator(&s, &cluster, relay.port).ready().await;
     push_connected(&s, &op, true).await;
 
@@ -550,7 +507,7 @@ async fn the_operator_identity_is_crash_safe_idempotent_and_rotates() {
     let policy_name = format!("{client_id}@policy");
     let iot = iot(&s.env);
     let standin = StandIn::start(&s);
-    let relay = Relay::open(standin.tls_port).await;
+    let relay = Relay::open(format!("127.0.0.1:{}", standin.tls_port)).await;
 
     // A crash after the new certificate is registered and allowed, before it is current.
     let mut op = push_operator(&s, &cluster, relay.port)
@@ -643,7 +600,7 @@ async fn a_rotation_interrupted_at_any_step_is_finished_after_a_restart() {
     let client_id = format!("thing-operator.{cluster}.push");
     let iot = iot(&s.env);
     let standin = StandIn::start(&s);
-    let relay = Relay::open(standin.tls_port).await;
+    let relay = Relay::open(format!("127.0.0.1:{}", standin.tls_port)).await;
     let op = push_operator(&s, &cluster, relay.port).ready().await;
     push_connected(&s, &op, true).await;
     drop(op);
@@ -716,7 +673,7 @@ async fn a_policy_the_operator_did_not_create_is_never_taken_over() {
     // foreign policy must be measurably older than the Secret the operator is about to make.
     tokio::time::sleep(Duration::from_secs(7)).await;
     let standin = StandIn::start(&s);
-    let relay = Relay::open(standin.tls_port).await;
+    let relay = Relay::open(format!("127.0.0.1:{}", standin.tls_port)).await;
     let op = push_operator(&s, &cluster, relay.port).ready().await;
     s.wait_for("the operator to refuse the policy", || async {
         op.logs()

@@ -10,7 +10,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use axum::{Router, http::StatusCode, routing::post};
-use common::{Setup, create_resource, free_port, thing};
+use common::{Relay, Setup, create_resource, free_port, thing};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api,
@@ -18,10 +18,6 @@ use kube::{
 };
 use serde_json::{Value, json};
 use thing_operator::api::Observer;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::{JoinHandle, JoinSet},
-};
 
 const DASHBOARD: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -302,50 +298,6 @@ async fn every_dashboard_metric_is_exposed() {
     })
     .await;
     assert_eq!(things_with("Reconciled").await, 1.0);
-}
-
-/// A TCP relay to the test broker that the test can cut: every relayed connection closes, and
-/// the port refuses new ones until the relay opens again. Cutting the shared broker itself would
-/// disconnect every other test.
-struct Relay {
-    port: u16,
-    upstream: String,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Relay {
-    async fn open(upstream: String) -> Relay {
-        let mut relay = Relay {
-            port: free_port(),
-            upstream,
-            task: None,
-        };
-        relay.reopen().await;
-        relay
-    }
-
-    async fn reopen(&mut self) {
-        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
-        let upstream = self.upstream.clone();
-        self.task = Some(tokio::spawn(async move {
-            // Dropped with this task on a cut: every relayed connection closes with it.
-            let mut connections = JoinSet::new();
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let upstream = upstream.clone();
-                connections.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        }));
-    }
-
-    fn cut(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
 }
 
 /// `thing_operator_mqtt_connected` is 1 while the connection is up, 0 from its loss until the

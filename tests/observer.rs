@@ -5,7 +5,10 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{Received, Setup, ThingBuilder, create_resource, http_receiver, merge_patch, thing};
+use common::{
+    Received, Setup, ThingBuilder, create_resource, http_receiver, merge_patch, serve_webhook,
+    thing,
+};
 use kube::Api;
 use serde_json::{Value, json};
 use thing_operator::api::{Observer, Thing};
@@ -375,19 +378,14 @@ async fn failing_deliveries_are_retried_then_dead_lettered_with_the_reason() {
     // A webhook answering 500 to everything, counting the tries.
     let tries = Arc::new(Mutex::new(0usize));
     let counter = tries.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let failing_url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move || {
-            let counter = counter.clone();
-            async move {
-                *counter.lock().unwrap() += 1;
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR
-            }
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let failing_url = serve_webhook(axum::routing::post(move || {
+        let counter = counter.clone();
+        async move {
+            *counter.lock().unwrap() += 1;
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }))
+    .await;
     let (dead_url, dead) = http_receiver().await;
     let _op = s
         .operator()
@@ -449,20 +447,15 @@ async fn a_slow_webhook_does_not_delay_another_observer() {
     let (release, released) = tokio::sync::watch::channel(false);
     let held = Arc::new(Mutex::new(0usize));
     let counter = held.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let slow_url = format!("http://{}/slow", listener.local_addr().unwrap());
-    let app = axum::Router::new().route(
-        "/slow",
-        axum::routing::post(move || {
-            let (counter, mut released) = (counter.clone(), released.clone());
-            async move {
-                *counter.lock().unwrap() += 1;
-                let _ = released.wait_for(|r| *r).await;
-                "ok"
-            }
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let slow_url = serve_webhook(axum::routing::post(move || {
+        let (counter, mut released) = (counter.clone(), released.clone());
+        async move {
+            *counter.lock().unwrap() += 1;
+            let _ = released.wait_for(|r| *r).await;
+            "ok"
+        }
+    }))
+    .await;
     let (fast_url, fast) = http_receiver().await;
     let _op = s
         .operator()
@@ -511,11 +504,8 @@ async fn a_slow_thing_does_not_delay_another_thing_of_the_same_observer() {
     let held = Arc::new(Mutex::new(0usize));
     let received: Received = Arc::default();
     let (counter, record) = (held.clone(), received.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/events", listener.local_addr().unwrap());
-    let app = axum::Router::new().route(
-        "/events",
-        axum::routing::post(move |axum::Json(event): axum::Json<Value>| {
+    let url = serve_webhook(axum::routing::post(
+        move |axum::Json(event): axum::Json<Value>| {
             let (counter, record, mut released) =
                 (counter.clone(), record.clone(), released.clone());
             async move {
@@ -526,9 +516,9 @@ async fn a_slow_thing_does_not_delay_another_thing_of_the_same_observer() {
                 record.lock().unwrap().push(event);
                 "ok"
             }
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
+        },
+    ))
+    .await;
     let _op = s
         .operator()
         .args(["--http-sink-allow-cidr", "127.0.0.0/8"])

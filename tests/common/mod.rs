@@ -449,15 +449,17 @@ pub async fn http_receiver() -> (String, Received) {
         "ok"
     }
     let received: Received = Arc::default();
-    let port = free_port();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let app = Router::new()
-        .route("/events", post(collect))
-        .with_state(received.clone());
+    let url = serve_webhook(post(collect).with_state(received.clone())).await;
+    (url, received)
+}
+
+/// Serves `handler` on a loopback port for the rest of the test; returns its URL.
+pub async fn serve_webhook(handler: axum::routing::MethodRouter) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    let app = Router::new().route("/events", handler);
     tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://127.0.0.1:{port}/events"), received)
+    url
 }
 
 pub fn free_port() -> u16 {
@@ -787,5 +789,57 @@ impl OperatorProcess {
 impl Drop for OperatorProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A TCP relay to `upstream` (`host:port`) that a test can cut: every relayed connection closes,
+/// and the port refuses new ones until the relay opens again. Cutting a shared broker itself
+/// would disconnect every other test.
+pub struct Relay {
+    pub port: u16,
+    upstream: String,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    pub async fn open(upstream: impl Into<String>) -> Relay {
+        let mut relay = Relay {
+            port: free_port(),
+            upstream: upstream.into(),
+            task: None,
+        };
+        relay.reopen().await;
+        relay
+    }
+
+    pub async fn reopen(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        let upstream = self.upstream.clone();
+        self.task = Some(tokio::spawn(async move {
+            // Dropped with this task on a cut: every relayed connection closes with it.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    pub fn cut(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
     }
 }
