@@ -121,20 +121,29 @@ current-context: local
 KC
 }
 
+# test_pki DIR CA_NAME [EXTENSION]: a test CA (DIR/ca.key, DIR/ca.crt) and a server
+# certificate for 127.0.0.1 and localhost signed by it (DIR/server.key, DIR/server.crt), with
+# EXTENSION as one more line of the server certificate's extensions.
+test_pki() {
+  local d="$1" name="$2" extension="${3:-}"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+    -subj "/CN=$name" -keyout "$d/ca.key" -out "$d/ca.crt" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$d/server.key" -out "$d/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$d/server.ext"
+  if [[ -n "$extension" ]]; then printf '%s\n' "$extension" >>"$d/server.ext"; fi
+  openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 30 \
+    -extfile "$d/server.ext" -out "$d/server.crt" 2>/dev/null
+}
+
 # mosquitto_tls: an mTLS listener for devices authenticating with certificates, signed by a
 # test CA that is also supplied to the operator as its device CA (Secret thing-operator-ca).
 # Idempotent, so `add-mosquitto-tls` can add it to an environment that is already up.
 mosquitto_tls() {
   local m="$DIR/mosquitto"
   if [[ ! -f "$m/ca.crt" ]]; then
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
-      -subj "/CN=thing-operator test device CA" -keyout "$m/ca.key" -out "$m/ca.crt" \
-      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=127.0.0.1" \
-      -keyout "$m/server.key" -out "$m/server.csr" 2>/dev/null
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$m/server.ext"
-    openssl x509 -req -in "$m/server.csr" -CA "$m/ca.crt" -CAkey "$m/ca.key" -CAcreateserial -days 30 \
-      -extfile "$m/server.ext" -out "$m/server.crt" 2>/dev/null
+    test_pki "$m" "thing-operator test device CA"
   fi
   if ! grep -q '^export MQTT_TLS_PORT=' "$DIR/env"; then
     { echo "export MQTT_TLS_PORT=$(free_port)"; echo "export MQTT_CA_FILE=$m/ca.crt"; } >>"$DIR/env"
@@ -286,14 +295,7 @@ start_azure_double() {
       "$(cat "$a/key")" >"$a/connection-string"
   fi
   if [[ ! -f "$a/ca.crt" ]]; then
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
-      -subj "/CN=thing-operator test Azure CA" -keyout "$a/ca.key" -out "$a/ca.crt" \
-      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=127.0.0.1" \
-      -keyout "$a/server.key" -out "$a/server.csr" 2>/dev/null
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$a/server.ext"
-    openssl x509 -req -in "$a/server.csr" -CA "$a/ca.crt" -CAkey "$a/ca.key" -CAcreateserial -days 30 \
-      -extfile "$a/server.ext" -out "$a/server.crt" 2>/dev/null
+    test_pki "$a" "thing-operator test Azure CA" 'extendedKeyUsage=serverAuth'
   fi
   if ! grep -q '^export AZURE_TLS_PORT=' "$DIR/env"; then
     local port
