@@ -623,3 +623,27 @@ async fn a_hundred_observers_on_one_thing_each_deliver() {
     })
     .await;
 }
+
+/// `maxInFlight` is bounded by the schema: a namespace cannot ask for zero deliveries at a time
+/// (a stalled Observer) or for an unbounded number of connections to its sink.
+#[tokio::test]
+async fn max_in_flight_outside_its_bounds_is_refused_by_the_api_server() {
+    let s = Setup::new("obs-inflight").await;
+    let observers: Api<Observer> = s.api();
+    for (name, value) in [("zero", 0), ("above-256", 257)] {
+        let observer: Observer = common::resource(
+            "Observer",
+            name,
+            json!({"source": {"thingName": "t"}, "maxInFlight": value,
+                   "sink": {"http": {"url": "https://example.com/hook"}}}),
+        );
+        let refused = observers
+            .create(&Default::default(), &observer)
+            .await
+            .expect_err("maxInFlight out of bounds must be refused");
+        assert!(
+            refused.to_string().contains("maxInFlight"),
+            "{name}: {refused}"
+        );
+    }
+}
