@@ -14,6 +14,7 @@ pub mod failpoints;
 pub mod feed;
 pub mod forwarding;
 pub mod http;
+pub mod merge_patch;
 pub mod metrics;
 pub mod mqtt;
 pub mod provider;

@@ -1,4 +1,13 @@
-//! Status writes: server-side apply of the status subresource, only when something changed.
+//! Status writes: a merge patch of the status subresource holding only what changed, and only
+//! when something changed.
+//!
+//! Not a server-side apply: the API server computes an apply's field sets over the whole object,
+//! which made each reported-state write cost it ~5 ms of CPU (a third of a core for the default
+//! fleet budget of 50 writes a second). A merge patch of the changed keys (typically `reported`,
+//! `version` and `lastReportedTime`) is a fraction of that. Keys the new status drops are sent
+//! as nulls; the patch is computed against the status the operator last saw or wrote, and a
+//! key it could not know about (a stale cache) shows up in the next reconcile's comparison and is
+//! removed then.
 
 use std::{collections::HashMap, sync::Mutex};
 
@@ -7,6 +16,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
 
 use crate::{
     error::{Error, KubeContext, Result},
@@ -61,6 +71,13 @@ impl StatusMemory {
         serde_json::from_value(written.clone()).ok()
     }
 
+    /// [`Self::unseen_own_write`], as the document that was written.
+    fn unseen_own_write_document(&self, key: &str, resource_version: &str) -> Option<Value> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let (rv, written) = last.get(key)?;
+        (rv == resource_version).then(|| written.clone())
+    }
+
     /// Forgets a deleted object.
     pub fn forget(&self, key: &str) {
         self.last
@@ -98,15 +115,32 @@ where
     if memory.is_stale_repeat(&key, &resource_version, &value) {
         return Ok(false);
     }
-    let body = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": value,
-    });
+    // The status the object has now, as far as this process knows: its own last write when the
+    // cache has not seen it yet, else the cached one.
+    let base = match memory.unseen_own_write_document(&key, &resource_version) {
+        Some(written) => written,
+        None => serde_json::to_value(current).map_err(|source| Error::Json {
+            context: format!("encoding the current status of {name}"),
+            source,
+        })?,
+    };
+    let patch = match (&base, &value) {
+        (Value::Object(have), Value::Object(want)) => {
+            Value::Object(crate::merge_patch::diff(Some(have), want))
+        }
+        _ => value.clone(),
+    };
+    if patch.as_object().is_some_and(|p| p.is_empty()) {
+        return Ok(false);
+    }
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..PatchParams::default()
+    };
     api.patch_status(
         &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(body),
+        &params,
+        &Patch::Merge(serde_json::json!({ "status": patch })),
     )
     .await
     .kube_context(|| format!("writing status of {} {name}", K::kind(&())))?;

@@ -51,37 +51,6 @@ async fn get(
     }
 }
 
-/// The update that turns `have` into `want`: changed keys set, removed keys nulled (AWS merges
-/// desired state key by key, so a removed key must be deleted explicitly).
-pub fn desired_patch(
-    have: Option<&Map<String, Value>>,
-    want: &Map<String, Value>,
-) -> Map<String, Value> {
-    let mut patch = Map::new();
-    if let Some(have) = have {
-        for k in have.keys() {
-            if !want.contains_key(k) {
-                patch.insert(k.clone(), Value::Null);
-            }
-        }
-    }
-    for (k, v) in want {
-        match (have.and_then(|h| h.get(k)), v) {
-            (Some(old), new) if old == new => {}
-            (Some(Value::Object(old)), Value::Object(new)) => {
-                let inner = desired_patch(Some(old), new);
-                if !inner.is_empty() {
-                    patch.insert(k.clone(), Value::Object(inner));
-                }
-            }
-            _ => {
-                patch.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    patch
-}
-
 fn object_at<'a>(doc: &'a Value, path: &[&str]) -> Option<&'a Map<String, Value>> {
     let mut cur = doc;
     for p in path {
@@ -160,7 +129,7 @@ pub async fn sync(
         let have = doc
             .as_ref()
             .and_then(|d| object_at(d, &["state", "desired"]));
-        let patch = desired_patch(have, &want.0);
+        let patch = crate::merge_patch::diff(have, &want.0);
         if !patch.is_empty() {
             let payload = json!({"state": {"desired": Value::Object(patch)}})
                 .to_string()
@@ -237,26 +206,6 @@ pub async fn delete(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(v: Value) -> Map<String, Value> {
-        v.as_object().cloned().unwrap()
-    }
-
-    #[test]
-    fn patch_sets_changes_and_nulls_removed_keys() {
-        let have = map(json!({"a": 1, "b": 2, "n": {"x": 1, "y": 2}}));
-        let want = map(json!({"a": 1, "c": 3, "n": {"x": 5}}));
-        let p = desired_patch(Some(&have), &want);
-        assert_eq!(
-            Value::Object(p),
-            json!({"b": null, "c": 3, "n": {"x": 5, "y": null}})
-        );
-        assert!(desired_patch(Some(&want), &want).is_empty());
-        assert_eq!(
-            Value::Object(desired_patch(None, &want)),
-            Value::Object(want.clone())
-        );
-    }
 
     #[test]
     fn status_gets_reported_delta_version_time() {

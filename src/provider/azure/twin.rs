@@ -129,7 +129,7 @@ pub fn wanted_tags(
 
 /// The merge patch turning `have` into `want` (removed keys nulled), or nothing when equal.
 pub fn merge_patch(have: &Map<String, Value>, want: &Map<String, Value>) -> Map<String, Value> {
-    crate::provider::aws::shadow::desired_patch(Some(have), want)
+    crate::merge_patch::diff(Some(have), want)
 }
 
 /// The twin PATCH body that brings tags and desired properties to the spec; `None`: nothing to do.
