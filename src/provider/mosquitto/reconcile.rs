@@ -129,13 +129,13 @@ impl MosquittoProvider {
                 if let Some(delta) = &change.delta {
                     self.publish(
                         format!("{root}/update/{}", ShadowReply::Delta.as_str()),
-                        delta,
+                        delta.to_string().into_bytes(),
                     )
                     .await;
                 }
                 self.publish(
                     format!("{root}/update/{}", ShadowReply::Documents.as_str()),
-                    &change.documents,
+                    change.documents.clone(),
                 )
                 .await;
             }
@@ -211,15 +211,10 @@ impl MosquittoProvider {
 
     /// Notifications of a spec change (delta, documents) go out at QoS 1: unlike replies, the
     /// device did not ask and cannot repeat them.
-    async fn publish(&self, topic: String, payload: &serde_json::Value) {
+    async fn publish(&self, topic: String, payload: Vec<u8>) {
         if let Err(e) = self
             .client
-            .publish(
-                topic,
-                QoS::AtLeastOnce,
-                false,
-                payload.to_string().into_bytes(),
-            )
+            .publish(topic, QoS::AtLeastOnce, false, payload)
             .await
         {
             tracing::warn!(error = %e, "shadow notification not queued");

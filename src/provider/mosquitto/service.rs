@@ -90,12 +90,11 @@ impl Service {
     /// Replies go out at QoS 0: they answer a request the device can repeat, and halving the
     /// acknowledgement traffic matters under a storm. Deltas (from spec changes) stay QoS 1.
     fn reply(client: &AsyncClient, topic: String, payload: &Value) {
-        if let Err(e) = client.try_publish(
-            topic,
-            QoS::AtMostOnce,
-            false,
-            payload.to_string().into_bytes(),
-        ) {
+        Self::reply_encoded(client, topic, serde_json::to_vec(payload).unwrap_or_default());
+    }
+
+    fn reply_encoded(client: &AsyncClient, topic: String, payload: Vec<u8>) {
+        if let Err(e) = client.try_publish(topic, QoS::AtMostOnce, false, payload) {
             tracing::debug!(error = %e, "shadow reply dropped: publish queue full");
         }
     }
@@ -119,10 +118,10 @@ impl Service {
                         req.reply_topic(ShadowReply::Accepted),
                         &acc.accepted,
                     );
-                    Self::reply(
+                    Self::reply_encoded(
                         client,
                         req.reply_topic(ShadowReply::Documents),
-                        &acc.documents,
+                        acc.documents,
                     );
                     // Fresh state to the feed at once, while status writes stay paced.
                     self.feed.device_state(thing.state_update(&key, now));
