@@ -90,7 +90,11 @@ impl Service {
     /// Replies go out at QoS 0: they answer a request the device can repeat, and halving the
     /// acknowledgement traffic matters under a storm. Deltas (from spec changes) stay QoS 1.
     fn reply(client: &AsyncClient, topic: String, payload: &Value) {
-        Self::reply_encoded(client, topic, serde_json::to_vec(payload).unwrap_or_default());
+        Self::reply_encoded(
+            client,
+            topic,
+            serde_json::to_vec(payload).unwrap_or_default(),
+        );
     }
 
     fn reply_encoded(client: &AsyncClient, topic: String, payload: Vec<u8>) {

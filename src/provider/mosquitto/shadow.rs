@@ -552,12 +552,32 @@ mod tests {
             a.accepted["metadata"]["reported"]["cfg"]["a"]["timestamp"],
             10
         );
-        s.update(
-            br#"{"state":{"reported":{"cfg":{"b":2},"temp":null}}}"#,
-            &lim(),
-            t(11),
-        )
-        .unwrap();
+        let docs: Value = serde_json::from_slice(&a.documents).unwrap();
+        assert_eq!(docs["previous"]["version"], 0);
+        assert_eq!(docs["previous"]["state"]["reported"], json!({}));
+        assert_eq!(docs["current"]["version"], 1);
+        assert_eq!(docs["current"]["state"]["reported"]["cfg"], json!({"a": 1}));
+        assert_eq!(
+            docs["current"]["metadata"]["reported"]["temp"]["timestamp"],
+            10
+        );
+        assert_eq!(docs["timestamp"], 10);
+        assert_eq!(docs["clientToken"], "c1");
+        let b = s
+            .update(
+                br#"{"state":{"reported":{"cfg":{"b":2},"temp":null}}}"#,
+                &lim(),
+                t(11),
+            )
+            .unwrap();
+        // The previous document is the last change's current one.
+        let docs_b: Value = serde_json::from_slice(&b.documents).unwrap();
+        assert_eq!(docs_b["previous"], docs["current"]);
+        assert_eq!(
+            docs_b["current"]["state"]["reported"],
+            json!({"cfg": {"a": 1, "b": 2}})
+        );
+        assert!(docs_b.get("clientToken").is_none());
         assert_eq!(
             Value::Object(s.reported().clone()),
             json!({"cfg":{"a":1,"b":2}})
