@@ -74,7 +74,11 @@ async fn first_reconcile_adds_the_finalizer_then_provisions() {
         server.thing(&t).metadata.finalizers,
         Some(vec![crate::api::FINALIZER.to_string()])
     );
-    assert_eq!(provider.calls().len(), 1, "provisioned in the same reconcile");
+    assert_eq!(
+        provider.calls().len(),
+        1,
+        "provisioned in the same reconcile"
+    );
     assert_eq!(status_writes(&server), 1);
     assert_eq!(
         ready(&server.thing(&t)),
