@@ -639,3 +639,60 @@ async fn a_policy_made_outside_the_operator_is_a_conflict() {
         serde_json::from_str::<serde_json::Value>(&foreign).unwrap()
     );
 }
+
+/// A certificate another tool attached to the Thing's thing does not block deletion, and is not
+/// the operator's to delete: AWS refuses DeleteThing while it is attached, the operator then
+/// detaches it (and only detaches it) and deletes the thing.
+#[tokio::test]
+async fn a_principal_attached_by_another_tool_is_detached_not_deleted() {
+    let s = setup("aws-principal").await;
+    let (client, ns) = (&s.client, &s.ns);
+    let op = s.operator().aws().ready().await;
+    let iot = iot(&s.env);
+    let api = s.things();
+    thing("valve").broker("AWS").create(&api).await;
+    s.wait_ready(&api, "valve").await;
+    let thing_name = format!("{ns}_valve");
+    let foreign = iot
+        .create_keys_and_certificate()
+        .set_as_active(true)
+        .send()
+        .await
+        .expect("another tool's certificate");
+    let (foreign_id, foreign_arn) = (
+        foreign.certificate_id().unwrap().to_string(),
+        foreign.certificate_arn().unwrap().to_string(),
+    );
+    iot.attach_thing_principal()
+        .thing_name(&thing_name)
+        .principal(&foreign_arn)
+        .send()
+        .await
+        .expect("attached by another tool");
+
+    api.delete("valve", &DeleteParams::default()).await.unwrap();
+    s.wait_gone(&api, "valve").await;
+    assert!(!thing_exists(&iot, &thing_name).await);
+    assert_eq!(
+        cert_status(&iot, &foreign_id).await.as_deref(),
+        Some("ACTIVE"),
+        "another tool's certificate was changed"
+    );
+    let all_events = events(client, ns).await.join("\n");
+    assert!(
+        all_events.contains(&format!("PrincipalDetached: detached {foreign_arn}")),
+        "{all_events}"
+    );
+    let _ = iot
+        .update_certificate()
+        .certificate_id(&foreign_id)
+        .new_status(aws_sdk_iot::types::CertificateStatus::Inactive)
+        .send()
+        .await;
+    let _ = iot
+        .delete_certificate()
+        .certificate_id(&foreign_id)
+        .send()
+        .await;
+    drop(op);
+}

@@ -1,11 +1,12 @@
-//! The Thing reconciler: validation, finalizer, backend work through the provider, conditions,
-//! status and Events.
+//! The Thing reconciler: validation, finalizer (added in the reconcile that provisions),
+//! backend work through the provider, conditions, status and Events.
 
 use std::sync::Arc;
 
 use chrono::Utc;
 use kube::{
     Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
     runtime::{
         controller::Action,
         finalizer::{Event as FinalizerEvent, finalizer},
@@ -28,7 +29,7 @@ use crate::{
         validation::{InvalidSpec, validate_thing},
     },
     credentials::DeviceSecret,
-    error::{Error, Result},
+    error::{Error, KubeContext, Result},
     provider::{DeviceOutcome, DeviceRequest, Notice},
 };
 
@@ -42,6 +43,7 @@ pub async fn reconcile(thing: Arc<Thing>, ctx: Arc<Context>) -> Result<Action> {
             .namespace()
             .ok_or(Error::MissingField("metadata.namespace"))?;
         let api: Api<Thing> = Api::namespaced(ctx.client.clone(), &ns);
+        let thing = with_finalizer(&api, thing).await?;
         finalizer(&api, FINALIZER, thing, |event| async {
             match event {
                 FinalizerEvent::Apply(thing) => apply(thing, &ctx, &api).await,
@@ -52,6 +54,34 @@ pub async fn reconcile(thing: Arc<Thing>, ctx: Arc<Context>) -> Result<Action> {
         .map_err(|e| Error::Finalizer(Box::new(e)))
     })
     .await
+}
+
+/// Adds the finalizer, if missing, and hands back the object as stored with it, so that the
+/// same reconcile goes on to provision (kube's `finalizer` helper stops after adding it, which
+/// costs every new Thing one more reconcile and a trip through the queue). Crash safety is
+/// the same: the patch is durable before any backend call, and a failed patch fails the
+/// reconcile before one. The object's `resourceVersion` in the patch makes the API server
+/// refuse it (409) when another writer changed the finalizers meanwhile, as the helper's
+/// `test` operation does; the retry starts from the fresh object.
+async fn with_finalizer(api: &Api<Thing>, thing: Arc<Thing>) -> Result<Arc<Thing>> {
+    let has_it = thing.finalizers().iter().any(|f| f == FINALIZER);
+    if has_it || thing.meta().deletion_timestamp.is_some() {
+        return Ok(thing);
+    }
+    let mut finalizers = thing.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_string());
+    let patch = serde_json::json!({
+        "metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": thing.resource_version(),
+        }
+    });
+    let name = thing.name_any();
+    let stored = api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .kube_context(|| format!("adding the finalizer to Thing {name}"))?;
+    Ok(Arc::new(stored))
 }
 
 /// Rules that need the recorded status, not just the spec.

@@ -54,28 +54,53 @@ fn status_writes(server: &ApiServer) -> usize {
 }
 
 #[tokio::test]
-async fn first_reconcile_only_adds_the_finalizer() {
+async fn first_reconcile_adds_the_finalizer_then_provisions() {
     let (provider, ctx, server) = setup();
     let t = thing("lamp", json!({}));
     server.seed(&t);
 
-    let action = reconcile_stored(&server, &ctx, &t)
+    reconcile_stored(&server, &ctx, &t)
         .await
         .expect("reconciles");
 
-    assert_eq!(action, Action::await_change());
     let requests = server.requests();
-    assert_eq!(requests.len(), 1, "{requests:?}");
-    assert_eq!(requests[0].method, "PATCH");
+    assert_eq!(requests[0].method, "PATCH", "{requests:?}");
     assert!(!requests[0].is_status_write());
+    assert_eq!(
+        requests[0].body["metadata"]["finalizers"],
+        json!([crate::api::FINALIZER])
+    );
     assert_eq!(
         server.thing(&t).metadata.finalizers,
         Some(vec![crate::api::FINALIZER.to_string()])
     );
+    assert_eq!(
+        provider.calls().len(),
+        1,
+        "provisioned in the same reconcile"
+    );
+    assert_eq!(status_writes(&server), 1);
+    assert_eq!(
+        ready(&server.thing(&t)),
+        (ConditionStatus::True, "Reconciled".into())
+    );
+}
+
+#[tokio::test]
+async fn no_backend_call_until_the_finalizer_is_stored() {
+    let (provider, ctx, server) = setup();
+    // Never stored: the API server refuses the finalizer patch (404).
+    let t = thing("lamp", json!({}));
+
+    reconcile(Arc::new(t), ctx.clone())
+        .await
+        .expect_err("the finalizer could not be added");
+
     assert!(
         provider.calls().is_empty(),
-        "no backend call before the finalizer"
+        "no backend call before the finalizer is durable"
     );
+    assert!(server.requests().iter().all(|r| !r.is_status_write()));
 }
 
 #[tokio::test]

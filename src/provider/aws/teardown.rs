@@ -1,6 +1,7 @@
 //! Deletion in the order AWS demands: for each of the device's certificates detach its policies
 //! and its thing, deactivate and delete it; then the shadow, the policy (detached from any
-//! remaining target, old versions first) and the thing. Everything already gone is skipped, so a
+//! remaining target, old versions first) and the thing (detached from principals someone else
+//! attached, when AWS refuses to delete it for them). Everything already gone is skipped, so a
 //! teardown interrupted at any step completes when run again.
 
 use super::{
@@ -86,7 +87,36 @@ pub async fn teardown(
         }
     }
 
-    // Principals someone else attached are detached (the thing cannot be deleted otherwise), not deleted.
+    step!("aws-before-delete-shadow");
+    shadow::delete(c, thing_name, shadow_name).await?;
+    delete_policy(c, policy_name).await?;
+    step!("aws-before-delete-thing");
+    delete_thing(c, thing_name, notices).await?;
+    step!("aws-after-delete-thing");
+    Ok(())
+}
+
+/// Write first: DeleteThing at once (this Thing's own certificates are detached by now). AWS
+/// refuses it (InvalidRequestException, "still attached to one or more principals") while a
+/// principal is attached: only then are the principals listed, and those someone else
+/// attached are detached (not deleted: they are not this Thing's), and DeleteThing is asked
+/// again. Saves the ListThingPrincipals of every teardown that has none.
+async fn delete_thing(
+    c: &AwsClients,
+    thing_name: &str,
+    notices: &mut Vec<Notice>,
+) -> Result<(), AwsError> {
+    let call = || {
+        c.call(Family::ThingWrite, "DeleteThing", || {
+            c.iot.delete_thing().thing_name(thing_name).send()
+        })
+    };
+    match call().await {
+        Ok(_) | Err(CallError::NotFound) => return Ok(()),
+        Err(CallError::Failed(AwsError::Service { ref code, .. }))
+            if code == "InvalidRequestException" => {}
+        Err(e) => return Err(e.into_error("DeleteThing")),
+    }
     for principal in list_thing_principals(c, thing_name).await? {
         step!("aws-before-detach-foreign-principal");
         let r = c
@@ -104,19 +134,25 @@ pub async fn teardown(
             format!("detached {principal} from thing {thing_name}"),
         ));
     }
-
-    step!("aws-before-delete-shadow");
-    shadow::delete(c, thing_name, shadow_name).await?;
-    delete_policy(c, policy_name).await?;
-    step!("aws-before-delete-thing");
-    let r = c
-        .call(Family::ThingWrite, "DeleteThing", || {
-            c.iot.delete_thing().thing_name(thing_name).send()
-        })
-        .await;
-    tolerate_gone(r, "DeleteThing")?;
-    step!("aws-after-delete-thing");
-    Ok(())
+    match call().await {
+        Ok(_) | Err(CallError::NotFound) => Ok(()),
+        // A detachment takes a few seconds to propagate on AWS: a second refusal is retried
+        // with backoff, not left waiting for a spec change.
+        Err(CallError::Failed(AwsError::Service {
+            operation,
+            code,
+            status,
+            request_id,
+            ..
+        })) if code == "InvalidRequestException" => Err(AwsError::Service {
+            operation,
+            code,
+            status,
+            request_id,
+            retryable: true,
+        }),
+        Err(e) => Err(e.into_error("DeleteThing")),
+    }
 }
 
 /// Write first: DeletePolicy at once (the Thing's certificates are detached by now); only when
