@@ -49,6 +49,9 @@ use crate::{
     http::Readiness,
 };
 
+/// kubectl's client-side apply keeps a copy of the applied object in this annotation.
+const KUBECTL_LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     format!(
         "{}/{}/{}",
@@ -110,12 +113,16 @@ where
 {
     let concurrency = ctx.config.concurrency;
     // The cache keeps every object of the kind for as long as it exists; `managedFields` (a
-    // field set per writer, parsed) is nothing the operator reads and a large share of each
-    // object's memory at fleet size: dropped before the object is stored. Otherwise what
-    // `Controller::new` does (reflector, applied objects, the controller's trigger backoff).
+    // field set per writer, parsed) and kubectl's last-applied copy of the object are nothing
+    // the operator reads and a large share of each object's memory at fleet size: dropped
+    // before the object is stored. Otherwise what `Controller::new` does (reflector, applied
+    // objects, the controller's trigger backoff).
     let (store, writer) = reflector::store();
     let objects = watcher::watcher(api, watcher::Config::default().any_semantic())
-        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .modify(|o: &mut K| {
+            o.managed_fields_mut().clear();
+            o.annotations_mut().remove(KUBECTL_LAST_APPLIED);
+        })
         .reflect(writer)
         .applied_objects();
     let mut controller = Controller::for_stream(objects, store)

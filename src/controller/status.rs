@@ -28,21 +28,36 @@ pub const FIELD_MANAGER: &str = "thing-operator";
 /// The last status this process wrote per object, with the resourceVersion the object had
 /// just before that write. A reconcile queued before the write can still read the object from
 /// a cache that has not seen it; without this memory it would write the same status again.
+///
+/// An entry is only useful until the cache shows the object at another resourceVersion (the
+/// write, or a later change: a cache never goes back), so the first reconcile that sees one
+/// drops it. Memory then holds the writes in flight, not a status per object of the fleet.
 #[derive(Default)]
 pub struct StatusMemory {
     last: Mutex<HashMap<String, (String, serde_json::Value)>>,
 }
 
 impl StatusMemory {
+    /// The status written to `key` on top of `resource_version`, if the cache has not seen
+    /// that write yet; an entry made on another version is dropped.
+    fn unseen(&self, key: &str, resource_version: &str) -> Option<Value> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let (rv, written) = last.get(key)?;
+        if rv == resource_version {
+            return Some(written.clone());
+        }
+        last.remove(key);
+        None
+    }
+
     fn is_stale_repeat(
         &self,
         key: &str,
         resource_version: &str,
         status: &serde_json::Value,
     ) -> bool {
-        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        last.get(key)
-            .is_some_and(|(rv, written)| rv == resource_version && written == status)
+        self.unseen(key, resource_version)
+            .is_some_and(|written| &written == status)
     }
 
     fn remember(&self, key: String, resource_version: String, status: serde_json::Value) {
@@ -63,19 +78,7 @@ impl StatusMemory {
         key: &str,
         resource_version: &str,
     ) -> Option<S> {
-        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let (rv, written) = last.get(key)?;
-        if rv != resource_version {
-            return None;
-        }
-        serde_json::from_value(written.clone()).ok()
-    }
-
-    /// [`Self::unseen_own_write`], as the document that was written.
-    fn unseen_own_write_document(&self, key: &str, resource_version: &str) -> Option<Value> {
-        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let (rv, written) = last.get(key)?;
-        (rv == resource_version).then(|| written.clone())
+        serde_json::from_value(self.unseen(key, resource_version)?).ok()
     }
 
     /// Forgets a deleted object.
@@ -117,7 +120,7 @@ where
     }
     // The status the object has now, as far as this process knows: its own last write when the
     // cache has not seen it yet, else the cached one.
-    let base = match memory.unseen_own_write_document(&key, &resource_version) {
+    let base = match memory.unseen(&key, &resource_version) {
         Some(written) => written,
         None => serde_json::to_value(current).map_err(|source| Error::Json {
             context: format!("encoding the current status of {name}"),
@@ -159,10 +162,13 @@ mod tests {
         let written = serde_json::json!({"version": 3});
         memory.remember("Thing/ns/a".into(), "10".into(), written.clone());
         let seen: Option<serde_json::Value> = memory.unseen_own_write("Thing/ns/a", "10");
-        assert_eq!(seen, Some(written));
+        assert_eq!(seen, Some(written.clone()));
         // The cache caught up (or someone else wrote since): its object is the truth.
         let seen: Option<serde_json::Value> = memory.unseen_own_write("Thing/ns/a", "11");
         assert_eq!(seen, None);
+        // Seen at another version once, the entry is gone: nothing is kept per object.
+        assert!(memory.last.lock().unwrap().is_empty());
+        memory.remember("Thing/ns/a".into(), "10".into(), written.clone());
         let seen: Option<serde_json::Value> = memory.unseen_own_write("Thing/ns/b", "10");
         assert_eq!(seen, None);
         memory.forget("Thing/ns/a");
