@@ -44,6 +44,10 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 use serde_json::json;
+
+#[path = "../tests/common/bench.rs"]
+mod bench;
+use bench::{FleetWatch, load_average, proc_usage};
 use thing_operator::{api::Thing, credentials::pki};
 
 fn load_env(dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
@@ -223,79 +227,6 @@ fn per_thing(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, n: u
         .join(", ")
 }
 
-/// Peak RSS (MiB) and CPU seconds (user + system) of a process, from /proc.
-fn proc_usage(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm_kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0.0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at ") ".
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields
-        .get(11)
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    (hwm_kb / 1024.0, ticks / 100.0)
-}
-
-/// Waits until `done` holds for the namespace's Things as a watch sees them (one LIST, then
-/// changes). Polling with LISTs instead (every 500 ms, 1,000 Things each) made the API server
-/// and etcd serve tens of MB per second during the operator's run only, on the two cores moto
-/// and the operator share: a cost the floor's run did not pay.
-async fn watch_until(
-    things: &Api<Thing>,
-    limit: Duration,
-    what: &str,
-    done: impl Fn(&BTreeMap<String, Thing>) -> bool,
-) -> anyhow::Result<()> {
-    use kube::runtime::watcher::{self, Event};
-    let mut seen = BTreeMap::new();
-    let mut listing = BTreeMap::new();
-    // Only a complete picture counts: none before the first listing ends, none during a relist.
-    let mut complete = false;
-    let events = watcher::watcher(things.clone(), watcher::Config::default());
-    futures::pin_mut!(events);
-    let deadline = Instant::now() + limit;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let event = match tokio::time::timeout(left, events.next()).await {
-            Err(_) => bail!("not {what} within {limit:?}"),
-            Ok(None) => bail!("the watch of Things ended"),
-            Ok(Some(event)) => event?,
-        };
-        match event {
-            Event::Init => {
-                listing.clear();
-                complete = false;
-            }
-            Event::InitApply(t) => {
-                listing.insert(kube::ResourceExt::name_any(&t), t);
-            }
-            Event::InitDone => {
-                seen = std::mem::take(&mut listing);
-                complete = true;
-            }
-            Event::Apply(t) => {
-                seen.insert(kube::ResourceExt::name_any(&t), t);
-            }
-            Event::Delete(t) => {
-                seen.remove(&kube::ResourceExt::name_any(&t));
-            }
-        }
-        if complete && done(&seen) {
-            return Ok(());
-        }
-    }
-}
-
 struct Operator(Child);
 
 impl Drop for Operator {
@@ -364,7 +295,7 @@ async fn main() -> anyhow::Result<()> {
         Client::try_from(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)?;
     let tag = format!("{:06x}", rand::random::<u32>() & 0xffffff);
     let (iot, data) = (iot(&moto), data(&moto));
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load_average();
     println!(
         "AWS backend benchmark: {n} Things, concurrency {concurrency}, poll {poll}s, moto at {moto}, load {load}"
     );
@@ -385,7 +316,7 @@ async fn main() -> anyhow::Result<()> {
         .collect()
         .await;
     let floor_secs = started.elapsed().as_secs_f64();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load_average();
     println!("  (load {})", load.trim());
     let floor_ok: Vec<(String, String)> = results.into_iter().filter_map(Result::ok).collect();
     println!(
@@ -550,15 +481,18 @@ async fn main() -> anyhow::Result<()> {
         })
         .await;
     let applied = started.elapsed().as_secs_f64();
-    watch_until(&things, Duration::from_secs(3600), "all Ready", |seen| {
-        seen.len() == n
-            && seen.values().all(|t| {
-                t.status
-                    .as_ref()
-                    .is_some_and(|s| s.conditions.is_true("Ready"))
-            })
-    })
-    .await?;
+    let fleet = FleetWatch::start(&things);
+    fleet
+        .until(Duration::from_secs(3600), "all Ready", |things| {
+            things.len() == n
+                && things.iter().all(|t| {
+                    t.status
+                        .as_ref()
+                        .is_some_and(|s| s.conditions.is_true("Ready"))
+                })
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
     let op_secs = started.elapsed().as_secs_f64();
     let body = metrics(port).await;
     let calls = metric_sum(
@@ -582,7 +516,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let reconciles =
         |body: &str| metric_sum(body, "thing_operator_reconciles_total", &["kind=\"Thing\""]);
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load_average();
     println!(
         "operator: {n} Things applied in {applied:.1}s, all Ready after {op_secs:.1}s (load {})",
         load.trim()
@@ -666,12 +600,14 @@ async fn main() -> anyhow::Result<()> {
     things
         .delete_collection(&DeleteParams::default(), &ListParams::default())
         .await?;
-    watch_until(&things, Duration::from_secs(3600), "all deleted", |seen| {
-        seen.is_empty()
-    })
-    .await?;
+    fleet
+        .until(Duration::from_secs(3600), "all deleted", |things| {
+            things.is_empty()
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
     let delete_secs = started.elapsed().as_secs_f64();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load_average();
     println!("  (load after deletion {})", load.trim());
     let body = metrics(port).await;
     let delete_calls = metric_sum(

@@ -40,7 +40,10 @@ use futures::{StreamExt, stream};
 use kube::api::{DeleteParams, ListParams};
 use serde_json::json;
 
-use common::thing;
+use common::{
+    bench::{FleetWatch, load_average, proc_usage},
+    thing,
+};
 use mosquitto_support::{Credentials, Device, setup};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -244,34 +247,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// Peak RSS (MiB) and CPU seconds (user + system) of a process, from /proc.
-fn proc_usage(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm_kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0.0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at ") ".
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
-        .sum();
-    (hwm_kb / 1024.0, ticks / 100.0)
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// How often the test broker logged that it dropped messages for a subscriber whose queue
 /// (`max_queued_messages`) was full: a Thing whose last report was dropped cannot show it.
 fn broker_drops(env: &common::TestEnv) -> usize {
@@ -282,81 +257,25 @@ fn broker_drops(env: &common::TestEnv) -> usize {
         .count()
 }
 
-/// What the benchmark needs to know of every Thing (Ready, the reported `seq`), kept from a
-/// watch: one LIST, then changes. Polling with LISTs of the whole fleet (30 MB at 10,000
-/// Things) every 2 s would load the API server and etcd on the cores the operator is measured
-/// on.
-#[derive(Clone, Default)]
-struct FleetView(std::sync::Arc<std::sync::Mutex<FleetState>>);
-
-#[derive(Default)]
-struct FleetState {
-    /// None until the first listing is complete.
-    things: Option<std::collections::HashMap<String, (bool, Option<i64>)>>,
-    listing: std::collections::HashMap<String, (bool, Option<i64>)>,
-}
-
-impl FleetView {
-    fn start(things: &kube::Api<thing_operator::api::Thing>) -> Self {
-        use kube::runtime::{
-            WatchStreamExt,
-            watcher::{self, Event},
-        };
-        let view = FleetView::default();
-        let facts = |t: &thing_operator::api::Thing| {
-            let name = kube::ResourceExt::name_any(t);
-            let status = t.status.as_ref();
-            let ready = status.is_some_and(|st| st.conditions.is_true("Ready"));
-            let seq = status
-                .and_then(|st| st.reported.as_ref())
-                .and_then(|r| r.0.get("seq")?.as_i64());
-            (name, (ready, seq))
-        };
-        let events = watcher::watcher(things.clone(), watcher::Config::default()).default_backoff();
-        let state = view.clone();
-        tokio::spawn(async move {
-            futures::pin_mut!(events);
-            while let Some(event) = events.next().await {
-                let Ok(event) = event else { continue };
-                let mut st = state.0.lock().unwrap();
-                match event {
-                    Event::Init => st.listing.clear(),
-                    Event::InitApply(t) => {
-                        let (name, f) = facts(&t);
-                        st.listing.insert(name, f);
-                    }
-                    Event::InitDone => st.things = Some(std::mem::take(&mut st.listing)),
-                    Event::Apply(t) => {
-                        let (name, f) = facts(&t);
-                        st.things.get_or_insert_default().insert(name, f);
-                    }
-                    Event::Delete(t) => {
-                        let (name, _) = facts(&t);
-                        st.things.get_or_insert_default().remove(&name);
-                    }
-                }
-            }
-        });
-        view
-    }
-
-    /// How many Things are Ready, and how many hold `seq` as the reported `seq` (0, 0 before
-    /// the first listing is complete).
-    fn counts(&self, seq: i64) -> (usize, usize) {
-        let st = self.0.lock().unwrap();
-        let Some(things) = &st.things else {
-            return (0, 0);
-        };
-        (
-            things.values().filter(|(ready, _)| *ready).count(),
-            things.values().filter(|(_, s)| *s == Some(seq)).count(),
-        )
-    }
-
-    /// How many Things there are; None before the first listing is complete.
-    fn len(&self) -> Option<usize> {
-        self.0.lock().unwrap().things.as_ref().map(|t| t.len())
-    }
+/// How many Things are Ready, and how many hold `seq` as the reported `seq` (0, 0 before the
+/// first listing is complete).
+fn fleet_counts(fleet: &FleetWatch, seq: i64) -> (usize, usize) {
+    let things = fleet.things().unwrap_or_default();
+    let ready = |t: &thing_operator::api::Thing| {
+        t.status
+            .as_ref()
+            .is_some_and(|st| st.conditions.is_true("Ready"))
+    };
+    let reported_seq = |t: &thing_operator::api::Thing| {
+        t.status.as_ref()?.reported.as_ref()?.0.get("seq")?.as_i64()
+    };
+    (
+        things.iter().filter(|t| ready(t)).count(),
+        things
+            .iter()
+            .filter(|t| reported_seq(t) == Some(seq))
+            .count(),
+    )
 }
 
 /// `BENCH_STORM_LOCK`: a lock file (on the shared test machine, its quiet lock) held shared
@@ -419,7 +338,7 @@ async fn bench_status_write_storm() {
 
     // 1. The fleet.
     let quiet = QuietLock::shared_from_env();
-    let fleet = FleetView::start(&s.things);
+    let fleet = FleetWatch::start(&s.things);
     let started = Instant::now();
     stream::iter(0..n)
         .for_each_concurrent(32, |i| {
@@ -432,7 +351,7 @@ async fn bench_status_write_storm() {
     let created = started.elapsed();
     let deadline = Instant::now() + Duration::from_secs(3 * 3600);
     loop {
-        let (ready, _) = fleet.counts(0);
+        let (ready, _) = fleet_counts(&fleet, 0);
         if ready == n {
             break;
         }
@@ -551,7 +470,7 @@ async fn bench_status_write_storm() {
     let deadline = Instant::now() + expected * 3 + Duration::from_secs(120);
     let (mut landed, mut after_last) = (0, Duration::ZERO);
     while Instant::now() < deadline {
-        let (_, now) = fleet.counts(seconds);
+        let (_, now) = fleet_counts(&fleet, seconds);
         if now > landed {
             // When the latest count was first seen (looked at every second, so up to 1 s late).
             (landed, after_last) = (now, storm_started.elapsed().saturating_sub(published));
@@ -591,7 +510,7 @@ async fn bench_status_write_storm() {
             .await
             .expect("Things deleted");
         let deadline = Instant::now() + Duration::from_secs(3 * 3600);
-        while fleet.len() != Some(0) {
+        while fleet.things().is_none_or(|things| !things.is_empty()) {
             assert!(
                 Instant::now() < deadline,
                 "deletion did not finish in three hours"

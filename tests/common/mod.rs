@@ -12,6 +12,8 @@
 //! ```
 #![allow(dead_code)]
 
+pub mod bench;
+
 use std::{
     collections::BTreeMap,
     fmt,
