@@ -50,16 +50,6 @@ impl StatusMemory {
         None
     }
 
-    fn is_stale_repeat(
-        &self,
-        key: &str,
-        resource_version: &str,
-        status: &serde_json::Value,
-    ) -> bool {
-        self.unseen(key, resource_version)
-            .is_some_and(|written| &written == status)
-    }
-
     fn remember(&self, key: String, resource_version: String, status: serde_json::Value) {
         self.last
             .lock()
@@ -115,11 +105,9 @@ where
         source,
     })?;
     let resource_version = obj.resource_version().unwrap_or_default();
-    if memory.is_stale_repeat(&key, &resource_version, &value) {
-        return Ok(false);
-    }
     // The status the object has now, as far as this process knows: its own last write when the
-    // cache has not seen it yet, else the cached one.
+    // cache has not seen it yet, else the cached one. A repeat of that unseen write makes an
+    // empty patch, and nothing is written.
     let base = match memory.unseen(&key, &resource_version) {
         Some(written) => written,
         None => serde_json::to_value(current).map_err(|source| Error::Json {
