@@ -435,7 +435,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let bus = StateBus::default();
     let (trigger, trigger_rx) =
         ThingTrigger::budgeted(args.status_write_qps, Some(metrics.clone()));
-    let wiring = Arc::new(Wiring::new(bus.clone(), trigger));
+    let wiring = Arc::new(Wiring::new(bus.clone(), trigger, provenance.clone()));
     // One policy: the Observer reconciler refuses literal addresses, the sinks check names at
     // connect time.
     let egress = Arc::new(args.egress_policy());

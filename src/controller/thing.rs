@@ -25,7 +25,7 @@ use crate::{
     api::{
         Condition, ConditionStatus, FINALIZER, Thing, ThingStatus,
         conditions::{reasons, types},
-        thing::{DeletionPolicy, summarize},
+        thing::{Broker, DeletionPolicy, summarize},
         validation::{InvalidSpec, validate_thing},
     },
     credentials::DeviceSecret,
@@ -262,6 +262,9 @@ async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
     let reference = thing.object_ref(&());
     let recorded = status.device.is_some();
     if thing.spec.deletion_policy == DeletionPolicy::Orphan {
+        if let Ok(provider) = ctx.providers.get(broker_of(&thing, &status)) {
+            provider.release(&device_request(&thing, ctx, &ns, &name), &status);
+        }
         if recorded {
             let notice =
                 Notice::normal("Orphaned", "deletionPolicy Orphan: backend resources kept");
@@ -269,12 +272,7 @@ async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
         }
         return Ok(Action::await_change());
     }
-    let broker = status
-        .device
-        .as_ref()
-        .and_then(|d| d.broker)
-        .unwrap_or(thing.spec.broker);
-    let provider = match ctx.providers.get(broker) {
+    let provider = match ctx.providers.get(broker_of(&thing, &status)) {
         Ok(p) => p,
         // Nothing recorded and no backend to ask: nothing was ever created.
         Err(_) if !recorded => return Ok(Action::await_change()),
@@ -306,6 +304,15 @@ async fn cleanup(thing: Arc<Thing>, ctx: &Context) -> Result<Action> {
     )
     .await;
     Ok(Action::await_change())
+}
+
+/// The backend that holds the Thing's device: the one recorded, else the spec's.
+fn broker_of(thing: &Thing, status: &ThingStatus) -> Broker {
+    status
+        .device
+        .as_ref()
+        .and_then(|d| d.broker)
+        .unwrap_or(thing.spec.broker)
 }
 
 #[cfg(test)]

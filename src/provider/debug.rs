@@ -19,8 +19,18 @@ use crate::api::{
 /// One call the controller made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
-    Reconcile { thing: String, backend_name: String },
-    Cleanup { thing: String, backend_name: String },
+    Reconcile {
+        thing: String,
+        backend_name: String,
+    },
+    Cleanup {
+        thing: String,
+        backend_name: String,
+    },
+    /// The Thing left with its device kept (`deletionPolicy: Orphan`).
+    Release {
+        thing: String,
+    },
 }
 
 /// A scripted failure, classified like a real backend's.
@@ -146,5 +156,11 @@ impl IotProvider for DebugProvider {
             Some(e) => Err(e.into()),
             None => Ok(()),
         }
+    }
+
+    fn release(&self, req: &DeviceRequest<'_>, _status: &ThingStatus) {
+        self.record(Call::Release {
+            thing: req.key().to_string(),
+        });
     }
 }

@@ -141,6 +141,11 @@ pub trait IotProvider: Send + Sync {
         status: &ThingStatus,
         outcome: &mut DeviceOutcome,
     ) -> Result<(), ProviderError>;
+
+    /// The Thing leaves the operator's care with its backend resources kept (`deletionPolicy:
+    /// Orphan`): whatever the backend keeps in memory for it (check deadlines, cached reads,
+    /// push subscriptions, shadow routing) goes, so deleted Things cost nothing.
+    fn release(&self, _req: &DeviceRequest<'_>, _status: &ThingStatus) {}
 }
 
 /// The configured backends, by broker.

@@ -398,13 +398,22 @@ impl IotProvider for AwsProvider {
                 format!("thing {thing_name} is not this Thing's; nothing was deleted"),
             ));
         }
+        self.release(req, status);
+        Ok(())
+    }
+
+    fn release(&self, req: &DeviceRequest<'_>, status: &ThingStatus) {
+        let thing_name = status
+            .device
+            .as_ref()
+            .and_then(|d| d.thing_name.clone())
+            .unwrap_or_else(|| req.backend_name.clone());
         self.checks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&req.key());
         self.remember_read(req, None);
         self.push.forget(&thing_name, &req.key());
-        Ok(())
     }
 }
 

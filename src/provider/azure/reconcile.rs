@@ -485,6 +485,10 @@ impl IotProvider for AzureProvider {
         Ok(())
     }
 
+    fn release(&self, req: &DeviceRequest<'_>, _status: &ThingStatus) {
+        self.forget(req);
+    }
+
     async fn cleanup(
         &self,
         req: &DeviceRequest<'_>,

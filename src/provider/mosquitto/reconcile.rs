@@ -68,6 +68,12 @@ impl IotProvider for MosquittoProvider {
         self.service.activate();
         Ok(self.remove_device(req, status).await?)
     }
+
+    /// The device stays in the broker, no longer served: its shadow requests go unanswered
+    /// like those of any client the operator does not manage.
+    fn release(&self, req: &DeviceRequest<'_>, _status: &ThingStatus) {
+        self.registry.lock().remove(&req.key());
+    }
 }
 
 impl MosquittoProvider {
