@@ -3,8 +3,8 @@
 //!
 //! This is where a tenant's spec makes the operator open a connection, so it guards three
 //! things. Where: the host must resolve to addresses the egress policy allows (the one HTTP
-//! sinks obey), and a plain `mqtt://` session connects to the address that was checked, not to
-//! the name again. With what: Secrets are read only from the BrokerConnection's namespace (the
+//! sinks obey), and the session connects to the address that was checked, not to the name
+//! again, on every reconnect (`mqtts://` keeps the name for SNI and the certificate). With what: Secrets are read only from the BrokerConnection's namespace (the
 //! spec has no field for another), and a Secret whose values would leave the cluster (the
 //! login, the client key) must opt in with [`CREDENTIALS_OPT_IN_LABEL`], or anyone allowed to
 //! create a BrokerConnection could send any Secret of the namespace with keys
@@ -57,16 +57,19 @@ pub async fn session_settings(
         SettingsError::new(crate::api::conditions::reasons::INVALID_SPEC, e.to_string())
     })?;
     let checked = checked_address(egress, &address).await?;
+    // Connect where the policy looked, on every reconnect too: a name resolving elsewhere
+    // later (DNS rebinding) is not followed. TLS keeps the name for SNI and the certificate
+    // check. The next reconcile resolves again (a broker that moved is followed once the
+    // policy has checked its new address: the digest below changes and the session restarts).
+    address.connect_to = Some(checked);
     if !address.tls {
-        // Connect where the policy looked: a name resolving elsewhere a moment later (DNS
-        // rebinding) is not followed. (TLS connects by name: the certificate is checked
-        // against it, so a rebound name reaches no service that can answer it.)
         address.host = checked.ip().to_string();
     }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let mut digest = Sha256::new();
     digest.update(spec.url.as_bytes());
     digest.update(address.host.as_bytes());
+    digest.update(checked.to_string().as_bytes());
     let login = match spec
         .auth
         .as_ref()

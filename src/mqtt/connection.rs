@@ -38,6 +38,9 @@ pub struct BrokerAddress {
     pub host: String,
     pub port: u16,
     pub tls: bool,
+    /// Where the socket connects, when it must not follow `host`'s name resolution (a
+    /// tenant's broker whose address the egress policy checked); TLS still verifies `host`.
+    pub connect_to: Option<std::net::SocketAddr>,
 }
 
 impl BrokerAddress {
@@ -64,7 +67,12 @@ impl BrokerAddress {
         }
         let host = parsed.host_str().ok_or_else(|| bad("no host"))?.to_string();
         let port = parsed.port().unwrap_or(if tls { 8883 } else { 1883 });
-        Ok(Self { host, port, tls })
+        Ok(Self {
+            host,
+            port,
+            tls,
+            connect_to: None,
+        })
     }
 
     /// `host:port`, what devices get as their endpoint.
@@ -216,6 +224,9 @@ pub fn build(settings: ConnectionSettings) -> (AsyncClient, EventLoop) {
         .set_clean_session(settings.session == Session::Clean)
         .set_manual_acks(settings.session == Session::PersistentManualAcks)
         .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    if let Some(address) = settings.address.connect_to {
+        options.set_connect_address(address);
+    }
     if let Some(tls) = settings.tls {
         options.set_transport(Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
@@ -337,7 +348,8 @@ mod tests {
             BrokerAddress {
                 host: "127.0.0.1".into(),
                 port: 1884,
-                tls: false
+                tls: false,
+                connect_to: None
             }
         );
         assert_eq!(BrokerAddress::parse("mqtt://broker").unwrap().port, 1883);
@@ -351,5 +363,59 @@ mod tests {
             .to_string();
         assert!(err.contains("credentials"));
         assert!(!err.contains("hunter2"));
+    }
+
+    /// What the socket of a connection to `address` receives first, and whether it came.
+    async fn first_bytes(address: BrokerAddress, tls: Option<rustls::ClientConfig>) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = BrokerAddress {
+            connect_to: Some(listener.local_addr().unwrap()),
+            ..address
+        };
+        let (_client, mut eventloop) = build(ConnectionSettings {
+            address,
+            tls,
+            username: String::new(),
+            password: String::new(),
+            client_id: "c".into(),
+            last_will: None,
+            session: Session::Clean,
+            keep_alive: None,
+        });
+        let driver = tokio::spawn(async move { eventloop.poll().await.is_ok() });
+        let accepted = tokio::time::timeout(Duration::from_secs(10), async {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 2048];
+            let n = socket.read(&mut buf).await.unwrap();
+            buf.truncate(n);
+            buf
+        })
+        .await
+        .expect("the connection reached the fixed address");
+        driver.abort();
+        accepted
+    }
+
+    #[tokio::test]
+    async fn a_fixed_connect_address_is_used_and_tls_still_names_the_host() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        // `.invalid` never resolves: reaching the listener means the name was not looked up.
+        let plain = first_bytes(BrokerAddress::parse("mqtt://broker.invalid").unwrap(), None).await;
+        assert_eq!(plain.first(), Some(&0x10), "an MQTT CONNECT arrives");
+
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let hello = first_bytes(
+            BrokerAddress::parse("mqtts://broker.invalid").unwrap(),
+            Some(tls),
+        )
+        .await;
+        assert_eq!(hello.first(), Some(&0x16), "a TLS handshake arrives");
+        assert!(
+            hello.windows(14).any(|w| w == b"broker.invalid"),
+            "the ClientHello names the broker's host (SNI), not the address"
+        );
     }
 }

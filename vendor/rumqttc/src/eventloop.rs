@@ -418,14 +418,22 @@ async fn network_connect(
         match options.proxy() {
             Some(proxy) => proxy.connect(&domain, port, network_options).await?,
             None => {
-                let addr = format!("{domain}:{port}");
+                // thing-operator patch: a fixed connect address, when set, instead of the name.
+                let addr = match options.connect_address {
+                    Some(address) => address.to_string(),
+                    None => format!("{domain}:{port}"),
+                };
                 let tcp = socket_connect(addr, network_options).await?;
                 Box::new(tcp)
             }
         }
         #[cfg(not(feature = "proxy"))]
         {
-            let addr = format!("{domain}:{port}");
+            // thing-operator patch: a fixed connect address, when set, instead of the name.
+            let addr = match options.connect_address {
+                Some(address) => address.to_string(),
+                None => format!("{domain}:{port}"),
+            };
             let tcp = socket_connect(addr, network_options).await?;
             Box::new(tcp)
         }

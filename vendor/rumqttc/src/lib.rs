@@ -492,6 +492,9 @@ pub struct MqttOptions {
     proxy: Option<Proxy>,
     #[cfg(feature = "websocket")]
     request_modifier: Option<RequestModifierFn>,
+    /// thing-operator patch: the socket address to connect to instead of resolving
+    /// `broker_addr` (which still names the server to TLS).
+    connect_address: Option<std::net::SocketAddr>,
 }
 
 impl MqttOptions {
@@ -525,7 +528,18 @@ impl MqttOptions {
             proxy: None,
             #[cfg(feature = "websocket")]
             request_modifier: None,
+            connect_address: None,
         }
+    }
+
+    /// thing-operator patch: connects to `address` instead of resolving the broker's host on
+    /// every (re)connect; TLS still verifies the certificate against, and sends SNI for, the
+    /// host given to [`MqttOptions::new`]. A caller that checked where a name resolves to (an
+    /// egress policy) keeps connecting there: the name resolving elsewhere later (DNS
+    /// rebinding) is not followed.
+    pub fn set_connect_address(&mut self, address: std::net::SocketAddr) -> &mut Self {
+        self.connect_address = Some(address);
+        self
     }
 
     #[cfg(feature = "url")]
@@ -930,6 +944,7 @@ impl Debug for MqttOptions {
             .field("inflight", &self.inflight)
             .field("last_will", &self.last_will)
             .field("manual_acks", &self.manual_acks)
+            .field("connect_address", &self.connect_address)
             .finish()
     }
 }

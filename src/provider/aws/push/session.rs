@@ -82,6 +82,7 @@ async fn address(
         host,
         port,
         tls: true,
+        connect_to: None,
     })
 }
 
