@@ -25,7 +25,9 @@ fi
 HTTP_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 # moto stands in for AWS IoT Core and the IoT Hub double (tests/azure_double) for Azure IoT Hub,
 # so the AWS and Azure examples work without an account.
-AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing KUBECONFIG="$OPERATOR_KUBECONFIG" setsid "$ROOT/target/debug/thing-operator" run \
+# Where cargo put it: CARGO_TARGET_DIR when set (a shared build cache), else target/.
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/thing-operator"
+AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing KUBECONFIG="$OPERATOR_KUBECONFIG" setsid "$BIN" run \
   --http-addr "127.0.0.1:$HTTP_PORT" \
   --mqtt-url "$MQTT_URL" --mqtt-username "$MQTT_ADMIN_USER" --mqtt-password-file "$MQTT_ADMIN_PASSWORD_FILE" \
   --mqtt-device-endpoint "127.0.0.1:$MQTT_PORT" \
