@@ -412,6 +412,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         None => MqttAccess::default(),
     };
+    mqtt_access.spawn_idle_sweep();
     // What the operator's own writes into Things caused, shared by both task kinds so that
     // Observer/Subscriber graphs settle instead of looping.
     let provenance = crate::forwarding::provenance::ProvenanceBook::default();

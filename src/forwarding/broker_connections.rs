@@ -27,11 +27,7 @@ use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    mqtt::{NamespaceConnection, NamespaceRouter},
-    publish_tracker::PublishTracker,
-    subscribers::routes::Routes,
-};
+use super::{mqtt::NamespaceRouter, publish_tracker::PublishTracker, subscribers::routes::Routes};
 use crate::{
     api::{BrokerConnection, Observer, Subscriber, object_key},
     metrics::Metrics,
@@ -56,6 +52,14 @@ pub mod reasons {
 const MAX_RECONNECT: Duration = Duration::from_secs(30);
 /// Reconcile requests queued per kind before senders wait.
 const TRIGGER_QUEUE: usize = 1024;
+
+/// A running session's client, and what tells its publishers when the broker has their
+/// messages. Looked up per use: the session's life follows its BrokerConnection, not its users.
+#[derive(Clone)]
+pub struct SessionClient {
+    pub client: AsyncClient,
+    pub publishes: Arc<PublishTracker>,
+}
 
 /// What a session connects to and with. Built by the BrokerConnection reconciler.
 pub struct SessionSettings {
@@ -306,10 +310,10 @@ impl BrokerConnections {
     }
 
     /// The client and publish tracker of the session of `namespace/name`, if one runs.
-    pub fn connection(&self, namespace: &str, name: &str) -> Option<NamespaceConnection> {
+    pub fn connection(&self, namespace: &str, name: &str) -> Option<SessionClient> {
         let tables = self.tables();
         let session = tables.sessions.get(&object_key(namespace, name))?;
-        Some(NamespaceConnection {
+        Some(SessionClient {
             client: session.client.clone(),
             publishes: session.publishes.clone(),
         })

@@ -4,12 +4,15 @@
 //! Each namespace gets its own connection, logged in with a broker account whose ACL covers
 //! only that namespace's topic roots (its subtree plus any `--mqtt-topic-grant`). Validation
 //! already refuses topics outside them; the broker refusing them too means a bug in validation
-//! cannot become a cross-tenant read or write. Connections are made on first use and kept for
-//! the life of the process (one per namespace that ever used MQTT: bounded by the namespaces).
+//! cannot become a cross-tenant read or write. Connections are made on first use and held by
+//! their users (an Observer's MQTT sink, a Subscriber's MQTT source); one nobody held at two
+//! idle sweeps in a row ([`IDLE_SWEEP`] apart) is closed, so a namespace that stopped using MQTT
+//! (or was deleted) costs no connection. Its broker account stays, for the next use.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, OnceLock},
+    time::Duration,
 };
 
 use rumqttc::{AsyncClient, QoS};
@@ -60,15 +63,39 @@ struct Shared {
     identities: OnceLock<Arc<dyn NamespaceIdentities>>,
     /// Installed by the Subscriber manager.
     router: OnceLock<Arc<dyn NamespaceRouter>>,
-    connections: Mutex<HashMap<String, Arc<OnceCell<NamespaceConnection>>>>,
+    connections: Mutex<HashMap<String, Slot>>,
+}
+
+/// How often unused namespace connections are looked for; one is closed when it was unused at
+/// two sweeps in a row (a task restarting for a spec change does not reconnect its namespace).
+pub const IDLE_SWEEP: Duration = Duration::from_secs(60);
+
+/// A namespace's connection in the making or made, and how many sweeps found it unused.
+#[derive(Default)]
+struct Slot {
+    cell: Arc<OnceCell<NamespaceConnection>>,
+    idle_sweeps: u8,
+}
+
+impl Slot {
+    /// Whether anyone besides the map holds the connection or is still making it.
+    fn in_use(&self) -> bool {
+        Arc::strong_count(&self.cell) > 1
+            || self
+                .cell
+                .get()
+                .is_some_and(|c| Arc::strong_count(&c.lease) > 1)
+    }
 }
 
 /// One namespace's connection: the client, and what tells its publishers when the broker has
-/// their messages.
+/// their messages. Holding a clone keeps the connection open.
 #[derive(Clone)]
 pub struct NamespaceConnection {
     pub client: AsyncClient,
     pub publishes: Arc<PublishTracker>,
+    /// Stops the connection's driver when the idle sweep closes it; its clones count users.
+    lease: Arc<CancellationToken>,
 }
 
 /// The MQTT connections the forwarding tasks may use; clones share them. Empty without a
@@ -104,6 +131,64 @@ impl MqttAccess {
         self.shared.is_some()
     }
 
+    /// Closes the connections nobody used at this sweep and the previous one (see
+    /// [`IDLE_SWEEP`]); returns how many were closed.
+    pub fn close_idle(&self) -> usize {
+        let Some(shared) = &self.shared else {
+            return 0;
+        };
+        let mut connections = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = Vec::new();
+        connections.retain(|namespace, slot| {
+            if slot.in_use() {
+                slot.idle_sweeps = 0;
+                return true;
+            }
+            slot.idle_sweeps = slot.idle_sweeps.saturating_add(1);
+            // A cell nobody is making or holding and never made (its connect failed) goes at
+            // once; a made connection after its second idle sweep.
+            let made = slot.cell.get();
+            if made.is_some() && slot.idle_sweeps < 2 {
+                return true;
+            }
+            if let Some(connection) = made {
+                connection.lease.cancel();
+                closed.push(namespace.clone());
+            }
+            false
+        });
+        drop(connections);
+        for namespace in &closed {
+            shared
+                .metrics
+                .forget_mqtt_connection(&connection_label(namespace));
+            tracing::info!(%namespace, "namespace broker connection closed: no Observer or Subscriber uses it");
+        }
+        closed.len()
+    }
+
+    /// Runs [`MqttAccess::close_idle`] every [`IDLE_SWEEP`] until shutdown.
+    pub fn spawn_idle_sweep(&self) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let shutdown = shared.shutdown.clone();
+        let access = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_SWEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {
+                        access.close_idle();
+                    }
+                }
+            }
+        });
+    }
+
     /// Lets connections be made: `identities` issues each namespace's account.
     pub fn install_identities(&self, identities: Arc<dyn NamespaceIdentities>) {
         if let Some(shared) = &self.shared {
@@ -123,10 +208,12 @@ impl MqttAccess {
         connections
             .entry(namespace.to_string())
             .or_default()
+            .cell
             .clone()
     }
 
-    /// The connection that acts for `namespace`, made (account and all) on first use.
+    /// The connection that acts for `namespace`, made (account and all) on first use. It
+    /// stays open while the returned value (or a clone) is held.
     pub async fn connection_for(
         &self,
         namespace: &str,
@@ -138,16 +225,15 @@ impl MqttAccess {
             .cloned()
     }
 
-    /// The client of [`MqttAccess::connection_for`].
-    pub async fn client_for(&self, namespace: &str) -> Result<AsyncClient, AccessError> {
-        Ok(self.connection_for(namespace).await?.client)
-    }
-
     /// The connection of `namespace` if one was made (for unsubscribing: never makes one).
     pub fn existing_client(&self, namespace: &str) -> Option<AsyncClient> {
         let shared = self.shared.as_ref()?;
         let connections = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
-        connections.get(namespace)?.get().map(|c| c.client.clone())
+        connections
+            .get(namespace)?
+            .cell
+            .get()
+            .map(|c| c.client.clone())
     }
 }
 
@@ -192,17 +278,25 @@ async fn connect(shared: &Shared, namespace: &str) -> Result<NamespaceConnection
         namespace: namespace.to_string(),
         publishes: publishes.clone(),
     });
+    let lease = Arc::new(shared.shutdown.child_token());
     connection::spawn_driver(
         eventloop,
         client.clone(),
         handler,
-        shared
-            .metrics
-            .mqtt_connection(&format!("namespace/{namespace}")),
-        shared.shutdown.clone(),
+        shared.metrics.mqtt_connection(&connection_label(namespace)),
+        lease.as_ref().clone(),
     );
     tracing::info!(%namespace, "namespace broker connection started");
-    Ok(NamespaceConnection { client, publishes })
+    Ok(NamespaceConnection {
+        client,
+        publishes,
+        lease,
+    })
+}
+
+/// The `connection` label of a namespace's connection in `thing_operator_mqtt_connected`.
+fn connection_label(namespace: &str) -> String {
+    format!("namespace/{namespace}")
 }
 
 /// Counts what the broker's ACL refused a namespace: a refusal means validation let a topic
@@ -254,5 +348,70 @@ pub fn qos(level: u8) -> QoS {
         0 => QoS::AtMostOnce,
         2 => QoS::ExactlyOnce,
         _ => QoS::AtLeastOnce,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::identity::BrokerLogin;
+
+    struct AnyLogin;
+
+    #[async_trait::async_trait]
+    impl NamespaceIdentities for AnyLogin {
+        async fn ensure(
+            &self,
+            namespace: &str,
+            _roots: &[String],
+        ) -> Result<BrokerLogin, IdentityError> {
+            Ok(BrokerLogin {
+                username: namespace.into(),
+                password: "p".into(),
+                client_id: namespace.into(),
+            })
+        }
+    }
+
+    fn access() -> MqttAccess {
+        let access = MqttAccess::new(
+            BrokerEndpoint {
+                // Nothing listens there: the driver keeps retrying, which is all this needs.
+                address: BrokerAddress::parse("mqtt://127.0.0.1:9").expect("url"),
+                tls: None,
+            },
+            TopicScope::default(),
+            Arc::new(Metrics::default()),
+            CancellationToken::new(),
+        );
+        access.install_identities(Arc::new(AnyLogin));
+        access
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_closed_after_two_sweeps_without_a_holder() {
+        let access = access();
+        let held = access.connection_for("team-a").await.expect("connection");
+        let stop = held.lease.as_ref().clone();
+        for _ in 0..3 {
+            assert_eq!(access.close_idle(), 0, "held: never closed");
+        }
+        assert!(access.existing_client("team-a").is_some());
+
+        drop(held);
+        assert_eq!(access.close_idle(), 0, "one idle sweep is not enough");
+        // Taken again before the second sweep: the count starts over.
+        let again = access.connection_for("team-a").await.expect("connection");
+        assert_eq!(access.close_idle(), 0);
+        drop(again);
+        assert_eq!(access.close_idle(), 0);
+        assert!(!stop.is_cancelled());
+        assert_eq!(access.close_idle(), 1, "unused at two sweeps in a row");
+        assert!(stop.is_cancelled(), "the driver is told to stop");
+        assert!(access.existing_client("team-a").is_none());
+
+        // The next use makes a new connection.
+        let fresh = access.connection_for("team-a").await.expect("connection");
+        assert!(!fresh.lease.is_cancelled());
     }
 }

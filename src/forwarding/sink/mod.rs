@@ -16,7 +16,7 @@ use super::{
     cloud_event::cloud_event,
     desired::{merge_into_desired, refused},
     json::set_pointer,
-    mqtt::{AccessError, MqttAccess, qos},
+    mqtt::{AccessError, MqttAccess, NamespaceConnection, qos},
     provenance::{LoopStop, Provenance, ProvenanceBook},
     publish_tracker::PublishTracker,
 };
@@ -32,9 +32,9 @@ const BROKER_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub enum Sink {
     Mqtt {
-        client: AsyncClient,
-        /// Says when the broker has a publish (the delivery counts only then).
-        publishes: Arc<PublishTracker>,
+        /// The namespace's connection, held for as long as the sink exists (it stays open);
+        /// its tracker says when the broker has a publish (the delivery counts only then).
+        connection: NamespaceConnection,
         topic: String,
         qos: QoS,
         retain: bool,
@@ -99,8 +99,7 @@ impl Sink {
                 Err(e) => return Err(DeliveryError::retryable(format!("sink.mqtt: {e}"))),
             };
             return Ok(Sink::Mqtt {
-                client: connection.client,
-                publishes: connection.publishes,
+                connection,
                 topic: m.topic.clone(),
                 qos: qos(m.qos),
                 retain: m.retain,
@@ -146,12 +145,21 @@ impl Sink {
     pub async fn deliver_event(&self, event: &Value) -> Result<(), DeliveryError> {
         match self {
             Sink::Mqtt {
-                client,
-                publishes,
+                connection,
                 topic,
                 qos,
                 retain,
-            } => publish_acknowledged(client, publishes, topic, *qos, *retain, event).await,
+            } => {
+                publish_acknowledged(
+                    &connection.client,
+                    &connection.publishes,
+                    topic,
+                    *qos,
+                    *retain,
+                    event,
+                )
+                .await
+            }
             Sink::Connection {
                 connections,
                 namespace,

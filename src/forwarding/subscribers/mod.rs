@@ -120,6 +120,9 @@ impl SubscriberManager {
             None => None,
         };
         let (tx, rx) = mpsc::channel(QUEUE);
+        // The namespace connection the source uses, held by the task: while it runs the
+        // connection stays open.
+        let mut namespace_connection = None;
         if let Some(m) = &spec.source.mqtt
             && let Some(connection) = &m.connection
         {
@@ -145,16 +148,20 @@ impl SubscriberManager {
             let key = object_key(&ns, &name);
             self.routes
                 .add_mqtt(key.clone(), &m.topic_filter, qos(m.qos), tx.clone());
-            let client = match self.mqtt.client_for(&ns).await {
-                Ok(client) => client,
+            let connection = match self.mqtt.connection_for(&ns).await {
+                Ok(connection) => connection,
                 Err(e) => {
                     self.routes.remove(&key, None);
                     return Err(e.to_string());
                 }
             };
-            if let Err(e) = client.try_subscribe(m.topic_filter.clone(), qos(m.qos)) {
+            if let Err(e) = connection
+                .client
+                .try_subscribe(m.topic_filter.clone(), qos(m.qos))
+            {
                 tracing::warn!(error = %e, "subscription queued for reconnect");
             }
+            namespace_connection = Some(connection);
         }
         if let Some(h) = &spec.source.http {
             self.routes
@@ -177,7 +184,11 @@ impl SubscriberManager {
         );
         // Every log line of the task names its Subscriber through this span.
         let span = tracing::info_span!("subscriber", namespace = %ns, name = %name);
-        tokio::spawn(tracing::Instrument::instrument(task.run(rx), span));
+        let run = async move {
+            let _held = namespace_connection;
+            task.run(rx).await
+        };
+        tokio::spawn(tracing::Instrument::instrument(run, span));
         self.tasks.insert(&ns, &name, generation, cancel);
         Ok(())
     }
