@@ -415,7 +415,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     mqtt_access.spawn_idle_sweep();
     // What the operator's own writes into Things caused, shared by both task kinds so that
     // Observer/Subscriber graphs settle instead of looping.
-    let provenance = crate::forwarding::provenance::ProvenanceBook::default();
+    let provenance = crate::forwarding::provenance::ProvenanceBook::new(
+        crate::forwarding::provenance::ThingPlace::new(args.cluster_id.clone()),
+    );
     // Sessions with the brokers tenants name (BrokerConnection), shared by both task kinds.
     let connections = BrokerConnections::new(metrics.clone(), shutdown.clone());
     let subscribers = Arc::new(SubscriberManager::new(

@@ -114,7 +114,7 @@ mod tests {
         // A Thing of the same name created later starts its own chains.
         assert_eq!(
             book.of_update(&update, StateSection::Desired),
-            Provenance::start("ns", "b")
+            Provenance::start("ns/b".into())
         );
     }
 }

@@ -78,7 +78,7 @@ mod tests {
             version: Some(7),
             time: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
         };
-        let provenance = crate::forwarding::provenance::Provenance::start("prod", "lamp");
+        let provenance = crate::forwarding::provenance::Provenance::start("prod/lamp".into());
         let event = cloud_event(
             &update,
             StateSection::Delta,

@@ -9,6 +9,10 @@
 //! keyed by the Thing and the desired document the write produced: a later change by anyone
 //! else produces another document, and with it a fresh chain. After a restart a running cycle
 //! makes one more round before it is recognised again.
+//!
+//! An origin names its cluster when the operator has a `--cluster-id` ([`ThingPlace`]): a
+//! Thing `ns/lamp` mirrored into `ns/lamp` of another cluster is another Thing, not the chain's
+//! origin, and the mirror must not be dropped as a loop.
 
 use std::{
     collections::HashMap,
@@ -42,20 +46,41 @@ pub enum LoopStop {
     TooManyHops(u32),
 }
 
+/// How this operator names its Things in origins: `ns/name`, or `<cluster-id>/ns/name` with a
+/// cluster id (a namespace has no `/`, so the two never meet).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ThingPlace {
+    cluster: Option<String>,
+}
+
+impl ThingPlace {
+    pub fn new(cluster: Option<String>) -> Self {
+        Self { cluster }
+    }
+
+    /// Thing `namespace/name` of this cluster, as an origin.
+    pub fn key(&self, namespace: &str, name: &str) -> String {
+        match &self.cluster {
+            Some(cluster) => format!("{cluster}/{}", object_key(namespace, name)),
+            None => object_key(namespace, name),
+        }
+    }
+}
+
 impl Provenance {
-    /// A chain starting at Thing `namespace/name`.
-    pub fn start(namespace: &str, name: &str) -> Self {
+    /// A chain starting at the Thing `key` names ([`ThingPlace::key`]).
+    pub fn start(key: String) -> Self {
         Self {
-            origin: object_key(namespace, name),
+            origin: key,
             hops: 0,
         }
     }
 
-    /// The provenance one hop further, into Thing `namespace/name`; `Err` when that closes a
-    /// loop or makes the chain too long.
-    pub fn into_thing(&self, namespace: &str, name: &str) -> Result<Provenance, LoopStop> {
+    /// The provenance one hop further, into the Thing `key` names ([`ThingPlace::key`]);
+    /// `Err` when that closes a loop or makes the chain too long.
+    pub fn into_thing(&self, key: &str) -> Result<Provenance, LoopStop> {
         let next = self.next()?;
-        if next.origin == object_key(namespace, name) {
+        if next.origin == key {
             return Err(LoopStop::BackToOrigin(next.origin));
         }
         Ok(next)
@@ -87,11 +112,27 @@ impl Provenance {
 /// What the operator's own writes into Things caused: per Thing, the provenance of the last
 /// write and the desired document it produced. Clones share it.
 #[derive(Clone, Default)]
-pub struct ProvenanceBook(Arc<Mutex<HashMap<String, (Provenance, JsonObject)>>>);
+pub struct ProvenanceBook {
+    writes: Arc<Mutex<HashMap<String, (Provenance, JsonObject)>>>,
+    place: ThingPlace,
+}
 
 impl ProvenanceBook {
+    /// The book of an operator whose Things `place` names.
+    pub fn new(place: ThingPlace) -> Self {
+        Self {
+            writes: Arc::default(),
+            place,
+        }
+    }
+
+    /// How this operator names its Things in origins.
+    pub fn place(&self) -> &ThingPlace {
+        &self.place
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Provenance, JsonObject)>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.writes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Remembers that a write with `provenance` left Thing `namespace/name` with `desired`.
@@ -117,7 +158,7 @@ impl ProvenanceBook {
         {
             return provenance.clone();
         }
-        Provenance::start(&update.namespace, &update.name)
+        Provenance::start(self.place.key(&update.namespace, &update.name))
     }
 }
 
@@ -141,11 +182,12 @@ mod tests {
 
     #[test]
     fn a_chain_stops_at_its_origin_and_after_max_hops() {
-        let a = Provenance::start("ns", "a");
-        let into_b = a.into_thing("ns", "b").unwrap();
+        let here = ThingPlace::default();
+        let a = Provenance::start(here.key("ns", "a"));
+        let into_b = a.into_thing(&here.key("ns", "b")).unwrap();
         assert_eq!(into_b.hops, 1);
         assert_eq!(
-            into_b.into_thing("ns", "a"),
+            into_b.into_thing(&here.key("ns", "a")),
             Err(LoopStop::BackToOrigin("ns/a".into()))
         );
         let mut long = a;
@@ -171,11 +213,30 @@ mod tests {
         // Someone else changed it since: a new chain, starting at b.
         assert_eq!(
             book.of_update(&update(json!({"fromA": 1, "x": 2})), StateSection::Desired),
-            Provenance::start("ns", "b")
+            Provenance::start("ns/b".into())
         );
         assert_eq!(
             book.of_update(&update(json!({"fromA": 1})), StateSection::Reported),
-            Provenance::start("ns", "b")
+            Provenance::start("ns/b".into())
+        );
+    }
+
+    #[test]
+    fn a_mirror_into_the_same_name_in_another_cluster_is_no_loop() {
+        let (east, west) = (
+            ThingPlace::new(Some("east".into())),
+            ThingPlace::new(Some("west".into())),
+        );
+        let from_east = Provenance::start(east.key("ns", "lamp"));
+        assert_eq!(from_east.origin, "east/ns/lamp");
+        // east's ns/lamp -> west's ns/lamp: another Thing.
+        let in_west = from_east
+            .into_thing(&west.key("ns", "lamp"))
+            .expect("a mirror, not a loop");
+        // ... and back into east's ns/lamp: the origin.
+        assert_eq!(
+            in_west.into_thing(&east.key("ns", "lamp")),
+            Err(LoopStop::BackToOrigin("east/ns/lamp".into()))
         );
     }
 

@@ -136,7 +136,9 @@ impl Sink {
     /// too long. The event is then dropped, not delivered.
     pub fn hop(&self, provenance: &Provenance) -> Result<Provenance, LoopStop> {
         match self {
-            Sink::Thing(target) => provenance.into_thing(&target.namespace, &target.name),
+            Sink::Thing(target) => {
+                provenance.into_thing(&target.book.place().key(&target.namespace, &target.name))
+            }
             Sink::Mqtt { .. } | Sink::Connection { .. } | Sink::Http(_) => provenance.next(),
         }
     }

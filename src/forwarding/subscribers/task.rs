@@ -123,7 +123,11 @@ impl SubscriberTask {
             Err(e) => return self.refuse(msg.receipt, e),
         };
         if let Some(chain) = &parsed.provenance {
-            match chain.into_thing(&self.namespace, &self.target.thing_name) {
+            let target = self
+                .book
+                .place()
+                .key(&self.namespace, &self.target.thing_name);
+            match chain.into_thing(&target) {
                 Ok(next) => {
                     if self.provenance.as_ref().is_none_or(|p| next.hops > p.hops) {
                         self.provenance = Some(next);
