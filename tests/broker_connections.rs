@@ -739,3 +739,48 @@ async fn tls_with_a_ca_and_a_client_certificate_from_the_namespaces_secrets() {
     let why = wait_reason(&s, &connections, "bad-ca", "SecretInvalid").await;
     assert!(why.contains("tls.key") && !why.contains("PRIVATE"), "{why}");
 }
+
+/// Two BrokerConnections asking one broker for the same client id would take the session from
+/// each other (and the taker would get what the broker kept for the other): the older holds
+/// it, the newer is `ClientIdInUse` and never connects, until the older is gone.
+#[tokio::test]
+async fn a_client_id_on_a_broker_is_held_by_the_oldest_connection() {
+    let s = Setup::new("brokerconn-claim").await;
+    let broker = SecondBroker::start();
+    let _op = s
+        .operator()
+        .args(["--http-sink-allow-cidr", "127.0.0.0/8"])
+        .ready()
+        .await;
+    let secrets: Api<Secret> = s.api();
+    login_secret(&secrets, "gw-login", TENANT_PASSWORD, true).await;
+    let connections: Api<BrokerConnection> = s.api();
+    let spec = json!({"url": broker.url("localhost"), "clientId": "plant-gw",
+                      "auth": {"usernamePasswordSecret": "gw-login"}});
+    create_resource(&connections, "first", spec.clone()).await;
+    wait_reason(&s, &connections, "first", "Connected").await;
+
+    create_resource(&connections, "second", spec).await;
+    let why = wait_reason(&s, &connections, "second", "ClientIdInUse").await;
+    assert!(why.contains("plant-gw"), "{why}");
+    event_for(&s, "second", "ClientIdInUse").await;
+    let sessions = |log: String| {
+        log.lines()
+            .filter(|l| l.contains("New client connected") && l.contains(" as plant-gw "))
+            .count()
+    };
+    assert_eq!(
+        sessions(broker.log()),
+        1,
+        "the newer one never connected under the id"
+    );
+    wait_reason(&s, &connections, "first", "Connected").await;
+
+    // The holder goes: the one waiting behind it connects.
+    connections
+        .delete("first", &Default::default())
+        .await
+        .expect("deleted");
+    wait_reason(&s, &connections, "second", "Connected").await;
+    assert_eq!(sessions(broker.log()), 2);
+}

@@ -108,6 +108,9 @@ pub struct BrokerConnectionStatus {
 /// clouds take far more, and 64 keeps it readable).
 pub const MAX_CLIENT_ID: usize = 64;
 
+/// How derived client ids start: `thing-operator.<namespace>.<name>`.
+pub const DERIVED_CLIENT_ID_PREFIX: &str = "thing-operator.";
+
 impl BrokerConnection {
     /// `spec.clientId`, or `thing-operator.<namespace>.<name>` cut with a hash suffix when
     /// longer than [`MAX_CLIENT_ID`]: the same on every start, so the broker's persistent
@@ -116,7 +119,7 @@ impl BrokerConnection {
         if let Some(id) = &self.spec.client_id {
             return id.clone();
         }
-        let full = format!("thing-operator.{namespace}.{name}");
+        let full = format!("{DERIVED_CLIENT_ID_PREFIX}{namespace}.{name}");
         if full.len() <= MAX_CLIENT_ID {
             return full;
         }

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::{
     BrokerConnection, JsonObject, Observer, Subscriber, Thing,
+    broker_connection::DERIVED_CLIENT_ID_PREFIX,
     thing::{Broker, MAX_DESIRED_BYTES},
 };
 
@@ -607,6 +608,20 @@ pub fn validate_broker_connection(connection: &BrokerConnection) -> Result<(), I
     {
         problems.push("clientId must be 1-64 characters of A-Z a-z 0-9 . _ : -".into());
     }
+    // Derived ids (`thing-operator.<namespace>.<name>`) belong to their namespace: another
+    // namespace naming one could hold it first and keep its owner off the broker.
+    if let Some(id) = &spec.client_id
+        && id.starts_with(DERIVED_CLIENT_ID_PREFIX)
+        && !id.starts_with(&format!(
+            "{DERIVED_CLIENT_ID_PREFIX}{}.",
+            connection.metadata.namespace.as_deref().unwrap_or_default()
+        ))
+    {
+        problems.push(format!(
+            "clientId {DERIVED_CLIENT_ID_PREFIX}* is reserved for derived ids; only \
+             {DERIVED_CLIENT_ID_PREFIX}<this namespace>.* may be set"
+        ));
+    }
     if spec
         .keep_alive_seconds
         .is_some_and(|k| !(5..=3600).contains(&k))
@@ -655,12 +670,16 @@ mod tests {
 
     #[test]
     fn broker_connection_rules() {
-        let conn =
-            |spec: Value| BrokerConnection::new("b", serde_json::from_value(spec).expect("a spec"));
+        let conn = |spec: Value| {
+            let mut c = BrokerConnection::new("b", serde_json::from_value(spec).expect("a spec"));
+            c.metadata.namespace = Some("team-a".into());
+            c
+        };
         for ok in [
             json!({"url": "mqtt://broker.example"}),
             json!({"url": "mqtts://broker.example:8883", "tls": {}}),
             json!({"url": "mqtt://10.0.0.1:1883/", "clientId": "plant-7"}),
+            json!({"url": "mqtt://broker", "clientId": "thing-operator.team-a.line-2"}),
         ] {
             assert!(
                 validate_broker_connection(&conn(ok.clone())).is_ok(),
@@ -679,6 +698,15 @@ mod tests {
             (
                 json!({"url": "mqtt://broker", "keepAliveSeconds": 1}),
                 "keepAlive",
+            ),
+            // Another namespace's derived id (team-b's BrokerConnection "hub").
+            (
+                json!({"url": "mqtt://broker", "clientId": "thing-operator.team-b.hub"}),
+                "reserved",
+            ),
+            (
+                json!({"url": "mqtt://broker", "clientId": "thing-operator.team-ab"}),
+                "reserved",
             ),
         ] {
             let err = validate_broker_connection(&conn(bad.clone()))

@@ -42,6 +42,26 @@ impl task_kind::TaskKind for BrokerConnection {
 
     async fn start(&self, ctx: &Context) -> Condition {
         let (namespace, name) = (self.namespace().unwrap_or_default(), self.name_any());
+        let claim = ctx.connections.claims().check(self).await;
+        if claim.held_by_older {
+            // Connecting would take the older one's session (and what the broker kept in it).
+            // Looked at again while not Ready: connects once the pair is free.
+            ctx.connections.stop(&namespace, &name);
+            return Condition::new(
+                types::READY,
+                ConditionStatus::False,
+                reasons::CLIENT_ID_IN_USE,
+                format!(
+                    "client id {} is already used on this broker by an older BrokerConnection of \
+                     this cluster; set spec.clientId to another",
+                    self.client_id(&namespace, &name)
+                ),
+            );
+        }
+        // A newer one running with the same pair (this one's spec changed) stops now.
+        for newer in claim.newer {
+            ctx.connections.request_reconcile(newer);
+        }
         let settings = match session_settings(
             &ctx.client,
             &ctx.config.egress,
@@ -76,6 +96,10 @@ impl task_kind::TaskKind for BrokerConnection {
     fn stop(&self, ctx: &Context) {
         ctx.connections
             .stop(&self.namespace().unwrap_or_default(), &self.name_any());
+        // A newer BrokerConnection refused for this one's client id may connect now.
+        for waiting in ctx.connections.claims().waiting_behind(self) {
+            ctx.connections.request_reconcile(waiting);
+        }
     }
 
     fn requeue_when_ready(&self, ctx: &Context) -> Option<std::time::Duration> {

@@ -183,6 +183,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken, readiness: Arc<
         connection_triggers,
         broker_connection::reconcile,
     );
+    ctx.connections.claims().install(connections.clone());
     let gauge = things_gauge::run(things.clone(), ctx.metrics.clone(), shutdown.clone());
     let ready = async move {
         let synced = async {

@@ -27,7 +27,10 @@ use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{mqtt::NamespaceRouter, publish_tracker::PublishTracker, subscribers::routes::Routes};
+use super::{
+    client_id_claims::ClientIdClaims, mqtt::NamespaceRouter, publish_tracker::PublishTracker,
+    subscribers::routes::Routes,
+};
 use crate::{
     api::{BrokerConnection, Observer, Subscriber, object_key},
     metrics::Metrics,
@@ -44,6 +47,8 @@ pub mod reasons {
     pub const SECRET_MISSING: &str = "SecretMissing";
     pub const SECRET_INVALID: &str = "SecretInvalid";
     pub const DESTINATION_REFUSED: &str = "DestinationRefused";
+    /// An older BrokerConnection of the cluster uses the same client id on the same broker.
+    pub const CLIENT_ID_IN_USE: &str = "ClientIdInUse";
     /// On an Observer or Subscriber: a BrokerConnection it names is not connected.
     pub const CONNECTION_NOT_READY: &str = "ConnectionNotReady";
 }
@@ -168,6 +173,7 @@ struct Tables {
 }
 
 struct Inner {
+    claims: ClientIdClaims,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tables: Mutex<Tables>,
@@ -190,6 +196,7 @@ impl BrokerConnections {
         let (observers, observers_rx) = mpsc::channel(TRIGGER_QUEUE);
         let (subscribers, subscribers_rx) = mpsc::channel(TRIGGER_QUEUE);
         Self(Arc::new(Inner {
+            claims: ClientIdClaims::default(),
             metrics,
             shutdown,
             tables: Mutex::default(),
@@ -208,6 +215,16 @@ impl BrokerConnections {
 
     fn tables(&self) -> MutexGuard<'_, Tables> {
         self.0.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Which BrokerConnection may use a client id on a broker.
+    pub fn claims(&self) -> &ClientIdClaims {
+        &self.0.claims
+    }
+
+    /// Asks the BrokerConnection `reference` names to reconcile again.
+    pub fn request_reconcile(&self, reference: ObjectRef<BrokerConnection>) {
+        request(&self.0.senders.connections, reference);
     }
 
     /// The reconcile requests, once (the controllers consume them).

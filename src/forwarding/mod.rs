@@ -16,6 +16,7 @@
 
 pub mod broker_connections;
 mod bus;
+pub mod client_id_claims;
 mod cloud_event;
 pub mod connection_settings;
 pub(crate) mod desired;
