@@ -267,6 +267,10 @@ pub struct AwsArgs {
     /// the old one is removed).
     #[arg(long = "aws-push-rotate-after", env = "THING_OPERATOR_AWS_PUSH_ROTATE_AFTER", value_parser = parse_duration, default_value = "720h")]
     pub push_rotate_after: Duration,
+    /// How often the connected push channel checks its identity (certificate age, policy and
+    /// attachment); a due rotation reconnects with the new certificate.
+    #[arg(long = "aws-push-identity-check", env = "THING_OPERATOR_AWS_PUSH_IDENTITY_CHECK", value_parser = parse_duration, default_value = "1h")]
+    pub push_identity_check: Duration,
 }
 
 /// Whether the AWS backend keeps a push channel.

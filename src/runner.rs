@@ -181,7 +181,7 @@ fn aws_push_settings(
             adopt_unowned: args.aws.adopt_unowned,
         },
         status_interval: args.status_write_interval,
-        identity_check: std::time::Duration::from_secs(3600),
+        identity_check: args.aws.push_identity_check,
     })
 }
 

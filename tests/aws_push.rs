@@ -589,6 +589,51 @@ async fn the_operator_identity_is_crash_safe_idempotent_and_rotates() {
             .collect::<Vec<_>>(),
         [policy_name.as_str()]
     );
+    drop(op);
+
+    // Rotation while connected: the identity check (every second here, beside the connection)
+    // finds the certificate due (3 s old), reconnects with a new one, and the old one goes
+    // once the new one is connected. Never more than the one in use and the one replacing it.
+    let op = push_operator(&s, &cluster, relay.port)
+        .args([
+            "--aws-push-rotate-after",
+            "3s",
+            "--aws-push-identity-check",
+            "1s",
+        ])
+        .ready()
+        .await;
+    let deadline = tokio::time::Instant::now() + s.timeout * 2;
+    let mut seen = vec![second.clone()];
+    while seen.len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "two rotations by the running operator; saw {seen:?}"
+        );
+        if let Some(current) = identity_secret(&s, &cluster).await.get("certificate-id")
+            && !seen.contains(current)
+        {
+            seen.push(current.clone());
+        }
+        let ours = operator_certificates(&iot, &client_id).await;
+        assert!(ours.len() <= 2, "certificates piling up: {ours:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    push_connected(&s, &op, true).await;
+    drop(op);
+    // Stopped mid-way or not, the next run leaves exactly the current certificate.
+    let _op = push_operator(&s, &cluster, relay.port).ready().await;
+    s.wait_for(
+        "one certificate left after rotating while connected",
+        || async {
+            let identity = identity_secret(&s, &cluster).await;
+            let current = identity.get("certificate-id")?.clone();
+            (!identity.contains_key("retired-certificate-id")
+                && operator_certificates(&iot, &client_id).await == [current])
+            .then_some(())
+        },
+    )
+    .await;
 }
 
 /// A crash at each step of a rotation: the restarted operator finishes it, and exactly one

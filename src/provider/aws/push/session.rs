@@ -105,6 +105,19 @@ fn tls(ca_pem: &[u8], identity: &Identity) -> Result<rustls::ClientConfig, PushE
         .map_err(|e| bad(&e))
 }
 
+/// AWS calls about the channel's identity, run beside its event loop: `Some(certificate id)`
+/// after a check, `None` after removing a previous certificate.
+type IdentityWork<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Option<String>, PushError>> + Send + 'a>,
+>;
+
+/// Removes the previous certificate; a failure is logged and tried again at the next check.
+async fn retire(provider: &Arc<AwsProvider>, settings: &PushSettings, id: &str) {
+    if let Err(e) = settings.identity.retire(&provider.clients, id).await {
+        tracing::warn!(error = %e, "removing the previous push channel certificate failed; retried at the next check");
+    }
+}
+
 /// One connection, until it fails (`Err`) or the identity rotated (`Err(Rotated)`).
 async fn session(
     provider: &Arc<AwsProvider>,
@@ -136,12 +149,33 @@ async fn session(
     let mut retired = retired;
     let mut check = tokio::time::interval(settings.identity_check);
     check.tick().await;
+    // The identity's AWS calls (the periodic check, removing the previous certificate) run
+    // beside the event loop, one at a time: awaited inside it, a slow call would starve the
+    // connection of its keepalives.
+    let mut work: Option<IdentityWork<'_>> = None;
     loop {
         let event = tokio::select! {
             e = eventloop.poll() => e,
-            _ = check.tick() => {
-                let (fresh, _) = settings.identity.ensure(&provider.clients).await?;
-                if fresh.certificate_id != identity.certificate_id {
+            _ = check.tick(), if work.is_none() => {
+                // `ensure` first finishes removing a previous certificate whose removal failed.
+                // What it returns as retired after rotating now is the certificate this
+                // connection uses: it goes once the new one is connected (next session).
+                work = Some(Box::pin(async move {
+                    let (fresh, _) = settings.identity.ensure(&provider.clients).await?;
+                    Ok(Some(fresh.certificate_id))
+                }));
+                continue;
+            }
+            done = async {
+                match work.as_mut() {
+                    Some(running) => running.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                work = None;
+                if let Some(fresh) = done?
+                    && fresh != identity.certificate_id
+                {
                     let _ = client.try_disconnect();
                     return Err(PushError::Rotated);
                 }
@@ -166,11 +200,15 @@ async fn session(
                     return Err(PushError::SubscriptionRefused);
                 }
                 channel.set_up(true, gauge, feed);
-                // Connected with the new certificate: the old one can go now.
-                if let Some(id) = retired.take()
-                    && let Err(e) = settings.identity.retire(&provider.clients, &id).await
+                // Connected with the new certificate: the old one can go now (or at the next
+                // check, when a check is running).
+                if work.is_none()
+                    && let Some(id) = retired.take()
                 {
-                    tracing::warn!(error = %e, "removing the previous push channel certificate failed; retried at the next check");
+                    work = Some(Box::pin(async move {
+                        retire(provider, settings, &id).await;
+                        Ok(None)
+                    }));
                 }
             }
             Ok(Event::Incoming(Incoming::Publish(p))) => {
