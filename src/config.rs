@@ -110,6 +110,12 @@ pub struct RunArgs {
     #[arg(long, env = "THING_OPERATOR_STATUS_WRITE_QPS", default_value_t = 50.0, value_parser = parse_qps)]
     pub status_write_qps: f64,
 
+    /// Status writes of Observers and Subscribers (counters, last error, filter memory) per
+    /// second across all of them; a task without a turn writes its changes, merged, at a later
+    /// flush. At least 1.
+    #[arg(long, env = "THING_OPERATOR_TASK_STATUS_WRITE_QPS", default_value_t = 20.0, value_parser = parse_qps)]
+    pub task_status_write_qps: f64,
+
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]

@@ -415,9 +415,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     mqtt_access.spawn_idle_sweep();
     // What the operator's own writes into Things caused, shared by both task kinds so that
     // Observer/Subscriber graphs settle instead of looping.
+    // One budget for the status writes of every Observer and Subscriber.
+    let task_status_budget =
+        crate::forwarding::status_budget::TaskStatusBudget::new(args.task_status_write_qps);
     let provenance = crate::forwarding::provenance::ProvenanceBook::new(
         crate::forwarding::provenance::ThingPlace::new(args.cluster_id.clone()),
     );
+    let shared_by_tasks = crate::forwarding::SharedByTasks {
+        provenance: provenance.clone(),
+        status_budget: task_status_budget,
+    };
     // Sessions with the brokers tenants name (BrokerConnection), shared by both task kinds.
     let connections = BrokerConnections::new(metrics.clone(), shutdown.clone());
     let subscribers = Arc::new(SubscriberManager::new(
@@ -431,7 +438,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|(c, _, l, _)| (c.clone(), l.clone())),
         )),
-        provenance.clone(),
+        shared_by_tasks.clone(),
         metrics.clone(),
         shutdown.clone(),
     ));
@@ -450,7 +457,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             connections: connections.clone(),
         },
         egress.clone(),
-        provenance,
+        shared_by_tasks,
         metrics.clone(),
         shutdown.clone(),
     );

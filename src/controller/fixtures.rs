@@ -22,7 +22,10 @@ use super::{Context, ContextParts, ControllerConfig, ThingTrigger};
 use crate::{
     api::Thing,
     feed::NoFeed,
-    forwarding::{BrokerConnections, MqttBrokers, ObserverManager, StateBus, SubscriberManager},
+    forwarding::{
+        BrokerConnections, MqttBrokers, ObserverManager, SharedByTasks, StateBus,
+        SubscriberManager, status_budget::TaskStatusBudget,
+    },
     metrics::Metrics,
     provider::{ProviderRegistry, debug::DebugProvider},
 };
@@ -211,6 +214,10 @@ pub fn context_with(
         instance: None,
     };
     let connections = BrokerConnections::new(metrics.clone(), shutdown.clone());
+    let shared_by_tasks = SharedByTasks {
+        provenance: Default::default(),
+        status_budget: TaskStatusBudget::unlimited(),
+    };
     let ctx = Context::new(ContextParts {
         recorder: Recorder::new(client.clone(), reporter),
         observers: ObserverManager::new(
@@ -221,7 +228,7 @@ pub fn context_with(
                 connections: connections.clone(),
             },
             Arc::default(),
-            Default::default(),
+            shared_by_tasks.clone(),
             metrics.clone(),
             shutdown.clone(),
         ),
@@ -230,7 +237,7 @@ pub fn context_with(
             Default::default(),
             connections.clone(),
             Arc::new(NoFeed),
-            Default::default(),
+            shared_by_tasks,
             metrics.clone(),
             shutdown,
         )),

@@ -30,8 +30,17 @@ pub mod provenance;
 mod publish_tracker;
 mod retry;
 mod sink;
+pub mod status_budget;
 pub mod subscribers;
 mod tasks;
+
+/// What Observer and Subscriber tasks share across both kinds: what the operator's own writes
+/// into Things caused (so graphs through both settle) and the budget of their status writes.
+#[derive(Clone)]
+pub struct SharedByTasks {
+    pub provenance: provenance::ProvenanceBook,
+    pub status_budget: status_budget::TaskStatusBudget,
+}
 
 pub use broker_connections::BrokerConnections;
 pub use bus::StateBus;

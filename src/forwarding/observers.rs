@@ -16,7 +16,7 @@ use tokio::{sync::broadcast::error::RecvError, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DeliveryError, StateBus,
+    DeliveryError, SharedByTasks, StateBus,
     broker_connections::BrokerConnections,
     filter::{
         Context as FilterContext, Decision, Memory, evaluate, memories_from_status,
@@ -28,6 +28,7 @@ use super::{
     provenance::ProvenanceBook,
     retry::RetrySchedule,
     sink::Sink,
+    status_budget::TaskStatusBudget,
     tasks::{TaskRegistry, write_task_status},
 };
 use crate::{
@@ -41,7 +42,8 @@ use crate::{
     metrics::Metrics,
 };
 
-/// Status counters and filter memory are written at most this often per Observer.
+/// Status counters and filter memory are written at most this often per Observer (and only
+/// with a turn of the fleet-wide [`TaskStatusBudget`]).
 const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Deliveries of one Observer in flight at once, unless `spec.maxInFlight` says otherwise.
@@ -94,6 +96,8 @@ pub struct ObserverManager {
     /// Where HTTP sinks may connect.
     egress: Arc<EgressPolicy>,
     metrics: Arc<Metrics>,
+    /// Turns for status writes, shared with the Subscribers.
+    status_budget: TaskStatusBudget,
     shutdown: CancellationToken,
     tasks: TaskRegistry,
     refusals: Refusals,
@@ -107,7 +111,10 @@ impl ObserverManager {
         client: Client,
         MqttBrokers { mqtt, connections }: MqttBrokers,
         egress: Arc<EgressPolicy>,
-        provenance: ProvenanceBook,
+        SharedByTasks {
+            provenance,
+            status_budget,
+        }: SharedByTasks,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -119,6 +126,7 @@ impl ObserverManager {
             provenance,
             egress,
             metrics,
+            status_budget,
             shutdown,
             tasks: TaskRegistry::default(),
             refusals: Refusals::default(),
@@ -170,6 +178,7 @@ impl ObserverManager {
             egress: self.egress.clone(),
             bus: self.bus.clone(),
             metrics: self.metrics.clone(),
+            status_budget: self.status_budget.clone(),
             refusals: self.refusals.clone(),
             provenance: self.provenance.clone(),
             cancel: cancel.clone(),
@@ -214,6 +223,7 @@ struct ObserverTask {
     egress: Arc<EgressPolicy>,
     bus: StateBus,
     metrics: Arc<Metrics>,
+    status_budget: TaskStatusBudget,
     refusals: Refusals,
     provenance: ProvenanceBook,
     cancel: CancellationToken,
@@ -514,10 +524,11 @@ impl ObserverTask {
         }
     }
 
-    /// Starts a status write beside the deliveries (one at a time): a slow API server delays
-    /// the counters, never an update.
+    /// Starts a status write beside the deliveries (one at a time, with a turn of the
+    /// fleet-wide [`TaskStatusBudget`]): a slow API server delays the counters, never an update.
     fn flush_in_background(&mut self, flushes: &mut JoinSet<Flushed>) {
-        if !self.dirty || !flushes.is_empty() {
+        // Without a turn of the fleet-wide budget the changes wait for a later tick.
+        if !self.dirty || !flushes.is_empty() || !self.status_budget.try_turn() {
             return;
         }
         let status = self.status();

@@ -29,6 +29,7 @@ use receipt::Receipt;
 
 use self::{auth::read_token, routes::Routes, task::SubscriberTask, write::TargetWriter};
 use super::{
+    SharedByTasks,
     broker_connections::BrokerConnections,
     mqtt::{MqttAccess, qos},
     tasks::TaskRegistry,
@@ -37,6 +38,7 @@ use crate::{
     api::{Subscriber, object_key},
     feed::ReportedStateWriter,
     forwarding::provenance::ProvenanceBook,
+    forwarding::status_budget::TaskStatusBudget,
     metrics::Metrics,
 };
 
@@ -57,6 +59,8 @@ pub struct SubscriberManager {
     /// which backend takes reported state, or how).
     reported: Arc<dyn ReportedStateWriter>,
     metrics: Arc<Metrics>,
+    /// Turns for status writes, shared with the Observers.
+    status_budget: TaskStatusBudget,
     shutdown: CancellationToken,
     routes: Routes,
     tasks: TaskRegistry,
@@ -70,7 +74,10 @@ impl SubscriberManager {
         mqtt: MqttAccess,
         connections: BrokerConnections,
         reported: Arc<dyn ReportedStateWriter>,
-        provenance: ProvenanceBook,
+        SharedByTasks {
+            provenance,
+            status_budget,
+        }: SharedByTasks,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -83,6 +90,7 @@ impl SubscriberManager {
             reported,
             provenance,
             metrics,
+            status_budget,
             shutdown,
             routes,
             tasks: TaskRegistry::default(),
@@ -180,6 +188,7 @@ impl SubscriberManager {
             self.client.clone(),
             self.provenance.clone(),
             self.metrics.clone(),
+            self.status_budget.clone(),
             cancel.clone(),
         );
         // Every log line of the task names its Subscriber through this span.

@@ -27,6 +27,7 @@ use super::{
     write::TargetWriter,
 };
 use crate::forwarding::provenance::{Provenance, ProvenanceBook};
+use crate::forwarding::status_budget::TaskStatusBudget;
 use crate::{
     api::{Subscriber, subscriber::SubscriberSpec},
     forwarding::{json::coalesce, tasks::write_task_status},
@@ -51,6 +52,8 @@ pub struct SubscriberTask {
     api: Api<Subscriber>,
     target: TargetWriter,
     metrics: Arc<Metrics>,
+    /// Turns for status writes, shared by every Observer and Subscriber task.
+    status_budget: TaskStatusBudget,
     cancel: CancellationToken,
     received: i64,
     rejected: i64,
@@ -81,6 +84,7 @@ impl SubscriberTask {
         client: Client,
         book: ProvenanceBook,
         metrics: Arc<Metrics>,
+        status_budget: TaskStatusBudget,
         cancel: CancellationToken,
     ) -> Self {
         let namespace = subscriber.namespace().unwrap_or_default();
@@ -92,6 +96,7 @@ impl SubscriberTask {
             spec: subscriber.spec.clone(),
             target,
             metrics,
+            status_budget,
             cancel,
             received: status.received.unwrap_or(0),
             rejected: status.rejected.unwrap_or(0),
@@ -228,8 +233,11 @@ impl SubscriberTask {
         }
     }
 
-    async fn flush_status(&mut self) {
-        if !self.dirty {
+    /// Writes the counters if they changed; `budgeted`: only with a turn of the fleet-wide
+    /// [`TaskStatusBudget`] (otherwise they wait for a later tick). The task's last write is not
+    /// budgeted: the next task counts on from it.
+    async fn flush_status(&mut self, budgeted: bool) {
+        if !self.dirty || (budgeted && !self.status_budget.try_turn()) {
             return;
         }
         let status = json!({
@@ -261,7 +269,7 @@ impl SubscriberTask {
                     None => break,
                 },
                 _ = write.tick() => self.write().await,
-                _ = status.tick() => self.flush_status().await,
+                _ = status.tick() => self.flush_status(true).await,
             }
         }
         // Deliver what is pending before going away (spec change or shutdown).
@@ -269,7 +277,7 @@ impl SubscriberTask {
             self.accept(m);
         }
         self.write().await;
-        self.flush_status().await;
+        self.flush_status(false).await;
         // Whatever is still unwritten is not answered: HTTP callers get 503, MQTT messages stay
         // unacknowledged and come again to the next session.
     }
