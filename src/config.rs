@@ -36,6 +36,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A rate of at least one per second (a finite, positive number).
+/// Where the operator runs when `POD_NAMESPACE` does not say (the chart's and kustomize's namespace).
+pub const DEFAULT_OPERATOR_NAMESPACE: &str = "thing-operator-system";
+
 fn parse_qps(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(q) if q.is_finite() && q >= 1.0 => Ok(q),
@@ -89,7 +92,8 @@ pub struct RunArgs {
     /// How long a leader's Lease lasts without renewal before a standby takes over.
     #[arg(long, env = "THING_OPERATOR_LEASE_DURATION", value_parser = parse_duration, default_value = "15s")]
     pub lease_duration: Duration,
-    /// Namespace of the leader Lease (default: the pod's namespace, else `default`).
+    /// The operator's namespace: its leader Lease and its own Secrets (`--ca-secret`,
+    /// `--aws-push-secret`). Default: the pod's namespace, else `thing-operator-system`.
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
     /// Objects reconciled at once per kind.
@@ -188,6 +192,14 @@ pub struct EgressArgs {
 }
 
 impl RunArgs {
+    /// The operator's namespace (see `--lease-namespace`): one default for the Lease and the
+    /// Secrets, so an operator run without `POD_NAMESPACE` keeps them together.
+    pub fn operator_namespace(&self) -> String {
+        self.lease_namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_OPERATOR_NAMESPACE.into())
+    }
+
     /// The egress policy of HTTP sinks: the configured ranges, and the operator's own port.
     pub fn egress_policy(&self) -> crate::egress::EgressPolicy {
         crate::egress::EgressPolicy {

@@ -148,10 +148,7 @@ fn aws_push_settings(
     name_scope: &str,
 ) -> anyhow::Result<crate::provider::aws::push::PushSettings> {
     use crate::provider::aws::push::{PushSettings, identity::IdentitySettings};
-    let namespace = args
-        .lease_namespace
-        .clone()
-        .unwrap_or_else(|| "thing-operator-system".into());
+    let namespace = args.operator_namespace();
     let client_id = match &args.cluster_id {
         Some(cluster) => format!("thing-operator.{cluster}.push"),
         None => "thing-operator.push".to_string(),
@@ -361,10 +358,7 @@ async fn acquire_leadership(
         .pod_name
         .clone()
         .unwrap_or_else(|| format!("thing-operator-{}", std::process::id()));
-    let namespace = args
-        .lease_namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let namespace = args.operator_namespace();
     let duration = args.lease_duration.as_secs().max(2);
     let manager = kube_lease_manager::LeaseManagerBuilder::new(client, args.lease_name.clone())
         .with_namespace(namespace)

@@ -23,7 +23,6 @@ pub mod reasons {
     pub const PROVISIONING: &str = "Provisioning";
     pub const BACKEND_NOT_CONFIGURED: &str = "BackendNotConfigured";
     pub const BACKEND_ERROR: &str = "BackendError";
-    pub const DELETING: &str = "Deleting";
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

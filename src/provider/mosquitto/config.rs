@@ -65,12 +65,7 @@ impl MosquittoConfig {
             status_interval: args.status_write_interval,
             limits: Limits::default(),
             device_tls_endpoint: args.mqtt.device_tls_endpoint.clone(),
-            ca_secret: (
-                args.lease_namespace
-                    .clone()
-                    .unwrap_or_else(|| "thing-operator-system".into()),
-                args.mqtt.ca_secret.clone(),
-            ),
+            ca_secret: (args.operator_namespace(), args.mqtt.ca_secret.clone()),
             device_ca: None,
         }))
     }
