@@ -31,6 +31,19 @@ async fn wait_count(s: &Setup, received: &Received, n: usize) -> Vec<Value> {
     .await
 }
 
+/// Observers `o0`..`o{n-1}` of the Thing `hub`'s desired `/temp`, each POSTing to `url`.
+async fn hub_observers(observers: &Api<Observer>, n: usize, url: &str) {
+    for i in 0..n {
+        create_resource(
+            observers,
+            &format!("o{i}"),
+            json!({"source": {"thingName": "hub"}, "filter": {"section": "Desired", "fields": ["/temp"]},
+                   "sink": {"http": {"url": url}}}),
+        )
+        .await;
+    }
+}
+
 fn temp_of(event: &Value) -> f64 {
     event["data"]["state"]["temp"]
         .as_f64()
@@ -592,15 +605,7 @@ async fn a_hundred_observers_on_one_thing_each_deliver() {
     azure_thing("hub", json!({"temp": 1})).create(&things).await;
     let observers: Api<Observer> = s.api();
     const OBSERVERS: usize = 100;
-    for i in 0..OBSERVERS {
-        create_resource(
-            &observers,
-            &format!("o{i}"),
-            json!({"source": {"thingName": "hub"}, "filter": {"section": "Desired", "fields": ["/temp"]},
-                   "sink": {"http": {"url": url}}}),
-        )
-        .await;
-    }
+    hub_observers(&observers, OBSERVERS, &url).await;
     s.wait_for("every Observer's first delivery", || async {
         (received.lock().unwrap().len() >= OBSERVERS).then_some(())
     })
@@ -669,15 +674,7 @@ async fn observer_status_writes_share_the_fleet_budget() {
     azure_thing("hub", json!({"temp": 0})).create(&things).await;
     let observers: Api<Observer> = s.api();
     const OBSERVERS: usize = 6;
-    for i in 0..OBSERVERS {
-        create_resource(
-            &observers,
-            &format!("o{i}"),
-            json!({"source": {"thingName": "hub"}, "filter": {"section": "Desired", "fields": ["/temp"]},
-                   "sink": {"http": {"url": url}}}),
-        )
-        .await;
-    }
+    hub_observers(&observers, OBSERVERS, &url).await;
     wait_count(&s, &received, OBSERVERS).await;
 
     let writes = || op.metric("thing_operator_status_writes_total", &["kind=\"Observer\""]);
