@@ -404,6 +404,10 @@ pub struct MqttArgs {
         value_parser = parse_topic_grant
     )]
     pub topic_grants: Vec<(String, String)>,
+    /// How often unused namespace connections (of Observer MQTT sinks and Subscriber MQTT
+    /// sources) are looked for; one found unused twice in a row is closed.
+    #[arg(long = "mqtt-idle-sweep", env = "THING_OPERATOR_MQTT_IDLE_SWEEP", value_parser = parse_duration, default_value = "60s")]
+    pub idle_sweep: Duration,
     /// `host:port` of the broker's mTLS listener (`require_certificate` and
     /// `use_identity_as_username`). When set, every Mosquitto device also gets a certificate
     /// from the operator's device CA, next to its password.

@@ -406,7 +406,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         None => MqttAccess::default(),
     };
-    mqtt_access.spawn_idle_sweep();
+    mqtt_access.spawn_idle_sweep(args.mqtt.idle_sweep);
     // What the operator's own writes into Things caused, shared by both task kinds so that
     // Observer/Subscriber graphs settle instead of looping.
     // One budget for the status writes of every Observer and Subscriber.

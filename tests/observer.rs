@@ -192,7 +192,12 @@ async fn thing_sink_mirrors_state_and_unconfigured_mqtt_sink_is_reported() {
 async fn mqtt_sink_publishes_to_the_broker() {
     let s = Setup::new("obs-mqtt").await;
     let ns = &s.ns;
-    let op = s.operator().mqtt(&format!("t-{ns}")).ready().await;
+    let op = s
+        .operator()
+        .mqtt(&format!("t-{ns}"))
+        .args(["--mqtt-idle-sweep", "500ms"])
+        .ready()
+        .await;
 
     // A listener on the sink topic, with the broker's admin account.
     let topic = format!("t-{ns}/namespaces/{ns}/alerts");
@@ -245,6 +250,23 @@ async fn mqtt_sink_publishes_to_the_broker() {
         .await;
     assert_eq!(msg["data"]["thing"], "lamp");
     assert_eq!(msg["data"]["state"], json!({"on": true}));
+
+    // The namespace's connection is held by the sink; with the Observer gone, nobody holds it
+    // and the idle sweep closes it (its gauge series goes with it).
+    let series = format!("connection=\"namespace/{ns}\"");
+    let connected = op
+        .metric("thing_operator_mqtt_connected", &[series.as_str()])
+        .await;
+    assert_eq!(connected, 1.0, "the sink's namespace connection is up");
+    observers
+        .delete("lamp-feed", &Default::default())
+        .await
+        .expect("Observer deleted");
+    s.wait_for("the unused namespace connection closed", || async {
+        let (_, body) = op.get("/metrics").await?;
+        (!body.contains(&series)).then_some(())
+    })
+    .await;
     drop(op);
 }
 

@@ -6,8 +6,8 @@
 //! already refuses topics outside them; the broker refusing them too means a bug in validation
 //! cannot become a cross-tenant read or write. Connections are made on first use and held by
 //! their users (an Observer's MQTT sink, a Subscriber's MQTT source); one nobody held at two
-//! idle sweeps in a row ([`IDLE_SWEEP`] apart) is closed, so a namespace that stopped using MQTT
-//! (or was deleted) costs no connection. Its broker account stays, for the next use.
+//! idle sweeps in a row (`--mqtt-idle-sweep` apart) is closed, so a namespace that stopped using
+//! MQTT (or was deleted) costs no connection. Its broker account stays, for the next use.
 
 use std::{
     collections::HashMap,
@@ -65,10 +65,6 @@ struct Shared {
     router: OnceLock<Arc<dyn NamespaceRouter>>,
     connections: Mutex<HashMap<String, Slot>>,
 }
-
-/// How often unused namespace connections are looked for; one is closed when it was unused at
-/// two sweeps in a row (a task restarting for a spec change does not reconnect its namespace).
-pub const IDLE_SWEEP: Duration = Duration::from_secs(60);
 
 /// A namespace's connection in the making or made, and how many sweeps found it unused.
 #[derive(Default)]
@@ -131,8 +127,9 @@ impl MqttAccess {
         self.shared.is_some()
     }
 
-    /// Closes the connections nobody used at this sweep and the previous one (see
-    /// [`IDLE_SWEEP`]); returns how many were closed.
+    /// Closes the connections nobody used at this sweep and the previous one (two sweeps: a
+    /// task restarting for a spec change does not reconnect its namespace); returns how many
+    /// were closed.
     pub fn close_idle(&self) -> usize {
         let Some(shared) = &self.shared else {
             return 0;
@@ -167,15 +164,16 @@ impl MqttAccess {
         closed.len()
     }
 
-    /// Runs [`MqttAccess::close_idle`] every [`IDLE_SWEEP`] until shutdown.
-    pub fn spawn_idle_sweep(&self) {
+    /// Runs [`MqttAccess::close_idle`] every `period` until shutdown.
+    pub fn spawn_idle_sweep(&self, period: Duration) {
         let Some(shared) = &self.shared else {
             return;
         };
         let shutdown = shared.shutdown.clone();
         let access = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(IDLE_SWEEP);
+            // A zero period would make `interval` panic; a flag of 0s means "as often as sane".
+            let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
