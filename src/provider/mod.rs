@@ -102,6 +102,16 @@ impl DeviceRequest<'_> {
     pub fn key(&self) -> ThingKey {
         ThingKey::new(self.namespace, self.name)
     }
+
+    /// The device's name in the backend as `status` recorded it, else the one the spec derives
+    /// now (nothing recorded yet: a crash before the first status write).
+    pub fn recorded_name(&self, status: &ThingStatus) -> String {
+        status
+            .device
+            .as_ref()
+            .and_then(|d| d.thing_name.clone())
+            .unwrap_or_else(|| self.backend_name.clone())
+    }
 }
 
 /// What a backend did during one reconcile.

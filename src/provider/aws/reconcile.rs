@@ -354,10 +354,7 @@ impl IotProvider for AwsProvider {
         outcome: &mut DeviceOutcome,
     ) -> Result<(), ProviderError> {
         let device = status.device.clone().unwrap_or_default();
-        let thing_name = device
-            .thing_name
-            .clone()
-            .unwrap_or_else(|| req.backend_name.clone());
+        let thing_name = req.recorded_name(status);
         let policy_name = device
             .policy_name
             .clone()
@@ -403,11 +400,7 @@ impl IotProvider for AwsProvider {
     }
 
     fn release(&self, req: &DeviceRequest<'_>, status: &ThingStatus) {
-        let thing_name = status
-            .device
-            .as_ref()
-            .and_then(|d| d.thing_name.clone())
-            .unwrap_or_else(|| req.backend_name.clone());
+        let thing_name = req.recorded_name(status);
         self.checks
             .lock()
             .unwrap_or_else(|p| p.into_inner())

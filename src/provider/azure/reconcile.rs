@@ -496,11 +496,7 @@ impl IotProvider for AzureProvider {
         outcome: &mut DeviceOutcome,
     ) -> Result<(), ProviderError> {
         let c = &self.client;
-        let device_id = status
-            .device
-            .as_ref()
-            .and_then(|d| d.thing_name.clone())
-            .unwrap_or_else(|| req.backend_name.clone());
+        let device_id = req.recorded_name(status);
         self.forget(req);
         if device_id_problem(&device_id).is_some() {
             // Never a valid device id: nothing can have been created under it.

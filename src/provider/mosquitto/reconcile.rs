@@ -175,11 +175,7 @@ impl MosquittoProvider {
         req: &DeviceRequest<'_>,
         status: &ThingStatus,
     ) -> Result<(), MosquittoError> {
-        let thing_name = status
-            .device
-            .as_ref()
-            .and_then(|d| d.thing_name.clone())
-            .unwrap_or_else(|| req.backend_name.clone());
+        let thing_name = req.recorded_name(status);
         let marks = ThingMarks::of(req.namespace, req.name, req.thing.metadata.uid.as_deref());
         let owner = marks.owner();
         let result = async {
