@@ -282,8 +282,9 @@ impl Shadow {
         doc
     }
 
-    fn encoded_state_doc(&self) -> Vec<u8> {
-        let doc = StateDocument {
+    /// The state document (without delta or timestamp), borrowing the shadow's maps.
+    fn state_document(&self) -> StateDocument<'_> {
+        StateDocument {
             state: Sides {
                 desired: &self.desired,
                 reported: &self.reported,
@@ -293,17 +294,16 @@ impl Shadow {
                 reported: &self.meta_reported,
             },
             version: self.version,
-        };
+        }
+    }
+
+    fn encoded_state_doc(&self) -> Vec<u8> {
         // Maps of JSON values with string keys always encode.
-        serde_json::to_vec(&doc).unwrap_or_default()
+        serde_json::to_vec(&self.state_document()).unwrap_or_default()
     }
 
     fn state_doc(&self) -> Value {
-        json!({
-            "state": {"desired": self.desired, "reported": self.reported},
-            "metadata": {"desired": self.meta_desired, "reported": self.meta_reported},
-            "version": self.version,
-        })
+        serde_json::to_value(self.state_document()).unwrap_or_default()
     }
 
     /// The full document, as `…/get/accepted` carries it.
