@@ -13,7 +13,10 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
 use super::client::Twin;
-use crate::api::{JsonObject, ThingStatus};
+use crate::{
+    api::{JsonObject, ThingStatus},
+    merge_patch::diff,
+};
 
 /// The tag that names a device's owner (`<namespace>/<name>/<uid>`), the same record and key
 /// as the AWS backend's owner attribute.
@@ -127,19 +130,14 @@ pub fn wanted_tags(
     tags
 }
 
-/// The merge patch turning `have` into `want` (removed keys nulled), or nothing when equal.
-pub fn merge_patch(have: &Map<String, Value>, want: &Map<String, Value>) -> Map<String, Value> {
-    crate::merge_patch::diff(Some(have), want)
-}
-
 /// The twin PATCH body that brings tags and desired properties to the spec; `None`: nothing to do.
 pub fn twin_patch(
     twin: &Twin,
     tags: &Map<String, Value>,
     desired: &Map<String, Value>,
 ) -> Option<Value> {
-    let tag_patch = merge_patch(&twin.tags, tags);
-    let desired_patch = merge_patch(&user_part(&twin.properties.desired), desired);
+    let tag_patch = diff(Some(&twin.tags), tags);
+    let desired_patch = diff(Some(&user_part(&twin.properties.desired)), desired);
     if tag_patch.is_empty() && desired_patch.is_empty() {
         return None;
     }
